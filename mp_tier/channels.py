@@ -1,0 +1,196 @@
+"""The pipes between the coordinator and its workers.
+
+Task pipes (one for loads, one for stores) carry fixed-size frames. The host
+is the only writer and writes at most PIPE_BUF bytes of whole frames per
+``write``, which Linux makes atomic; every reader asks for exactly one frame,
+and a pipe read holds the pipe's lock while it copies, so any number of
+workers can pull from one pipe without a lock of their own that a killed
+worker could leave held. A frame is a 2-byte length, a msgpack ``Task`` and
+zero padding.
+
+The result pipe carries length-prefixed ``Completion`` messages. Every worker
+writes whole messages smaller than PIPE_BUF, so concurrent writers never
+interleave; the host reads it without blocking.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import os
+import select
+
+from .messages import Completion, Task, completion_decoder, completion_encoder, task_decoder, task_encoder
+
+FRAME_BYTES = 1024
+PIPE_BUF = select.PIPE_BUF
+_FRAMES_PER_WRITE = PIPE_BUF // FRAME_BYTES
+_TASK_HEADER = 2
+_RESULT_HEADER = 4
+_ZEROS = bytes(FRAME_BYTES)
+
+
+def _pipe_max_size() -> int:
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except OSError:
+        return 1 << 16
+
+
+PIPE_BYTES = min(1 << 20, _pipe_max_size())
+
+
+def make_pipe() -> tuple[int, int]:
+    """A pipe of PIPE_BYTES capacity, both ends non-blocking.
+
+    The read end is shared by workers (one open file description), so
+    O_NONBLOCK set here holds for all of them: a worker polls, then tries.
+    """
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass  # a smaller pipe only means more host-side overflow
+    return r, w
+
+
+def encode_frame(task: Task, out: bytearray) -> None:
+    """Append ``task`` to ``out`` as one fixed-size frame."""
+    start = len(out)
+    out += b"\0\0"
+    task_encoder.encode_into(task, out, start + _TASK_HEADER)
+    size = len(out) - start - _TASK_HEADER
+    if size > FRAME_BYTES - _TASK_HEADER:
+        del out[start:]
+        raise ValueError(f"task of {len(task.keys)} keys encodes to {size} bytes, over the {FRAME_BYTES}-byte frame")
+    out[start : start + _TASK_HEADER] = size.to_bytes(_TASK_HEADER, "big")
+    out += _ZEROS[: FRAME_BYTES - _TASK_HEADER - size]
+
+
+def decode_frame(frame: bytes) -> Task:
+    size = int.from_bytes(frame[:_TASK_HEADER], "big")
+    return task_decoder.decode(memoryview(frame)[_TASK_HEADER : _TASK_HEADER + size])
+
+
+class EndOfTasks(Exception):
+    """The host closed a task pipe: no task will ever come from it."""
+
+
+def take_task(fd: int) -> Task | None:
+    """One task from a task pipe, or None if it is empty right now."""
+    try:
+        frame = os.read(fd, FRAME_BYTES)
+    except BlockingIOError:
+        return None
+    if not frame:
+        raise EndOfTasks
+    return decode_frame(frame)
+
+
+class TaskPipe:
+    """The host's end of one task pipe, with an overflow that never blocks.
+
+    Frames that do not fit wait in ``_overflow`` in order and go out on the
+    next ``flush``; the host flushes on every call it already makes.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = make_pipe()
+        self._overflow: collections.deque[bytes] = collections.deque()
+
+    @property
+    def backlog(self) -> int:
+        """Frames held on the host side."""
+        return sum(len(chunk) for chunk in self._overflow) // FRAME_BYTES
+
+    def put(self, frames: bytearray) -> None:
+        for start in range(0, len(frames), PIPE_BUF):
+            self._overflow.append(bytes(frames[start : start + PIPE_BUF]))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Move overflow into the pipe; True when nothing is left over."""
+        overflow = self._overflow
+        while overflow:
+            try:
+                os.write(self.write_fd, overflow[0])
+            except BlockingIOError:
+                return False
+            overflow.popleft()
+        return True
+
+    def reclaim(self) -> list[Task]:
+        """Take back every task no worker has started: the pipe's and the overflow's."""
+        tasks = []
+        while (task := take_task(self.read_fd)) is not None:
+            tasks.append(task)
+        for chunk in self._overflow:
+            tasks.extend(decode_frame(chunk[i : i + FRAME_BYTES]) for i in range(0, len(chunk), FRAME_BYTES))
+        self._overflow.clear()
+        return tasks
+
+    def close_writer(self) -> None:
+        """Workers see end-of-file once the pipe is empty."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def close(self) -> None:
+        self.close_writer()
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+
+
+def send_completion(fd: int, completion: Completion) -> None:
+    """Write one completion whole; blocks while the host is behind."""
+    payload = completion_encoder.encode(completion)
+    message = len(payload).to_bytes(_RESULT_HEADER, "big") + payload
+    if len(message) > PIPE_BUF:
+        raise ValueError(f"completion of {len(message)} bytes exceeds PIPE_BUF")
+    view = memoryview(message)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
+
+
+class ResultReader:
+    """The host's non-blocking end of the result pipe."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = make_pipe()
+        self._buf = bytearray()
+
+    def read(self) -> list[Completion]:
+        """Every completion that has arrived; never blocks."""
+        buf = self._buf
+        while True:
+            try:
+                chunk = os.read(self.read_fd, PIPE_BYTES)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+            if len(chunk) < PIPE_BYTES:
+                break
+        done = []
+        pos = 0
+        with memoryview(buf) as view:
+            while len(view) - pos >= _RESULT_HEADER:
+                end = pos + _RESULT_HEADER + int.from_bytes(view[pos : pos + _RESULT_HEADER], "big")
+                if end > len(view):
+                    break
+                done.append(completion_decoder.decode(view[pos + _RESULT_HEADER : end]))
+                pos = end
+        del buf[:pos]
+        return done
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.read_fd = self.write_fd = -1

@@ -1,0 +1,365 @@
+"""The tier API: the coordinator that lives in the host process.
+
+It validates and splits jobs into tasks, writes them to the task pipes, and
+turns completions into one ``JobResult`` per job. It runs only inside the
+host's own calls (no thread of its own), so between calls it costs the host
+nothing, and ``submit_*`` never touches a file.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import msgspec
+import numpy as np
+
+from . import block_io
+from .channels import FRAME_BYTES, encode_frame
+from .config import FILE_MODES, TierConfig
+from .jobs import JobMetadata, JobResult
+from .layout import MIN_KEY_BYTES, describe_run, prepare_namespace
+from .messages import LOAD, STORE, Completion, Task
+from .pool import WorkerPool
+from .shared_cache import PrimaryCache
+from .worker import WorkerSpec
+
+log = logging.getLogger("mp_tier")
+
+# Bytes a Task needs besides its keys, and per block besides the key itself
+# (msgpack bin header and a block id up to 2**63).
+_TASK_OVERHEAD = 32
+_BLOCK_OVERHEAD = 12
+
+
+class TierClosed(RuntimeError):
+    """The tier was shut down; it takes no more work."""
+
+
+class _Job:
+    __slots__ = ("job_id", "op", "keys", "tasks_left", "nbytes", "failed", "error", "start")
+
+    def __init__(self, job_id: int, op: int, keys: list[bytes], tasks: int, start: float):
+        self.job_id = job_id
+        self.op = op
+        self.keys = keys
+        self.tasks_left = tasks
+        self.nbytes = 0
+        self.failed: list[int] = []
+        self.error: str | None = None
+        self.start = start
+
+
+class FileSystemTierManager:
+    """A file-system KV tier whose block I/O runs in worker processes."""
+
+    def __init__(
+        self,
+        offloading_spec: Any = None,
+        primary_kv_view: Any = None,
+        tier_type: str = "mp_fs",
+        root_dir: str | None = None,
+        n_read_workers: int | None = None,
+        n_write_workers: int | None = None,
+        config: TierConfig | None = None,
+        *,
+        n_read_threads: int | None = None,
+        n_write_threads: int | None = None,
+        engine: str | None = None,
+    ):
+        self._closed = True  # until the pool is up, shutdown() has nothing to do
+        cache = PrimaryCache.backing(primary_kv_view)
+        if cache is None:
+            raise ValueError(
+                f"primary_kv_view must be a PrimaryCache or its whole .array/.view, got {type(primary_kv_view).__name__}"
+            )
+        overrides = {
+            "root_dir": root_dir,
+            "n_read_workers": n_read_workers if n_read_workers is not None else n_read_threads,
+            "n_write_workers": n_write_workers if n_write_workers is not None else n_write_threads,
+            "engine": engine,
+        }
+        config = msgspec.structs.replace(
+            config or TierConfig(), **{k: v for k, v in overrides.items() if v is not None}
+        )
+        config.validate()
+        if not config.root_dir:
+            raise ValueError("root_dir is required (argument or TierConfig.root_dir)")
+        self.config = config
+        self.tier_type = tier_type
+        self.cache = cache
+        self.num_blocks = cache.num_blocks
+        self.block_bytes = cache.block_bytes
+
+        file_mode, dir_mode = FILE_MODES[config.file_mode]
+        run, rank = describe_run(cache.block_bytes, offloading_spec)
+        self.layout = prepare_namespace(config.root_dir, run, rank, dir_mode)
+        self.direct = self._choose_direct()
+
+        n_workers = config.n_read_workers + config.n_write_workers
+        specs = [
+            WorkerSpec(i, i < config.n_read_workers, self.layout, cache.block_bytes, self.direct, file_mode, dir_mode)
+            for i in range(n_workers)
+        ]
+        self._n_workers = n_workers
+        self._pool = WorkerPool(specs, cache, config.engine, config.start_method)
+        self._jobs: dict[int, _Job] = {}
+        self._tasks: dict[int, tuple[_Job, int, int]] = {}
+        self._inflight_stores: collections.Counter[bytes] = collections.Counter()
+        self._finished: list[JobResult] = []
+        self._next_seq = 0
+        self._stats = collections.Counter()
+        self._worker_tasks = [0] * n_workers
+        self._closed = False
+
+    def _choose_direct(self) -> bool:
+        mode = self.config.o_direct
+        if mode == "off":
+            return False
+        why_not = None
+        if self.block_bytes % block_io.DIRECT_ALIGN:
+            why_not = f"block_bytes {self.block_bytes} is not a multiple of {block_io.DIRECT_ALIGN}"
+        else:
+            why_not = block_io.probe_direct(self.layout.base)
+        if why_not is None:
+            return True
+        if mode == "on":
+            raise ValueError(f"o_direct = 'on' but O_DIRECT is unusable under {self.layout.base}: {why_not}")
+        log.warning("O_DIRECT unusable under %s (%s); using buffered I/O", self.layout.base, why_not)
+        return False
+
+    # -- submitting ---------------------------------------------------------
+
+    def submit_store(self, job: JobMetadata) -> None:
+        """Queue the blocks of ``job`` for writing; returns at once."""
+        self._submit(job, STORE)
+
+    def submit_load(self, job: JobMetadata) -> None:
+        """Queue the blocks of ``job`` for reading into the cache; returns at once."""
+        self._submit(job, LOAD)
+
+    def _submit(self, job: JobMetadata, op: int) -> None:
+        if self._closed:
+            raise TierClosed("the tier is shut down")
+        job_id = job.job_id
+        if type(job_id) is not int:
+            raise ValueError(f"job_id must be an int, got {job_id!r}")
+        if job_id in self._jobs:
+            raise ValueError(f"job_id {job_id} is still active")
+        keys, ids = self._validate(job_id, job.keys, job.block_ids, op)
+        start = time.perf_counter()
+        n = len(keys)
+        if n == 0:
+            self._finished.append(JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0))
+            return
+        per_task = math.ceil(n / min(n, self._n_workers))
+        per_task = min(per_task, (FRAME_BYTES - _TASK_OVERHEAD) // (max(map(len, keys)) + _BLOCK_OVERHEAD))
+        frames = bytearray()
+        seq = self._next_seq
+        for first in range(0, n, per_task):
+            encode_frame(Task(seq, op, ids[first : first + per_task], keys[first : first + per_task]), frames)
+            seq += 1
+        state = _Job(job_id, op, keys, seq - self._next_seq, start)
+        tasks = self._tasks
+        for i, first in enumerate(range(0, n, per_task)):
+            tasks[self._next_seq + i] = (state, first, min(per_task, n - first))
+        self._next_seq = seq
+        self._jobs[job_id] = state
+        if op == STORE:
+            self._inflight_stores.update(keys)
+        self._pool.submit(op, frames)
+
+    def _validate(self, job_id: int, keys: Sequence[bytes], block_ids: Any, op: int) -> tuple[list[bytes], list[int]]:
+        """Checked copies of a job's keys and block ids; raises ValueError naming the bad value."""
+        if isinstance(block_ids, np.ndarray):
+            if block_ids.ndim != 1 or block_ids.dtype.kind not in "iu":
+                raise ValueError(f"job {job_id}: block_ids must be a 1-D integer array, got {block_ids.dtype}{block_ids.shape}")
+            ids = block_ids.tolist()
+        elif isinstance(block_ids, (str, bytes)):
+            raise ValueError(f"job {job_id}: block_ids must be a sequence of ints, got {block_ids!r}")
+        else:
+            ids = list(block_ids)
+        if isinstance(keys, (str, bytes)):
+            raise ValueError(f"job {job_id}: keys must be a sequence of bytes, got {keys!r}")
+        keys = list(keys)
+        if len(keys) != len(ids):
+            raise ValueError(f"job {job_id}: {len(keys)} keys but {len(ids)} block_ids")
+        if not keys:
+            return keys, ids
+        if set(map(type, ids)) != {int}:
+            bad = next(b for b in ids if type(b) is not int)
+            raise ValueError(f"job {job_id}: block id {bad!r} is not an int")
+        for bad in (min(ids), max(ids)):
+            if not 0 <= bad < self.num_blocks:
+                raise ValueError(f"job {job_id}: block id {bad} is out of range [0, {self.num_blocks})")
+        if set(map(type, keys)) != {bytes}:
+            bad = next(k for k in keys if type(k) is not bytes)
+            raise ValueError(f"job {job_id}: key {bad!r} is not bytes")
+        if min(map(len, keys)) < MIN_KEY_BYTES:
+            bad = next(k for k in keys if len(k) < MIN_KEY_BYTES)
+            raise ValueError(f"job {job_id}: key {bad!r} is shorter than {MIN_KEY_BYTES} bytes (hash + 4-byte group)")
+        if len(set(keys)) != len(keys):
+            bad = next(k for k, c in collections.Counter(keys).items() if c > 1)
+            raise ValueError(f"job {job_id}: key {bad!r} appears twice")
+        if op == LOAD and len(set(ids)) != len(ids):
+            bad = next(b for b, c in collections.Counter(ids).items() if c > 1)
+            raise ValueError(f"job {job_id}: block id {bad} is loaded twice")
+        longest = max(map(len, keys))
+        if longest + _BLOCK_OVERHEAD > FRAME_BYTES - _TASK_OVERHEAD:
+            raise ValueError(f"job {job_id}: a key of {longest} bytes is longer than {FRAME_BYTES - _TASK_OVERHEAD - _BLOCK_OVERHEAD}")
+        return keys, ids
+
+    # -- completions --------------------------------------------------------
+
+    def get_finished(self) -> list[JobResult]:
+        """Results of the jobs finished since the last call; never blocks."""
+        if not self._closed:
+            self._pump()
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _pump(self) -> None:
+        self._pool.flush()
+        for completion in self._pool.results.read():
+            self._on_completion(completion)
+
+    def _on_completion(self, completion: Completion) -> None:
+        entry = self._tasks.pop(completion.seq, None)
+        if entry is None:
+            return
+        job, first, _ = entry
+        job.nbytes += completion.nbytes
+        if completion.worker >= 0:
+            self._worker_tasks[completion.worker] += 1
+        self._stats["blocks_skipped"] += completion.skipped
+        if completion.failed:
+            job.failed.extend(first + i for i in completion.failed)
+            if job.error is None:
+                job.error = completion.error
+        job.tasks_left -= 1
+        if job.tasks_left == 0:
+            self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        del self._jobs[job.job_id]
+        if job.op == STORE:
+            inflight = self._inflight_stores
+            for key in job.keys:
+                left = inflight[key] - 1
+                if left:
+                    inflight[key] = left
+                else:
+                    del inflight[key]
+        kind = "loaded" if job.op == LOAD else "stored"
+        successful_keys = None
+        if job.failed:
+            self._stats["jobs_failed"] += 1
+            failed = set(job.failed)
+            successful_keys = tuple(k for i, k in enumerate(job.keys) if i not in failed)
+        else:
+            self._stats[f"jobs_{kind}"] += 1
+        self._stats[f"bytes_{kind}"] += job.nbytes
+        self._finished.append(
+            JobResult(
+                job_id=job.job_id,
+                success=not job.failed,
+                successful_keys=successful_keys,
+                transfer_size=job.nbytes,
+                transfer_time=time.perf_counter() - job.start,
+                error=job.error,
+            )
+        )
+
+    def _cancel(self, seq: int, reason: str) -> None:
+        entry = self._tasks.get(seq)
+        if entry is not None:
+            job, _, count = entry
+            job.error = reason  # a cancellation outranks any block error
+            self._on_completion(Completion(seq, -1, 0, list(range(count)), reason))
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Block until every submitted job has finished; results stay for get_finished()."""
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._pump()
+            if not self._jobs:
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"{len(self._jobs)} jobs still active after {timeout} s")
+            self._pool.wait(remaining)
+
+    # -- queries ------------------------------------------------------------
+
+    def lookup(self, key: bytes) -> bool | None:
+        """True if the block is on disk, False if not, None while a store of it is in flight."""
+        self._check_open()
+        if type(key) is not bytes or len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"key {key!r} is not bytes of at least {MIN_KEY_BYTES}")
+        if key in self._inflight_stores:
+            return None
+        return os.path.exists(self.layout.path(key))
+
+    def block_path(self, key: bytes) -> str:
+        """The file that holds (or would hold) the block of ``key``."""
+        return self.layout.path(key)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since construction."""
+        counters = {
+            name: self._stats[name]
+            for name in (
+                "jobs_stored",
+                "jobs_loaded",
+                "jobs_failed",
+                "bytes_stored",
+                "bytes_loaded",
+                "blocks_skipped",
+                "workers_restarted",
+            )
+        }
+        counters["jobs_active"] = len(self._jobs)
+        counters["tasks_queued"] = self._pool.loads.backlog + self._pool.stores.backlog
+        counters["workers_alive"] = 0 if self._closed else self._pool.alive()
+        counters["tasks_by_worker"] = list(self._worker_tasks)
+        return counters
+
+    def worker_pids(self) -> list[int]:
+        return [] if self._closed else self._pool.pids()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TierClosed("the tier is shut down")
+
+    # -- shutdown -----------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the workers; every unfinished job gets a ``cancelled`` result.
+
+        Tasks no worker has taken are cancelled at once; tasks in progress get
+        ``stop_timeout`` seconds to finish. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        pool = self._pool
+        pool.flush()
+        for completion in pool.results.read():
+            self._on_completion(completion)
+        for task in pool.reclaim():
+            self._cancel(task.seq, "cancelled: the tier shut down before the task started")
+        pool.stop(self.config.stop_timeout, self._on_completion)
+        for seq in list(self._tasks):
+            self._cancel(seq, "cancelled: the worker stopped before finishing")
+        pool.close()
+
+    def __enter__(self) -> "FileSystemTierManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,104 @@
+"""The worker loop: take a task, move its blocks, report a completion.
+
+The same loop runs in a worker process (``process_main``) or a thread of the
+host (``run_worker``). A read-priority worker tries the load pipe before the
+store pipe and a write-priority worker the reverse; when both are empty it
+sleeps in ``poll`` on both, so either kind of work wakes every idle worker and
+neither kind starves.
+
+A worker exits when the host closes both task pipes (end-of-file), which is
+also what the kernel does for the host if it dies, so workers never outlive it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+
+import msgspec
+
+from . import block_io
+from .channels import EndOfTasks, send_completion, take_task
+from .layout import BlockLayout
+from .messages import LOAD, Completion, Task
+
+_MAX_ERROR_CHARS = 512
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    """Everything a worker needs to know, fixed for the tier's lifetime."""
+
+    index: int
+    read_priority: bool
+    layout: BlockLayout
+    block_bytes: int
+    direct: bool
+    file_mode: int
+    dir_mode: int
+
+
+def execute(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
+    """Move every block of ``task``; a failed block does not stop the others."""
+    nbytes = 0
+    skipped = 0
+    failed: list[int] = []
+    error = None
+    size = spec.block_bytes
+    for i, (block_id, key) in enumerate(zip(task.block_ids, task.keys)):
+        path = spec.layout.path(key)
+        try:
+            if task.op == LOAD:
+                nbytes += block_io.load_block(path, cache, block_id * size, size, direct=spec.direct)
+            else:
+                moved = block_io.store_block(
+                    path,
+                    cache,
+                    block_id * size,
+                    size,
+                    direct=spec.direct,
+                    file_mode=spec.file_mode,
+                    dir_mode=spec.dir_mode,
+                )
+                nbytes += moved
+                skipped += moved == 0
+        except Exception as e:  # any failure belongs to this block's result, not to the worker
+            failed.append(i)
+            if error is None:
+                error = block_io.describe(e)[:_MAX_ERROR_CHARS]
+    return Completion(task.seq, spec.index, nbytes, failed, error, skipped)
+
+
+def run_worker(spec: WorkerSpec, cache: memoryview, load_fd: int, store_fd: int, result_fd: int) -> None:
+    """Serve tasks until the host closes both task pipes."""
+    order = [load_fd, store_fd] if spec.read_priority else [store_fd, load_fd]
+    poller = select.poll()
+    for fd in order:
+        poller.register(fd, select.POLLIN)
+    while order:
+        for fd in order:
+            try:
+                task = take_task(fd)
+            except EndOfTasks:
+                order.remove(fd)
+                poller.unregister(fd)
+                break
+            if task is not None:
+                send_completion(result_fd, execute(spec, cache, task))
+                break
+        else:
+            poller.poll()
+
+
+def process_main(spec: WorkerSpec, cache_name: str, num_blocks: int, load_fd: int, store_fd: int, result_fd: int) -> None:
+    """Entry point of a worker process: attach to the cache, then serve."""
+    from .shared_cache import PrimaryCache
+
+    cache = PrimaryCache.attach(cache_name, num_blocks, spec.block_bytes)
+    try:
+        run_worker(spec, cache.view, load_fd, store_fd, result_fd)
+    except BrokenPipeError:
+        pass  # the host is gone; nobody is left to tell
+    finally:
+        cache.close()
+        for fd in (load_fd, store_fd, result_fd):
+            os.close(fd)
