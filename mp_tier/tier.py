@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import msgspec
 import numpy as np
@@ -281,17 +281,28 @@ class FileSystemTierManager:
             job.error = reason  # a cancellation outranks any block error
             self._on_completion(Completion(seq, -1, 0, list(range(count)), reason))
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a result is ready for get_finished(); False on timeout.
+
+        For a host with nothing else to do; a scheduler loop just polls.
+        """
+        return self._block_until(lambda: bool(self._finished) or not self._jobs, timeout) and bool(self._finished)
+
     def drain(self, timeout: float | None = None) -> None:
         """Block until every submitted job has finished; results stay for get_finished()."""
+        if not self._block_until(lambda: not self._jobs, timeout):
+            raise TimeoutError(f"{len(self._jobs)} jobs still active after {timeout} s")
+
+    def _block_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._pump()
-            if not self._jobs:
-                return
+            if done():
+                return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"{len(self._jobs)} jobs still active after {timeout} s")
+                return False
             self._pool.wait(remaining)
 
     # -- queries ------------------------------------------------------------

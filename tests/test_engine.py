@@ -1,0 +1,279 @@
+"""Behaviour of the tier, run against both engines (processes and threads)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+
+from conftest import BLOCK, fill_random, make_keys, run_job
+from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 64])
+def test_roundtrip_into_other_blocks(tier, cache, n):
+    keys = make_keys(n, seed=n)
+    fill_random(cache, range(n), seed=n)
+    stored = run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=list(range(n))))
+    assert stored.success and stored.error is None
+    assert stored.transfer_size == n * BLOCK
+    loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=np.arange(100, 100 + n), is_promotion=True))
+    assert loaded.success and loaded.successful_keys is None
+    assert loaded.transfer_size == n * BLOCK
+    assert np.array_equal(cache.array[100 : 100 + n], cache.array[:n])
+
+
+def test_load_of_missing_file_fails_with_errno(tier):
+    result = run_job(tier, "load", JobMetadata(job_id=7, keys=make_keys(1), block_ids=[0]))
+    assert not result.success
+    assert result.error.startswith("ENOENT")
+    assert result.successful_keys == ()
+    assert result.transfer_size == 0
+
+
+def test_partial_load_reports_exactly_the_loaded_keys(tier, cache):
+    keys = make_keys(10)
+    fill_random(cache, range(10))
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=list(range(10)))).success
+    for i in (2, 7):
+        os.unlink(tier.block_path(keys[i]))
+    result = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=list(range(20, 30))))
+    assert not result.success
+    assert result.successful_keys == tuple(k for i, k in enumerate(keys) if i not in (2, 7))
+    assert result.transfer_size == 8 * BLOCK
+    loaded = [i for i in range(10) if i not in (2, 7)]
+    assert np.array_equal(cache.array[[20 + i for i in loaded]], cache.array[loaded])
+
+
+def test_truncated_file_fails_and_is_removed(tier, cache):
+    keys = make_keys(1)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0])).success
+    path = tier.block_path(keys[0])
+    os.truncate(path, BLOCK // 2)
+    result = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[1]))
+    assert not result.success and "EBADMSG" in result.error
+    assert not os.path.exists(path)
+    assert tier.lookup(keys[0]) is False
+
+
+def test_symlink_loop_fails_and_stays(tier):
+    keys = make_keys(1)
+    path = tier.block_path(keys[0])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.symlink(path, path)
+    result = run_job(tier, "load", JobMetadata(job_id=1, keys=keys, block_ids=[0]))
+    assert not result.success and result.error.startswith("ELOOP")
+    assert os.path.islink(path)
+
+
+@pytest.mark.parametrize(
+    "keys, block_ids, message",
+    [
+        (make_keys(1), [256], "block id 256 is out of range"),
+        (make_keys(1), [-1], "block id -1 is out of range"),
+        (make_keys(2), [0], "2 keys but 1 block_ids"),
+        (["not bytes" * 4], [0], "is not bytes"),
+        (make_keys(1), [1.0], "block id 1.0 is not an int"),
+        ([b"short"], [0], "shorter than"),
+        (make_keys(1) * 2, [0, 1], "appears twice"),
+    ],
+)
+def test_bad_jobs_raise_at_submit_and_enqueue_nothing(tier, keys, block_ids, message):
+    with pytest.raises(ValueError, match=message):
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=block_ids))
+    assert tier.stats()["jobs_active"] == 0
+    good = run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1, seed=9), block_ids=[0]))
+    assert good.success
+
+
+def test_active_job_id_is_refused(tier):
+    tier.submit_store(JobMetadata(job_id=5, keys=make_keys(1), block_ids=[0]))
+    with pytest.raises(ValueError, match="job_id 5 is still active"):
+        tier.submit_load(JobMetadata(job_id=5, keys=make_keys(1), block_ids=[1]))
+    tier.drain(30)
+    assert [r.job_id for r in tier.get_finished()] == [5]
+
+
+def test_independent_jobs_are_tracked_separately(tier, cache):
+    fill_random(cache, range(30))
+    good = [make_keys(3, seed=s) for s in range(10)]
+    for j, keys in enumerate(good):
+        tier.submit_store(JobMetadata(job_id=j, keys=keys, block_ids=[3 * j, 3 * j + 1, 3 * j + 2]))
+    tier.drain(30)
+    assert sorted(r.job_id for r in tier.get_finished()) == list(range(10))
+    tier.submit_load(JobMetadata(job_id=100, keys=good[4], block_ids=[40, 41, 42]))
+    tier.submit_load(JobMetadata(job_id=101, keys=make_keys(2, seed=99), block_ids=[43, 44]))
+    tier.submit_load(JobMetadata(job_id=102, keys=good[8], block_ids=[45, 46, 47]))
+    tier.drain(30)
+    results = {r.job_id: r for r in tier.get_finished()}
+    assert results[100].success and results[102].success and not results[101].success
+    assert results[101].successful_keys == ()
+    assert np.array_equal(cache.array[40:43], cache.array[12:15])
+    assert np.array_equal(cache.array[45:48], cache.array[24:27])
+
+
+def test_lookup_false_then_none_then_true(tier):
+    keys = make_keys(4)
+    assert tier.lookup(keys[0]) is False
+    tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2, 3]))
+    assert tier.lookup(keys[0]) is None  # in flight until its result is collected
+    tier.drain(30)
+    assert tier.lookup(keys[0]) is True
+    assert all(tier.lookup(k) is True for k in keys)
+
+
+def test_store_skips_a_block_already_on_disk(tier):
+    keys = make_keys(2)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1])).transfer_size == 2 * BLOCK
+    again = run_job(tier, "store", JobMetadata(job_id=2, keys=keys, block_ids=[0, 1]))
+    assert again.success and again.transfer_size == 0
+    assert tier.stats()["blocks_skipped"] == 2
+
+
+def test_load_jumps_a_backlog_of_500_stores(make_tier):
+    tier = make_tier(n_read_workers=1, n_write_workers=1)
+    wanted = make_keys(1, seed=1)
+    assert run_job(tier, "store", JobMetadata(job_id=0, keys=wanted, block_ids=[0])).success
+    backlog = make_keys(500, seed=2)
+    for j, key in enumerate(backlog, start=1):
+        tier.submit_store(JobMetadata(job_id=j, keys=[key], block_ids=[j % 200]))
+    tier.submit_load(JobMetadata(job_id=9999, keys=wanted, block_ids=[255]))
+    stores_done = 0
+    while True:
+        assert tier.wait(30)
+        results = tier.get_finished()
+        if any(r.job_id == 9999 for r in results):
+            break
+        stores_done += len(results)
+    assert stores_done < 450, f"the load waited for {stores_done} of 500 stores"
+    tier.drain(60)
+
+
+@pytest.mark.parametrize("kind", ["store", "load"])
+def test_every_worker_helps_with_one_kind_of_work(make_tier, cache, kind):
+    tier = make_tier(n_read_workers=2, n_write_workers=2)
+    keys = make_keys(64)
+    if kind == "load":
+        tier.submit_store(JobMetadata(job_id=-1, keys=keys, block_ids=list(range(64))))
+        tier.drain(30)
+        tier.get_finished()
+    before = tier.stats()["tasks_by_worker"]
+    for j, key in enumerate(keys):
+        getattr(tier, f"submit_{kind}")(JobMetadata(job_id=j, keys=[key], block_ids=[64 + j]))
+    tier.drain(30)
+    assert all(r.success for r in tier.get_finished())
+    done = [after - b for after, b in zip(tier.stats()["tasks_by_worker"], before)]
+    assert sum(done) == 64
+    assert all(n > 0 for n in done), f"tasks per worker: {done}"
+
+
+def test_shutdown_gives_every_queued_job_one_result(make_tier):
+    tier = make_tier(n_read_workers=1, n_write_workers=1)
+    for j in range(300):
+        tier.submit_store(JobMetadata(job_id=j, keys=make_keys(1, seed=j), block_ids=[j % 256]))
+    tier.shutdown()
+    results = tier.get_finished()
+    assert sorted(r.job_id for r in results) == list(range(300))
+    cancelled = [r for r in results if not r.success]
+    assert cancelled and all("cancelled" in r.error for r in cancelled)
+    assert all(r.error is None for r in results if r.success)
+    tier.shutdown()  # idempotent
+    assert tier.get_finished() == []
+    with pytest.raises(TierClosed):
+        tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0]))
+
+
+def test_drain_times_out(make_tier):
+    tier = make_tier(n_read_workers=1, n_write_workers=1)
+    for j in range(200):
+        tier.submit_store(JobMetadata(job_id=j, keys=make_keys(4, seed=j), block_ids=[0, 1, 2, 3]))
+    with pytest.raises(TimeoutError, match="jobs still active"):
+        tier.drain(timeout=0)
+
+
+@pytest.mark.parametrize("o_direct", ["off", "auto"])
+def test_o_direct_settings_roundtrip(make_tier, cache, o_direct):
+    from mp_tier import TierConfig
+
+    tier = make_tier(config=TierConfig(o_direct=o_direct))
+    assert tier.direct is False if o_direct == "off" else isinstance(tier.direct, bool)
+    keys = make_keys(8)
+    fill_random(cache, range(8))
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=list(range(8)))).success
+    assert run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=list(range(8, 16)))).success
+    assert np.array_equal(cache.array[8:16], cache.array[:8])
+
+
+def test_layout_modes_and_namespace(make_tier, tmp_path):
+    spec = types.SimpleNamespace(
+        vllm_config=types.SimpleNamespace(
+            model_config=types.SimpleNamespace(model="meta-llama/Llama-3.1-8B", dtype="torch.bfloat16"),
+            parallel_config=types.SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=1, rank=1),
+        )
+    )
+    tier = make_tier(offloading_spec=spec)
+    key = make_keys(1, group=3)[0]
+    digest = key[:-4].hex()
+    base = tmp_path / "blocks" / f"meta-llama-Llama-3.1-8B_bfloat16_tp2_pp1_bs{BLOCK}_r1"
+    assert tier.block_path(key) == f"{base}/{digest[:3]}/{digest[3:5]}_g3/{digest}.bin"
+    assert (base / "config.json").is_file()
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[key], block_ids=[0])).success
+    assert stat.S_IMODE(os.stat(tier.block_path(key)).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(tier.block_path(key))).st_mode) == 0o700
+
+
+def test_bad_root_dir_raises_oserror_naming_it(cache, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_bytes(b"x")
+    with pytest.raises(OSError, match="file"):
+        FileSystemTierManager(primary_kv_view=cache, root_dir=str(not_a_dir / "blocks"))
+
+
+def test_accepts_the_cache_array_or_view_but_not_other_memory(make_tier, cache):
+    assert make_tier(view=cache.array).cache is cache
+    assert make_tier(view=cache.view).cache is cache
+    with pytest.raises(ValueError, match="primary_kv_view"):
+        make_tier(view=np.zeros((256, BLOCK), dtype=np.uint8))
+
+
+TWO_INSTANCE_WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    root, engine = sys.argv[1], sys.argv[2]
+    keys = [bytes([i]) * 32 + b"\\0\\0\\0\\0" for i in range(4)]
+    with PrimaryCache.create(8, {block}) as cache:
+        for i in range(4):
+            cache.array[i] = i + 1
+        with FileSystemTierManager(primary_kv_view=cache, root_dir=root, n_read_workers=1,
+                                   n_write_workers=1, engine=engine) as tier:
+            tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2, 3]))
+            tier.drain(30)
+            assert tier.get_finished()[0].success
+    """
+).format(block=BLOCK)
+
+
+def test_two_instances_in_two_processes_share_a_root(tier, cache, tmp_path, engine):
+    subprocess.run([sys.executable, "-c", TWO_INSTANCE_WRITER, str(tmp_path / "blocks"), engine], check=True, timeout=60)
+    keys = [bytes([i]) * 32 + b"\0\0\0\0" for i in range(4)]
+    assert all(tier.lookup(k) is True for k in keys)
+    assert run_job(tier, "load", JobMetadata(job_id=1, keys=keys, block_ids=[10, 11, 12, 13])).success
+    for i in range(4):
+        assert (cache.array[10 + i] == i + 1).all()
+
+
+def test_cache_attach_shares_bytes_and_only_owner_unlinks():
+    with PrimaryCache.create(4, 4096) as owner:
+        other = PrimaryCache.attach(owner.name, 4, 4096)
+        other.array[2] = 7
+        assert (owner.array[2] == 7).all()
+        other.close()
+        assert os.path.exists(f"/dev/shm/{owner.name}")
+    assert not os.path.exists(f"/dev/shm/{owner.name}")
