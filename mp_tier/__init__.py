@@ -17,7 +17,7 @@ Data flow, one module per step::
 from .config import ConfigError, TierConfig
 from .jobs import JobMetadata, JobResult
 from .shared_cache import PrimaryCache
-from .tier import FileSystemTierManager, TierClosed
+from .tier import FileSystemTierManager, TierBroken, TierClosed
 
 __all__ = [
     "ConfigError",
@@ -25,6 +25,7 @@ __all__ = [
     "JobMetadata",
     "JobResult",
     "PrimaryCache",
+    "TierBroken",
     "TierClosed",
     "TierConfig",
 ]

@@ -12,10 +12,15 @@ import errno
 import itertools
 import mmap
 import os
+import socket
 import tempfile
+import time
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 DIRECT_ALIGN = 4096
+# A store takes milliseconds; a temp file this old is dead on any host.
+STALE_TEMP_SECONDS = 3600
+_HOST = socket.gethostname().replace(".", "_")
 _tmp_counter = itertools.count()
 
 
@@ -32,6 +37,59 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def temp_path(path: str) -> str:
+    """A unique sibling of ``path`` that names its writer: ``<path>.<host>.<pid>.<n>.tmp``."""
+    return f"{path}.{_HOST}.{os.getpid()}.{next(_tmp_counter)}.tmp"
+
+
+def _writer_is_gone(name: str) -> bool:
+    """True if a temp file's writer was a process of this host that no longer runs."""
+    parts = name.rsplit(".", 4)
+    if len(parts) != 5 or parts[1] != _HOST or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
+def remove_stale_temps(directory: str, block_paths: list[str] | None = None) -> int:
+    """Delete temp files of dead writers; return how many.
+
+    Looks beside ``block_paths`` only when given (after a worker died holding
+    them), else under the whole ``directory`` (at start). A writer on this host
+    is dead when its pid is gone; a temp file from another host (a shared file
+    system) is only removed once it is STALE_TEMP_SECONDS old, so a live
+    writer elsewhere never loses its file.
+    """
+    if block_paths is None:
+        candidates = (os.path.join(parent, name) for parent, _, names in os.walk(directory) for name in names)
+    else:
+        candidates = (
+            os.path.join(os.path.dirname(path), name)
+            for path in block_paths
+            if os.path.isdir(os.path.dirname(path))
+            for name in os.listdir(os.path.dirname(path))
+            if name.startswith(os.path.basename(path) + ".")
+        )
+    removed = 0
+    now = time.time()
+    for path in candidates:
+        name = os.path.basename(path)
+        if not name.endswith(".tmp"):
+            continue
+        try:
+            if _writer_is_gone(name) or now - os.stat(path).st_mtime > STALE_TEMP_SECONDS:
+                os.unlink(path)
+                removed += 1
+        except FileNotFoundError:
+            pass  # its writer finished or another sweeper got it
+    return removed
+
+
 def store_block(
     path: str, buffer: memoryview, offset: int, nbytes: int, *, direct: bool, file_mode: int, dir_mode: int
 ) -> int:
@@ -44,7 +102,7 @@ def store_block(
     """
     if os.path.exists(path):
         return 0
-    tmp = f"{path}.{os.getpid()}.{next(_tmp_counter)}.tmp"
+    tmp = temp_path(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0)
     try:
         fd = os.open(tmp, flags, file_mode)

@@ -17,6 +17,8 @@ from typing import Any
 
 import msgspec
 
+from .block_io import temp_path
+
 GROUP_BYTES = 4
 MIN_KEY_BYTES = GROUP_BYTES + 4
 CONFIG_FILE = "config.json"
@@ -80,7 +82,7 @@ def prepare_namespace(root_dir: str, run: dict[str, Any], rank: int, dir_mode: i
     try:
         os.makedirs(base, mode=dir_mode, exist_ok=True)
         config_path = os.path.join(base, CONFIG_FILE)
-        tmp = f"{config_path}.{os.getpid()}.tmp"
+        tmp = temp_path(config_path)
         with open(tmp, "w") as f:
             json.dump(run, f, sort_keys=True)
         try:

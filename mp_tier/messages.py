@@ -11,6 +11,7 @@ import msgspec
 
 LOAD = 0
 STORE = 1
+SWEEP = 2  # remove temp files that dead writers left; no blocks
 
 
 class Task(msgspec.Struct, array_like=True):
@@ -26,7 +27,8 @@ class Completion(msgspec.Struct, array_like=True):
     """What a worker did with one task.
 
     ``failed`` holds the task-relative indices of blocks that did not move;
-    ``error`` is the first failure's message.
+    ``error`` is the first failure's message; ``removed`` counts files the
+    task deleted (corrupt blocks, stale temp files).
     """
 
     seq: int
@@ -35,6 +37,7 @@ class Completion(msgspec.Struct, array_like=True):
     failed: list[int]
     error: str | None = None
     skipped: int = 0
+    removed: int = 0
 
 
 task_encoder = msgspec.msgpack.Encoder()

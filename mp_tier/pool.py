@@ -1,10 +1,15 @@
-"""Starting, watching and stopping the workers, and owning their pipes.
+"""Starting, watching, replacing and stopping the workers; owning their pipes.
 
 The pool owns every pipe end the host holds: the write ends of the two task
 pipes, the read end of the result pipe, and the ends it hands to new workers.
 Workers run as processes of an explicit start method (forkserver by default:
 fork is unsafe in a host that runs threads, spawn is ten times slower to
 start) or as threads of the host (the ``threads`` engine).
+
+Death detection costs no thread: each worker process's sentinel sits in the
+same ``poll`` set as the result pipe, which the host polls in the calls it
+already makes. The tier decides what to do with a dead worker's task; the
+pool tells it what every live worker holds and starts the replacement.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import time
 from typing import Any
 
 import multiprocess
+import multiprocess.connection
 from multiprocess import reduction
 
-from .channels import ResultReader, TaskPipe
-from .messages import LOAD, Task
+from .channels import ResultReader, TaskPipe, encode_frame
+from .messages import LOAD, Completion, Task
 from .shared_cache import PrimaryCache
-from .worker import WorkerSpec, process_main, run_worker
+from .worker import STARTING, WorkerSpec, process_main, run_worker
 
 
 class _InheritedFd:
@@ -47,60 +53,112 @@ class WorkerPool:
         self.stores = TaskPipe()
         self.results = ResultReader()
         self._cache = cache
-        self._workers: list[Any] = []
-        if engine == "processes":
-            self._ctx = multiprocess.get_context(start_method)
-            if start_method == "forkserver":
-                self._ctx.set_forkserver_preload(["mp_tier.worker"])
+        self._ctx = multiprocess.get_context(start_method)
+        if engine == "processes" and start_method == "forkserver":
+            self._ctx.set_forkserver_preload(["mp_tier.worker"])
+        self.slots = self._ctx.RawArray("q", len(specs))
+        self._workers: list[Any] = [None] * len(specs)
+        self._poller = select.poll()
+        self._poller.register(self.results.read_fd, select.POLLIN)
+        self._by_sentinel: dict[int, int] = {}
         try:
             for spec in specs:
-                self._workers.append(self._start(spec))
+                self.start(spec.index)
         except BaseException:
             self.stop(timeout=1.0, on_result=lambda c: None)
+            self.close()
             raise
 
-    def _start(self, spec: WorkerSpec) -> Any:
-        kind = "r" if spec.read_priority else "w"
-        name = f"mp_tier-{kind}{spec.index}"
+    def start(self, index: int) -> None:
+        """Start (or restart) the worker in slot ``index``."""
+        spec = self.specs[index]
+        self.slots[index] = STARTING
+        name = f"mp_tier-{'r' if spec.read_priority else 'w'}{index}"
+        fds = (self.loads.read_fd, self.stores.read_fd, self.results.write_fd)
         if self.engine == "threads":
             worker = threading.Thread(
-                target=run_worker,
-                args=(spec, self._cache.view, self.loads.read_fd, self.stores.read_fd, self.results.write_fd),
-                name=name,
-                daemon=True,
+                target=run_worker, args=(spec, self._cache.view, *fds, self.slots), name=name, daemon=True
             )
         else:
-            fds = (self.loads.read_fd, self.stores.read_fd, self.results.write_fd)
             worker = self._ctx.Process(
                 target=process_main,
-                args=(spec, self._cache.name, self._cache.num_blocks, *map(_InheritedFd, fds)),
+                args=(spec, self._cache.name, self._cache.num_blocks, *map(_InheritedFd, fds), self.slots),
                 name=name,
                 daemon=True,
             )
         worker.start()
-        return worker
+        old = self._workers[index]
+        if old is not None:
+            self._forget(index)
+        self._workers[index] = worker
+        if self.engine == "processes":
+            self._by_sentinel[worker.sentinel] = index
+            self._poller.register(worker.sentinel, select.POLLIN)
+
+    def _forget(self, index: int) -> None:
+        old = self._workers[index]
+        self._workers[index] = None
+        if self.engine == "processes":
+            self._poller.unregister(old.sentinel)
+            del self._by_sentinel[old.sentinel]
+            old.join()
+            old.close()
 
     def submit(self, op: int, frames: bytearray) -> None:
         (self.loads if op == LOAD else self.stores).put(frames)
+
+    def requeue(self, tasks: list[Task]) -> None:
+        """Put tasks back in order; the pipes were just reclaimed, so nothing jumps them."""
+        for pipe, wanted in ((self.loads, True), (self.stores, False)):
+            frames = bytearray()
+            for task in tasks:
+                if (task.op == LOAD) == wanted:
+                    encode_frame(task, frames)
+            if frames:
+                pipe.put(frames)
 
     def flush(self) -> bool:
         """Push held-back frames into the pipes; True when none are left."""
         return self.stores.flush() & self.loads.flush()
 
+    def poll(self) -> tuple[list[Completion], list[int]]:
+        """Completions that have arrived and indexes of workers that died; never blocks."""
+        completions: list[Completion] = []
+        dead: list[int] = []
+        for fd, _ in self._poller.poll(0):
+            if fd == self.results.read_fd:
+                completions = self.results.read()
+            else:
+                dead.append(self._by_sentinel[fd])
+        return completions, dead
+
+    def exit_reason(self, index: int) -> str:
+        worker = self._workers[index]
+        worker.join()
+        code = worker.exitcode
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        return f"worker {index} (pid {worker.pid}) died: {how}"
+
+    def held(self) -> set[int]:
+        """Seqs of the tasks live workers hold right now."""
+        return {self.slots[i] for i, w in enumerate(self._workers) if w is not None and w.is_alive() and self.slots[i] >= 0}
+
     def pids(self) -> list[int]:
-        return [w.pid for w in self._workers if self.engine == "processes"]
+        return [w.pid for w in self._workers if w is not None] if self.engine == "processes" else []
 
     def alive(self) -> int:
-        return sum(w.is_alive() for w in self._workers)
+        return sum(w is not None and w.is_alive() for w in self._workers)
 
     def wait(self, timeout: float | None) -> None:
-        """Sleep until a completion arrives, a held-back frame fits, or ``timeout``."""
-        poller = select.poll()
-        poller.register(self.results.read_fd, select.POLLIN)
-        for pipe in (self.loads, self.stores):
-            if pipe.backlog:
-                poller.register(pipe.write_fd, select.POLLOUT)
-        poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        """Sleep until a completion or a death arrives, a held-back frame fits, or ``timeout``."""
+        backlog = [pipe.write_fd for pipe in (self.loads, self.stores) if pipe.backlog]
+        for fd in backlog:
+            self._poller.register(fd, select.POLLOUT)
+        try:
+            self._poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        finally:
+            for fd in backlog:
+                self._poller.unregister(fd)
 
     def reclaim(self) -> list[Task]:
         """Every task no worker has taken yet, removed from the queues."""
@@ -116,12 +174,19 @@ class WorkerPool:
         self.loads.close_writer()
         self.stores.close_writer()
         deadline = time.monotonic() + timeout
-        for worker in self._workers:
-            while worker.is_alive() and time.monotonic() < deadline:
-                for completion in self.results.read():
-                    on_result(completion)
-                worker.join(0.01)
-            if worker.is_alive() and self.engine == "processes":
+        while True:
+            for completion in self.results.read():
+                on_result(completion)
+            live = [w for w in self._workers if w is not None and w.is_alive()]
+            remaining = deadline - time.monotonic()
+            if not live or remaining <= 0:
+                break
+            if self.engine == "processes":
+                multiprocess.connection.wait([w.sentinel for w in live] + [self.results.read_fd], remaining)
+            else:
+                live[0].join(min(remaining, 0.05))  # threads have no sentinel to wait on
+        for worker in live:
+            if self.engine == "processes":
                 worker.kill()
                 worker.join()
         for completion in self.results.read():
@@ -129,10 +194,9 @@ class WorkerPool:
 
     def close(self) -> None:
         """Release every pipe end; call after ``stop``."""
-        for worker in self._workers:
-            if self.engine == "processes":
-                worker.close()
-        self._workers.clear()
+        for index, worker in enumerate(self._workers):
+            if worker is not None:
+                self._forget(index)
         self.loads.close()
         self.stores.close()
         self.results.close()

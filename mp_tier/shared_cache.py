@@ -15,7 +15,9 @@ import uuid
 import weakref
 
 import numpy as np
-from multiprocess import shared_memory
+from multiprocess import resource_tracker, shared_memory
+
+SEGMENT_PREFIX = "mp_tier_"
 
 # Segments created or attached in this process, by base address, so that a
 # tier handed ``cache.array`` or ``cache.view`` can find the segment's name.
@@ -54,7 +56,8 @@ class PrimaryCache:
         with SIGBUS.
         """
         size = _positive("num_blocks", num_blocks) * _positive("block_bytes", block_bytes)
-        shm = shared_memory.SharedMemory(name=f"mp_tier_{uuid.uuid4().hex[:16]}", create=True, size=size)
+        name = f"{SEGMENT_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"  # the pid tells an operator whose it is
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         try:
             fd = os.open(f"/dev/shm/{shm.name}", os.O_RDWR)
             try:
@@ -110,7 +113,10 @@ class PrimaryCache:
         self._closed = True
         _by_address.pop(self.address, None)
         if self.owner:
-            self._shm.unlink()
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:  # someone removed it already; stop tracking it
+                resource_tracker.unregister(self._shm._name, "shared_memory")
         del self.array
         try:
             self.view.release()

@@ -23,10 +23,10 @@ from .channels import FRAME_BYTES, encode_frame
 from .config import FILE_MODES, TierConfig
 from .jobs import JobMetadata, JobResult
 from .layout import MIN_KEY_BYTES, describe_run, prepare_namespace
-from .messages import LOAD, STORE, Completion, Task
+from .messages import LOAD, STORE, SWEEP, Completion, Task
 from .pool import WorkerPool
 from .shared_cache import PrimaryCache
-from .worker import WorkerSpec
+from .worker import STARTING, WorkerSpec
 
 log = logging.getLogger("mp_tier")
 
@@ -40,13 +40,26 @@ class TierClosed(RuntimeError):
     """The tier was shut down; it takes no more work."""
 
 
-class _Job:
-    __slots__ = ("job_id", "op", "keys", "tasks_left", "nbytes", "failed", "error", "start")
+class TierBroken(TierClosed):
+    """Workers kept dying as they started, so the tier stopped replacing them.
 
-    def __init__(self, job_id: int, op: int, keys: list[bytes], tasks: int, start: float):
+    Like ``BrokenProcessPool``: every job in flight was failed, and every
+    later call raises this instead of waiting on workers that cannot run.
+    """
+
+
+# Workers that die before they are ready, in a row, before the tier gives up.
+MAX_STARTUP_DEATHS = 3
+
+
+class _Job:
+    __slots__ = ("job_id", "op", "keys", "ids", "tasks_left", "nbytes", "failed", "error", "start")
+
+    def __init__(self, job_id: int | None, op: int, keys: list[bytes], ids: list[int], tasks: int, start: float):
         self.job_id = job_id
         self.op = op
         self.keys = keys
+        self.ids = ids
         self.tasks_left = tasks
         self.nbytes = 0
         self.failed: list[int] = []
@@ -114,7 +127,25 @@ class FileSystemTierManager:
         self._next_seq = 0
         self._stats = collections.Counter()
         self._worker_tasks = [0] * n_workers
+        self._retried: set[int] = set()
+        self._startup_deaths = 0
+        self._broken: str | None = None
         self._closed = False
+        self._pool.submit(SWEEP, self._sweep_frames([]))
+
+    def _sweep_frames(self, keys: list[bytes]) -> bytearray:
+        """A task that removes temp files killed writers left: beside ``keys``' blocks, or everywhere."""
+        frames = bytearray()
+        per_task = len(keys) or 1
+        if keys:
+            per_task = (FRAME_BYTES - _TASK_OVERHEAD) // (max(map(len, keys)) + _BLOCK_OVERHEAD)
+        for first in range(0, len(keys) or 1, per_task):
+            seq = self._next_seq
+            self._next_seq += 1
+            chunk = keys[first : first + per_task]
+            self._tasks[seq] = (_Job(None, SWEEP, chunk, [], 1, time.perf_counter()), 0, len(chunk))
+            encode_frame(Task(seq, SWEEP, [], chunk), frames)
+        return frames
 
     def _choose_direct(self) -> bool:
         mode = self.config.o_direct
@@ -144,7 +175,7 @@ class FileSystemTierManager:
 
     def _submit(self, job: JobMetadata, op: int) -> None:
         if self._closed:
-            raise TierClosed("the tier is shut down")
+            self._check_open()
         job_id = job.job_id
         if type(job_id) is not int:
             raise ValueError(f"job_id must be an int, got {job_id!r}")
@@ -163,7 +194,7 @@ class FileSystemTierManager:
         for first in range(0, n, per_task):
             encode_frame(Task(seq, op, ids[first : first + per_task], keys[first : first + per_task]), frames)
             seq += 1
-        state = _Job(job_id, op, keys, seq - self._next_seq, start)
+        state = _Job(job_id, op, keys, ids, seq - self._next_seq, start)
         tasks = self._tasks
         for i, first in enumerate(range(0, n, per_task)):
             tasks[self._next_seq + i] = (state, first, min(per_task, n - first))
@@ -216,26 +247,86 @@ class FileSystemTierManager:
     # -- completions --------------------------------------------------------
 
     def get_finished(self) -> list[JobResult]:
-        """Results of the jobs finished since the last call; never blocks."""
+        """Results of the jobs finished since the last call; never blocks.
+
+        This call is also where a dead worker is noticed and replaced.
+        """
         if not self._closed:
             self._pump()
+        if self._broken and not self._finished:
+            raise TierBroken(self._broken)
         finished, self._finished = self._finished, []
         return finished
 
     def _pump(self) -> None:
-        self._pool.flush()
-        for completion in self._pool.results.read():
+        pool = self._pool
+        pool.flush()
+        completions, dead = pool.poll()
+        for completion in completions:
             self._on_completion(completion)
+        if dead:
+            self._recover(dead)
+
+    def _recover(self, dead: list[int]) -> None:
+        """Retry (once) or fail what dead workers held, then replace them.
+
+        The host cannot see which task a worker took in the instant before it
+        wrote its slot, so it takes back the queues, collects every completion,
+        and treats every outstanding task that is neither queued nor held by a
+        live worker as orphaned. A task misjudged this way runs twice, which
+        is harmless: a store finds its file and skips, a load rewrites the
+        same bytes, and the second completion of a seq is ignored.
+        """
+        pool = self._pool
+        reason = "; ".join(pool.exit_reason(i) for i in dead)
+        startup_deaths = sum(pool.slots[i] == STARTING for i in dead)
+        self._startup_deaths = self._startup_deaths + startup_deaths if startup_deaths else 0
+        queued = pool.reclaim()
+        held = pool.held()
+        for completion in pool.results.read():
+            self._on_completion(completion)
+        taken = {task.seq for task in queued} | held
+        retry = []
+        for seq in [seq for seq in self._tasks if seq not in taken]:
+            if seq in self._retried:
+                self._fail_task(seq, f"{reason}; the task had already been retried once")
+            else:
+                self._retried.add(seq)
+                retry.append(self._rebuild(seq))
+        if self._startup_deaths >= MAX_STARTUP_DEATHS:
+            self._break(f"{self._startup_deaths} workers in a row died while starting; last: {reason}", retry + queued)
+            return
+        pool.requeue(retry + queued)
+        pool.submit(SWEEP, self._sweep_frames([key for task in retry if task.op == STORE for key in task.keys]))
+        for index in dead:
+            pool.start(index)
+            self._stats["workers_restarted"] += 1
+
+    def _rebuild(self, seq: int) -> Task:
+        job, first, count = self._tasks[seq]
+        return Task(seq, job.op, job.ids[first : first + count], job.keys[first : first + count])
+
+    def _break(self, reason: str, unstarted: list[Task]) -> None:
+        log.error("mp_tier tier broken: %s", reason)
+        self._broken = reason
+        self._closed = True
+        for seq in [task.seq for task in unstarted] + list(self._tasks):
+            self._fail_task(seq, f"tier broken: {reason}")
+        self._pool.stop(0, self._on_completion)
+        self._pool.close()
 
     def _on_completion(self, completion: Completion) -> None:
         entry = self._tasks.pop(completion.seq, None)
         if entry is None:
             return
+        if self._retried:
+            self._retried.discard(completion.seq)
         job, first, _ = entry
         job.nbytes += completion.nbytes
-        if completion.worker >= 0:
+        if completion.worker >= 0 and job.op != SWEEP:
             self._worker_tasks[completion.worker] += 1
         self._stats["blocks_skipped"] += completion.skipped
+        self._stats["files_removed"] += completion.removed
         if completion.failed:
             job.failed.extend(first + i for i in completion.failed)
             if job.error is None:
@@ -245,6 +336,8 @@ class FileSystemTierManager:
             self._finish(job)
 
     def _finish(self, job: _Job) -> None:
+        if job.op == SWEEP:
+            return  # the tier's own housekeeping: no job, no result
         del self._jobs[job.job_id]
         if job.op == STORE:
             inflight = self._inflight_stores
@@ -274,11 +367,11 @@ class FileSystemTierManager:
             )
         )
 
-    def _cancel(self, seq: int, reason: str) -> None:
+    def _fail_task(self, seq: int, reason: str) -> None:
         entry = self._tasks.get(seq)
         if entry is not None:
             job, _, count = entry
-            job.error = reason  # a cancellation outranks any block error
+            job.error = reason  # why the task never ran outranks any block error
             self._on_completion(Completion(seq, -1, 0, list(range(count)), reason))
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -289,8 +382,11 @@ class FileSystemTierManager:
         return self._block_until(lambda: bool(self._finished) or not self._jobs, timeout) and bool(self._finished)
 
     def drain(self, timeout: float | None = None) -> None:
-        """Block until every submitted job has finished; results stay for get_finished()."""
-        if not self._block_until(lambda: not self._jobs, timeout):
+        """Block until every submitted job has finished; results stay for get_finished().
+
+        It also waits for the tier's own housekeeping, so the workers are idle after it.
+        """
+        if not self._block_until(lambda: not self._tasks, timeout):
             raise TimeoutError(f"{len(self._jobs)} jobs still active after {timeout} s")
 
     def _block_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
@@ -331,6 +427,7 @@ class FileSystemTierManager:
                 "bytes_stored",
                 "bytes_loaded",
                 "blocks_skipped",
+                "files_removed",
                 "workers_restarted",
             )
         }
@@ -344,6 +441,8 @@ class FileSystemTierManager:
         return [] if self._closed else self._pool.pids()
 
     def _check_open(self) -> None:
+        if self._broken:
+            raise TierBroken(self._broken)
         if self._closed:
             raise TierClosed("the tier is shut down")
 
@@ -363,10 +462,10 @@ class FileSystemTierManager:
         for completion in pool.results.read():
             self._on_completion(completion)
         for task in pool.reclaim():
-            self._cancel(task.seq, "cancelled: the tier shut down before the task started")
+            self._fail_task(task.seq, "cancelled: the tier shut down before the task started")
         pool.stop(self.config.stop_timeout, self._on_completion)
         for seq in list(self._tasks):
-            self._cancel(seq, "cancelled: the worker stopped before finishing")
+            self._fail_task(seq, "cancelled: the worker stopped before finishing")
         pool.close()
 
     def __enter__(self) -> "FileSystemTierManager":

@@ -8,21 +8,28 @@ neither kind starves.
 
 A worker exits when the host closes both task pipes (end-of-file), which is
 also what the kernel does for the host if it dies, so workers never outlive it.
+
+Each worker keeps the seq of the task it holds in its slot of a small shared
+array (``STARTING`` until it is ready, ``IDLE`` between tasks), so that the
+pool can tell what a dead worker was doing and whether it died starting up.
 """
 
 from __future__ import annotations
 
 import os
 import select
+from typing import Any
 
 import msgspec
 
 from . import block_io
 from .channels import EndOfTasks, send_completion, take_task
 from .layout import BlockLayout
-from .messages import LOAD, Completion, Task
+from .messages import LOAD, SWEEP, Completion, Task
 
 _MAX_ERROR_CHARS = 512
+STARTING = -2
+IDLE = -1
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -39,8 +46,12 @@ class WorkerSpec(msgspec.Struct, frozen=True):
 
 def execute(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
     """Move every block of ``task``; a failed block does not stop the others."""
+    if task.op == SWEEP:
+        paths = [spec.layout.path(key) for key in task.keys] if task.keys else None
+        return Completion(task.seq, spec.index, 0, [], removed=block_io.remove_stale_temps(spec.layout.base, paths))
     nbytes = 0
     skipped = 0
+    removed = 0
     failed: list[int] = []
     error = None
     size = spec.block_bytes
@@ -62,14 +73,17 @@ def execute(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
                 nbytes += moved
                 skipped += moved == 0
         except Exception as e:  # any failure belongs to this block's result, not to the worker
+            removed += isinstance(e, block_io.CorruptBlock)
             failed.append(i)
             if error is None:
                 error = block_io.describe(e)[:_MAX_ERROR_CHARS]
-    return Completion(task.seq, spec.index, nbytes, failed, error, skipped)
+    return Completion(task.seq, spec.index, nbytes, failed, error, skipped, removed)
 
 
-def run_worker(spec: WorkerSpec, cache: memoryview, load_fd: int, store_fd: int, result_fd: int) -> None:
+def run_worker(spec: WorkerSpec, cache: memoryview, load_fd: int, store_fd: int, result_fd: int, slots: Any) -> None:
     """Serve tasks until the host closes both task pipes."""
+    me = spec.index
+    slots[me] = IDLE
     order = [load_fd, store_fd] if spec.read_priority else [store_fd, load_fd]
     poller = select.poll()
     for fd in order:
@@ -83,19 +97,23 @@ def run_worker(spec: WorkerSpec, cache: memoryview, load_fd: int, store_fd: int,
                 poller.unregister(fd)
                 break
             if task is not None:
+                slots[me] = task.seq
                 send_completion(result_fd, execute(spec, cache, task))
+                slots[me] = IDLE
                 break
         else:
             poller.poll()
 
 
-def process_main(spec: WorkerSpec, cache_name: str, num_blocks: int, load_fd: int, store_fd: int, result_fd: int) -> None:
+def process_main(
+    spec: WorkerSpec, cache_name: str, num_blocks: int, load_fd: int, store_fd: int, result_fd: int, slots: Any
+) -> None:
     """Entry point of a worker process: attach to the cache, then serve."""
     from .shared_cache import PrimaryCache
 
     cache = PrimaryCache.attach(cache_name, num_blocks, spec.block_bytes)
     try:
-        run_worker(spec, cache.view, load_fd, store_fd, result_fd)
+        run_worker(spec, cache.view, load_fd, store_fd, result_fd, slots)
     except BrokenPipeError:
         pass  # the host is gone; nobody is left to tell
     finally:

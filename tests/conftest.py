@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+from mp_tier.shared_cache import SEGMENT_PREFIX
 
 BLOCK = 64 << 10
 
 
 def shm_segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("mp_tier_")}
+    """This process's segments (other test runs may share /dev/shm)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"{SEGMENT_PREFIX}{os.getpid()}_")}
 
 
 def make_keys(n: int, seed: int = 0, group: int = 0) -> list[bytes]:

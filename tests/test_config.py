@@ -1,0 +1,203 @@
+"""TierConfig from TOML files and MP_TIER_* variables, and ``python -m mp_tier config show``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from mp_tier.config import ConfigError, TierConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = sorted(CONFIGS.glob("*.toml"))
+FIELDS = [f.name for f in msgspec.structs.fields(TierConfig)]
+
+
+class WithChecksum(TierConfig, kw_only=True):
+    """TierConfig plus a bool field, as it will grow: loading must handle any field type."""
+
+    checksum: bool = False
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's own MP_TIER_* variables must not leak into these tests."""
+    for var in os.environ:
+        if var.startswith("MP_TIER_"):
+            monkeypatch.delenv(var)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tier.toml"
+    path.write_text(text)
+    return path
+
+
+def load_error(path: Path, cls: type[TierConfig] = TierConfig) -> str:
+    """The one ConfigError loading ``path`` raises, checked to carry no chained traceback."""
+    with pytest.raises(ConfigError) as info:
+        cls.from_toml(path)
+    error = info.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    return str(info.value)
+
+
+def test_presets_exist() -> None:
+    assert {p.name for p in PRESETS} >= {"default.toml", "nvme.toml", "shared-fs.toml", "small-blocks.toml"}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_preset_loads_and_leaves_root_dir_to_the_caller(preset: Path) -> None:
+    config = TierConfig.from_toml(preset)
+    config.validate()
+    assert config.root_dir == ""
+
+
+def test_default_preset_spells_out_every_default() -> None:
+    text = (CONFIGS / "default.toml").read_text()
+    assert TierConfig.from_toml(CONFIGS / "default.toml") == TierConfig()
+    missing = [name for name in FIELDS if name != "root_dir" and f"\n{name} = " not in text]
+    assert missing == []
+
+
+def test_presets_set_what_they_are_for() -> None:
+    nvme = TierConfig.from_toml(CONFIGS / "nvme.toml")
+    assert nvme.o_direct == "on" and nvme.n_read_workers > 4 and nvme.n_write_workers > 4
+    shared = TierConfig.from_toml(CONFIGS / "shared-fs.toml")
+    assert (shared.o_direct, shared.file_mode) == ("off", "group")
+    small = TierConfig.from_toml(CONFIGS / "small-blocks.toml")
+    assert small.o_direct == "off" and small.n_read_workers > 4
+
+
+def test_file_values_and_int_for_float(tmp_path: Path) -> None:
+    path = write(tmp_path, 'root_dir = "/data/kv"\nn_read_workers = 2\nstop_timeout = 3\n')
+    config = TierConfig.from_toml(path)
+    assert (config.root_dir, config.n_read_workers, config.n_write_workers) == ("/data/kv", 2, 4)
+    assert config.stop_timeout == 3.0 and type(config.stop_timeout) is float
+
+
+def test_to_toml_round_trips(tmp_path: Path) -> None:
+    config = TierConfig(root_dir='/data/"kv" \\ ü', n_read_workers=3, o_direct="off", stop_timeout=2.5)
+    assert TierConfig.from_toml(write(tmp_path, config.to_toml())) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("n_read_wrokers = 4\n", "unknown key 'n_read_wrokers'; known keys: root_dir, ", id="unknown-key"),
+        pytest.param("[tier]\nn_read_workers = 4\n", "unknown key 'tier'", id="table"),
+        pytest.param('n_read_workers = "four"\n', "n_read_workers = 'four': expected an integer", id="wrong-type"),
+        pytest.param("n_write_workers = 2.5\n", "n_write_workers = 2.5: expected an integer", id="float-for-int"),
+        pytest.param("o_direct = true\n", "o_direct = True: expected a string", id="bool-for-str"),
+        pytest.param("n_read_workers = 0\n", "n_read_workers = 0: expected an integer >= 1", id="zero-workers"),
+        pytest.param("n_write_workers = -1\n", "n_write_workers = -1: expected an integer >= 1", id="negative"),
+        pytest.param('o_direct = "sometimes"\n', "o_direct = 'sometimes': expected one of auto, on, off", id="word"),
+        pytest.param("n_read_workers = \n", "invalid TOML: ", id="bad-syntax"),
+    ],
+)
+def test_bad_file_gives_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    message = load_error(path)
+    assert message.startswith(f"{path}: {expected}")
+    assert "\n" not in message
+
+
+def test_invalid_toml_names_the_line(tmp_path: Path) -> None:
+    assert "line 2" in load_error(write(tmp_path, "n_read_workers = 4\no_direct = off\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    assert load_error(path) == f"{path}: cannot read: No such file or directory"
+
+
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_TIER_N_READ_WORKERS", "8")
+    monkeypatch.setenv("MP_TIER_O_DIRECT", "off")
+    monkeypatch.setenv("MP_TIER_STOP_TIMEOUT", "2.5")
+    config = TierConfig.from_toml(write(tmp_path, 'n_read_workers = 2\no_direct = "on"\nn_write_workers = 3\n'))
+    assert (config.n_read_workers, config.o_direct, config.stop_timeout) == (8, "off", 2.5)
+    assert config.n_write_workers == 3
+
+
+def test_from_env_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert TierConfig.from_env() == TierConfig()
+    monkeypatch.setenv("MP_TIER_ROOT_DIR", "/mnt/kv")
+    monkeypatch.setenv("MP_TIER_FILE_MODE", "group")
+    assert TierConfig.from_env() == TierConfig(root_dir="/mnt/kv", file_mode="group")
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "expected"),
+    [
+        ("MP_TIER_N_READ_WORKERS", "four", "n_read_workers = 'four': expected an integer"),
+        ("MP_TIER_N_WRITE_WORKERS", "0", "n_write_workers = 0: expected an integer >= 1"),
+        ("MP_TIER_O_DIRECT", "never", "o_direct = 'never': expected one of auto, on, off"),
+        ("MP_TIER_STOP_TIMEOUT", "soon", "stop_timeout = 'soon': expected a number"),
+    ],
+)
+def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str, expected: str) -> None:
+    monkeypatch.setenv(var, value)
+    for load in (TierConfig.from_env, lambda: TierConfig.from_toml(CONFIGS / "default.toml")):
+        with pytest.raises(ConfigError) as info:
+            load()
+        assert str(info.value) == f"env {var}: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("true", True), ("1", True), ("YES", True), ("false", False), ("0", False), ("no", False)],
+)
+def test_env_bool_words(monkeypatch: pytest.MonkeyPatch, text: str, value: bool) -> None:
+    monkeypatch.setenv("MP_TIER_CHECKSUM", text)
+    assert WithChecksum.from_env().checksum is value
+
+
+def test_env_bool_bad_word(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_TIER_CHECKSUM", "maybe")
+    with pytest.raises(ConfigError, match=r"^env MP_TIER_CHECKSUM: checksum = 'maybe': expected true or false$"):
+        WithChecksum.from_env()
+
+
+def test_toml_bool_field(tmp_path: Path) -> None:
+    assert WithChecksum.from_toml(write(tmp_path, "checksum = true\n")).checksum is True
+    message = load_error(write(tmp_path, 'checksum = "yes"\n'), WithChecksum)
+    assert message.endswith("checksum = 'yes': expected true or false")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MP_TIER_")}
+    command = [sys.executable, "-m", "mp_tier", *args]
+    return subprocess.run(command, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=30)
+
+
+def test_cli_show_file_with_env_override() -> None:
+    result = run_cli("config", "show", str(CONFIGS / "nvme.toml"), env={"MP_TIER_N_WRITE_WORKERS": "2"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(" = ")[0] for line in lines] == FIELDS
+    assert {'o_direct = "on"', "n_read_workers = 8", "n_write_workers = 2"} <= set(lines)
+
+
+def test_cli_show_defaults_is_loadable_toml(tmp_path: Path) -> None:
+    result = run_cli("config", "show")
+    assert result.returncode == 0, result.stderr
+    assert TierConfig.from_toml(write(tmp_path, result.stdout)) == TierConfig()
+
+
+def test_cli_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "n_read_workers = 0\n")
+    result = run_cli("config", "show", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == f"{path}: n_read_workers = 0: expected an integer >= 1\n"
+
+
+def test_cli_bad_env_exits_2() -> None:
+    result = run_cli("config", "show", env={"MP_TIER_O_DIRECT": "sometimes"})
+    assert result.returncode == 2
+    assert result.stderr == "env MP_TIER_O_DIRECT: o_direct = 'sometimes': expected one of auto, on, off\n"
