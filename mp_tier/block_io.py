@@ -15,6 +15,7 @@ import os
 import socket
 import tempfile
 import time
+import zlib
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 DIRECT_ALIGN = 4096
@@ -22,6 +23,9 @@ DIRECT_ALIGN = 4096
 STALE_TEMP_SECONDS = 3600
 _HOST = socket.gethostname().replace(".", "_")
 _tmp_counter = itertools.count()
+# The block's CRC32 (4 bytes, big-endian), set on the temp file before the
+# rename so that it appears together with the block.
+CRC_XATTR = "user.mp_tier.crc32"
 
 
 class CorruptBlock(OSError):
@@ -91,7 +95,15 @@ def remove_stale_temps(directory: str, block_paths: list[str] | None = None) -> 
 
 
 def store_block(
-    path: str, buffer: memoryview, offset: int, nbytes: int, *, direct: bool, file_mode: int, dir_mode: int
+    path: str,
+    buffer: memoryview,
+    offset: int,
+    nbytes: int,
+    *,
+    direct: bool,
+    file_mode: int,
+    dir_mode: int,
+    checksum: bool,
 ) -> int:
     """Write a block to ``path`` unless it is there; return the bytes written.
 
@@ -112,6 +124,8 @@ def store_block(
     try:
         try:
             block = buffer[offset : offset + nbytes]
+            if checksum:
+                os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
             done = 0
             while done < nbytes:
                 done += os.pwritev(fd, [block[done:]], done)
@@ -124,12 +138,14 @@ def store_block(
     return nbytes
 
 
-def load_block(path: str, buffer: memoryview, offset: int, nbytes: int, *, direct: bool) -> int:
+def load_block(path: str, buffer: memoryview, offset: int, nbytes: int, *, direct: bool, checksum: bool) -> int:
     """Read the block at ``path`` into the buffer; return the bytes read.
 
     Symlinks are refused (O_NOFOLLOW): a block file is always a regular file
-    this tier wrote. A file of the wrong size is corrupt and is removed, so the
-    next store can rewrite it; other errors leave the file alone.
+    this tier wrote. A file of the wrong size, or (with ``checksum``) whose
+    bytes do not match its recorded CRC, is corrupt and is removed so the next
+    store can rewrite it; other errors leave the file alone. A block stored
+    without a CRC loads unverified.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (O_DIRECT if direct else 0))
     try:
@@ -145,9 +161,38 @@ def load_block(path: str, buffer: memoryview, offset: int, nbytes: int, *, direc
                 os.unlink(path)
                 raise CorruptBlock(errno.EBADMSG, f"block file ended after {done} of {nbytes} bytes, removed", path)
             done += got
+        if checksum:
+            _verify(fd, path, block)
     finally:
         os.close(fd)
     return nbytes
+
+
+def _verify(fd: int, path: str, block: memoryview) -> None:
+    try:
+        recorded = int.from_bytes(os.getxattr(fd, CRC_XATTR), "big")
+    except OSError as e:
+        if e.errno == errno.ENODATA:
+            return
+        raise
+    actual = zlib.crc32(block)
+    if actual != recorded:
+        os.unlink(path)
+        raise CorruptBlock(errno.EBADMSG, f"CRC32 {actual:08x} does not match recorded {recorded:08x}, removed", path)
+
+
+def probe_xattr(directory: str) -> str | None:
+    """None if ``directory`` keeps user xattrs (where checksums live), else why not."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=".xattr-probe.", dir=directory)
+        try:
+            os.setxattr(fd, CRC_XATTR, bytes(4))
+        finally:
+            os.close(fd)
+            os.unlink(path)
+    except OSError as e:
+        return describe(e)
+    return None
 
 
 def probe_direct(directory: str) -> str | None:

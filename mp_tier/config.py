@@ -46,6 +46,7 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     o_direct: str = "auto"
     file_mode: str = "private"
     stop_timeout: float = 10.0
+    checksum: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -112,10 +112,21 @@ class FileSystemTierManager:
         run, rank = describe_run(cache.block_bytes, offloading_spec)
         self.layout = prepare_namespace(config.root_dir, run, rank, dir_mode)
         self.direct = self._choose_direct()
+        if config.checksum and (why_not := block_io.probe_xattr(self.layout.base)):
+            raise ValueError(f"checksum = true needs user xattrs under {self.layout.base}: {why_not}")
 
         n_workers = config.n_read_workers + config.n_write_workers
         specs = [
-            WorkerSpec(i, i < config.n_read_workers, self.layout, cache.block_bytes, self.direct, file_mode, dir_mode)
+            WorkerSpec(
+                i,
+                i < config.n_read_workers,
+                self.layout,
+                cache.block_bytes,
+                self.direct,
+                file_mode,
+                dir_mode,
+                config.checksum,
+            )
             for i in range(n_workers)
         ]
         self._n_workers = n_workers

@@ -42,6 +42,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     direct: bool
     file_mode: int
     dir_mode: int
+    checksum: bool
 
 
 def execute(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
@@ -59,7 +60,9 @@ def execute(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
         path = spec.layout.path(key)
         try:
             if task.op == LOAD:
-                nbytes += block_io.load_block(path, cache, block_id * size, size, direct=spec.direct)
+                nbytes += block_io.load_block(
+                    path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum
+                )
             else:
                 moved = block_io.store_block(
                     path,
@@ -69,6 +72,7 @@ def execute(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
                     direct=spec.direct,
                     file_mode=spec.file_mode,
                     dir_mode=spec.dir_mode,
+                    checksum=spec.checksum,
                 )
                 nbytes += moved
                 skipped += moved == 0
