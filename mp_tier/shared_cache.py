@@ -89,7 +89,11 @@ class PrimaryCache:
 
     @classmethod
     def backing(cls, view: object) -> "PrimaryCache | None":
-        """The cache whose whole buffer ``view`` is, or None."""
+        """The cache whose whole buffer ``view`` is, or None.
+
+        A 2-D array must have the cache's (num_blocks, block_bytes) shape; a
+        flat view of all of its bytes (``cache.view``) is accepted as is.
+        """
         if isinstance(view, PrimaryCache):
             return view
         if isinstance(view, memoryview):
@@ -97,7 +101,7 @@ class PrimaryCache:
         if not isinstance(view, np.ndarray):
             return None
         cache = _by_address.get(view.__array_interface__["data"][0])
-        if cache is None or view.dtype != np.uint8 or view.nbytes != cache.array.nbytes:
+        if cache is None or view.dtype != np.uint8 or view.shape not in (cache.array.shape, (cache.array.nbytes,)):
             return None
         return cache
 

@@ -187,12 +187,15 @@ class FileSystemTierManager:
     def _submit(self, job: JobMetadata, op: int) -> None:
         if self._closed:
             self._check_open()
-        job_id = job.job_id
+        try:
+            job_id, keys, block_ids = job.job_id, job.keys, job.block_ids
+        except AttributeError:
+            raise ValueError(f"expected a JobMetadata, got {job!r}") from None
         if type(job_id) is not int:
             raise ValueError(f"job_id must be an int, got {job_id!r}")
         if job_id in self._jobs:
             raise ValueError(f"job_id {job_id} is still active")
-        keys, ids = self._validate(job_id, job.keys, job.block_ids, op)
+        keys, ids = self._validate(job_id, keys, block_ids, op)
         start = time.perf_counter()
         n = len(keys)
         if n == 0:
@@ -221,11 +224,11 @@ class FileSystemTierManager:
             if block_ids.ndim != 1 or block_ids.dtype.kind not in "iu":
                 raise ValueError(f"job {job_id}: block_ids must be a 1-D integer array, got {block_ids.dtype}{block_ids.shape}")
             ids = block_ids.tolist()
-        elif isinstance(block_ids, (str, bytes)):
+        elif isinstance(block_ids, (str, bytes)) or not hasattr(block_ids, "__iter__"):
             raise ValueError(f"job {job_id}: block_ids must be a sequence of ints, got {block_ids!r}")
         else:
             ids = list(block_ids)
-        if isinstance(keys, (str, bytes)):
+        if isinstance(keys, (str, bytes)) or not hasattr(keys, "__iter__"):
             raise ValueError(f"job {job_id}: keys must be a sequence of bytes, got {keys!r}")
         keys = list(keys)
         if len(keys) != len(ids):

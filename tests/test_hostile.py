@@ -1,0 +1,142 @@
+"""Every bad input from the README's table gets its clear error and leaves the tier working."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import BLOCK, make_keys, run_job
+from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
+
+KEY = make_keys(1, seed=42)[0]
+
+
+def still_works(tier) -> None:
+    keys = make_keys(2, seed=7)
+    assert run_job(tier, "store", JobMetadata(job_id=123456, keys=keys, block_ids=[0, 1])).success
+    assert run_job(tier, "load", JobMetadata(job_id=123457, keys=keys, block_ids=[2, 3])).success
+
+
+BAD_JOBS = [
+    ("not a job", {"job": {"job_id": 1}}, "expected a JobMetadata"),
+    ("job_id not int", {"job_id": "1"}, "job_id must be an int"),
+    ("keys None", {"keys": None}, "keys must be a sequence of bytes"),
+    ("keys one bytes", {"keys": KEY}, "keys must be a sequence of bytes"),
+    ("key str", {"keys": ["k" * 36]}, "is not bytes"),
+    ("block_ids None", {"block_ids": None}, "block_ids must be a sequence of ints"),
+    ("block id float", {"block_ids": [0.0]}, "is not an int"),
+    ("block id bool", {"block_ids": [True]}, "is not an int"),
+    ("block ids float array", {"block_ids": np.array([0.0])}, "1-D integer array"),
+    ("block ids 2-D array", {"block_ids": np.array([[0]])}, "1-D integer array"),
+    ("negative block id", {"block_ids": [-1]}, "out of range"),
+    ("huge block id", {"block_ids": [2**70]}, "out of range"),
+    ("huge uint64 block id", {"block_ids": np.array([2**63], dtype=np.uint64)}, "out of range"),
+    ("length mismatch", {"block_ids": [0, 1]}, "1 keys but 2 block_ids"),
+    ("key too short", {"keys": [b"\x01\x02\x03\x00\x00\x00\x00"]}, "shorter than 8 bytes"),
+    ("key too long", {"keys": [bytes(2000)]}, "longer than"),
+    ("duplicate keys", {"keys": [KEY, KEY], "block_ids": [0, 1]}, "appears twice"),
+]
+
+
+@pytest.mark.parametrize("what, change, message", BAD_JOBS, ids=[b[0] for b in BAD_JOBS])
+@pytest.mark.parametrize("kind", ["store", "load"])
+def test_bad_job_raises_names_the_value_and_leaves_the_tier_working(tier, what, change, message, kind):
+    fields = {"job_id": 1, "keys": [KEY], "block_ids": [0]}
+    fields.update(change)
+    job = fields.pop("job", None) or JobMetadata(**fields)
+    with pytest.raises(ValueError, match=message):
+        getattr(tier, f"submit_{kind}")(job)
+    assert tier.stats()["jobs_active"] == 0 and tier.get_finished() == []
+    still_works(tier)
+
+
+def test_duplicate_block_ids_are_refused_for_loads_only(tier):
+    keys = make_keys(2)
+    with pytest.raises(ValueError, match="block id 5 is loaded twice"):
+        tier.submit_load(JobMetadata(job_id=1, keys=keys, block_ids=[5, 5]))
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[5, 5])).success
+    still_works(tier)
+
+
+def test_reused_active_job_id(tier):
+    tier.submit_store(JobMetadata(job_id=9, keys=[KEY], block_ids=[0]))
+    with pytest.raises(ValueError, match="job_id 9 is still active"):
+        tier.submit_store(JobMetadata(job_id=9, keys=make_keys(1, seed=3), block_ids=[1]))
+    tier.drain(30)
+    assert [r.job_id for r in tier.get_finished()] == [9]
+    still_works(tier)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda c: np.zeros((c.num_blocks, c.block_bytes), dtype=np.uint8),
+        lambda c: bytearray(c.num_blocks * c.block_bytes),
+        lambda c: c.array.view(np.int8),
+        lambda c: c.array.reshape(c.num_blocks * 2, -1),
+        lambda c: c.array[1:],
+        lambda c: "cache",
+    ],
+    ids=["private numpy", "bytearray", "int8 dtype", "wrong shape", "partial slice", "str"],
+)
+def test_primary_view_that_is_not_the_whole_shared_cache(cache, tmp_path, view):
+    with pytest.raises(ValueError, match="primary_kv_view must be a PrimaryCache"):
+        FileSystemTierManager(primary_kv_view=view(cache), root_dir=str(tmp_path))
+
+
+def test_root_dir_that_is_a_file(cache, tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("x")
+    with pytest.raises(OSError, match="afile"):
+        FileSystemTierManager(primary_kv_view=cache, root_dir=str(path))
+
+
+def test_root_dir_that_cannot_be_created(cache):
+    with pytest.raises(OSError, match="/proc/mp_tier_root"):
+        FileSystemTierManager(primary_kv_view=cache, root_dir="/proc/mp_tier_root")
+
+
+def test_namespace_written_by_another_block_size_is_refused(make_tier, tmp_path):
+    tier = make_tier()
+    config = os.path.join(tier.layout.base, "config.json")
+    tier.shutdown()
+    with open(config) as f:
+        run = json.load(f)
+    run["block_bytes"] = BLOCK * 2
+    with open(config, "w") as f:
+        json.dump(run, f)
+    with pytest.raises(ValueError, match="describes another run"):
+        make_tier()
+
+
+def test_calls_after_shutdown(tier):
+    tier.submit_store(JobMetadata(job_id=1, keys=[KEY], block_ids=[0]))
+    tier.shutdown()
+    assert [r.job_id for r in tier.get_finished()] == [1]
+    for call in (
+        lambda: tier.submit_store(JobMetadata(job_id=2, keys=[KEY], block_ids=[0])),
+        lambda: tier.submit_load(JobMetadata(job_id=2, keys=[KEY], block_ids=[0])),
+        lambda: tier.lookup(KEY),
+        tier.drain,
+        tier.wait,
+    ):
+        with pytest.raises(TierClosed, match="shut down"):
+            call()
+    assert tier.get_finished() == []
+    assert tier.worker_pids() == [] and tier.stats()["workers_alive"] == 0
+    tier.shutdown()
+
+
+def test_lookup_of_a_bad_key(tier):
+    with pytest.raises(ValueError, match="not bytes"):
+        tier.lookup("abc")
+    assert tier.lookup(KEY) is False
+
+
+def test_bad_cache_sizes():
+    for args, message in (((0, 4096), "num_blocks"), ((4, -1), "block_bytes"), ((4.0, 4096), "num_blocks")):
+        with pytest.raises(ValueError, match=message):
+            PrimaryCache.create(*args)
