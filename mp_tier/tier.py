@@ -308,7 +308,7 @@ class FileSystemTierManager:
                 self._retried.add(seq)
                 retry.append(self._rebuild(seq))
         if self._startup_deaths >= MAX_STARTUP_DEATHS:
-            self._break(f"{self._startup_deaths} workers in a row died while starting; last: {reason}", retry + queued)
+            self._break(f"{self._startup_deaths} workers in a row died while starting; last: {reason}")
             return
         pool.requeue(retry + queued)
         pool.submit(SWEEP, self._sweep_frames([key for task in retry if task.op == STORE for key in task.keys]))
@@ -320,13 +320,26 @@ class FileSystemTierManager:
         job, first, count = self._tasks[seq]
         return Task(seq, job.op, job.ids[first : first + count], job.keys[first : first + count])
 
-    def _break(self, reason: str, unstarted: list[Task]) -> None:
+    def _break(self, reason: str) -> None:
         log.error("mp_tier tier broken: %s", reason)
         self._broken = reason
         self._closed = True
-        for seq in [task.seq for task in unstarted] + list(self._tasks):
-            self._fail_task(seq, f"tier broken: {reason}")
-        self._pool.stop(0, self._on_completion)
+        self._stop_workers(0, f"tier broken: {reason}")
+
+    def _stop_workers(self, timeout: float, reason: str) -> None:
+        """Stop the pool, then fail every task it did not finish.
+
+        Workers killed at the deadline may have left temp files beside the
+        blocks they were storing; with no worker left, the host removes them.
+        """
+        self._pool.stop(timeout, self._on_completion)
+        unfinished = list(self._tasks)
+        tasks = [self._rebuild(seq) for seq in unfinished]
+        paths = [self.layout.path(key) for task in tasks if task.op == STORE for key in task.keys]
+        if paths:
+            block_io.remove_stale_temps(self.layout.base, paths)
+        for seq in unfinished:
+            self._fail_task(seq, reason)
         self._pool.close()
 
     def _on_completion(self, completion: Completion) -> None:
@@ -477,10 +490,7 @@ class FileSystemTierManager:
             self._on_completion(completion)
         for task in pool.reclaim():
             self._fail_task(task.seq, "cancelled: the tier shut down before the task started")
-        pool.stop(self.config.stop_timeout, self._on_completion)
-        for seq in list(self._tasks):
-            self._fail_task(seq, "cancelled: the worker stopped before finishing")
-        pool.close()
+        self._stop_workers(self.config.stop_timeout, "cancelled: the worker stopped before finishing")
 
     def __enter__(self) -> "FileSystemTierManager":
         return self
