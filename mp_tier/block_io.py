@@ -195,6 +195,20 @@ def probe_xattr(directory: str) -> str | None:
     return None
 
 
+def remove_block(path: str) -> bool:
+    """Delete a block file; False if it was already gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def touch_block(path: str) -> None:
+    """Record a use in the file's mtime: the start-up scan rebuilds LRU order from it."""
+    os.utime(path)
+
+
 def probe_direct(directory: str) -> str | None:
     """Try an aligned O_DIRECT write and read in ``directory``.
 

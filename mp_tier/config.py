@@ -22,6 +22,7 @@ O_DIRECT_CHOICES = ("auto", "on", "off")
 FILE_MODE_CHOICES = ("private", "group")
 ENGINE_CHOICES = ("processes", "threads")
 START_METHOD_CHOICES = ("forkserver", "spawn")
+EVICTION_CHOICES = ("lru", "fail")
 
 FILE_MODES = {"private": (0o600, 0o700), "group": (0o640, 0o750)}
 
@@ -47,6 +48,9 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     file_mode: str = "private"
     stop_timeout: float = 10.0
     checksum: bool = False
+    max_bytes: int = 0
+    eviction: str = "lru"
+    events: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,10 +66,13 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             ("start_method", START_METHOD_CHOICES),
             ("o_direct", O_DIRECT_CHOICES),
             ("file_mode", FILE_MODE_CHOICES),
+            ("eviction", EVICTION_CHOICES),
         ):
             value = getattr(self, field)
             if value not in choices:
                 raise ConfigError(f"{field} = {value!r}: expected one of {', '.join(choices)}")
+        if type(self.max_bytes) is not int or self.max_bytes < 0:
+            raise ConfigError(f"max_bytes = {self.max_bytes!r}: expected an integer >= 0 (0 = unbounded)")
         if not isinstance(self.stop_timeout, (int, float)) or not self.stop_timeout > 0:  # NaN too
             raise ConfigError(f"stop_timeout = {self.stop_timeout!r}: expected a number of seconds > 0")
 

@@ -34,3 +34,13 @@ class JobResult(msgspec.Struct, frozen=True, kw_only=True):
     transfer_size: int
     transfer_time: float
     error: str | None = None
+
+
+class TierEvent(msgspec.Struct, frozen=True):
+    """A change routers care about: ``kind`` is "stored" or "removed".
+
+    Mirrors vLLM's KV-cache events, which tell a router where prefixes live.
+    """
+
+    kind: str
+    keys: tuple[bytes, ...]

@@ -34,6 +34,23 @@ class BlockLayout(msgspec.Struct, frozen=True):
         group = int.from_bytes(key[-GROUP_BYTES:], "big")
         return f"{self.base}/{digest[:3]}/{digest[3:5]}_g{group}/{digest}.bin"
 
+    def scan(self) -> list[bytes]:
+        """Keys of every block file under ``base``, least recently used (mtime) first."""
+        found = []
+        for parent, _, names in os.walk(self.base):
+            group = parent.rpartition("_g")[2]
+            if not group.isdigit():
+                continue
+            suffix = int(group).to_bytes(GROUP_BYTES, "big")
+            for name in names:
+                if name.endswith(".bin"):
+                    try:
+                        found.append((os.stat(os.path.join(parent, name)).st_mtime_ns, bytes.fromhex(name[:-4]) + suffix))
+                    except (OSError, ValueError):
+                        continue  # removed meanwhile, or not one of ours
+        found.sort()
+        return [key for _, key in found]
+
 
 def _clean(value: object) -> str:
     text = str(value).removeprefix("torch.")

@@ -11,24 +11,36 @@ import msgspec
 
 LOAD = 0
 STORE = 1
-SWEEP = 2  # remove temp files that dead writers left; no blocks
+SWEEP = 2  # remove temp files that dead writers left beside ``keys`` (none: everywhere)
+SCAN = 3  # report every block on disk, oldest first, in several completions
+EVICT = 4  # delete ``keys``' blocks
+TOUCH = 5  # mark ``keys``' blocks used now (mtime), so recency survives a restart
+PROBE = 6  # which of ``keys`` have a block on disk
+READ_OPS = (LOAD, PROBE)  # go on the load pipe: the engine waits for these
 
 
 class Task(msgspec.Struct, array_like=True):
-    """A slice of one job for one worker; ``seq`` is unique per tier instance."""
+    """A slice of one job for one worker; ``seq`` is unique per tier instance.
+
+    A store's ``evict`` lists blocks to delete before writing, so the budget
+    holds while the task runs.
+    """
 
     seq: int
     op: int
     block_ids: list[int]
     keys: list[bytes]
+    evict: list[bytes] = []
 
 
 class Completion(msgspec.Struct, array_like=True):
     """What a worker did with one task.
 
-    ``failed`` holds the task-relative indices of blocks that did not move;
-    ``error`` is the first failure's message; ``removed`` counts files the
-    task deleted (corrupt blocks, stale temp files).
+    ``failed`` holds the task-relative indices of blocks that did not move
+    (for a probe: that are not on disk); ``error`` is the first failure's
+    message; ``corrupt`` the indices of blocks whose files were found corrupt
+    and deleted; ``swept`` the temp files a sweep deleted. A scan sends its
+    ``found`` keys in several completions, all but the last with ``more``.
     """
 
     seq: int
@@ -37,7 +49,10 @@ class Completion(msgspec.Struct, array_like=True):
     failed: list[int]
     error: str | None = None
     skipped: int = 0
-    removed: int = 0
+    corrupt: list[int] = []
+    swept: int = 0
+    found: list[bytes] = []
+    more: bool = False
 
 
 task_encoder = msgspec.msgpack.Encoder()

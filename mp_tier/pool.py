@@ -24,7 +24,7 @@ import multiprocess.connection
 from multiprocess import reduction
 
 from .channels import ResultReader, TaskPipe, encode_frame
-from .messages import LOAD, Completion, Task
+from .messages import READ_OPS, Completion, Task
 from .shared_cache import PrimaryCache
 from .worker import STARTING, WorkerSpec, process_main, run_worker
 
@@ -105,14 +105,14 @@ class WorkerPool:
             old.close()
 
     def submit(self, op: int, frames: bytearray) -> None:
-        (self.loads if op == LOAD else self.stores).put(frames)
+        (self.loads if op in READ_OPS else self.stores).put(frames)
 
     def requeue(self, tasks: list[Task]) -> None:
         """Put tasks back in order; the pipes were just reclaimed, so nothing jumps them."""
         for pipe, wanted in ((self.loads, True), (self.stores, False)):
             frames = bytearray()
             for task in tasks:
-                if (task.op == LOAD) == wanted:
+                if (task.op in READ_OPS) == wanted:
                     encode_frame(task, frames)
             if frames:
                 pipe.put(frames)

@@ -21,9 +21,10 @@ import numpy as np
 from . import block_io
 from .channels import FRAME_BYTES, encode_frame
 from .config import FILE_MODES, TierConfig
-from .jobs import JobMetadata, JobResult
+from .capacity import CapacityFull, CapacityIndex
+from .jobs import JobMetadata, JobResult, TierEvent
 from .layout import MIN_KEY_BYTES, describe_run, prepare_namespace
-from .messages import LOAD, STORE, SWEEP, Completion, Task
+from .messages import EVICT, LOAD, PROBE, SCAN, STORE, SWEEP, TOUCH, Completion, Task
 from .pool import WorkerPool
 from .shared_cache import PrimaryCache
 from .worker import STARTING, WorkerSpec
@@ -53,13 +54,16 @@ MAX_STARTUP_DEATHS = 3
 
 
 class _Job:
-    __slots__ = ("job_id", "op", "keys", "ids", "tasks_left", "nbytes", "failed", "error", "start")
+    __slots__ = ("job_id", "op", "keys", "ids", "evict", "tasks_left", "nbytes", "failed", "error", "start")
 
-    def __init__(self, job_id: int | None, op: int, keys: list[bytes], ids: list[int], tasks: int, start: float):
+    def __init__(
+        self, job_id: int | None, op: int, keys: list[bytes], ids: list[int], tasks: int, start: float, evict: list[bytes] = []
+    ):
         self.job_id = job_id
         self.op = op
         self.keys = keys
         self.ids = ids
+        self.evict = evict
         self.tasks_left = tasks
         self.nbytes = 0
         self.failed: list[int] = []
@@ -126,6 +130,7 @@ class FileSystemTierManager:
                 file_mode,
                 dir_mode,
                 config.checksum,
+                touch_on_load=config.max_bytes > 0,
             )
             for i in range(n_workers)
         ]
@@ -134,6 +139,9 @@ class FileSystemTierManager:
         self._jobs: dict[int, _Job] = {}
         self._tasks: dict[int, tuple[_Job, int, int]] = {}
         self._inflight_stores: collections.Counter[bytes] = collections.Counter()
+        self._inflight_loads: collections.Counter[bytes] = collections.Counter()
+        self._capacity = CapacityIndex(cache.block_bytes, config.max_bytes, evict=config.eviction == "lru")
+        self._events: list[TierEvent] | None = [] if config.events else None
         self._finished: list[JobResult] = []
         self._next_seq = 0
         self._stats = collections.Counter()
@@ -142,21 +150,31 @@ class FileSystemTierManager:
         self._startup_deaths = 0
         self._broken: str | None = None
         self._closed = False
-        self._pool.submit(SWEEP, self._sweep_frames([]))
+        self._housekeeping(SWEEP, [])
+        self._housekeeping(SCAN, [])
 
-    def _sweep_frames(self, keys: list[bytes]) -> bytearray:
-        """A task that removes temp files killed writers left: beside ``keys``' blocks, or everywhere."""
+    def _housekeeping(self, op: int, keys: list[bytes]) -> _Job:
+        """Send the tier's own work (not a job: no result) to the workers.
+
+        SWEEP and SCAN with no keys cover the whole namespace in one task; the
+        others are split over every worker.
+        """
+        job = _Job(None, op, keys, [], 0, time.perf_counter())
+        per_task = self._per_task(keys, evicting=False) if keys else 1
         frames = bytearray()
-        per_task = len(keys) or 1
-        if keys:
-            per_task = (FRAME_BYTES - _TASK_OVERHEAD) // (max(map(len, keys)) + _BLOCK_OVERHEAD)
         for first in range(0, len(keys) or 1, per_task):
-            seq = self._next_seq
-            self._next_seq += 1
             chunk = keys[first : first + per_task]
-            self._tasks[seq] = (_Job(None, SWEEP, chunk, [], 1, time.perf_counter()), 0, len(chunk))
-            encode_frame(Task(seq, SWEEP, [], chunk), frames)
-        return frames
+            self._tasks[self._next_seq] = (job, first, len(chunk))
+            encode_frame(Task(self._next_seq, op, [], chunk), frames)
+            self._next_seq += 1
+            job.tasks_left += 1
+        self._pool.submit(op, frames)
+        return job
+
+    def _per_task(self, keys: list[bytes], evicting: bool) -> int:
+        """Blocks per task: one task per worker, as many as fit a frame."""
+        per_key = (max(map(len, keys)) + _BLOCK_OVERHEAD) * (2 if evicting else 1)
+        return min(math.ceil(len(keys) / self._n_workers), (FRAME_BYTES - _TASK_OVERHEAD) // per_key)
 
     def _choose_direct(self) -> bool:
         mode = self.config.o_direct
@@ -201,22 +219,40 @@ class FileSystemTierManager:
         if n == 0:
             self._finished.append(JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0))
             return
-        per_task = math.ceil(n / min(n, self._n_workers))
-        per_task = min(per_task, (FRAME_BYTES - _TASK_OVERHEAD) // (max(map(len, keys)) + _BLOCK_OVERHEAD))
+        victims: list[bytes] = []
+        if op == STORE:
+            try:
+                victims = self._capacity.admit(keys, (self._inflight_loads, self._inflight_stores))
+            except CapacityFull as e:
+                self._stats["jobs_failed"] += 1
+                self._finished.append(
+                    JobResult(job_id=job_id, success=False, successful_keys=(), transfer_size=0, transfer_time=0.0, error=str(e))
+                )
+                return
+            if victims:
+                self._removed(victims)
+        else:
+            self._capacity.refresh(keys)
+        per_task = self._per_task(keys, evicting=bool(victims))
         frames = bytearray()
         seq = self._next_seq
         for first in range(0, n, per_task):
-            encode_frame(Task(seq, op, ids[first : first + per_task], keys[first : first + per_task]), frames)
+            last = first + per_task
+            encode_frame(Task(seq, op, ids[first:last], keys[first:last], victims[first:last]), frames)
             seq += 1
-        state = _Job(job_id, op, keys, ids, seq - self._next_seq, start)
+        state = _Job(job_id, op, keys, ids, seq - self._next_seq, start, victims)
         tasks = self._tasks
         for i, first in enumerate(range(0, n, per_task)):
             tasks[self._next_seq + i] = (state, first, min(per_task, n - first))
         self._next_seq = seq
         self._jobs[job_id] = state
-        if op == STORE:
-            self._inflight_stores.update(keys)
+        (self._inflight_stores if op == STORE else self._inflight_loads).update(keys)
         self._pool.submit(op, frames)
+
+    def _removed(self, keys: list[bytes]) -> None:
+        self._stats["blocks_evicted"] += len(keys)
+        if self._events is not None:
+            self._events.append(TierEvent("removed", tuple(keys)))
 
     def _validate(self, job_id: int, keys: Sequence[bytes], block_ids: Any, op: int) -> tuple[list[bytes], list[int]]:
         """Checked copies of a job's keys and block ids; raises ValueError naming the bad value."""
@@ -311,14 +347,16 @@ class FileSystemTierManager:
             self._break(f"{self._startup_deaths} workers in a row died while starting; last: {reason}")
             return
         pool.requeue(retry + queued)
-        pool.submit(SWEEP, self._sweep_frames([key for task in retry if task.op == STORE for key in task.keys]))
+        if stores := [key for task in retry if task.op == STORE for key in task.keys]:
+            self._housekeeping(SWEEP, stores)  # their dead writers' temp files
         for index in dead:
             pool.start(index)
             self._stats["workers_restarted"] += 1
 
     def _rebuild(self, seq: int) -> Task:
         job, first, count = self._tasks[seq]
-        return Task(seq, job.op, job.ids[first : first + count], job.keys[first : first + count])
+        last = first + count
+        return Task(seq, job.op, job.ids[first:last], job.keys[first:last], job.evict[first:last])
 
     def _break(self, reason: str) -> None:
         log.error("mp_tier tier broken: %s", reason)
@@ -343,6 +381,10 @@ class FileSystemTierManager:
         self._pool.close()
 
     def _on_completion(self, completion: Completion) -> None:
+        if completion.more:
+            if completion.seq in self._tasks:
+                self._capacity.adopt(completion.found)
+            return
         entry = self._tasks.pop(completion.seq, None)
         if entry is None:
             return
@@ -350,10 +392,15 @@ class FileSystemTierManager:
             self._retried.discard(completion.seq)
         job, first, _ = entry
         job.nbytes += completion.nbytes
-        if completion.worker >= 0 and job.op != SWEEP:
+        if completion.worker >= 0 and job.job_id is not None:
             self._worker_tasks[completion.worker] += 1
         self._stats["blocks_skipped"] += completion.skipped
-        self._stats["files_removed"] += completion.removed
+        self._stats["files_removed"] += completion.swept + len(completion.corrupt)
+        if completion.corrupt:
+            corrupt = [job.keys[first + i] for i in completion.corrupt]
+            self._capacity.discard(corrupt)
+            if self._events is not None:
+                self._events.append(TierEvent("removed", tuple(corrupt)))
         if completion.failed:
             job.failed.extend(first + i for i in completion.failed)
             if job.error is None:
@@ -363,25 +410,31 @@ class FileSystemTierManager:
             self._finish(job)
 
     def _finish(self, job: _Job) -> None:
-        if job.op == SWEEP:
-            return  # the tier's own housekeeping: no job, no result
+        if job.job_id is None:
+            if job.op == SCAN:
+                self._evict_over_budget()
+            return  # the tier's own housekeeping: no result
         del self._jobs[job.job_id]
-        if job.op == STORE:
-            inflight = self._inflight_stores
-            for key in job.keys:
-                left = inflight[key] - 1
-                if left:
-                    inflight[key] = left
-                else:
-                    del inflight[key]
+        inflight = self._inflight_stores if job.op == STORE else self._inflight_loads
+        for key in job.keys:
+            left = inflight[key] - 1
+            if left:
+                inflight[key] = left
+            else:
+                del inflight[key]
         kind = "loaded" if job.op == LOAD else "stored"
         successful_keys = None
         if job.failed:
             self._stats["jobs_failed"] += 1
             failed = set(job.failed)
             successful_keys = tuple(k for i, k in enumerate(job.keys) if i not in failed)
+            self._capacity.discard(job.keys[i] for i in failed)  # not on disk (or not readable)
         else:
             self._stats[f"jobs_{kind}"] += 1
+        if job.op == STORE and self._events is not None:
+            stored = successful_keys if successful_keys is not None else tuple(job.keys)
+            if stored:
+                self._events.append(TierEvent("stored", stored))
         self._stats[f"bytes_{kind}"] += job.nbytes
         self._finished.append(
             JobResult(
@@ -439,6 +492,55 @@ class FileSystemTierManager:
             return None
         return os.path.exists(self.layout.path(key))
 
+    def lookup_many(self, keys: Sequence[bytes]) -> list[bool | None]:
+        """``lookup`` for many keys at once.
+
+        Keys in the capacity index (this tier's blocks and those its start-up
+        scan found) and in-flight stores are answered from memory; the rest,
+        which may have been written by another instance sharing the root, are
+        probed on disk by the workers in parallel while the host waits in
+        ``poll`` with the GIL released.
+        """
+        self._check_open()
+        keys = list(keys)
+        if keys and (set(map(type, keys)) != {bytes} or min(map(len, keys)) < MIN_KEY_BYTES):
+            bad = next(k for k in keys if type(k) is not bytes or len(k) < MIN_KEY_BYTES)
+            raise ValueError(f"key {bad!r} is not bytes of at least {MIN_KEY_BYTES}")
+        inflight, index = self._inflight_stores, self._capacity
+        answers: list[bool | None] = [None if k in inflight else True if k in index else False for k in keys]
+        unknown = [i for i, answer in enumerate(answers) if answer is False]
+        if unknown:
+            probe = self._housekeeping(PROBE, [keys[i] for i in unknown])
+            self._block_until(lambda: probe.tasks_left == 0, None)
+            missing = set(probe.failed)
+            for j, i in enumerate(unknown):
+                answers[i] = j not in missing
+        return answers
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """Mark blocks as just used, for LRU eviction; persisted in their files' mtime."""
+        self._check_open()
+        keys = [k for k in keys if k in self._capacity]
+        self._capacity.refresh(keys)
+        if keys:
+            self._housekeeping(TOUCH, keys)
+
+    def take_events(self) -> list[TierEvent]:
+        """Events recorded since the last call (``events = true`` only)."""
+        if self._events is None:
+            raise ValueError("events are off: construct the tier with TierConfig(events=True)")
+        if not self._closed:
+            self._pump()
+        events, self._events = self._events, []
+        return events
+
+    def _evict_over_budget(self) -> None:
+        """After the start-up scan: delete the oldest blocks if the root held more than fits."""
+        victims = self._capacity.over_budget((self._inflight_loads, self._inflight_stores))
+        if victims:
+            self._removed(victims)
+            self._housekeeping(EVICT, victims)
+
     def block_path(self, key: bytes) -> str:
         """The file that holds (or would hold) the block of ``key``."""
         return self.layout.path(key)
@@ -454,11 +556,13 @@ class FileSystemTierManager:
                 "bytes_stored",
                 "bytes_loaded",
                 "blocks_skipped",
+                "blocks_evicted",
                 "files_removed",
                 "workers_restarted",
             )
         }
         counters["jobs_active"] = len(self._jobs)
+        counters["bytes_counted"] = self._capacity.used_bytes
         counters["tasks_queued"] = self._pool.loads.backlog + self._pool.stores.backlog
         counters["workers_alive"] = 0 if self._closed else self._pool.alive()
         counters["tasks_by_worker"] = list(self._worker_tasks)

@@ -16,18 +16,20 @@ pool can tell what a dead worker was doing and whether it died starting up.
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
-from typing import Any
+from typing import Any, Iterator
 
 import msgspec
 
 from . import block_io
 from .channels import EndOfTasks, send_completion, take_task
 from .layout import BlockLayout
-from .messages import LOAD, SWEEP, Completion, Task
+from .messages import EVICT, LOAD, SCAN, STORE, SWEEP, TOUCH, Completion, Task
 
 _MAX_ERROR_CHARS = 512
+_SCAN_BATCH_BYTES = 3000  # keys per scan completion, well under PIPE_BUF with their framing
 STARTING = -2
 IDLE = -1
 
@@ -43,27 +45,45 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     file_mode: int
     dir_mode: int
     checksum: bool
+    touch_on_load: bool
 
 
-def execute(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
-    """Move every block of ``task``; a failed block does not stop the others."""
-    if task.op == SWEEP:
+def handle(spec: WorkerSpec, cache: memoryview, task: Task) -> Iterator[Completion]:
+    """The completion of a task; a scan sends its findings in several."""
+    if task.op == SCAN:
+        found = spec.layout.scan()
+        step = _SCAN_BATCH_BYTES // (max(map(len, found), default=1) + 2)
+        for first in range(0, len(found), step):
+            yield Completion(task.seq, spec.index, 0, [], found=found[first : first + step], more=True)
+        yield Completion(task.seq, spec.index, 0, [])
+    elif task.op == SWEEP:
         paths = [spec.layout.path(key) for key in task.keys] if task.keys else None
-        return Completion(task.seq, spec.index, 0, [], removed=block_io.remove_stale_temps(spec.layout.base, paths))
-    nbytes = 0
-    skipped = 0
-    removed = 0
-    failed: list[int] = []
+        yield Completion(task.seq, spec.index, 0, [], swept=block_io.remove_stale_temps(spec.layout.base, paths))
+    else:
+        yield per_block(spec, cache, task)
+
+
+def per_block(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
+    """Do ``task.op`` to every block of the task; a failed block does not stop the others."""
     error = None
+    for key in task.evict:
+        try:
+            block_io.remove_block(spec.layout.path(key))
+        except OSError as e:
+            error = error or block_io.describe(e)[:_MAX_ERROR_CHARS]
+    op = task.op
     size = spec.block_bytes
-    for i, (block_id, key) in enumerate(zip(task.block_ids, task.keys)):
+    nbytes = skipped = 0
+    failed: list[int] = []
+    corrupt: list[int] = []
+    for i, (block_id, key) in enumerate(zip(task.block_ids or itertools.repeat(0), task.keys)):
         path = spec.layout.path(key)
         try:
-            if task.op == LOAD:
-                nbytes += block_io.load_block(
-                    path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum
-                )
-            else:
+            if op == LOAD:
+                nbytes += block_io.load_block(path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum)
+                if spec.touch_on_load:
+                    block_io.touch_block(path)
+            elif op == STORE:
                 moved = block_io.store_block(
                     path,
                     cache,
@@ -76,12 +96,18 @@ def execute(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
                 )
                 nbytes += moved
                 skipped += moved == 0
+            elif op == EVICT:
+                block_io.remove_block(path)
+            elif op == TOUCH:
+                block_io.touch_block(path)
+            elif not os.path.exists(path):  # PROBE
+                failed.append(i)
         except Exception as e:  # any failure belongs to this block's result, not to the worker
-            removed += isinstance(e, block_io.CorruptBlock)
+            if isinstance(e, block_io.CorruptBlock):
+                corrupt.append(i)
             failed.append(i)
-            if error is None:
-                error = block_io.describe(e)[:_MAX_ERROR_CHARS]
-    return Completion(task.seq, spec.index, nbytes, failed, error, skipped, removed)
+            error = error or block_io.describe(e)[:_MAX_ERROR_CHARS]
+    return Completion(task.seq, spec.index, nbytes, failed, error, skipped, corrupt)
 
 
 def run_worker(spec: WorkerSpec, cache: memoryview, load_fd: int, store_fd: int, result_fd: int, slots: Any) -> None:
@@ -102,7 +128,8 @@ def run_worker(spec: WorkerSpec, cache: memoryview, load_fd: int, store_fd: int,
                 break
             if task is not None:
                 slots[me] = task.seq
-                send_completion(result_fd, execute(spec, cache, task))
+                for completion in handle(spec, cache, task):
+                    send_completion(result_fd, completion)
                 slots[me] = IDLE
                 break
         else:

@@ -1,0 +1,116 @@
+"""The byte budget: which blocks this tier counts, in least-recently-used order.
+
+The index lives in the coordinator, so admitting a store costs the host a few
+dict operations and no file-system call; the evictions it decides on travel
+inside the store's own tasks, and a worker unlinks them before writing. Every
+block is ``block_bytes`` long, so the bytes in use are a count.
+
+Two orders make one LRU list: ``_cold`` holds blocks found on disk by the
+start-up scan, oldest first by mtime, and ``_warm`` holds blocks stored or
+used by this run. Everything cold is older than everything warm, and cold
+blocks arrive while warm ones are already being stored, which is why they are
+two dicts rather than one.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Collection, Iterable
+
+
+class CapacityFull(Exception):
+    """A store that cannot fit; its job fails with this message."""
+
+
+class CapacityIndex:
+    """Blocks counted against ``max_bytes`` (0 = unbounded), with LRU eviction or none."""
+
+    def __init__(self, block_bytes: int, max_bytes: int, evict: bool):
+        self.block_bytes = block_bytes
+        self.max_bytes = max_bytes
+        self.evict = evict
+        self._capacity = max_bytes // block_bytes if max_bytes else 0
+        self._cold: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._warm: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._warm or key in self._cold
+
+    def __len__(self) -> int:
+        return len(self._warm) + len(self._cold)
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self) * self.block_bytes
+
+    def admit(self, keys: list[bytes], pinned: tuple[Collection[bytes], ...]) -> list[bytes]:
+        """Count ``keys`` as stored (most recent); return the blocks to delete first.
+
+        Raises CapacityFull, changing nothing, when the budget cannot take them:
+        eviction is off, or too few blocks are free to evict (``pinned`` ones,
+        being loaded or stored, never are).
+        """
+        new = [k for k in keys if k not in self]
+        over = len(self) + len(new) - self._capacity if self._capacity else 0
+        victims = []
+        if over > 0:
+            if not self.evict:
+                raise CapacityFull(self._full(len(new), "eviction is off"))
+            victims = self._oldest(over, pinned, skip=set(keys))
+            if len(victims) < over:
+                raise CapacityFull(self._full(len(new), f"only {len(victims)} blocks are free to evict"))
+            self.discard(victims)
+        self.touch(keys)
+        return victims
+
+    def over_budget(self, pinned: tuple[Collection[bytes], ...]) -> list[bytes]:
+        """Blocks to delete now (after the scan found more than fits), removed from the index."""
+        over = len(self) - self._capacity if self._capacity else 0
+        victims = self._oldest(over, pinned, skip=()) if over > 0 else []
+        self.discard(victims)
+        return victims
+
+    def touch(self, keys: Iterable[bytes]) -> None:
+        """Make ``keys`` the most recently used; unknown keys are added."""
+        warm, cold = self._warm, self._cold
+        for key in keys:
+            if key in warm:
+                warm.move_to_end(key)
+            else:
+                cold.pop(key, None)
+                warm[key] = None
+
+    def refresh(self, keys: Iterable[bytes]) -> None:
+        """Make the known ones among ``keys`` the most recently used (a load or touch)."""
+        self.touch(k for k in keys if k in self)
+
+    def discard(self, keys: Iterable[bytes]) -> None:
+        warm, cold = self._warm, self._cold
+        for key in keys:
+            if key in warm:
+                del warm[key]
+            else:
+                cold.pop(key, None)
+
+    def adopt(self, keys: Iterable[bytes]) -> None:
+        """Blocks found on disk, oldest first, all older than this run's blocks."""
+        cold, warm = self._cold, self._warm
+        for key in keys:
+            if key not in warm:
+                cold[key] = None
+
+    def _oldest(self, count: int, pinned: tuple[Collection[bytes], ...], skip: Collection[bytes]) -> list[bytes]:
+        victims = []
+        for order in (self._cold, self._warm):
+            for key in order:
+                if len(victims) == count:
+                    return victims
+                if key not in skip and not any(key in keys for keys in pinned):
+                    victims.append(key)
+        return victims
+
+    def _full(self, new: int, why: str) -> str:
+        return (
+            f"ENOSPC: {new} more blocks of {self.block_bytes} bytes exceed max_bytes {self.max_bytes} "
+            f"({self.used_bytes} in use; {why})"
+        )
