@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import msgspec
 import numpy as np
@@ -69,6 +69,16 @@ class _Job:
         self.failed: list[int] = []
         self.error: str | None = None
         self.start = start
+
+
+def _release(counter: collections.Counter[bytes], keys: Iterable[bytes]) -> None:
+    """Count ``keys`` out, dropping the ones that reach zero so membership stays exact."""
+    for key in keys:
+        left = counter[key] - 1
+        if left:
+            counter[key] = left
+        else:
+            del counter[key]
 
 
 class FileSystemTierManager:
@@ -140,6 +150,7 @@ class FileSystemTierManager:
         self._tasks: dict[int, tuple[_Job, int, int]] = {}
         self._inflight_stores: collections.Counter[bytes] = collections.Counter()
         self._inflight_loads: collections.Counter[bytes] = collections.Counter()
+        self._evicting: collections.Counter[bytes] = collections.Counter()
         self._capacity = CapacityIndex(cache.block_bytes, config.max_bytes, evict=config.eviction == "lru")
         self._events: list[TierEvent] | None = [] if config.events else None
         self._finished: list[JobResult] = []
@@ -159,13 +170,14 @@ class FileSystemTierManager:
         SWEEP and SCAN with no keys cover the whole namespace in one task; the
         others are split over every worker.
         """
-        job = _Job(None, op, keys, [], 0, time.perf_counter())
+        evict = keys if op == EVICT else []
+        job = _Job(None, op, [] if evict else keys, [], 0, time.perf_counter(), evict)
         per_task = self._per_task(keys, evicting=False) if keys else 1
         frames = bytearray()
         for first in range(0, len(keys) or 1, per_task):
             chunk = keys[first : first + per_task]
             self._tasks[self._next_seq] = (job, first, len(chunk))
-            encode_frame(Task(self._next_seq, op, [], chunk), frames)
+            encode_frame(Task(self._next_seq, op, [], [] if evict else chunk, evict[first : first + per_task]), frames)
             self._next_seq += 1
             job.tasks_left += 1
         self._pool.submit(op, frames)
@@ -221,13 +233,14 @@ class FileSystemTierManager:
             return
         victims: list[bytes] = []
         if op == STORE:
+            if self._evicting and (busy := next((k for k in keys if k in self._evicting), None)):
+                # its old file may still be unlinked after a new one is written: refuse rather than lose it
+                self._fail_at_once(job_id, f"EBUSY: block {busy.hex()} is being evicted; store it again later")
+                return
             try:
                 victims = self._capacity.admit(keys, (self._inflight_loads, self._inflight_stores))
             except CapacityFull as e:
-                self._stats["jobs_failed"] += 1
-                self._finished.append(
-                    JobResult(job_id=job_id, success=False, successful_keys=(), transfer_size=0, transfer_time=0.0, error=str(e))
-                )
+                self._fail_at_once(job_id, str(e))
                 return
             if victims:
                 self._removed(victims)
@@ -249,7 +262,19 @@ class FileSystemTierManager:
         (self._inflight_stores if op == STORE else self._inflight_loads).update(keys)
         self._pool.submit(op, frames)
 
+    def _fail_at_once(self, job_id: int, error: str) -> None:
+        self._stats["jobs_failed"] += 1
+        self._finished.append(
+            JobResult(job_id=job_id, success=False, successful_keys=(), transfer_size=0, transfer_time=0.0, error=error)
+        )
+
+    def _forget(self, keys: Iterable[bytes]) -> None:
+        """Stop counting blocks found missing, unless a store of them is in flight: its outcome decides."""
+        self._capacity.discard(k for k in keys if k not in self._inflight_stores)
+
     def _removed(self, keys: list[bytes]) -> None:
+        """Evicted from the index now; their files go when the task carrying them runs."""
+        self._evicting.update(keys)
         self._stats["blocks_evicted"] += len(keys)
         if self._events is not None:
             self._events.append(TierEvent("removed", tuple(keys)))
@@ -390,7 +415,9 @@ class FileSystemTierManager:
             return
         if self._retried:
             self._retried.discard(completion.seq)
-        job, first, _ = entry
+        job, first, count = entry
+        if job.evict:
+            _release(self._evicting, job.evict[first : first + count])
         job.nbytes += completion.nbytes
         if completion.worker >= 0 and job.job_id is not None:
             self._worker_tasks[completion.worker] += 1
@@ -398,7 +425,7 @@ class FileSystemTierManager:
         self._stats["files_removed"] += completion.swept + len(completion.corrupt)
         if completion.corrupt:
             corrupt = [job.keys[first + i] for i in completion.corrupt]
-            self._capacity.discard(corrupt)
+            self._forget(corrupt)
             if self._events is not None:
                 self._events.append(TierEvent("removed", tuple(corrupt)))
         if completion.failed:
@@ -415,20 +442,16 @@ class FileSystemTierManager:
                 self._evict_over_budget()
             return  # the tier's own housekeeping: no result
         del self._jobs[job.job_id]
-        inflight = self._inflight_stores if job.op == STORE else self._inflight_loads
-        for key in job.keys:
-            left = inflight[key] - 1
-            if left:
-                inflight[key] = left
-            else:
-                del inflight[key]
+        _release(self._inflight_stores if job.op == STORE else self._inflight_loads, job.keys)
         kind = "loaded" if job.op == LOAD else "stored"
         successful_keys = None
         if job.failed:
             self._stats["jobs_failed"] += 1
             failed = set(job.failed)
             successful_keys = tuple(k for i, k in enumerate(job.keys) if i not in failed)
-            self._capacity.discard(job.keys[i] for i in failed)  # not on disk (or not readable)
+            if job.op == STORE:
+                self._forget(job.keys[i] for i in failed)
+            # A failed load changes no count: its file may be back by the time its result is read.
         else:
             self._stats[f"jobs_{kind}"] += 1
         if job.op == STORE and self._events is not None:

@@ -26,7 +26,7 @@ import msgspec
 from . import block_io
 from .channels import EndOfTasks, send_completion, take_task
 from .layout import BlockLayout
-from .messages import EVICT, LOAD, SCAN, STORE, SWEEP, TOUCH, Completion, Task
+from .messages import LOAD, SCAN, STORE, SWEEP, TOUCH, Completion, Task
 
 _MAX_ERROR_CHARS = 512
 _SCAN_BATCH_BYTES = 3000  # keys per scan completion, well under PIPE_BUF with their framing
@@ -96,8 +96,6 @@ def per_block(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
                 )
                 nbytes += moved
                 skipped += moved == 0
-            elif op == EVICT:
-                block_io.remove_block(path)
             elif op == TOUCH:
                 block_io.touch_block(path)
             elif not os.path.exists(path):  # PROBE

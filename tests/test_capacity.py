@@ -1,0 +1,265 @@
+"""Capacity, eviction, recency across restarts, lookup_many and events, measured on real directories."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BLOCK, fill_random, make_keys, run_job
+from mp_tier import JobMetadata, TierConfig
+from mp_tier.jobs import TierEvent
+
+
+def disk_bytes(base: str) -> int:
+    """Bytes of block and temp files under the namespace, as the directory holds them."""
+    total = 0
+    for parent, _, names in os.walk(base):
+        for name in names:
+            if name.endswith((".bin", ".tmp")):
+                try:
+                    total += os.stat(os.path.join(parent, name)).st_size
+                except FileNotFoundError:
+                    pass  # evicted or renamed while we walked
+    return total
+
+
+def store_one_by_one(tier, keys, first_job=0) -> None:
+    for j, key in enumerate(keys):
+        assert run_job(tier, "store", JobMetadata(job_id=first_job + j, keys=[key], block_ids=[j % 200])).success
+
+
+def present(tier, keys) -> list[bool]:
+    return [os.path.exists(tier.block_path(k)) for k in keys]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_budget_never_exceeded_under_random_work(make_tier, cache, seed):
+    budget_blocks = 20
+    tier = make_tier(config=TierConfig(max_bytes=budget_blocks * BLOCK))
+    rng = np.random.default_rng(seed)
+    fill_random(cache, range(256), seed=seed)
+    universe = make_keys(80, seed=seed)
+    largest_job = 0
+    for job_id in range(150):
+        n = int(rng.integers(1, 7))
+        keys = [universe[i] for i in rng.choice(len(universe), n, replace=False)]
+        kind = rng.choice(["store", "store", "load", "touch"])
+        if kind == "touch":
+            tier.touch(keys)
+        else:
+            getattr(tier, f"submit_{kind}")(JobMetadata(job_id=job_id, keys=keys, block_ids=list(range(n))))
+            largest_job = max(largest_job, n)
+        assert disk_bytes(tier.layout.base) <= (budget_blocks + largest_job) * BLOCK  # mid-flight
+        if job_id % 5 == 0:
+            tier.drain(30)
+            assert disk_bytes(tier.layout.base) <= budget_blocks * BLOCK
+            assert tier.stats()["bytes_counted"] == disk_bytes(tier.layout.base)
+    tier.drain(30)
+    assert disk_bytes(tier.layout.base) <= budget_blocks * BLOCK
+    errors = {r.error.split(":")[0] for r in tier.get_finished() if r.error}
+    assert errors <= {"ENOENT", "ENOSPC", "EBUSY"}, errors
+    assert tier.stats()["blocks_evicted"] > 0
+
+
+def test_lru_evicts_the_least_recently_used(make_tier):
+    tier = make_tier(config=TierConfig(max_bytes=4 * BLOCK))
+    a, b, c, d, e, f = make_keys(6)
+    store_one_by_one(tier, [a, b, c, d])
+    assert run_job(tier, "load", JobMetadata(job_id=10, keys=[a], block_ids=[50])).success
+    tier.touch([b])
+    store_one_by_one(tier, [e], first_job=20)
+    assert present(tier, [a, b, c, d, e]) == [True, True, False, True, True]
+    store_one_by_one(tier, [f], first_job=30)
+    assert present(tier, [a, b, c, d, e, f]) == [True, True, False, False, True, True]
+
+
+def test_a_block_being_loaded_is_never_evicted(make_tier):
+    tier = make_tier(config=TierConfig(max_bytes=2 * BLOCK))
+    a, b, c = make_keys(3)
+    store_one_by_one(tier, [a, b])
+    tier.submit_load(JobMetadata(job_id=10, keys=[a, b], block_ids=[50, 51]))
+    tier.submit_store(JobMetadata(job_id=11, keys=[c], block_ids=[0]))  # nothing may be evicted now
+    tier.drain(30)
+    results = {r.job_id: r for r in tier.get_finished()}
+    assert results[10].success
+    assert not results[11].success and "ENOSPC" in results[11].error and "free to evict" in results[11].error
+    store_one_by_one(tier, [c], first_job=12)  # loads done: now it fits
+    assert present(tier, [a, b, c]) == [False, True, True]
+
+
+def test_fail_mode_fails_stores_that_do_not_fit(make_tier):
+    tier = make_tier(config=TierConfig(max_bytes=3 * BLOCK, eviction="fail"))
+    keys = make_keys(4)
+    store_one_by_one(tier, keys[:3])
+    result = run_job(tier, "store", JobMetadata(job_id=9, keys=keys[3:], block_ids=[0]))
+    assert not result.success and result.successful_keys == ()
+    assert result.error.startswith("ENOSPC") and f"max_bytes {3 * BLOCK}" in result.error
+    assert present(tier, keys) == [True, True, True, False]
+    again = run_job(tier, "store", JobMetadata(job_id=10, keys=keys[:2], block_ids=[0, 1]))
+    assert again.success  # already counted blocks still fit
+
+
+def test_recency_and_accounting_survive_a_restart(make_tier):
+    config = TierConfig(max_bytes=4 * BLOCK)
+    tier = make_tier(config=config)
+    a, b, c, d, e = make_keys(5)
+    store_one_by_one(tier, [a, b, c, d])
+    assert run_job(tier, "load", JobMetadata(job_id=10, keys=[a], block_ids=[50])).success
+    tier.shutdown()
+    restarted = make_tier(config=config)
+    restarted.drain(30)  # the start-up scan runs in a worker
+    assert restarted.stats()["bytes_counted"] == 4 * BLOCK
+    store_one_by_one(restarted, [e], first_job=20)
+    assert present(restarted, [a, b, c, d, e]) == [True, False, True, True, True]
+
+
+def test_a_restart_over_a_fuller_root_evicts_down_to_the_budget(make_tier):
+    tier = make_tier()
+    keys = make_keys(10)
+    store_one_by_one(tier, keys)
+    tier.shutdown()
+    smaller = make_tier(config=TierConfig(max_bytes=6 * BLOCK))
+    smaller.drain(30)
+    smaller.drain(30)  # the evictions the scan triggered
+    assert present(smaller, keys) == [False] * 4 + [True] * 6
+    assert disk_bytes(smaller.layout.base) == 6 * BLOCK
+
+
+OTHER_WRITER = textwrap.dedent(
+    """
+    import sys
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    if __name__ == "__main__":
+        keys = [bytes([7, i]) * 16 + bytes(4) for i in range(int(sys.argv[2]))]
+        with PrimaryCache.create(len(keys), {block}) as cache, FileSystemTierManager(
+            primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=1
+        ) as tier:
+            tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(len(keys)))))
+            tier.drain(30)
+            assert tier.get_finished()[0].success
+    """
+).format(block=BLOCK)
+
+
+def test_lookup_many_agrees_with_the_file_system(make_tier, tmp_path):
+    tier = make_tier()
+    own = make_keys(30)
+    tier.submit_store(JobMetadata(job_id=1, keys=own[:20], block_ids=list(range(20))))
+    in_flight = tier.lookup_many(own[:20])
+    assert all(answer in (None, True) for answer in in_flight)
+    tier.drain(30)
+    subprocess.run([sys.executable, "-c", OTHER_WRITER, str(tmp_path / "blocks"), "10"], check=True, timeout=60)
+    theirs = [bytes([7, i]) * 16 + bytes(4) for i in range(10)]
+    keys = own + theirs + make_keys(5, seed=99)
+    answers = tier.lookup_many(keys)
+    assert answers == [os.path.exists(tier.block_path(k)) for k in keys]
+    assert answers == [True] * 20 + [False] * 10 + [True] * 10 + [False] * 5
+    assert tier.lookup_many([]) == []
+    with pytest.raises(ValueError, match="not bytes"):
+        tier.lookup_many(["nope"])
+
+
+def test_events_for_store_eviction_and_corruption(make_tier):
+    tier = make_tier(config=TierConfig(max_bytes=2 * BLOCK, events=True))
+    a, b, c = make_keys(3)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[a, b], block_ids=[0, 1])).success
+    assert tier.take_events() == [TierEvent("stored", (a, b))]
+    assert run_job(tier, "store", JobMetadata(job_id=2, keys=[c], block_ids=[2])).success
+    assert tier.take_events() == [TierEvent("removed", (a,)), TierEvent("stored", (c,))]
+    os.truncate(tier.block_path(b), 10)
+    assert not run_job(tier, "load", JobMetadata(job_id=3, keys=[b, c], block_ids=[5, 6])).success
+    assert tier.take_events() == [TierEvent("removed", (b,))]
+    assert tier.take_events() == []
+
+
+def test_events_are_off_by_default(tier):
+    with pytest.raises(ValueError, match="events are off"):
+        tier.take_events()
+
+
+SHARER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
+
+    def content(key):
+        return np.frombuffer(key * ({block} // len(key)) + bytes({block} % len(key)), dtype=np.uint8)
+
+    if __name__ == "__main__":
+        root, name, budget, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+        rng = np.random.default_rng(name)
+        keys = [bytes([name, i % 256, i // 256]) * 11 + bytes(1) + bytes(4) for i in range(200)]
+        torn = failed_loads = results = submitted = 0
+        with PrimaryCache.create(64, {block}) as cache, FileSystemTierManager(
+            primary_kv_view=cache, root_dir=root, n_read_workers=1, n_write_workers=1,
+            config=TierConfig(max_bytes=budget)
+        ) as tier:
+            deadline = time.monotonic() + seconds
+            job = 0
+            while time.monotonic() < deadline:
+                job += 1
+                chosen = [keys[i] for i in rng.choice(200, 8, replace=False)]
+                for slot, key in enumerate(chosen):
+                    cache.array[slot] = content(key)
+                tier.submit_store(JobMetadata(job_id=2 * job, keys=chosen, block_ids=list(range(8))))
+                probe = [keys[i] for i in rng.choice(200, 8, replace=False)]
+                known = [k for k, here in zip(probe, tier.lookup_many(probe)) if here]
+                cache.array[32:40] = 0
+                tier.submit_load(JobMetadata(job_id=2 * job + 1, keys=known, block_ids=list(range(32, 32 + len(known)))))
+                submitted += 2
+                tier.drain(30)
+                for r in tier.get_finished():
+                    results += 1
+                    if r.job_id % 2 == 1:
+                        ok = set(known) if r.success else set(r.successful_keys)
+                        failed_loads += len(known) - len(ok)
+                        torn += sum(not (cache.array[32 + i] == content(k)).all() for i, k in enumerate(known) if k in ok)
+        print(submitted, results, torn, failed_loads)
+    """
+).format(block=BLOCK)
+
+
+@pytest.mark.timeout(120)
+def test_two_instances_with_budgets_share_a_root(tmp_path):
+    """Both run at once, each with its own budget: no torn load, no lost result, and the
+    directory never holds more than both budgets (plus one in-flight job each)."""
+    root = str(tmp_path / "blocks")
+    budgets = (12 * BLOCK, 20 * BLOCK)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SHARER, root, str(n), str(b), "4"], stdout=subprocess.PIPE, text=True)
+        for n, b in zip((1, 2), budgets)
+    ]
+    base = None
+    peak = 0
+    while any(p.poll() is None for p in procs):
+        base = base or next(Path(root).glob("bs*_r0"), None)
+        if base is not None:
+            peak = max(peak, disk_bytes(str(base)))
+    outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    for submitted, results, torn, _ in outputs:
+        assert int(submitted) == int(results) > 0 and int(torn) == 0
+    assert peak <= sum(budgets) + 2 * 8 * BLOCK
+    assert disk_bytes(str(base)) <= sum(budgets)
+
+
+def test_a_store_of_a_block_being_evicted_is_refused_not_lost(make_tier):
+    tier = make_tier(config=TierConfig(max_bytes=2 * BLOCK))
+    a, b, c = make_keys(3)
+    store_one_by_one(tier, [a, b])
+    tier.submit_store(JobMetadata(job_id=10, keys=[c], block_ids=[2]))  # evicts a
+    tier.submit_store(JobMetadata(job_id=11, keys=[a], block_ids=[0]))  # before a's file is surely gone
+    tier.drain(30)
+    results = {r.job_id: r for r in tier.get_finished()}
+    assert results[10].success
+    assert not results[11].success and results[11].error.startswith("EBUSY")
+    store_one_by_one(tier, [a], first_job=12)  # the eviction is done: now it stores (evicting b)
+    assert present(tier, [a, b, c]) == [True, False, True]
