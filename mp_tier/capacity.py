@@ -50,17 +50,23 @@ class CapacityIndex:
         eviction is off, or too few blocks are free to evict (``pinned`` ones,
         being loaded or stored, never are).
         """
-        new = [k for k in keys if k not in self]
-        over = len(self) + len(new) - self._capacity if self._capacity else 0
+        warm, cold = self._warm, self._cold
+        all_new = warm.keys().isdisjoint(keys) and cold.keys().isdisjoint(keys)  # the usual store: C loops only
+        new = len(keys) if all_new else sum(k not in warm and k not in cold for k in keys)
+        over = len(warm) + len(cold) + new - self._capacity if self._capacity else 0
         victims = []
         if over > 0:
             if not self.evict:
-                raise CapacityFull(self._full(len(new), "eviction is off"))
+                raise CapacityFull(self._full(new, "eviction is off"))
             victims = self._oldest(over, pinned, skip=set(keys))
             if len(victims) < over:
-                raise CapacityFull(self._full(len(new), f"only {len(victims)} blocks are free to evict"))
+                raise CapacityFull(self._full(new, f"only {len(victims)} blocks are free to evict"))
             self.discard(victims)
-        self.touch(keys)
+        if all_new:
+            for key in keys:  # 3x faster than OrderedDict.update
+                warm[key] = None
+        else:
+            self.touch(keys)
         return victims
 
     def over_budget(self, pinned: tuple[Collection[bytes], ...]) -> list[bytes]:
@@ -80,9 +86,10 @@ class CapacityIndex:
                 cold.pop(key, None)
                 warm[key] = None
 
-    def refresh(self, keys: Iterable[bytes]) -> None:
+    def refresh(self, keys: list[bytes]) -> None:
         """Make the known ones among ``keys`` the most recently used (a load or touch)."""
-        self.touch(k for k in keys if k in self)
+        if not (self._warm.keys().isdisjoint(keys) and self._cold.keys().isdisjoint(keys)):
+            self.touch(k for k in keys if k in self)
 
     def discard(self, keys: Iterable[bytes]) -> None:
         warm, cold = self._warm, self._cold

@@ -14,6 +14,7 @@ pool tells it what every live worker holds and starts the replacement.
 
 from __future__ import annotations
 
+import os
 import select
 import threading
 import time
@@ -23,7 +24,7 @@ import multiprocess
 import multiprocess.connection
 from multiprocess import reduction
 
-from .channels import ResultReader, TaskPipe, encode_frame
+from .channels import ResultReader, TaskPipe, WorkerEnds, encode_frame, make_pipe
 from .messages import READ_OPS, Completion, Task
 from .shared_cache import PrimaryCache
 from .worker import STARTING, WorkerSpec, process_main, run_worker
@@ -52,6 +53,7 @@ class WorkerPool:
         self.loads = TaskPipe()
         self.stores = TaskPipe()
         self.results = ResultReader()
+        self._bell = make_pipe()
         self._cache = cache
         self._ctx = multiprocess.get_context(start_method)
         if engine == "processes" and start_method == "forkserver":
@@ -74,15 +76,13 @@ class WorkerPool:
         spec = self.specs[index]
         self.slots[index] = STARTING
         name = f"mp_tier-{'r' if spec.read_priority else 'w'}{index}"
-        fds = (self.loads.read_fd, self.stores.read_fd, self.results.write_fd)
+        ends = WorkerEnds(self.loads.read_fd, self.stores.read_fd, *self._bell, self.results.write_fd)
         if self.engine == "threads":
-            worker = threading.Thread(
-                target=run_worker, args=(spec, self._cache.view, *fds, self.slots), name=name, daemon=True
-            )
+            worker = threading.Thread(target=run_worker, args=(spec, self._cache.view, ends, self.slots), name=name, daemon=True)
         else:
             worker = self._ctx.Process(
                 target=process_main,
-                args=(spec, self._cache.name, self._cache.num_blocks, *map(_InheritedFd, fds), self.slots),
+                args=(spec, self._cache.name, self._cache.num_blocks, WorkerEnds(*map(_InheritedFd, ends)), self.slots),
                 name=name,
                 daemon=True,
             )
@@ -200,4 +200,6 @@ class WorkerPool:
         self.loads.close()
         self.stores.close()
         self.results.close()
+        for fd in self._bell:
+            os.close(fd)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -145,6 +144,8 @@ class FileSystemTierManager:
             for i in range(n_workers)
         ]
         self._n_workers = n_workers
+        # A job is split over the workers that take its kind first.
+        self._group_size = {LOAD: config.n_read_workers, STORE: config.n_write_workers}
         self._pool = WorkerPool(specs, cache, config.engine, config.start_method)
         self._jobs: dict[int, _Job] = {}
         self._tasks: dict[int, tuple[_Job, int, int]] = {}
@@ -172,7 +173,7 @@ class FileSystemTierManager:
         """
         evict = keys if op == EVICT else []
         job = _Job(None, op, [] if evict else keys, [], 0, time.perf_counter(), evict)
-        per_task = self._per_task(keys, evicting=False) if keys else 1
+        per_task = self._per_task(keys, evicting=False, workers=self._n_workers) if keys else 1
         frames = bytearray()
         for first in range(0, len(keys) or 1, per_task):
             chunk = keys[first : first + per_task]
@@ -183,10 +184,10 @@ class FileSystemTierManager:
         self._pool.submit(op, frames)
         return job
 
-    def _per_task(self, keys: list[bytes], evicting: bool) -> int:
-        """Blocks per task: one task per worker, as many as fit a frame."""
+    def _per_task(self, keys: list[bytes], evicting: bool, workers: int) -> int:
+        """Blocks per task: one task per worker of the group, as many as fit a frame."""
         per_key = (max(map(len, keys)) + _BLOCK_OVERHEAD) * (2 if evicting else 1)
-        return min(math.ceil(len(keys) / self._n_workers), (FRAME_BYTES - _TASK_OVERHEAD) // per_key)
+        return min(-(-len(keys) // workers), (FRAME_BYTES - _TASK_OVERHEAD) // per_key)
 
     def _choose_direct(self) -> bool:
         mode = self.config.o_direct
@@ -246,7 +247,7 @@ class FileSystemTierManager:
                 self._removed(victims)
         else:
             self._capacity.refresh(keys)
-        per_task = self._per_task(keys, evicting=bool(victims))
+        per_task = self._per_task(keys, bool(victims), self._group_size[op])
         frames = bytearray()
         seq = self._next_seq
         for first in range(0, n, per_task):

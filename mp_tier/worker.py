@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import msgspec
 
 from . import block_io
-from .channels import EndOfTasks, send_completion, take_task
+from .channels import EndOfTasks, WorkerEnds, hush, ring, send_completion, take_task, waiting_bytes
 from .layout import BlockLayout
 from .messages import LOAD, SCAN, STORE, SWEEP, TOUCH, Completion, Task
 
@@ -108,44 +108,52 @@ def per_block(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
     return Completion(task.seq, spec.index, nbytes, failed, error, skipped, corrupt)
 
 
-def run_worker(spec: WorkerSpec, cache: memoryview, load_fd: int, store_fd: int, result_fd: int, slots: Any) -> None:
+def run_worker(spec: WorkerSpec, cache: memoryview, ends: WorkerEnds, slots: Any) -> None:
     """Serve tasks until the host closes both task pipes."""
     me = spec.index
     slots[me] = IDLE
-    order = [load_fd, store_fd] if spec.read_priority else [store_fd, load_fd]
-    poller = select.poll()
-    for fd in order:
-        poller.register(fd, select.POLLIN)
-    while order:
-        for fd in order:
-            try:
-                task = take_task(fd)
-            except EndOfTasks:
-                order.remove(fd)
-                poller.unregister(fd)
-                break
-            if task is not None:
-                slots[me] = task.seq
-                for completion in handle(spec, cache, task):
-                    send_completion(result_fd, completion)
-                slots[me] = IDLE
-                break
-        else:
-            poller.poll()
+    order = [ends.loads, ends.stores] if spec.read_priority else [ends.stores, ends.loads]
+    sleeper = select.epoll()
+    for fd in (*order, ends.bell_read):
+        sleeper.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    try:
+        while order:
+            task = None
+            for fd in order:
+                try:
+                    task = take_task(fd)
+                except EndOfTasks:
+                    order.remove(fd)
+                    sleeper.unregister(fd)
+                    ring(ends.bell_write)  # pass the news on: one sleeper woke for it
+                    break
+                if task is not None:
+                    break
+            if task is None:
+                if order:
+                    sleeper.poll()
+                    hush(ends.bell_read)
+                continue
+            if any(waiting_bytes(fd) for fd in order):
+                ring(ends.bell_write)
+            slots[me] = task.seq
+            for completion in handle(spec, cache, task):
+                send_completion(ends.results, completion)
+            slots[me] = IDLE
+    finally:
+        sleeper.close()
 
 
-def process_main(
-    spec: WorkerSpec, cache_name: str, num_blocks: int, load_fd: int, store_fd: int, result_fd: int, slots: Any
-) -> None:
+def process_main(spec: WorkerSpec, cache_name: str, num_blocks: int, ends: WorkerEnds, slots: Any) -> None:
     """Entry point of a worker process: attach to the cache, then serve."""
     from .shared_cache import PrimaryCache
 
     cache = PrimaryCache.attach(cache_name, num_blocks, spec.block_bytes)
     try:
-        run_worker(spec, cache.view, load_fd, store_fd, result_fd, slots)
+        run_worker(spec, cache.view, ends, slots)
     except BrokenPipeError:
         pass  # the host is gone; nobody is left to tell
     finally:
         cache.close()
-        for fd in (load_fd, store_fd, result_fd):
+        for fd in ends:
             os.close(fd)

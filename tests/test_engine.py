@@ -156,8 +156,10 @@ def test_load_jumps_a_backlog_of_500_stores(make_tier):
 
 
 @pytest.mark.parametrize("kind", ["store", "load"])
-def test_every_worker_helps_with_one_kind_of_work(make_tier, cache, kind):
-    tier = make_tier(n_read_workers=2, n_write_workers=2)
+def test_every_worker_helps_with_one_kind_of_work(make_tier, kind):
+    """Blocks of 1 MiB, so that a task lasts long enough for the queue to need every worker."""
+    big = PrimaryCache.create(128, 1 << 20)
+    tier = make_tier(n_read_workers=2, n_write_workers=2, view=big)
     keys = make_keys(64)
     if kind == "load":
         tier.submit_store(JobMetadata(job_id=-1, keys=keys, block_ids=list(range(64))))
@@ -171,6 +173,8 @@ def test_every_worker_helps_with_one_kind_of_work(make_tier, cache, kind):
     done = [after - b for after, b in zip(tier.stats()["tasks_by_worker"], before)]
     assert sum(done) == 64
     assert all(n > 0 for n in done), f"tasks per worker: {done}"
+    tier.shutdown()
+    big.close()
 
 
 def test_shutdown_gives_every_queued_job_one_result(make_tier):
