@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import select
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgspec
 
@@ -48,7 +48,9 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     touch_on_load: bool
 
 
-def handle(spec: WorkerSpec, cache: memoryview, task: Task) -> Iterator[Completion]:
+def handle(
+    spec: WorkerSpec, cache: memoryview, task: Task, between: Callable[[], None] | None = None
+) -> Iterator[Completion]:
     """The completion of a task; a scan sends its findings in several."""
     if task.op == SCAN:
         found = spec.layout.scan()
@@ -60,11 +62,15 @@ def handle(spec: WorkerSpec, cache: memoryview, task: Task) -> Iterator[Completi
         paths = [spec.layout.path(key) for key in task.keys] if task.keys else None
         yield Completion(task.seq, spec.index, 0, [], swept=block_io.remove_stale_temps(spec.layout.base, paths))
     else:
-        yield per_block(spec, cache, task)
+        yield per_block(spec, cache, task, between)
 
 
-def per_block(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
-    """Do ``task.op`` to every block of the task; a failed block does not stop the others."""
+def per_block(spec: WorkerSpec, cache: memoryview, task: Task, between: Callable[[], None] | None) -> Completion:
+    """Do ``task.op`` to every block of the task; a failed block does not stop the others.
+
+    ``between`` runs before every block but the first: a read-priority worker
+    serves loads there that arrived while it was storing.
+    """
     error = None
     for key in task.evict:
         try:
@@ -77,6 +83,8 @@ def per_block(spec: WorkerSpec, cache: memoryview, task: Task) -> Completion:
     failed: list[int] = []
     corrupt: list[int] = []
     for i, (block_id, key) in enumerate(zip(task.block_ids or itertools.repeat(0), task.keys)):
+        if between is not None and i:
+            between()
         path = spec.layout.path(key)
         try:
             if op == LOAD:
@@ -112,6 +120,24 @@ def run_worker(spec: WorkerSpec, cache: memoryview, ends: WorkerEnds, slots: Any
     """Serve tasks until the host closes both task pipes."""
     me = spec.index
     slots[me] = IDLE
+
+    def run(task: Task) -> None:
+        slots[me] = task.seq
+        between = loads_first if spec.read_priority and task.op == STORE else None
+        for completion in handle(spec, cache, task, between):
+            send_completion(ends.results, completion)
+        slots[me] = IDLE
+
+    def loads_first() -> None:
+        """Inside a store task: a load that arrives waits one block, not the whole task."""
+        outer = slots[me]
+        try:
+            while waiting_bytes(ends.loads) and (task := take_task(ends.loads)) is not None:
+                run(task)
+        except EndOfTasks:
+            pass  # the main loop sees it too
+        slots[me] = outer
+
     order = [ends.loads, ends.stores] if spec.read_priority else [ends.stores, ends.loads]
     sleeper = select.epoll()
     for fd in (*order, ends.bell_read):
@@ -136,10 +162,7 @@ def run_worker(spec: WorkerSpec, cache: memoryview, ends: WorkerEnds, slots: Any
                 continue
             if any(waiting_bytes(fd) for fd in order):
                 ring(ends.bell_write)
-            slots[me] = task.seq
-            for completion in handle(spec, cache, task):
-                send_completion(ends.results, completion)
-            slots[me] = IDLE
+            run(task)
     finally:
         sleeper.close()
 

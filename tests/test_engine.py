@@ -281,3 +281,25 @@ def test_cache_attach_shares_bytes_and_only_owner_unlinks():
         other.close()
         assert os.path.exists(f"/dev/shm/{owner.name}")
     assert not os.path.exists(f"/dev/shm/{owner.name}")
+
+
+def test_a_load_waits_one_block_of_a_store_task_not_the_whole_task(make_tier):
+    """Both workers are inside large store tasks when the load arrives; the read-priority
+    one serves it between two blocks, long before the store job is done."""
+    big = PrimaryCache.create(128, 1 << 20)
+    tier = make_tier(n_read_workers=1, n_write_workers=1, view=big)
+    wanted = make_keys(1, seed=1)
+    assert run_job(tier, "store", JobMetadata(job_id=0, keys=wanted, block_ids=[127])).success
+    flood = make_keys(80, seed=2)
+    tier.submit_store(JobMetadata(job_id=1, keys=flood, block_ids=list(range(80))))
+    while not any(os.path.exists(tier.block_path(k)) for k in flood):
+        pass  # until the flood is under way
+    tier.submit_load(JobMetadata(job_id=2, keys=wanted, block_ids=[100]))
+    while not (done := tier.get_finished()):
+        tier.wait(30)
+    stored_by_then = sum(os.path.exists(tier.block_path(k)) for k in flood)
+    assert [r.job_id for r in done] == [2] and done[0].success
+    assert stored_by_then < 20, f"the load waited for {stored_by_then} of 80 blocks"  # ~37 if it waited a task
+    tier.drain(60)
+    tier.shutdown()
+    big.close()
