@@ -87,11 +87,9 @@ except ImportError:  # the bench extra is optional; the run just has no progress
 
 SCHEMA = "mp_tier.loadgen/1"
 WORKLOADS = ("store", "load", "mixed", "trace")
-ENGINES = ("processes", "threads")
 COMPARES = ("threads", "raw")
 SWEEP_KEYS = ("workers", "block_size", "blocks_per_job", "inflight")
 GB = 1e9
-IDLE_SECONDS = 0.2  # the busy loop's idle speed is taken this long before and after each run
 MIXED_LOAD_POOL = 8  # staged load jobs the mixed trickle cycles through
 MARKER = ".mp_tier_loadgen"  # marks a directory this tool created under --root
 GROUP0 = (0).to_bytes(4, "big")
@@ -246,6 +244,7 @@ class RunRecord:
     idle_load_ms: Dist | None = None
     trace: TraceStats | None = None
     cache_drop: str | None = None
+    round: int = 0  # with --repeat: which repetition
     errors: list[str] = field(default_factory=list)
 
 
@@ -254,6 +253,7 @@ class Ratio:
     """processes divided by ``versus`` (threads or raw) for one workload phase of one case."""
 
     sweep: str | None
+    round: int
     workload: str
     phase: str
     versus: str
@@ -631,13 +631,18 @@ def tier_session(case: Case, engine: str, num_blocks: int) -> Iterator[FileSyste
             config=TierConfig(o_direct=case.args.o_direct),
         )
         try:
-            if case.path_of is None:
-                case.path_of, case.direct = tier.block_path, tier.direct
             yield tier
         finally:
             tier.shutdown()
     finally:
         cache.close()
+
+
+def learn_layout(case: Case) -> None:
+    """Ask a one-block tier where blocks go and whether it uses O_DIRECT: the raw runs do the same."""
+    with tier_session(case, "threads", 1) as tier:
+        tier.drain(30)
+        case.path_of, case.direct = tier.block_path, tier.direct
 
 
 def worker_cpu_seconds(pids: Sequence[int]) -> float:
@@ -679,8 +684,9 @@ def tier_run(
         bar = make_bar(case.args.progress, f"{workload} {phase} {size_label(case.settings.block_size)} {engine}", planned_bytes)
         host = Host(tier, spinner, bar)
         pids = tier.worker_pids()
+        tier.drain(30)  # the tier's start-up sweep of temp files is not this run's work
         settle(pids)
-        spinner.measure_idle(host.step, IDLE_SECONDS)
+        spinner.measure_idle(host.step, case.args.idle_seconds)
         cpu0, wcpu0, t0 = time.process_time(), worker_cpu_seconds(pids), time.perf_counter()
         try:
             extra = body(Window(host, slot_blocks, lanes))
@@ -689,7 +695,7 @@ def tier_run(
         wall = time.perf_counter() - t0
         host_cpu = time.process_time() - cpu0 - spinner.busy_cpu
         worker_cpu = worker_cpu_seconds(pids) - wcpu0 if pids else None
-        spinner.measure_idle(host.step, IDLE_SECONDS)
+        spinner.measure_idle(host.step, case.args.idle_seconds)
         direct = tier.direct
     return make_record(case, engine, workload, phase, host, spinner, wall, host_cpu, worker_cpu, direct, extra)
 
@@ -771,37 +777,47 @@ def stage(case: Case, n_jobs: int) -> list[list[bytes]]:
 # -- workloads -----------------------------------------------------------------
 
 
+def schedule(case: Case, with_raw: bool) -> list[tuple[int, str]]:
+    """(round, engine) pairs; every other round runs the engines in reverse order.
+
+    The disk's speed drifts by several times over seconds on a shared VM;
+    alternating the order spreads that drift over every engine alike.
+    """
+    engines = case.tier_engines + (["raw"] if with_raw and "raw" in case.args.compare else [])
+    return [(r, e) for r in range(case.args.repeat) for e in (engines if r % 2 == 0 else engines[::-1])]
+
+
 def workload_store(case: Case) -> list[RunRecord]:
     bpj, inflight = case.settings.blocks_per_job, case.settings.inflight
     records = []
-    for engine in case.tier_engines:
-        jobs = [Keys().fresh(bpj) for _ in range(case.n_jobs)]
-        body = lambda win, jobs=jobs: run_jobs(win, "store", jobs, case.deadline())  # noqa: E731
-        records.append(tier_run(case, engine, "store", "fresh", {"store": inflight}, bpj, case.n_jobs * case.job_bytes, body))
-    if "raw" in case.args.compare:
+    for rnd, engine in schedule(case, with_raw=True):
         keys = Keys()
         jobs = [keys.fresh(bpj) for _ in range(case.n_jobs)]
-        records.append(raw_run(case, "store", "fresh", case.paths(jobs)))
+        if engine == "raw":
+            record = raw_run(case, "store", "fresh", case.paths(jobs))
+        else:
+            body = lambda win, jobs=jobs: run_jobs(win, "store", jobs, case.deadline())  # noqa: E731
+            record = tier_run(case, engine, "store", "fresh", {"store": inflight}, bpj, case.n_jobs * case.job_bytes, body)
+        record.round = rnd
+        records.append(record)
     return records
 
 
 def workload_load(case: Case) -> list[RunRecord]:
+    """Cold (page cache dropped and checked) then warm, per engine, over the same staged files."""
     bpj, inflight = case.settings.blocks_per_job, case.settings.inflight
     staged = stage(case, case.n_jobs)
     paths = case.paths(staged)
     body = lambda win: run_jobs(win, "load", staged, case.deadline())  # noqa: E731
     records = []
-    for engine in case.tier_engines:
+    for rnd, engine in schedule(case, with_raw=True):
         for phase in ("cold", "warm"):
             dropped = drop_page_cache(paths) if phase == "cold" else None
-            record = tier_run(case, engine, "load", phase, {"load": inflight}, bpj, len(staged) * case.job_bytes, body)
-            record.cache_drop = dropped
-            records.append(record)
-    if "raw" in case.args.compare:
-        for phase in ("cold", "warm"):
-            dropped = drop_page_cache(paths) if phase == "cold" else None
-            record = raw_run(case, "load", phase, paths)
-            record.cache_drop = dropped
+            if engine == "raw":
+                record = raw_run(case, "load", phase, paths)
+            else:
+                record = tier_run(case, engine, "load", phase, {"load": inflight}, bpj, len(staged) * case.job_bytes, body)
+            record.round, record.cache_drop = rnd, dropped
             records.append(record)
     return records
 
@@ -813,7 +829,7 @@ def workload_mixed(case: Case) -> list[RunRecord]:
     gap = case.args.load_gap_ms / 1e3
     make_cold = lambda keys: None if case.direct else fadvise_out(case.paths([keys]))  # noqa: E731
     records = []
-    for engine in case.tier_engines:
+    for rnd, engine in schedule(case, with_raw=False):
         stores = [Keys().fresh(bpj) for _ in range(case.n_jobs)]
         flood = tier_run(
             case, engine, "mixed", "flood", {"store": inflight, "load": 1}, bpj, case.n_jobs * case.job_bytes,
@@ -825,6 +841,7 @@ def workload_mixed(case: Case) -> list[RunRecord]:
             lambda win: load_trickle(win, pool, n_loads, gap, make_cold),
         )
         flood.idle_load_ms = alone.load.job_ms if alone.load else None
+        flood.round = alone.round = rnd
         records += [flood, alone]
     return records
 
@@ -948,13 +965,14 @@ def trace_requests(win: Window, trace: ChatTrace, budget: int, block_bytes: int,
 
 def workload_trace(case: Case) -> list[RunRecord]:
     args = case.args
-    bpj = case.settings.blocks_per_job
-    slot_blocks = args.max_turns * bpj
+    slot_blocks = args.max_turns * args.turn_blocks
     records = []
-    for engine in case.tier_engines:
-        trace = ChatTrace(args.conversations, args.zipf, bpj, args.max_turns, args.seed)
+    for rnd, engine in schedule(case, with_raw=False):
+        trace = ChatTrace(args.conversations, args.zipf, args.turn_blocks, args.max_turns, args.seed)
         body = lambda win, trace=trace: trace_requests(win, trace, args.total, case.settings.block_size, case.deadline())  # noqa: E731
-        records.append(tier_run(case, engine, "trace", "zipf", {"request": case.settings.inflight}, slot_blocks, args.total, body))
+        record = tier_run(case, engine, "trace", "zipf", {"request": case.settings.inflight}, slot_blocks, args.total, body)
+        record.round = rnd
+        records.append(record)
     return records
 
 
@@ -1057,7 +1075,7 @@ def _raw_measure(case: Case, op: str, phase: str, conns: list[Any], n_paths: int
     spinner = Spinner(case.spin_chunk)
     running = set(conns)
     poll = lambda: multiprocessing.connection.wait(running, 0 if spinner.chunk else 0.05)  # noqa: E731
-    spinner.measure_idle(poll, IDLE_SECONDS)
+    spinner.measure_idle(poll, case.args.idle_seconds)
     bar = make_bar(case.args.progress, f"{op} {phase} {size_label(block)} raw", n_paths * block)
     cpu0, t0 = time.process_time(), time.perf_counter()
     for conn in conns:
@@ -1078,7 +1096,7 @@ def _raw_measure(case: Case, op: str, phase: str, conns: list[Any], n_paths: int
     wall = time.perf_counter() - t0
     host_cpu = time.process_time() - cpu0 - spinner.busy_cpu
     bar.close()
-    spinner.measure_idle(poll, IDLE_SECONDS)
+    spinner.measure_idle(poll, case.args.idle_seconds)
     gb = blocks * block / GB
     read, write = case.settings.workers
     return RunRecord(
@@ -1182,19 +1200,28 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 TABLE_COLUMNS = (
-    ("workload", 8), ("phase", 10), ("engine", 9), ("GB/s", 6), ("blk/s", 7), ("job ms p50/p99/max", 19),
+    ("workload", 8), ("phase", 10), ("engine", 9), ("rnd", 3), ("GB/s", 6), ("blk/s", 7), ("job ms p50/p99/max", 19),
     ("submit us p50/p99/max", 21), ("poll us", 7), ("host s/GB", 9), ("wrk s/GB", 8), ("busy/idle", 9),
 )
 
 
-def table_row(r: RunRecord) -> str:
+def _line(cells: Sequence[str], show_round: bool) -> str:
+    """Text columns left-aligned, numbers right-aligned; the round column only with --repeat."""
+    return "  ".join(
+        f"{c:<{w}}" if i < 3 else f"{c:>{w}}"
+        for i, (c, (name, w)) in enumerate(zip(cells, TABLE_COLUMNS))
+        if show_round or name != "rnd"
+    )
+
+
+def table_row(r: RunRecord, show_round: bool) -> str:
     worker = "in host" if r.engine == "threads" else _num(r.worker_cpu_s_per_gb, 3)
     cells = (
-        r.workload, r.phase, r.engine, _num(r.gbps, 3), f"{r.blocks_per_s:.0f}", _dist(r.job_ms, 1),
+        r.workload, r.phase, r.engine, str(r.round), _num(r.gbps, 3), f"{r.blocks_per_s:.0f}", _dist(r.job_ms, 1),
         _dist(r.submit_us, 1), _num(r.poll_us.mean if r.poll_us else None, 1), _num(r.host_cpu_s_per_gb, 3),
         worker, _num(r.busy_idle, 2),
     )
-    return "  ".join(f"{c:<{w}}" if i < 3 else f"{c:>{w}}" for i, (c, (_, w)) in enumerate(zip(cells, TABLE_COLUMNS)))
+    return _line(cells, show_round)
 
 
 def case_header(case: Case) -> str:
@@ -1208,10 +1235,11 @@ def case_header(case: Case) -> str:
 
 
 def print_case(case: Case, records: list[RunRecord], ratios: list[Ratio]) -> None:
+    show_round = case.args.repeat > 1
     print(f"\n== {case_header(case)}")
-    print("  ".join(f"{name:<{w}}" if i < 3 else f"{name:>{w}}" for i, (name, w) in enumerate(TABLE_COLUMNS)))
+    print(_line([name for name, _ in TABLE_COLUMNS], show_round))
     for r in records:
-        print(table_row(r))
+        print(table_row(r, show_round))
     for r in records:
         if r.cache_drop:
             print(f"  {r.workload} {r.phase} {r.engine}: page cache {r.cache_drop}")
@@ -1219,16 +1247,38 @@ def print_case(case: Case, records: list[RunRecord], ratios: list[Ratio]) -> Non
             print(f"  {r.workload} {r.phase} {r.engine}: ERROR {error}")
     print_mixed(records)
     print_trace(records)
+    print_ratios(ratios)
+
+
+def _median_range(values: list[float | None], digits: int = 2) -> str:
+    """'0.93x' for one value; 'median 0.93x (0.81-1.02)' over rounds."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    if len(known) == 1:
+        return f"{known[0]:.{digits}f}x"
+    return f"median {float(np.median(known)):.{digits}f}x ({min(known):.{digits}f}-{max(known):.{digits}f})"
+
+
+def print_ratios(ratios: list[Ratio]) -> None:
+    """One line per workload phase and compared engine; with --repeat, the median over rounds."""
+    groups: dict[tuple[str, str, str], list[Ratio]] = {}
     for q in ratios:
-        print(
-            f"  processes/{q.versus:<7} {q.workload} {q.phase:<10} GB/s {_num(q.gbps)}x  busy/idle {_num(q.busy_idle)}x"
-            + (f"  job p99 {_num(q.job_p99)}x  host CPU/GB {_num(q.host_cpu_per_gb)}x" if q.versus != "raw" else "")
-        )
+        groups.setdefault((q.versus, q.workload, q.phase), []).append(q)
+    for (versus, workload, phase), qs in groups.items():
+        if all(q.gbps is None for q in qs):
+            continue  # nothing moved on one side (a mixed run with no loads)
+        line = f"  processes/{versus:<7} {workload} {phase:<10} GB/s {_median_range([q.gbps for q in qs])}"
+        line += f"  busy/idle {_median_range([q.busy_idle for q in qs])}"
+        if versus != "raw":
+            line += f"  job p99 {_median_range([q.job_p99 for q in qs])}  host CPU/GB {_median_range([q.host_cpu_per_gb for q in qs])}"
+        print(line)
 
 
 def print_mixed(records: list[RunRecord]) -> None:
-    floods = [r for r in records if r.workload == "mixed" and r.phase == "flood"]
-    for r in floods:
+    for r in records:
+        if r.workload != "mixed" or r.phase != "flood":
+            continue
         flood, alone = r.load.job_ms if r.load else None, r.idle_load_ms
         ratio = _ratio(flood.p99 if flood else None, alone.p99 if alone else None)
         print(
@@ -1250,18 +1300,19 @@ def print_trace(records: list[RunRecord]) -> None:
 
 def compute_ratios(records: list[RunRecord]) -> list[Ratio]:
     """processes / threads and processes / raw for every workload phase both ran."""
-    by_key = {(r.workload, r.phase, r.engine): r for r in records}
+    by_key = {(r.round, r.workload, r.phase, r.engine): r for r in records}
     ratios = []
-    for (workload, phase, engine), p in by_key.items():
+    for (rnd, workload, phase, engine), p in by_key.items():
         if engine != "processes":
             continue
         for versus in ("threads", "raw"):
-            o = by_key.get((workload, phase, versus))
+            o = by_key.get((rnd, workload, phase, versus))
             if o is None:
                 continue
             ratios.append(
                 Ratio(
                     sweep=p.sweep,
+                    round=rnd,
                     workload=workload,
                     phase=phase,
                     versus=versus,
@@ -1321,7 +1372,7 @@ def plot(path: str, key: str, labels: list[str], runs: list[RunRecord]) -> None:
         right.plot(x, [r.busy_idle if r and r.busy_idle else np.nan for r in points], style, label=name)
     for ax, title in ((left, "throughput (GB/s)"), (right, "host busy-loop speed, busy / idle")):
         ax.set_xticks(list(x), labels)
-        ax.set_xlabel(key)
+        ax.set_xlabel("workers (N read + N write, or R+W)" if key == "workers" else key)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     right.set_ylim(0, 1.1)
@@ -1342,18 +1393,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workload", type=parse_list(WORKLOADS), default=list(WORKLOADS), help="comma list of store, load, mixed, trace, or all (default: all)")
     p.add_argument("--block-size", type=parse_size, default=2 << 20, help="bytes per block (default 2m)")
-    p.add_argument("--blocks-per-job", type=parse_positive, default=16, help="blocks per job; trace: blocks per turn (default 16)")
+    p.add_argument("--blocks-per-job", type=parse_positive, default=16, help="blocks per job, except in trace (default 16)")
     p.add_argument("--workers", type=parse_workers, default=(2, 2), help="N (N read + N write workers) or R+W (default 2)")
     p.add_argument("--inflight", type=parse_positive, default=4, help="jobs (trace: requests) kept in flight (default 4)")
-    p.add_argument("--total", type=parse_size, default=256 << 20, help="bytes each phase moves (default 256m)")
+    p.add_argument("--total", type=parse_size, default=1 << 30, help="bytes each phase moves (default 1g)")
     p.add_argument("--seconds", type=float, default=None, help="also stop submitting after this many seconds per phase")
     p.add_argument("--compare", type=parse_list(COMPARES), default=[], help="also run: threads (same workload on the thread engine), raw (pwrite/preadv, no tier)")
     p.add_argument("--o-direct", choices=("auto", "on", "off"), default="auto", help="the tier's o_direct setting; raw follows the tier (default auto)")
     p.add_argument("--spin-us", type=int, default=1000, help="host busy-loop slice between polls, microseconds; 0 = block in wait() (default 1000)")
+    p.add_argument("--repeat", type=parse_positive, default=1, help="run every engine this many times, interleaved (default 1)")
+    p.add_argument("--idle-seconds", type=float, default=0.3, help="busy-loop idle speed is measured this long before and after each run (default 0.3)")
     p.add_argument("--load-gap-ms", type=float, default=10.0, help="mixed: pause between one load's end and the next (default 10)")
-    p.add_argument("--conversations", type=parse_positive, default=64, help="trace: conversations (default 64)")
+    p.add_argument("--conversations", type=parse_positive, default=32, help="trace: conversations (default 32)")
     p.add_argument("--zipf", type=float, default=1.1, help="trace: Zipf exponent of conversation popularity (default 1.1)")
-    p.add_argument("--max-turns", type=parse_positive, default=4, help="trace: turns before a conversation starts over (default 4)")
+    p.add_argument("--turn-blocks", type=parse_positive, default=4, help="trace: blocks a turn adds to its conversation (default 4)")
+    p.add_argument("--max-turns", type=parse_positive, default=8, help="trace: turns before a conversation starts over (default 8)")
     p.add_argument("--seed", type=int, default=0, help="trace: request sequence seed (default 0)")
     p.add_argument("--sweep", type=parse_sweep, default=None, help=f"KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)}")
     p.add_argument("--plot", metavar="PNG", help="with --sweep: draw GB/s and busy/idle against the swept value (needs the plot extra)")
@@ -1373,7 +1427,9 @@ def cases_of(args: argparse.Namespace, run_dir: str, spin_chunk: int) -> Iterato
     for i, (label, settings) in enumerate(points):
         root = os.path.join(run_dir, f"case{i}")
         os.makedirs(root)
-        yield Case(settings, args, root, label, spin_chunk)
+        case = Case(settings, args, root, label, spin_chunk)
+        learn_layout(case)
+        yield case
 
 
 def run(args: argparse.Namespace, run_dir: str) -> tuple[list[RunRecord], list[Ratio]]:

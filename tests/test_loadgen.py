@@ -1,0 +1,169 @@
+"""Smoke tests of tools/loadgen.py: every workload runs on tiny sizes, the JSON keeps its schema, roots are guarded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mp_tier.shared_cache import SEGMENT_PREFIX
+
+REPO = Path(__file__).resolve().parent.parent
+LOADGEN = REPO / "tools" / "loadgen.py"
+sys.path.insert(0, str(LOADGEN.parent))
+import loadgen  # noqa: E402
+
+# Tiny and quick: 64 KiB blocks, 2 MiB per phase, one worker of each kind.
+TINY = ["--block-size", "64k", "--total", "2m", "--workers", "1", "--inflight", "2", "--idle-seconds", "0.05", "--no-progress"]
+
+# The documented JSON schema (module docstring of tools/loadgen.py): changing it means bumping "schema".
+TOP_KEYS = {"schema", "args", "platform", "runs", "ratios"}
+RUN_KEYS = {
+    "workload", "phase", "engine", "sweep", "block_bytes", "blocks_per_job", "read_workers", "write_workers",
+    "inflight", "direct", "wall_s", "bytes", "blocks", "gbps", "blocks_per_s", "job_ms", "submit_us", "poll_us",
+    "host_cpu_s_per_gb", "worker_cpu_s_per_gb", "busy_idle", "idle_loop_rate", "store", "load", "idle_load_ms",
+    "trace", "cache_drop", "round", "errors",
+}  # fmt: skip
+DIST_KEYS = {"n", "p50", "p99", "max", "mean"}
+OP_KEYS = {"jobs", "blocks", "bytes", "failed_jobs", "job_ms", "submit_us"}
+RATIO_KEYS = {"sweep", "round", "workload", "phase", "versus", "gbps", "busy_idle", "job_p99", "host_cpu_per_gb"}
+
+
+def run_loadgen(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the tool as a user would; check afterwards that it left no shared-memory segment behind."""
+    proc = subprocess.Popen(
+        [sys.executable, str(LOADGEN), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out, err = proc.communicate(timeout=timeout)
+    leaked = [n for n in os.listdir("/dev/shm") if n.startswith(f"{SEGMENT_PREFIX}{proc.pid}_")]
+    assert leaked == [], f"loadgen leaked shared memory: {leaked}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_json(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "out.json"
+    root = tmp_path / "root"
+    done = run_loadgen(*TINY, "--root", str(root), "--json", str(out), *args)
+    assert done.returncode == 0, done.stderr
+    assert not root.exists(), "loadgen left its files behind without --keep"
+    return json.loads(out.read_text())
+
+
+def test_store_compared_with_threads_and_raw_writes_the_documented_json(tmp_path):
+    doc = run_json(tmp_path, "--workload", "store", "--compare", "threads,raw")
+    assert set(doc) == TOP_KEYS
+    assert doc["schema"] == loadgen.SCHEMA
+    assert doc["args"]["block_size"] == 64 << 10 and doc["args"]["workers"] == [1, 1]
+    assert {run["engine"] for run in doc["runs"]} == {"processes", "threads", "raw"}
+    for run in doc["runs"]:
+        assert set(run) == RUN_KEYS
+        assert run["bytes"] == 2 << 20 and run["gbps"] > 0 and run["errors"] == []
+    tier_run = next(run for run in doc["runs"] if run["engine"] == "processes")
+    assert set(tier_run["store"]) == OP_KEYS and set(tier_run["job_ms"]) == DIST_KEYS
+    assert tier_run["store"]["jobs"] == 2 and tier_run["worker_cpu_s_per_gb"] is not None
+    threads_run = next(run for run in doc["runs"] if run["engine"] == "threads")
+    assert threads_run["worker_cpu_s_per_gb"] is None  # the workers are threads of the host
+    assert {(q["versus"], q["workload"]) for q in doc["ratios"]} == {("threads", "store"), ("raw", "store")}
+    assert all(set(q) == RATIO_KEYS for q in doc["ratios"])
+
+
+def test_load_runs_cold_with_the_cache_dropped_then_warm(tmp_path):
+    doc = run_json(tmp_path, "--workload", "load")
+    assert [run["phase"] for run in doc["runs"]] == ["cold", "warm"]
+    cold, warm = doc["runs"]
+    assert cold["cache_drop"].startswith("fadvise") and warm["cache_drop"] is None
+    assert cold["load"]["bytes"] == warm["load"]["bytes"] == 2 << 20
+    assert cold["load"]["failed_jobs"] == 0
+
+
+def test_mixed_measures_loads_under_a_flood_against_the_same_loads_alone(tmp_path):
+    doc = run_json(tmp_path, "--workload", "mixed", "--load-gap-ms", "1")
+    flood, alone = doc["runs"]
+    assert (flood["phase"], alone["phase"]) == ("flood", "idle-loads")
+    assert flood["store"]["bytes"] == 2 << 20
+    assert flood["load"]["jobs"] >= 1 and alone["load"]["jobs"] == flood["load"]["jobs"]
+    assert flood["idle_load_ms"] == alone["load"]["job_ms"]
+
+
+def test_trace_reports_prefix_hits(tmp_path):
+    doc = run_json(tmp_path, "--workload", "trace", "--total", "4m", "--conversations", "2")
+    (run,) = doc["runs"]
+    trace = run["trace"]
+    assert trace["requests"] > 0 and trace["prompt_blocks"] > 0
+    assert trace["hit_blocks"] > 0, "two conversations must come back to a stored prefix"
+    assert trace["hit_rate"] == pytest.approx(trace["hit_blocks"] / trace["prompt_blocks"])
+
+
+def test_prints_a_table_and_ratios(tmp_path):
+    done = run_loadgen(*TINY, "--workload", "store", "--compare", "threads", "--root", str(tmp_path / "r"))
+    assert done.returncode == 0, done.stderr
+    assert "busy/idle" in done.stdout and "processes/threads store fresh" in done.stdout
+
+
+def test_refuses_a_root_holding_foreign_files(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "precious.txt").write_text("not loadgen's")
+    done = run_loadgen(*TINY, "--root", str(root))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "refusing --root" in done.stderr and "precious.txt" in done.stderr
+    assert os.listdir(root) == ["precious.txt"]
+
+
+def test_keep_leaves_files_that_a_later_run_accepts(tmp_path):
+    root = tmp_path / "kept"
+    first = run_loadgen(*TINY, "--workload", "store", "--root", str(root), "--keep")
+    assert first.returncode == 0, first.stderr
+    (run_dir,) = root.iterdir()
+    assert (run_dir / loadgen.MARKER).is_file() and any(p.suffix == ".bin" for p in run_dir.rglob("*"))
+    second = run_loadgen(*TINY, "--workload", "store", "--root", str(root))
+    assert second.returncode == 0, second.stderr
+    assert list(root.iterdir()) == [run_dir], "the second run removes only its own files"
+
+
+def test_sweep_draws_a_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    done = run_loadgen(*TINY, "--workload", "store", "--sweep", "workers=1,2+1", "--plot", str(png), "--root", str(tmp_path / "r"))
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[workers=2+1]" in done.stdout
+
+
+def test_plot_without_matplotlib_says_which_extra_to_install(tmp_path):
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    done = subprocess.run(
+        [sys.executable, str(LOADGEN), "--sweep", "workers=1,2", "--plot", str(tmp_path / "x.png")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--plot needs matplotlib: pip install -e '.[plot]'" in done.stderr
+
+
+def test_plot_without_sweep_is_a_usage_error(tmp_path):
+    done = run_loadgen("--plot", str(tmp_path / "x.png"))
+    assert done.returncode == 2 and "--plot needs --sweep" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "text, expected", [("256k", 256 << 10), ("2m", 2 << 20), ("32M", 32 << 20), ("1g", 1 << 30), ("4096", 4096), ("2MiB", 2 << 20)]
+)
+def test_sizes(text, expected):
+    assert loadgen.parse_size(text) == expected
+    assert loadgen.parse_size(loadgen.size_label(expected)) == expected
+
+
+def test_workers_and_sweep_parsing():
+    assert loadgen.parse_workers("3") == (3, 3) and loadgen.parse_workers("3+1") == (3, 1)
+    key, values = loadgen.parse_sweep("block_size=256k,2m")
+    assert key == "block_size" and values == [("256k", 256 << 10), ("2m", 2 << 20)]
+    with pytest.raises(Exception, match="KEY"):
+        loadgen.parse_sweep("colour=red")
