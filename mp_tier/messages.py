@@ -16,7 +16,7 @@ SCAN = 3  # report every block on disk, oldest first, in several completions
 EVICT = 4  # only delete the ``evict`` blocks
 TOUCH = 5  # mark ``keys``' blocks used now (mtime), so recency survives a restart
 PROBE = 6  # which of ``keys`` have a block on disk
-READ_OPS = (LOAD, PROBE)  # go on the load pipe: the engine waits for these
+READ_OPS = (LOAD,)  # go on the load pipe: the engine waits for these
 
 
 class Task(msgspec.Struct, array_like=True):

@@ -152,6 +152,9 @@ class FileSystemTierManager:
         self._inflight_stores: collections.Counter[bytes] = collections.Counter()
         self._inflight_loads: collections.Counter[bytes] = collections.Counter()
         self._evicting: collections.Counter[bytes] = collections.Counter()
+        # Blocks of other instances sharing the root that probes found, and keys being probed.
+        self._elsewhere: set[bytes] = set()
+        self._probing: set[bytes] = set()
         self._capacity = CapacityIndex(cache.block_bytes, config.max_bytes, evict=config.eviction == "lru")
         self._events: list[TierEvent] | None = [] if config.events else None
         self._finished: list[JobResult] = []
@@ -441,6 +444,10 @@ class FileSystemTierManager:
         if job.job_id is None:
             if job.op == SCAN:
                 self._evict_over_budget()
+            elif job.op == PROBE:
+                missing = set(job.failed)
+                self._probing.difference_update(job.keys)
+                self._elsewhere.update(k for i, k in enumerate(job.keys) if i not in missing)
             return  # the tier's own housekeeping: no result
         del self._jobs[job.job_id]
         _release(self._inflight_stores if job.op == STORE else self._inflight_loads, job.keys)
@@ -452,7 +459,8 @@ class FileSystemTierManager:
             successful_keys = tuple(k for i, k in enumerate(job.keys) if i not in failed)
             if job.op == STORE:
                 self._forget(job.keys[i] for i in failed)
-            # A failed load changes no count: its file may be back by the time its result is read.
+            else:  # no count changes: its file may be back by the time this result is read
+                self._elsewhere.difference_update(job.keys[i] for i in failed)
         else:
             self._stats[f"jobs_{kind}"] += 1
         if job.op == STORE and self._events is not None:
@@ -517,28 +525,30 @@ class FileSystemTierManager:
         return os.path.exists(self.layout.path(key))
 
     def lookup_many(self, keys: Sequence[bytes]) -> list[bool | None]:
-        """``lookup`` for many keys at once.
+        """``lookup`` for many keys at once, from memory only: it never waits for a disk.
 
-        Keys in the capacity index (this tier's blocks and those its start-up
-        scan found) and in-flight stores are answered from memory; the rest,
-        which may have been written by another instance sharing the root, are
-        probed on disk by the workers in parallel while the host waits in
-        ``poll`` with the GIL released.
+        True for blocks this tier stored, found at start, or learned of; None
+        for blocks with a store in flight; False otherwise. Keys it answers
+        False are also probed on disk by a worker in the background, so a block
+        another instance sharing the root wrote is answered True once that
+        probe's completion has been read (by any later ``get_finished``,
+        ``wait`` or ``drain``). A block another instance deleted is forgotten
+        when a load of it fails.
         """
         self._check_open()
         keys = list(keys)
         if keys and (set(map(type, keys)) != {bytes} or min(map(len, keys)) < MIN_KEY_BYTES):
             bad = next(k for k in keys if type(k) is not bytes or len(k) < MIN_KEY_BYTES)
             raise ValueError(f"key {bad!r} is not bytes of at least {MIN_KEY_BYTES}")
-        inflight, index = self._inflight_stores, self._capacity
-        answers: list[bool | None] = [None if k in inflight else True if k in index else False for k in keys]
-        unknown = [i for i, answer in enumerate(answers) if answer is False]
+        inflight, index, elsewhere = self._inflight_stores, self._capacity, self._elsewhere
+        answers: list[bool | None] = [
+            None if k in inflight else True if k in index or k in elsewhere else False for k in keys
+        ]
+        probing = self._probing
+        unknown = [k for k, answer in zip(keys, answers) if answer is False and k not in probing]
         if unknown:
-            probe = self._housekeeping(PROBE, [keys[i] for i in unknown])
-            self._block_until(lambda: probe.tasks_left == 0, None)
-            missing = set(probe.failed)
-            for j, i in enumerate(unknown):
-                answers[i] = j not in missing
+            probing.update(unknown)
+            self._housekeeping(PROBE, unknown)
         return answers
 
     def touch(self, keys: Sequence[bytes]) -> None:
@@ -587,6 +597,7 @@ class FileSystemTierManager:
         }
         counters["jobs_active"] = len(self._jobs)
         counters["bytes_counted"] = self._capacity.used_bytes
+        counters["blocks_seen_elsewhere"] = len(self._elsewhere)
         counters["tasks_queued"] = self._pool.loads.backlog + self._pool.stores.backlog
         counters["workers_alive"] = 0 if self._closed else self._pool.alive()
         counters["tasks_by_worker"] = list(self._worker_tasks)

@@ -158,9 +158,16 @@ def test_lookup_many_agrees_with_the_file_system(make_tier, tmp_path):
     subprocess.run([sys.executable, "-c", OTHER_WRITER, str(tmp_path / "blocks"), "10"], check=True, timeout=60)
     theirs = [bytes([7, i]) * 16 + bytes(4) for i in range(10)]
     keys = own + theirs + make_keys(5, seed=99)
+    first = tier.lookup_many(keys)  # from memory: the other instance's blocks are not known yet
+    assert first == [True] * 20 + [False] * 25
+    tier.drain(30)  # the background probes' completions are read
+    assert [r.job_id for r in tier.get_finished()] == [1]
     answers = tier.lookup_many(keys)
     assert answers == [os.path.exists(tier.block_path(k)) for k in keys]
     assert answers == [True] * 20 + [False] * 10 + [True] * 10 + [False] * 5
+    os.unlink(tier.block_path(theirs[0]))  # the other instance evicts one
+    assert not run_job(tier, "load", JobMetadata(job_id=2, keys=theirs[:1], block_ids=[0])).success
+    assert tier.lookup_many(theirs[:1]) == [False]
     assert tier.lookup_many([]) == []
     with pytest.raises(ValueError, match="not bytes"):
         tier.lookup_many(["nope"])
