@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,18 @@ def run_job(tier: FileSystemTierManager, kind: str, job: JobMetadata, timeout: f
     results = tier.get_finished()
     assert [r.job_id for r in results] == [job.job_id]
     return results[0]
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """True once ``pid`` has exited; a pidfd, because workers are the forkserver's children, not ours."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(autouse=True)

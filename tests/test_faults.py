@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import BLOCK, fill_random, make_keys, run_job
+from conftest import BLOCK, fill_random, make_keys, run_job, wait_exit
 from mp_tier import JobMetadata, TierBroken
 from mp_tier.block_io import temp_path
 
@@ -23,30 +22,6 @@ from mp_tier.block_io import temp_path
 def engine() -> str:
     """Only processes can die alone."""
     return "processes"
-
-
-def wait_exit(pid: int, timeout: float) -> bool:
-    """True once ``pid`` has exited (any process, not only our children)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
-
-
-def collect(tier, expected: int, timeout: float = 60) -> dict:
-    results: dict = {}
-    deadline = time.monotonic() + timeout
-    while len(results) < expected:
-        assert time.monotonic() < deadline, f"{len(results)} of {expected} results"
-        tier.wait(1)
-        for r in tier.get_finished():
-            assert r.job_id not in results, f"job {r.job_id} got two results"
-            results[r.job_id] = r
-    return results
 
 
 def test_sigkill_of_a_worker_mid_run(make_tier, cache):
