@@ -53,10 +53,22 @@ MAX_STARTUP_DEATHS = 3
 
 
 class _Job:
+    """A submitted job while its tasks are out, or the tier's own housekeeping (``job_id`` None).
+
+    ``evict`` holds the blocks its tasks delete first, aligned with ``keys``.
+    """
+
     __slots__ = ("job_id", "op", "keys", "ids", "evict", "tasks_left", "nbytes", "failed", "error", "start")
 
     def __init__(
-        self, job_id: int | None, op: int, keys: list[bytes], ids: list[int], tasks: int, start: float, evict: list[bytes] = []
+        self,
+        job_id: int | None,
+        op: int,
+        keys: list[bytes],
+        ids: list[int],
+        tasks: int,
+        start: float,
+        evict: Sequence[bytes] = (),
     ):
         self.job_id = job_id
         self.op = op
@@ -196,7 +208,6 @@ class FileSystemTierManager:
         mode = self.config.o_direct
         if mode == "off":
             return False
-        why_not = None
         if self.block_bytes % block_io.DIRECT_ALIGN:
             why_not = f"block_bytes {self.block_bytes} is not a multiple of {block_io.DIRECT_ALIGN}"
         else:

@@ -34,7 +34,8 @@ JSON schema "mp_tier.loadgen/1" (``--json FILE``), an object with:
     runs      one RunRecord per run (fields below).
     ratios    one Ratio per (case, workload, phase) and compared engine:
               processes divided by threads or by raw.
-A RunRecord holds: workload, phase, engine ("processes" | "threads" | "raw"),
+A RunRecord holds: workload, phase, engine ("processes" | "threads" | "raw" |
+"checksum": the process engine with ``checksum = true``),
 sweep (the swept value as given, or null), block_bytes, blocks_per_job,
 read_workers, write_workers, inflight, direct (O_DIRECT in use), wall_s,
 bytes, blocks, gbps, blocks_per_s, job_ms, submit_us, poll_us (get_finished()
@@ -87,7 +88,7 @@ except ImportError:  # the bench extra is optional; the run just has no progress
 
 SCHEMA = "mp_tier.loadgen/1"
 WORKLOADS = ("store", "load", "mixed", "trace")
-COMPARES = ("threads", "raw")
+COMPARES = ("threads", "raw", "checksum")
 SWEEP_KEYS = ("workers", "block_size", "blocks_per_job", "inflight")
 GB = 1e9
 MIXED_LOAD_POOL = 8  # staged load jobs the mixed trickle cycles through
@@ -250,7 +251,7 @@ class RunRecord:
 
 @dataclass
 class Ratio:
-    """processes divided by ``versus`` (threads or raw) for one workload phase of one case."""
+    """processes divided by ``versus`` (threads, raw or checksum) for one workload phase of one case."""
 
     sweep: str | None
     round: int
@@ -601,7 +602,7 @@ class Case:
 
     @property
     def tier_engines(self) -> list[str]:
-        return ["processes"] + (["threads"] if "threads" in self.args.compare else [])
+        return ["processes"] + [e for e in ("threads", "checksum") if e in self.args.compare]
 
     def deadline(self) -> float:
         return time.perf_counter() + self.args.seconds if self.args.seconds else math.inf
@@ -627,8 +628,8 @@ def tier_session(case: Case, engine: str, num_blocks: int) -> Iterator[FileSyste
             root_dir=case.root,
             n_read_workers=read,
             n_write_workers=write,
-            engine=engine,
-            config=TierConfig(o_direct=case.args.o_direct),
+            engine="threads" if engine == "threads" else "processes",
+            config=TierConfig(o_direct=case.args.o_direct, checksum=engine == "checksum"),
         )
         try:
             yield tier
@@ -1297,13 +1298,13 @@ def print_trace(records: list[RunRecord]) -> None:
 
 
 def compute_ratios(records: list[RunRecord]) -> list[Ratio]:
-    """processes / threads and processes / raw for every workload phase both ran."""
+    """processes divided by every compared engine, for every workload phase both ran."""
     by_key = {(r.round, r.workload, r.phase, r.engine): r for r in records}
     ratios = []
     for (rnd, workload, phase, engine), p in by_key.items():
         if engine != "processes":
             continue
-        for versus in ("threads", "raw"):
+        for versus in COMPARES:
             o = by_key.get((rnd, workload, phase, versus))
             if o is None:
                 continue
@@ -1365,7 +1366,7 @@ def plot(path: str, key: str, labels: list[str], runs: list[RunRecord]) -> None:
         by_label = {r.sweep: r for r in runs if (r.workload, r.phase, r.engine) == (workload, phase, engine)}
         points = [by_label.get(label) for label in labels]
         name = f"{workload} {phase} ({engine})"
-        style = {"processes": "-o", "threads": "--s", "raw": ":^"}[engine]
+        style = {"processes": "-o", "threads": "--s", "raw": ":^", "checksum": "-.d"}[engine]
         left.plot(x, [r.gbps if r else np.nan for r in points], style, label=name)
         right.plot(x, [r.busy_idle if r and r.busy_idle else np.nan for r in points], style, label=name)
     for ax, title in ((left, "throughput (GB/s)"), (right, "host busy-loop speed, busy / idle")):
@@ -1396,7 +1397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inflight", type=parse_positive, default=4, help="jobs (trace: requests) kept in flight (default 4)")
     p.add_argument("--total", type=parse_size, default=1 << 30, help="bytes each phase moves (default 1g)")
     p.add_argument("--seconds", type=float, default=None, help="also stop submitting after this many seconds per phase")
-    p.add_argument("--compare", type=parse_list(COMPARES), default=[], help="also run: threads (same workload on the thread engine), raw (pwrite/preadv, no tier)")
+    p.add_argument("--compare", type=parse_list(COMPARES), default=[], help="also run: threads (same workload on the thread engine), raw (pwrite/preadv, no tier), checksum (processes with CRC32 checksums)")
     p.add_argument("--o-direct", choices=("auto", "on", "off"), default="auto", help="the tier's o_direct setting; raw follows the tier (default auto)")
     p.add_argument("--spin-us", type=int, default=1000, help="host busy-loop slice between polls, microseconds; 0 = block in wait() (default 1000)")
     p.add_argument("--repeat", type=parse_positive, default=1, help="run every engine this many times, interleaved (default 1)")
