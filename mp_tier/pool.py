@@ -27,7 +27,7 @@ from multiprocess import reduction
 from .channels import ResultReader, TaskPipe, WorkerEnds, encode_frame, make_pipe
 from .messages import READ_OPS, Completion, Task
 from .shared_cache import PrimaryCache
-from .worker import STARTING, WorkerSpec, process_main, run_worker
+from .worker import CLAIMING, IDLE, SLOTS_PER_WORKER, STARTING, WorkerSpec, process_main, run_worker
 
 
 class _InheritedFd:
@@ -58,7 +58,7 @@ class WorkerPool:
         self._ctx = multiprocess.get_context(start_method)
         if engine == "processes" and start_method == "forkserver":
             self._ctx.set_forkserver_preload(["mp_tier.worker"])
-        self.slots = self._ctx.RawArray("q", len(specs))
+        self.slots = self._ctx.RawArray("q", SLOTS_PER_WORKER * len(specs))
         self._workers: list[Any] = [None] * len(specs)
         self._poller = select.poll()
         self._poller.register(self.results.read_fd, select.POLLIN)
@@ -74,7 +74,8 @@ class WorkerPool:
     def start(self, index: int) -> None:
         """Start (or restart) the worker in slot ``index``."""
         spec = self.specs[index]
-        self.slots[index] = STARTING
+        first = SLOTS_PER_WORKER * index
+        self.slots[first : first + SLOTS_PER_WORKER] = [STARTING] + [IDLE] * (SLOTS_PER_WORKER - 1)
         name = f"mp_tier-{'r' if spec.read_priority else 'w'}{index}"
         ends = WorkerEnds(self.loads.read_fd, self.stores.read_fd, *self._bell, self.results.write_fd)
         if self.engine == "threads":
@@ -139,9 +140,38 @@ class WorkerPool:
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         return f"worker {index} (pid {worker.pid}) died: {how}"
 
+    def _slots_of(self, index: int) -> list[int]:
+        first = SLOTS_PER_WORKER * index
+        return self.slots[first : first + SLOTS_PER_WORKER]
+
+    def starting(self, index: int) -> bool:
+        """Not ready yet (or died before it was)."""
+        return self._slots_of(index)[0] == STARTING
+
+    def _live(self) -> list[int]:
+        return [i for i, w in enumerate(self._workers) if w is not None and w.is_alive()]
+
     def held(self) -> set[int]:
         """Seqs of the tasks live workers hold right now."""
-        return {self.slots[i] for i, w in enumerate(self._workers) if w is not None and w.is_alive() and self.slots[i] >= 0}
+        return {seq for i in self._live() for seq in self._slots_of(i) if seq >= 0}
+
+    def settle_claims(self, timeout: float) -> list[int]:
+        """Wait until no live worker is between reading a task and naming it.
+
+        Called with the task pipes emptied, so every claim ends in a moment
+        (the worker names its task, or found nothing). A worker still claiming
+        at ``timeout`` (stopped, say) is killed; its index is returned, so that
+        what it held counts as a dead worker's.
+        """
+        deadline = time.monotonic() + timeout
+        while claiming := [i for i in self._live() if CLAIMING in self._slots_of(i)]:
+            if time.monotonic() >= deadline:
+                for index in claiming:
+                    self._workers[index].kill()
+                    self._workers[index].join()
+                return claiming
+            os.sched_yield()
+        return []
 
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers if w is not None] if self.engine == "processes" else []

@@ -26,7 +26,7 @@ from .layout import MIN_KEY_BYTES, describe_run, prepare_namespace
 from .messages import EVICT, LOAD, PROBE, SCAN, STORE, SWEEP, TOUCH, Completion, Task
 from .pool import WorkerPool
 from .shared_cache import PrimaryCache
-from .worker import STARTING, WorkerSpec
+from .worker import WorkerSpec
 
 log = logging.getLogger("mp_tier")
 
@@ -50,6 +50,8 @@ class TierBroken(TierClosed):
 
 # Workers that die before they are ready, in a row, before the tier gives up.
 MAX_STARTUP_DEATHS = 3
+# A claim takes microseconds; one still open after this is a stopped worker.
+CLAIM_SETTLE_SECONDS = 1.0
 
 
 class _Job:
@@ -360,35 +362,34 @@ class FileSystemTierManager:
     def _recover(self, dead: list[int]) -> None:
         """Retry (once) or fail what dead workers held, then replace them.
 
-        The host cannot see which task a worker took in the instant before it
-        wrote its slot, so it takes back the queues, collects every completion,
-        and treats every outstanding task that is neither queued nor held by a
-        live worker as orphaned. A task misjudged this way runs twice, which
-        is harmless: a store finds its file and skips, a load rewrites the
-        same bytes, and the second completion of a seq is ignored.
+        The host takes back the queues, waits out any live worker's claim (see
+        ``worker``), and collects every completion: an outstanding task that is
+        then neither queued nor named in a live worker's slot was held by a
+        dead one. So no task ever runs twice, and no worker writes a block
+        after its job's result.
         """
         pool = self._pool
-        reason = "; ".join(pool.exit_reason(i) for i in dead)
-        startup_deaths = sum(pool.slots[i] == STARTING for i in dead)
-        self._startup_deaths = self._startup_deaths + startup_deaths if startup_deaths else 0
         queued = pool.reclaim()
+        dead = dead + pool.settle_claims(CLAIM_SETTLE_SECONDS)
+        reason = "; ".join(pool.exit_reason(i) for i in dead)
+        startup_deaths = sum(pool.starting(i) for i in dead)
+        self._startup_deaths = self._startup_deaths + startup_deaths if startup_deaths else 0
         held = pool.held()
         for completion in pool.results.read():
             self._on_completion(completion)
         taken = {task.seq for task in queued} | held
-        retry = []
-        for seq in [seq for seq in self._tasks if seq not in taken]:
-            if seq in self._retried:
-                self._fail_task(seq, f"{reason}; the task had already been retried once")
-            else:
-                self._retried.add(seq)
-                retry.append(self._rebuild(seq))
+        orphans = [self._rebuild(seq) for seq in self._tasks if seq not in taken]
+        retry = [task for task in orphans if task.seq not in self._retried]
+        self._retried.update(task.seq for task in retry)
+        for task in orphans:
+            if task not in retry:
+                self._fail_task(task.seq, f"{reason}; the task had already been retried once")
+        if stores := [key for task in orphans if task.op == STORE for key in task.keys]:
+            self._housekeeping(SWEEP, stores)  # the temp files their writers left
         if self._startup_deaths >= MAX_STARTUP_DEATHS:
             self._break(f"{self._startup_deaths} workers in a row died while starting; last: {reason}")
             return
         pool.requeue(retry + queued)
-        if stores := [key for task in retry if task.op == STORE for key in task.keys]:
-            self._housekeeping(SWEEP, stores)  # their dead writers' temp files
         for index in dead:
             pool.start(index)
             self._stats["workers_restarted"] += 1

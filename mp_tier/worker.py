@@ -9,9 +9,12 @@ neither kind starves.
 A worker exits when the host closes both task pipes (end-of-file), which is
 also what the kernel does for the host if it dies, so workers never outlive it.
 
-Each worker keeps the seq of the task it holds in its slot of a small shared
-array (``STARTING`` until it is ready, ``IDLE`` between tasks), so that the
-pool can tell what a dead worker was doing and whether it died starting up.
+Each worker names the task it holds in two slots of a small shared array:
+the first for the task its loop took, the second for a load it serves in the
+middle of a store (``STARTING`` until it is ready, ``IDLE`` when empty). It
+marks a slot ``CLAIMING`` before it reads a task pipe and names the task right
+after, so the host can always tell which tasks a dead worker held: it waits
+out a live worker's claim before deciding.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from .messages import LOAD, SCAN, STORE, SWEEP, TOUCH, Completion, Task
 
 _MAX_ERROR_CHARS = 512
 _SCAN_BATCH_BYTES = 3000  # keys per scan completion, well under PIPE_BUF with their framing
-STARTING = -2
 IDLE = -1
+STARTING = -2
+CLAIMING = -3
+SLOTS_PER_WORKER = 2
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -118,25 +123,34 @@ def per_block(spec: WorkerSpec, cache: memoryview, task: Task, between: Callable
 
 def run_worker(spec: WorkerSpec, cache: memoryview, ends: WorkerEnds, slots: Any) -> None:
     """Serve tasks until the host closes both task pipes."""
-    me = spec.index
-    slots[me] = IDLE
+    main = SLOTS_PER_WORKER * spec.index
+    nested = main + 1
+    slots[nested] = IDLE
+    slots[main] = IDLE
 
-    def run(task: Task) -> None:
-        slots[me] = task.seq
+    def claim(fd: int, slot: int) -> Task | None:
+        slots[slot] = CLAIMING
+        try:
+            task = take_task(fd)
+        finally:
+            slots[slot] = IDLE
+        if task is not None:
+            slots[slot] = task.seq
+        return task
+
+    def run(task: Task, slot: int) -> None:
         between = loads_first if spec.read_priority and task.op == STORE else None
         for completion in handle(spec, cache, task, between):
             send_completion(ends.results, completion)
-        slots[me] = IDLE
+        slots[slot] = IDLE
 
     def loads_first() -> None:
         """Inside a store task: a load that arrives waits one block, not the whole task."""
-        outer = slots[me]
         try:
-            while waiting_bytes(ends.loads) and (task := take_task(ends.loads)) is not None:
-                run(task)
+            while waiting_bytes(ends.loads) and (task := claim(ends.loads, nested)) is not None:
+                run(task, nested)
         except EndOfTasks:
             pass  # the main loop sees it too
-        slots[me] = outer
 
     order = [ends.loads, ends.stores] if spec.read_priority else [ends.stores, ends.loads]
     sleeper = select.epoll()
@@ -147,7 +161,7 @@ def run_worker(spec: WorkerSpec, cache: memoryview, ends: WorkerEnds, slots: Any
             task = None
             for fd in order:
                 try:
-                    task = take_task(fd)
+                    task = claim(fd, main)
                 except EndOfTasks:
                     order.remove(fd)
                     sleeper.unregister(fd)
@@ -162,7 +176,7 @@ def run_worker(spec: WorkerSpec, cache: memoryview, ends: WorkerEnds, slots: Any
                 continue
             if any(waiting_bytes(fd) for fd in order):
                 ring(ends.bell_write)
-            run(task)
+            run(task, main)
     finally:
         sleeper.close()
 

@@ -1,0 +1,39 @@
+"""A short run of tools/soak.py, its invariants read back from its summary rather than taken on trust."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOAK = Path(__file__).resolve().parent.parent / "tools" / "soak.py"
+
+
+def numbers(line: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", line)]
+
+
+@pytest.mark.timeout(120)
+def test_short_soak_with_kills_keeps_every_invariant(tmp_path: Path) -> None:
+    args = ["--seconds", "4", "--kill-every", "1", "--progress-every", "1", "--root-dir", str(tmp_path)]
+    done = subprocess.run([sys.executable, str(SOAK), *args], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = done.stdout.splitlines()
+    assert summary[-1] == "PASS" and not [line for line in summary if line.endswith(" FAIL")], done.stdout
+    lines = {line.split()[0]: line for line in summary[1:-1]}
+
+    submitted, received, missing, extra = numbers(lines["results"])
+    assert submitted == received > 0 and missing == extra == 0
+    torn, loaded = numbers(lines["torn"])
+    assert torn == 0 and loaded > 0
+    killed, restarted = numbers(lines["restarts"])
+    assert killed == restarted >= 2
+    assert numbers(lines["temp"]) == [0]
+    for name in ("open", "/dev/shm", "processes"):
+        start, end = numbers(lines[name])[:2]
+        assert start == end, lines[name]
+    assert re.search(r"^\[ +\d+s\] jobs \d+ submitted", done.stderr, re.MULTILINE), "no progress line"
+    assert list(tmp_path.iterdir()) == [], "the soak left files behind"

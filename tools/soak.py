@@ -1,0 +1,499 @@
+#!/usr/bin/env python3
+"""Soak test for mp_tier: a store flood and a trickle of verified loads while workers are SIGKILLed.
+
+A tier that survives one killed worker in a unit test can still leak a file
+descriptor, a segment, a process or memory per death, or hand back a torn
+block once in ten thousand loads. This tool runs the tier for as long as you
+ask under a steady flood of stores, a trickle of loads and a SIGKILL of a
+random worker every few seconds, then checks what the run left behind.
+
+    python tools/soak.py --seconds 600
+    python tools/soak.py --seconds 60 --kill-every 1 --block-size 2m --read-workers 4 --write-workers 4
+
+Every block's bytes are a function of its key, so every loaded block is
+verified in full. The disk is bounded by the tier's own LRU budget
+(``--max-disk``); evicted keys, learnt from the tier's events, are not loaded.
+
+It prints a progress line on stderr every ``--progress-every`` seconds and a
+summary on stdout, one line per invariant ending in "ok" or "FAIL", then
+PASS or FAIL. The exit status is 0 when every invariant holds, else 1:
+
+    results     every submitted job got exactly one result
+    failures    a job failed only because a worker died
+    torn reads  every loaded block holds its key's bytes
+    restarts    every killed worker was replaced
+    temp files  none left once the tier is drained
+    open fds, /dev/shm, processes
+                the same after shutdown as before the tier started; measured
+                after a warm-up tier, so multiprocess's forkserver and resource
+                tracker (which live as long as the host) are in both counts
+    host RSS    anonymous memory grew by at most ``--max-rss-growth``
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache, TierBroken, TierConfig  # noqa: E402
+from mp_tier.shared_cache import SEGMENT_PREFIX  # noqa: E402
+
+MIB = 1 << 20
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+# A worker this old is surely past its start; killing younger ones could break
+# the tier on purpose (it gives up after three deaths in a row while starting).
+MIN_VICTIM_AGE = 1.0
+SETTLE_SECONDS = 30  # for the final drain, and for the last deaths to be noticed
+RECENT_KEYS = 1024  # loads pick among the most recently stored keys
+_WORD = np.uint64(0x9E3779B97F4A7C15)  # odd, so word i of a block differs for every i
+
+
+def parse_size(text: str) -> int:
+    """'256k', '2m', '1g' or bytes: binary units."""
+    m = re.fullmatch(r"(\d+)([kmg]?)", text.strip().lower())
+    if not m or int(m[1]) == 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (expected e.g. 256k, 2m, 1g)")
+    return int(m[1]) * _UNITS[m[2]]
+
+
+def positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int or float) above zero."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="soak.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--seconds", type=positive(float), default=600.0, help="how long the workload runs")
+    parser.add_argument("--kill-every", type=positive(float), default=3.0, help="seconds between worker SIGKILLs")
+    parser.add_argument("--block-size", type=parse_size, default="256k", help="bytes per block")
+    parser.add_argument("--num-blocks", type=positive(int), default=256, help="blocks in the primary cache")
+    parser.add_argument("--blocks-per-job", type=positive(int), default=4, help="blocks per store or load job")
+    parser.add_argument("--load-gap", type=float, default=0.02, help="seconds from a load's result to the next load")
+    parser.add_argument("--read-workers", type=positive(int), default=2, help="workers that take loads first")
+    parser.add_argument("--write-workers", type=positive(int), default=2, help="workers that take stores first")
+    parser.add_argument("--max-disk", type=parse_size, default="1g", help="the tier's byte budget (LRU)")
+    parser.add_argument("--root-dir", default=tempfile.gettempdir(), help="parent of the run's own directory")
+    parser.add_argument("--max-rss-growth", type=parse_size, default="64m", help="host RSS growth allowed")
+    parser.add_argument("--progress-every", type=positive(float), default=10.0, help="seconds between progress lines")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the choice of victims and loads")
+    args = parser.parse_args(argv)
+    if args.block_size % 8:
+        parser.error("--block-size must be a multiple of 8")
+    if args.num_blocks < 4 * args.blocks_per_job:
+        parser.error("--num-blocks must be at least 4 x --blocks-per-job (3/4 for stores, 1/4 for loads)")
+    if args.load_gap < 0:
+        parser.error("--load-gap must be >= 0")
+    if args.max_disk < 2 * args.num_blocks * args.block_size:
+        parser.error("--max-disk must hold at least twice the cache, or stores would find nothing to evict")
+    return args
+
+
+# -- what a block holds ----------------------------------------------------------
+
+
+def make_key(n: int) -> bytes:
+    """Key number ``n``: a 32-byte hash and a 4-byte group.
+
+    The hash's first two bytes are zero, so keys share one top directory and
+    16 x 4 leaf directories of the layout: fresh keys would otherwise make a
+    directory per block, and removing a million of them takes longer than the soak.
+    """
+    digest = hashlib.blake2b(n.to_bytes(8, "big"), digest_size=32).digest()
+    return bytes(2) + digest[2:] + (n % 4).to_bytes(4, "big")
+
+
+class Pattern:
+    """Word i of key k's block is seed(k) + i * _WORD: a torn, shifted or stale block cannot match."""
+
+    def __init__(self, block_bytes: int):
+        self._ramp = np.arange(block_bytes // 8, dtype=np.uint64) * _WORD
+
+    @staticmethod
+    def _seed(key: bytes) -> np.uint64:
+        return np.uint64(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big"))
+
+    def fill(self, block: np.ndarray, key: bytes) -> None:
+        np.add(self._ramp, self._seed(key), out=block.view(np.uint64))
+
+    def holds(self, block: np.ndarray, key: bytes) -> bool:
+        return bool(np.array_equal(block.view(np.uint64), self._ramp + self._seed(key)))
+
+
+# -- what the host holds -----------------------------------------------------------
+
+
+def descendants(root: int) -> set[int]:
+    """Every process below ``root``: workers are children of the forkserver, not of the host."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        children[ppid].append(int(entry))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children[todo.pop()]:
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def rss_anon(pid: int | str = "self") -> int:
+    """Anonymous resident bytes: RSS without the shared cache, whose pages would swamp any leak."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+@dataclass
+class Snapshot:
+    """What the host holds that a leak would grow."""
+
+    fds: int
+    segments: int
+    processes: set[int]
+    rss: int
+
+    @classmethod
+    def take(cls) -> Snapshot:
+        mine = f"{SEGMENT_PREFIX}{os.getpid()}_"
+        return cls(
+            fds=len(os.listdir("/proc/self/fd")),
+            segments=sum(name.startswith(mine) for name in os.listdir("/dev/shm")),
+            processes=descendants(os.getpid()),
+            rss=rss_anon(),
+        )
+
+
+def warm_up(args: argparse.Namespace, parent: str) -> None:
+    """Run a tiny tier once, so the helpers multiprocess keeps for the host's life exist before the first count."""
+    root = tempfile.mkdtemp(prefix="mp_tier_soak_warmup_", dir=parent)
+    try:
+        with PrimaryCache.create(1, args.block_size) as cache:
+            config = TierConfig(root_dir=root, n_read_workers=1, n_write_workers=1)
+            with FileSystemTierManager(primary_kv_view=cache, config=config) as tier:
+                tier.drain(SETTLE_SECONDS)
+    finally:
+        shutil.rmtree(root)
+
+
+# -- the workload ----------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """What the run saw, for the progress lines and the report."""
+
+    submitted: int = 0
+    results: int = 0
+    duplicates: int = 0
+    stored_blocks: int = 0
+    stored_bytes: int = 0
+    loaded_blocks: int = 0
+    torn: int = 0
+    died: int = 0
+    other_failures: list[str] = field(default_factory=list)
+    worker_rss_max: int = 0
+    broken: str | None = None
+
+
+class Soak:
+    """Keeps 3/4 of the cache in store jobs and one load job into the rest in flight; kills workers on a timer."""
+
+    def __init__(self, tier: FileSystemTierManager, cache: PrimaryCache, args: argparse.Namespace):
+        self.tier = tier
+        self.cache = cache
+        self.args = args
+        self.pattern = Pattern(cache.block_bytes)
+        self.rng = random.Random(args.seed)
+        split = cache.num_blocks * 3 // 4
+        self.store_free = list(range(split))
+        self.load_free = collections.deque(range(split, cache.num_blocks))  # rotated, so loads land all over
+        self.jobs: dict[int, tuple[str, list[bytes], list[int]]] = {}
+        self.loadable: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.next_key = 0
+        self.next_job = 0
+        self.counts = Counts()
+        self.first_seen = dict.fromkeys(tier.worker_pids(), time.monotonic())
+        self.next_load = 0.0
+        self.killed: set[int] = set()
+
+    def run_for(self, seconds: float) -> None:
+        start = time.monotonic()
+        end = start + seconds
+        next_kill = start + self.args.kill_every
+        next_report = start + self.args.progress_every
+        while (now := time.monotonic()) < end:
+            self.submit_stores()
+            self.submit_load(now)
+            if now >= next_kill:
+                next_kill = now + self.args.kill_every
+                self.kill_one(now)
+            if now >= next_report:
+                next_report = now + self.args.progress_every
+                self.report_progress(now - start)
+            self.tier.wait(min(next_kill, next_report, end, max(self.next_load, now)) - now)
+            self.collect()
+        self.sample_workers()
+
+    def submit_stores(self) -> None:
+        per_job = self.args.blocks_per_job
+        while len(self.store_free) >= per_job:
+            ids = [self.store_free.pop() for _ in range(per_job)]
+            keys = [make_key(self.next_key + i) for i in range(per_job)]
+            self.next_key += per_job
+            for key, block in zip(keys, ids):
+                self.pattern.fill(self.cache.array[block], key)
+            self.submit("store", keys, ids)
+        self.forget_evicted()  # stores evict as they are admitted: before picking keys to load
+
+    def submit_load(self, now: float) -> None:
+        """The trickle: one load job at a time, ``--load-gap`` after the last one finished."""
+        per_job = self.args.blocks_per_job
+        if now >= self.next_load and len(self.loadable) >= per_job:
+            self.next_load = float("inf")  # until its result
+            keys = self.rng.sample(list(self.loadable)[-RECENT_KEYS:], per_job)
+            self.submit("load", keys, [self.load_free.popleft() for _ in range(per_job)])
+
+    def submit(self, op: str, keys: list[bytes], ids: list[int]) -> None:
+        job_id = self.next_job
+        self.next_job += 1
+        self.jobs[job_id] = (op, keys, ids)
+        self.counts.submitted += 1
+        job = JobMetadata(job_id=job_id, keys=keys, block_ids=ids)
+        (self.tier.submit_store if op == "store" else self.tier.submit_load)(job)
+
+    def forget_evicted(self) -> None:
+        for event in self.tier.take_events():
+            if event.kind == "removed":
+                for key in event.keys:
+                    self.loadable.pop(key, None)
+
+    def collect(self) -> None:
+        for result in self.tier.get_finished():
+            self.counts.results += 1
+            job = self.jobs.pop(result.job_id, None)
+            if job is None:
+                self.counts.duplicates += 1
+                continue
+            op, keys, ids = job
+            done = keys if result.success else result.successful_keys
+            self.check_failure(op, result)
+            if op == "store":
+                self.on_stored(done, result)
+                self.store_free.extend(ids)
+            else:
+                self.verify(keys, ids, set(done))
+                self.load_free.extend(ids)
+                self.next_load = time.monotonic() + self.args.load_gap
+
+    def check_failure(self, op: str, result: JobResult) -> None:
+        if result.success:
+            return
+        if "died" in result.error:
+            self.counts.died += 1
+        else:
+            self.counts.other_failures.append(f"{op} job {result.job_id}: {result.error}")
+
+    def on_stored(self, keys: Sequence[bytes], result: JobResult) -> None:
+        self.counts.stored_blocks += len(keys)
+        self.counts.stored_bytes += result.transfer_size
+        self.loadable.update(dict.fromkeys(keys))
+
+    def verify(self, keys: list[bytes], ids: list[int], loaded: set[bytes]) -> None:
+        for key, block in zip(keys, ids):
+            if key in loaded:
+                self.counts.loaded_blocks += 1
+                self.counts.torn += not self.pattern.holds(self.cache.array[block], key)
+
+    def kill_one(self, now: float) -> None:
+        pids = self.tier.worker_pids()
+        for pid in pids:
+            self.first_seen.setdefault(pid, now)
+        victims = [pid for pid in pids if pid not in self.killed and now - self.first_seen[pid] >= MIN_VICTIM_AGE]
+        if victims:
+            victim = self.rng.choice(victims)
+            os.kill(victim, signal.SIGKILL)
+            self.killed.add(victim)
+
+    def sample_workers(self) -> None:
+        workers = max((rss_anon(pid) for pid in self.tier.worker_pids()), default=0)
+        self.counts.worker_rss_max = max(self.counts.worker_rss_max, workers)
+
+    def report_progress(self, elapsed: float) -> None:
+        c = self.counts
+        self.sample_workers()
+        print(
+            f"[{elapsed:5.0f}s] jobs {c.submitted} submitted, {c.results} done | stored {c.stored_blocks} blocks,"
+            f" loaded {c.loaded_blocks}, torn {c.torn} | killed {len(self.killed)}, restarted"
+            f" {self.tier.stats()['workers_restarted']} | failed: {c.died} died, {len(c.other_failures)} other"
+            f" | host RSS {rss_anon() / MIB:.1f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def settle(self) -> tuple[int, int]:
+        """Finish every job and let the tier notice the last deaths; return (restarted, temp files left).
+
+        A death is noticed in get_finished once the forkserver has reported
+        it, a moment after the process is gone, so this polls for a while.
+        """
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            try:
+                self.tier.drain(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break  # the results check reports the jobs left
+            self.collect()
+            restarted = self.tier.stats()["workers_restarted"]
+            if restarted >= len(self.killed) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        return self.tier.stats()["workers_restarted"], self.temp_files()
+
+    def temp_files(self) -> int:
+        return sum(1 for _ in Path(self.tier.config.root_dir).rglob("*.tmp"))
+
+
+# -- the report --------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    passed: bool = True
+
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        self.passed &= ok
+        self.lines.append(f"  {name:<11} {detail:<66} {'ok' if ok else 'FAIL'}")
+
+    def note(self, name: str, detail: str) -> None:
+        self.lines.append(f"  {name:<11} {detail}")
+
+    def print(self, header: str) -> None:
+        print(header)
+        print("\n".join(self.lines))
+        print("PASS" if self.passed else "FAIL", flush=True)
+
+
+def report(
+    soak: Soak, restarted: int, temps: int, before: Snapshot, after: Snapshot, args: argparse.Namespace
+) -> Report:
+    """One line per invariant; what the host holds is compared from before the tier to after it is gone."""
+    c = soak.counts
+    out = Report()
+    received = f"submitted {c.submitted}, received {c.results}, {len(soak.jobs)} without a result, {c.duplicates} extra"
+    out.check("results", c.submitted == c.results and not soak.jobs and not c.duplicates, received)
+    failures = f"{c.died} jobs failed because a worker died, {len(c.other_failures)} for another reason"
+    if c.broken:
+        failures += f"; tier broken: {c.broken}"
+    out.check("failures", not c.other_failures and not c.broken, failures)
+    out.check("torn reads", c.torn == 0, f"{c.torn} of {c.loaded_blocks} loaded blocks")
+    out.check("restarts", restarted == len(soak.killed), f"killed {len(soak.killed)} workers, restarted {restarted}")
+    out.check("temp files", temps == 0, f"{temps} left after drain")
+    out.check("open fds", after.fds == before.fds, f"start {before.fds}, end {after.fds}")
+    segments = f"start {before.segments}, end {after.segments} (this host's segments)"
+    out.check("/dev/shm", after.segments == before.segments, segments)
+    helpers = len(before.processes)
+    workers = len(after.processes - before.processes)
+    processes = f"start {helpers}, end {len(after.processes)} (forkserver and resource tracker; {workers} workers left)"
+    out.check("processes", after.processes == before.processes, processes)
+    growth = after.rss - before.rss
+    rss = f"start {before.rss / MIB:.1f} MiB, end {after.rss / MIB:.1f} MiB, growth {growth / MIB:+.1f} MiB"
+    out.check("host RSS", growth <= args.max_rss_growth, f"{rss} (limit {args.max_rss_growth / MIB:.0f})")
+    out.note("worker RSS", f"max {c.worker_rss_max / MIB:.1f} MiB anonymous, per worker at progress lines and the end")
+    written = f"{c.stored_bytes / 1e9:.2f} GB written"
+    out.note("throughput", f"stored {c.stored_blocks} blocks ({written}), loaded {c.loaded_blocks}")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    warm_up(args, args.root_dir)
+    before = Snapshot.take()
+    run_dir = tempfile.mkdtemp(prefix="mp_tier_soak_", dir=args.root_dir)
+    started = time.monotonic()
+    try:
+        with PrimaryCache.create(args.num_blocks, args.block_size) as cache:
+            config = TierConfig(
+                root_dir=run_dir,
+                n_read_workers=args.read_workers,
+                n_write_workers=args.write_workers,
+                max_bytes=args.max_disk,
+                events=True,
+            )
+            with FileSystemTierManager(primary_kv_view=cache, config=config) as tier:
+                soak = Soak(tier, cache, args)
+                restarted, temps = drive(soak, args.seconds)
+    finally:
+        shutil.rmtree(run_dir)
+    after = Snapshot.take()
+    header = (
+        f"mp_tier soak: {args.seconds:g} s of load ({time.monotonic() - started:.1f} s with shutdown),"
+        f" {args.block_size >> 10} KiB blocks, {args.read_workers} read + {args.write_workers} write workers,"
+        f" a kill every {args.kill_every:g} s"
+    )
+    out = report(soak, restarted, temps, before, after, args)
+    out.print(header)
+    for failure in soak.counts.other_failures[:5]:
+        print(f"  failure: {failure}", file=sys.stderr)
+    return 0 if out.passed else 1
+
+
+def drive(soak: Soak, seconds: float) -> tuple[int, int]:
+    """The workload, then the settling; Ctrl-C or a broken tier ends the workload early but still gets a report."""
+    try:
+        try:
+            soak.run_for(seconds)
+        except KeyboardInterrupt:
+            print("soak: interrupted; settling", file=sys.stderr)
+        return soak.settle()
+    except TierBroken as e:
+        soak.counts.broken = str(e)
+        return soak.tier.stats()["workers_restarted"], soak.temp_files()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
