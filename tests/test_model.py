@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import select
 import shutil
 import signal
 import tempfile
@@ -26,6 +25,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
+from conftest import wait_exit
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache
 
 BLOCK = 16 << 10
@@ -39,18 +39,6 @@ LOAD_BLOCKS = range(len(KEYS), NUM_BLOCKS)
 MAX_KEYS_PER_JOB = 3
 SECONDS = 30  # for any one wait: far beyond what a 16 KiB block needs, short of a hang
 key_lists = st.lists(st.sampled_from(KEYS), max_size=MAX_KEYS_PER_JOB, unique=True)
-
-
-def wait_exit(pid: int, timeout: float) -> bool:
-    """True once ``pid`` has exited; a pidfd, because workers are the forkserver's children, not ours."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 def deferred(step: Callable[..., None]) -> Callable[..., None]:
