@@ -13,7 +13,6 @@ started (answered False at once, then learned by the workers' probes).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
