@@ -136,15 +136,12 @@ class TaskPipe:
     def __init__(self) -> None:
         self.read_fd, self.write_fd = make_pipe()
         self._overflow: collections.deque[bytes] = collections.deque()
-
-    @property
-    def backlog(self) -> int:
-        """Frames held on the host side."""
-        return sum(len(chunk) for chunk in self._overflow) // FRAME_BYTES
+        self.backlog = 0  # frames held on the host side
 
     def put(self, frames: bytearray) -> None:
         for start in range(0, len(frames), PIPE_BUF):
             self._overflow.append(bytes(frames[start : start + PIPE_BUF]))
+        self.backlog += len(frames) // FRAME_BYTES
         self.flush()
 
     def flush(self) -> bool:
@@ -155,7 +152,7 @@ class TaskPipe:
                 os.write(self.write_fd, overflow[0])
             except BlockingIOError:
                 return False
-            overflow.popleft()
+            self.backlog -= len(overflow.popleft()) // FRAME_BYTES
         return True
 
     def reclaim(self) -> list[Task]:
@@ -166,6 +163,7 @@ class TaskPipe:
         for chunk in self._overflow:
             tasks.extend(decode_frame(chunk[i : i + FRAME_BYTES]) for i in range(0, len(chunk), FRAME_BYTES))
         self._overflow.clear()
+        self.backlog = 0
         return tasks
 
     def close_writer(self) -> None:

@@ -51,6 +51,7 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_bytes: int = 0
     eviction: str = "lru"
     events: bool = False
+    max_queued_tasks: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,8 +72,10 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             value = getattr(self, field)
             if value not in choices:
                 raise ConfigError(f"{field} = {value!r}: expected one of {', '.join(choices)}")
-        if type(self.max_bytes) is not int or self.max_bytes < 0:
-            raise ConfigError(f"max_bytes = {self.max_bytes!r}: expected an integer >= 0 (0 = unbounded)")
+        for field in ("max_bytes", "max_queued_tasks"):
+            value = getattr(self, field)
+            if type(value) is not int or value < 0:
+                raise ConfigError(f"{field} = {value!r}: expected an integer >= 0 (0 = unbounded)")
         if not isinstance(self.stop_timeout, (int, float)) or not self.stop_timeout > 0:  # NaN too
             raise ConfigError(f"stop_timeout = {self.stop_timeout!r}: expected a number of seconds > 0")
 

@@ -118,6 +118,10 @@ class WorkerPool:
             if frames:
                 pipe.put(frames)
 
+    def backlog(self, op: int) -> int:
+        """Tasks of ``op``'s pipe held on the host side."""
+        return (self.loads if op in READ_OPS else self.stores).backlog
+
     def flush(self) -> bool:
         """Push held-back frames into the pipes; True when none are left."""
         return self.stores.flush() & self.loads.flush()

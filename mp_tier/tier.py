@@ -248,6 +248,10 @@ class FileSystemTierManager:
         if n == 0:
             self._finished.append(JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0))
             return
+        limit = self.config.max_queued_tasks
+        if limit and self._pool.backlog(op) >= limit:
+            self._fail_at_once(job_id, f"EAGAIN: {limit} tasks already wait on the host (max_queued_tasks)")
+            return
         victims: list[bytes] = []
         if op == STORE:
             if self._evicting and (busy := next((k for k in keys if k in self._evicting), None)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -303,3 +304,30 @@ def test_a_load_waits_one_block_of_a_store_task_not_the_whole_task(make_tier):
     tier.drain(60)
     tier.shutdown()
     big.close()
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
+    """Workers stopped (SIGSTOP) fill the 1 MiB store pipe; past max_queued_tasks
+    frames on the host side, a new store fails with EAGAIN instead of queueing."""
+    from mp_tier import TierConfig
+
+    tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=10))
+    tier.drain(30)
+    pids = tier.worker_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        job = 0
+        while tier.stats()["tasks_queued"] < 10:
+            job += 1
+            tier.submit_store(JobMetadata(job_id=job, keys=make_keys(1, seed=job), block_ids=[job % 256]))
+        tier.submit_store(JobMetadata(job_id=0, keys=make_keys(1, seed=0), block_ids=[0]))
+        refused = tier.get_finished()
+        assert [(r.job_id, r.success) for r in refused] == [(0, False)] and refused[0].error.startswith("EAGAIN")
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    tier.drain(60)
+    results = tier.get_finished()
+    assert len(results) == job and all(r.success for r in results)
