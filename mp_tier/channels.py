@@ -144,16 +144,15 @@ class TaskPipe:
         self.backlog += len(frames) // FRAME_BYTES
         self.flush()
 
-    def flush(self) -> bool:
-        """Move overflow into the pipe; True when nothing is left over."""
+    def flush(self) -> None:
+        """Move overflow into the pipe, as much as fits."""
         overflow = self._overflow
         while overflow:
             try:
                 os.write(self.write_fd, overflow[0])
             except BlockingIOError:
-                return False
+                return
             self.backlog -= len(overflow.popleft()) // FRAME_BYTES
-        return True
 
     def reclaim(self) -> list[Task]:
         """Take back every task no worker has started: the pipe's and the overflow's."""

@@ -88,8 +88,7 @@ class WorkerPool:
                 daemon=True,
             )
         worker.start()
-        old = self._workers[index]
-        if old is not None:
+        if self._workers[index] is not None:
             self._forget(index)
         self._workers[index] = worker
         if self.engine == "processes":
@@ -105,26 +104,29 @@ class WorkerPool:
             old.join()
             old.close()
 
+    def _pipe_for(self, op: int) -> TaskPipe:
+        return self.loads if op in READ_OPS else self.stores
+
     def submit(self, op: int, frames: bytearray) -> None:
-        (self.loads if op in READ_OPS else self.stores).put(frames)
+        self._pipe_for(op).put(frames)
 
     def requeue(self, tasks: list[Task]) -> None:
         """Put tasks back in order; the pipes were just reclaimed, so nothing jumps them."""
-        for pipe, wanted in ((self.loads, True), (self.stores, False)):
-            frames = bytearray()
-            for task in tasks:
-                if (task.op in READ_OPS) == wanted:
-                    encode_frame(task, frames)
-            if frames:
-                pipe.put(frames)
+        frames = {self.loads: bytearray(), self.stores: bytearray()}
+        for task in tasks:
+            encode_frame(task, frames[self._pipe_for(task.op)])
+        for pipe, pending in frames.items():
+            if pending:
+                pipe.put(pending)
 
     def backlog(self, op: int) -> int:
         """Tasks of ``op``'s pipe held on the host side."""
-        return (self.loads if op in READ_OPS else self.stores).backlog
+        return self._pipe_for(op).backlog
 
-    def flush(self) -> bool:
-        """Push held-back frames into the pipes; True when none are left."""
-        return self.stores.flush() & self.loads.flush()
+    def flush(self) -> None:
+        """Push held-back frames into the pipes, as far as they fit."""
+        self.loads.flush()
+        self.stores.flush()
 
     def poll(self) -> tuple[list[Completion], list[int]]:
         """Completions that have arrived and indexes of workers that died; never blocks."""
