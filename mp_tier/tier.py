@@ -94,6 +94,15 @@ def _release(counter: collections.Counter[bytes], keys: Iterable[bytes]) -> None
             del counter[key]
 
 
+def _checked_keys(keys: Sequence[bytes]) -> list[bytes]:
+    """``keys`` as a list, or ValueError naming the first that is not a key."""
+    keys = list(keys)
+    if keys and (set(map(type, keys)) != {bytes} or min(map(len, keys)) < MIN_KEY_BYTES):
+        bad = next(k for k in keys if type(k) is not bytes or len(k) < MIN_KEY_BYTES)
+        raise ValueError(f"key {bad!r} is not bytes of at least {MIN_KEY_BYTES}")
+    return keys
+
+
 class FileSystemTierManager:
     """A file-system KV tier whose block I/O runs in worker processes."""
 
@@ -534,8 +543,7 @@ class FileSystemTierManager:
     def lookup(self, key: bytes) -> bool | None:
         """True if the block is on disk, False if not, None while a store of it is in flight."""
         self._check_open()
-        if type(key) is not bytes or len(key) < MIN_KEY_BYTES:
-            raise ValueError(f"key {key!r} is not bytes of at least {MIN_KEY_BYTES}")
+        _checked_keys([key])
         if key in self._inflight_stores:
             return None
         return os.path.exists(self.layout.path(key))
@@ -552,10 +560,7 @@ class FileSystemTierManager:
         when a load of it fails.
         """
         self._check_open()
-        keys = list(keys)
-        if keys and (set(map(type, keys)) != {bytes} or min(map(len, keys)) < MIN_KEY_BYTES):
-            bad = next(k for k in keys if type(k) is not bytes or len(k) < MIN_KEY_BYTES)
-            raise ValueError(f"key {bad!r} is not bytes of at least {MIN_KEY_BYTES}")
+        keys = _checked_keys(keys)
         inflight, index, elsewhere = self._inflight_stores, self._capacity, self._elsewhere
         answers: list[bool | None] = [
             None if k in inflight else True if k in index or k in elsewhere else False for k in keys
@@ -570,7 +575,7 @@ class FileSystemTierManager:
     def touch(self, keys: Sequence[bytes]) -> None:
         """Mark blocks as just used, for LRU eviction; persisted in their files' mtime."""
         self._check_open()
-        keys = [k for k in keys if k in self._capacity]
+        keys = [k for k in _checked_keys(keys) if k in self._capacity]
         self._capacity.refresh(keys)
         if keys:
             self._housekeeping(TOUCH, keys)

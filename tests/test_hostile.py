@@ -130,9 +130,11 @@ def test_calls_after_shutdown(tier):
     tier.shutdown()
 
 
-def test_lookup_of_a_bad_key(tier):
-    with pytest.raises(ValueError, match="not bytes"):
-        tier.lookup("abc")
+def test_lookup_and_touch_of_a_bad_key(tier):
+    for call in (tier.lookup, lambda k: tier.lookup_many([KEY, k]), lambda k: tier.touch([k])):
+        for bad in ("abc", b"short", None):
+            with pytest.raises(ValueError, match="is not bytes of at least 8"):
+                call(bad)
     assert tier.lookup(KEY) is False
 
 
