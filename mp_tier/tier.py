@@ -68,16 +68,15 @@ class _Job:
         op: int,
         keys: list[bytes],
         ids: list[int],
-        tasks: int,
         start: float,
-        evict: Sequence[bytes] = (),
+        evict: Sequence[bytes],
     ):
         self.job_id = job_id
         self.op = op
         self.keys = keys
         self.ids = ids
         self.evict = evict
-        self.tasks_left = tasks
+        self.tasks_left = 0  # counted as its tasks are sent
         self.nbytes = 0
         self.failed: list[int] = []
         self.error: str | None = None
@@ -191,24 +190,28 @@ class FileSystemTierManager:
         self._housekeeping(SWEEP, [])
         self._housekeeping(SCAN, [])
 
-    def _housekeeping(self, op: int, keys: list[bytes]) -> _Job:
+    def _housekeeping(self, op: int, keys: list[bytes], evict: Sequence[bytes] = ()) -> _Job:
         """Send the tier's own work (not a job: no result) to the workers.
 
         SWEEP and SCAN with no keys cover the whole namespace in one task; the
         others are split over every worker.
         """
-        evict = keys if op == EVICT else []
-        job = _Job(None, op, [] if evict else keys, [], 0, time.perf_counter(), evict)
-        per_task = self._per_task(keys, evicting=False, workers=self._n_workers) if keys else 1
+        job = _Job(None, op, keys, [], time.perf_counter(), evict)
+        blocks = keys or evict
+        self._send(job, self._per_task(blocks, evicting=False, workers=self._n_workers) if blocks else 1)
+        return job
+
+    def _send(self, job: _Job, per_task: int) -> None:
+        """Split ``job`` into tasks of ``per_task`` blocks (one task if it has none) and queue them."""
         frames = bytearray()
-        for first in range(0, len(keys) or 1, per_task):
-            chunk = keys[first : first + per_task]
-            self._tasks[self._next_seq] = (job, first, len(chunk))
-            encode_frame(Task(self._next_seq, op, [], [] if evict else chunk, evict[first : first + per_task]), frames)
+        count = max(len(job.keys), len(job.evict))
+        for first in range(0, count or 1, per_task):
+            last = first + per_task
+            self._tasks[self._next_seq] = (job, first, min(last, count) - first)
+            encode_frame(Task(self._next_seq, job.op, job.ids[first:last], job.keys[first:last], job.evict[first:last]), frames)
             self._next_seq += 1
             job.tasks_left += 1
-        self._pool.submit(op, frames)
-        return job
+        self._pool.submit(job.op, frames)
 
     def _per_task(self, keys: list[bytes], evicting: bool, workers: int) -> int:
         """Blocks per task: one task per worker of the group, as many as fit a frame."""
@@ -253,8 +256,7 @@ class FileSystemTierManager:
             raise ValueError(f"job_id {job_id} is still active")
         keys, ids = self._validate(job_id, keys, block_ids, op)
         start = time.perf_counter()
-        n = len(keys)
-        if n == 0:
+        if not keys:
             self._finished.append(JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0))
             return
         limit = self.config.max_queued_tasks
@@ -276,21 +278,10 @@ class FileSystemTierManager:
                 self._removed(victims)
         else:
             self._capacity.refresh(keys)
-        per_task = self._per_task(keys, bool(victims), self._group_size[op])
-        frames = bytearray()
-        seq = self._next_seq
-        for first in range(0, n, per_task):
-            last = first + per_task
-            encode_frame(Task(seq, op, ids[first:last], keys[first:last], victims[first:last]), frames)
-            seq += 1
-        state = _Job(job_id, op, keys, ids, seq - self._next_seq, start, victims)
-        tasks = self._tasks
-        for i, first in enumerate(range(0, n, per_task)):
-            tasks[self._next_seq + i] = (state, first, min(per_task, n - first))
-        self._next_seq = seq
+        state = _Job(job_id, op, keys, ids, start, victims)
         self._jobs[job_id] = state
         (self._inflight_stores if op == STORE else self._inflight_loads).update(keys)
-        self._pool.submit(op, frames)
+        self._send(state, self._per_task(keys, bool(victims), self._group_size[op]))
 
     def _fail_at_once(self, job_id: int, error: str) -> None:
         self._stats["jobs_failed"] += 1
@@ -594,7 +585,7 @@ class FileSystemTierManager:
         victims = self._capacity.over_budget((self._inflight_loads, self._inflight_stores))
         if victims:
             self._removed(victims)
-            self._housekeeping(EVICT, victims)
+            self._housekeeping(EVICT, [], victims)
 
     def block_path(self, key: bytes) -> str:
         """The file that holds (or would hold) the block of ``key``."""
