@@ -2,30 +2,56 @@
 
 Data flow, one module per step::
 
-    host process                                     worker processes
-    ------------                                     ----------------
-    tier.FileSystemTierManager  (coordinator)
-      submit_*: jobs.JobMetadata -> messages.Task
-        -> channels.TaskPipe (load pipe / store pipe)  -> worker.run_worker
-                                                            block_io.load_block / store_block
-                                                            shared_cache.PrimaryCache <-> files (layout)
-      get_finished(): channels.ResultReader  <- result pipe <- messages.Completion
-        -> jobs.JobResult
-    pool.WorkerPool starts, watches and stops the workers; config.TierConfig sets it all.
+    host process                                          worker processes
+    ------------                                          ----------------
+    tier.FileSystemTierManager  (the API, one lock)
+      validation -> ledger.plan -> residency.prepare_*
+      coordinator: commit, send -> pool -> channels.TaskPipe  -> worker.run_worker
+                                                               block_io (beneath, layout)
+                                            memory.SharedRegion <-> shared_cache / the engine's mapping
+      coordinator.pump: channels.ResultReader <- result pipe <- messages.Completion
+        -> ledger.complete -> residency.*_done -> jobs.JobResult
+      recovery: what a worker death means; workers: processes and their pidfds; slots: who holds what
+    config.TierConfig sets it all; namespace checks the directory it all lives in.
+
+Names are imported lazily, so a worker process (``worker_process``) starts
+without numpy or the host's side of the package.
 """
 
-from .config import ConfigError, TierConfig
-from .jobs import JobMetadata, JobResult
-from .shared_cache import PrimaryCache
-from .tier import FileSystemTierManager, TierBroken, TierClosed
+from __future__ import annotations
 
-__all__ = [
-    "ConfigError",
-    "FileSystemTierManager",
-    "JobMetadata",
-    "JobResult",
-    "PrimaryCache",
-    "TierBroken",
-    "TierClosed",
-    "TierConfig",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "ConfigError": "config",
+    "TierConfig": "config",
+    "TierBroken": "errors",
+    "TierClosed": "errors",
+    "JobMetadata": "jobs",
+    "JobResult": "jobs",
+    "TierEvent": "jobs",
+    "TierStats": "jobs",
+    "PrimaryCache": "shared_cache",
+    "FileSystemTierManager": "tier",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from .config import ConfigError, TierConfig
+    from .errors import TierBroken, TierClosed
+    from .jobs import JobMetadata, JobResult, TierEvent, TierStats
+    from .shared_cache import PrimaryCache
+    from .tier import FileSystemTierManager
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mp_tier' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,101 +1,68 @@
-"""Moving one block between a buffer and its file.
+"""Moving one block between a buffer and its file, and the file housekeeping around it.
 
-Plain functions of (path, buffer, offset, nbytes): they run unchanged in a
-worker process or a worker thread. ``buffer`` is the whole primary cache and
-``offset`` the block's byte offset in it, so bytes go straight between the
-shared segment and the kernel with no copy in Python.
+Plain functions of (root, path, buffer, offset): they run unchanged in a
+worker process or a worker thread. ``root`` is the namespace directory's fd
+and ``path`` a ``BlockPath`` below it, resolved without following any
+symlink (``beneath``), so no operation here ever leaves the namespace.
+``buffer`` is the whole primary cache and ``offset`` the block's byte offset
+in it, so bytes go straight between the shared mapping and the kernel with
+no copy in Python.
+
+Only regular files count as blocks: every open is non-blocking (a FIFO never
+hangs a worker) and checked with ``fstat`` before use, and a block file must
+belong to an allowed owner before its bytes reach the cache.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import mmap
 import os
-import socket
-import tempfile
+import stat
 import time
 import zlib
+
+from .beneath import open_beneath, open_dir
+from .layout import BlockPath, is_layout_dir, parse_block, temp_name, temp_target, temp_writer_pid
+from .namespace import CONFIG_FILE, Owners
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 DIRECT_ALIGN = 4096
 # A store takes milliseconds; a temp file this old is dead on any host.
 STALE_TEMP_SECONDS = 3600
-_HOST = socket.gethostname().replace(".", "_")
-_tmp_counter = itertools.count()
 # The block's CRC32 (4 bytes, big-endian), set on the temp file before the
 # rename so that it appears together with the block.
 CRC_XATTR = "user.mp_tier.crc32"
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class CorruptBlock(OSError):
-    """A block file of the wrong size; it has been removed."""
+    """A block file of the wrong size or checksum; it has been removed."""
 
 
-def describe(exc: BaseException) -> str:
-    """``ENOENT: No such file or directory: /path`` style message for a result."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"{name}: {exc.strerror}{where}"
-    return f"{type(exc).__name__}: {exc}"
+def describe(exc: BaseException) -> tuple[str, str]:
+    """The errno name and an ``ENOENT: No such file or directory: /path`` style message for a result.
 
-
-def temp_path(path: str) -> str:
-    """A unique sibling of ``path`` that names its writer: ``<path>.<host>.<pid>.<n>.tmp``."""
-    return f"{path}.{_HOST}.{os.getpid()}.{next(_tmp_counter)}.tmp"
-
-
-def _writer_is_gone(name: str) -> bool:
-    """True if a temp file's writer was a process of this host that no longer runs."""
-    parts = name.rsplit(".", 4)
-    if len(parts) != 5 or parts[1] != _HOST or not parts[2].isdigit():
-        return False
-    try:
-        os.kill(int(parts[2]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    return False
-
-
-def remove_stale_temps(directory: str, block_paths: list[str] | None = None) -> int:
-    """Delete temp files of dead writers; return how many.
-
-    Looks beside ``block_paths`` only when given (after a worker died holding
-    them), else under the whole ``directory`` (at start). A writer on this host
-    is dead when its pid is gone; a temp file from another host (a shared file
-    system) is only removed once it is STALE_TEMP_SECONDS old, so a live
-    writer elsewhere never loses its file.
+    Anything that is not an OSError is reported as EIO with its type, so a
+    result always carries a code.
     """
-    if block_paths is None:
-        candidates = (os.path.join(parent, name) for parent, _, names in os.walk(directory) for name in names)
-    else:
-        candidates = (
-            os.path.join(os.path.dirname(path), name)
-            for path in block_paths
-            if os.path.isdir(os.path.dirname(path))
-            for name in os.listdir(os.path.dirname(path))
-            if name.startswith(os.path.basename(path) + ".")
-        )
-    removed = 0
-    now = time.time()
-    for path in candidates:
-        name = os.path.basename(path)
-        if not name.endswith(".tmp"):
-            continue
-        try:
-            if _writer_is_gone(name) or now - os.stat(path).st_mtime > STALE_TEMP_SECONDS:
-                os.unlink(path)
-                removed += 1
-        except FileNotFoundError:
-            pass  # its writer finished or another sweeper got it
-    return removed
+    if isinstance(exc, OSError) and exc.errno is not None:
+        code = errno.errorcode.get(exc.errno, str(exc.errno))
+        where = f": {exc.filename}" if exc.filename else ""
+        return code, f"{code}: {exc.strerror}{where}"
+    return "EIO", f"EIO: {type(exc).__name__}: {exc}"
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "a device"
 
 
 def store_block(
-    path: str,
+    root: int,
+    path: BlockPath,
     buffer: memoryview,
     offset: int,
     nbytes: int,
@@ -104,71 +71,84 @@ def store_block(
     file_mode: int,
     dir_mode: int,
     checksum: bool,
+    owners: Owners,
 ) -> int:
-    """Write a block to ``path`` unless it is there; return the bytes written.
+    """Write a block to ``path`` unless a whole one is there; return the bytes written.
 
     The bytes go to a temp file of this process's in the same directory and
     are renamed into place, so a reader sees a whole block or no file; a
-    failure removes the temp file. A missing directory costs one failed open
-    the first time, instead of a makedirs call for every block.
+    failure removes the temp file. A file of the wrong size or owner is
+    replaced; an entry that is not a regular file fails the block (EEXIST).
     """
-    if os.path.exists(path):
-        return 0
-    tmp = temp_path(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0)
-    try:
-        fd = os.open(tmp, flags, file_mode)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), mode=dir_mode, exist_ok=True)
-        fd = os.open(tmp, flags, file_mode)
+    leaf = open_dir(root, path.dir, dir_mode)
     try:
         try:
-            block = buffer[offset : offset + nbytes]
-            if checksum:
-                os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
-            done = 0
-            while done < nbytes:
-                done += os.pwritev(fd, [block[done:]], done)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+            st = os.stat(path.name, dir_fd=leaf, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EEXIST, f"{_kind(st.st_mode)}, not a block file, is in the way", path.rel)
+            if st.st_size == nbytes and owners.allow(st):
+                return 0
+        tmp = temp_name(path.name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0), file_mode, dir_fd=leaf)
+        try:
+            try:
+                block = buffer[offset : offset + nbytes]
+                if checksum:
+                    os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
+                done = 0
+                while done < nbytes:
+                    done += os.pwritev(fd, [block[done:]], done)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path.name, src_dir_fd=leaf, dst_dir_fd=leaf)
+        except BaseException:
+            os.unlink(tmp, dir_fd=leaf)
+            raise
+    finally:
+        os.close(leaf)
     return nbytes
 
 
-def load_block(path: str, buffer: memoryview, offset: int, nbytes: int, *, direct: bool, checksum: bool) -> int:
+def load_block(
+    root: int, path: BlockPath, buffer: memoryview, offset: int, nbytes: int, *, direct: bool, checksum: bool, owners: Owners
+) -> int:
     """Read the block at ``path`` into the buffer; return the bytes read.
 
-    Symlinks are refused (O_NOFOLLOW): a block file is always a regular file
-    this tier wrote. A file of the wrong size, or (with ``checksum``) whose
-    bytes do not match its recorded CRC, is corrupt and is removed so the next
-    store can rewrite it; other errors leave the file alone. A block stored
+    Refused, and left alone: a symlink (ELOOP), anything but a regular file
+    (EINVAL), a file of another owner (EPERM). A file of the wrong size, or
+    (with ``checksum``) whose bytes do not match its recorded CRC, is corrupt
+    and is removed so the next store can rewrite it (EBADMSG). A block stored
     without a CRC loads unverified.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (O_DIRECT if direct else 0))
+    fd = open_beneath(root, path.rel, _READ | (O_DIRECT if direct else 0))
     try:
-        size = os.fstat(fd).st_size
-        if size != nbytes:
-            os.unlink(path)
-            raise CorruptBlock(errno.EBADMSG, f"block file holds {size} of {nbytes} bytes, removed", path)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{_kind(st.st_mode)}, not a block file", path.rel)
+        if not owners.allow(st):
+            raise OSError(errno.EPERM, f"block file owned by uid {st.st_uid} gid {st.st_gid}, not by an allowed owner", path.rel)
+        if st.st_size != nbytes:
+            remove_block(root, path)
+            raise CorruptBlock(errno.EBADMSG, f"block file holds {st.st_size} of {nbytes} bytes, removed", path.rel)
         block = buffer[offset : offset + nbytes]
         done = 0
         while done < nbytes:
             got = os.preadv(fd, [block[done:]], done)
             if got == 0:
-                os.unlink(path)
-                raise CorruptBlock(errno.EBADMSG, f"block file ended after {done} of {nbytes} bytes, removed", path)
+                remove_block(root, path)
+                raise CorruptBlock(errno.EBADMSG, f"block file ended after {done} of {nbytes} bytes, removed", path.rel)
             done += got
         if checksum:
-            _verify(fd, path, block)
+            _verify(fd, root, path, block)
     finally:
         os.close(fd)
     return nbytes
 
 
-def _verify(fd: int, path: str, block: memoryview) -> None:
+def _verify(fd: int, root: int, path: BlockPath, block: memoryview) -> None:
     try:
         recorded = int.from_bytes(os.getxattr(fd, CRC_XATTR), "big")
     except OSError as e:
@@ -177,40 +157,156 @@ def _verify(fd: int, path: str, block: memoryview) -> None:
         raise
     actual = zlib.crc32(block)
     if actual != recorded:
-        os.unlink(path)
-        raise CorruptBlock(errno.EBADMSG, f"CRC32 {actual:08x} does not match recorded {recorded:08x}, removed", path)
+        remove_block(root, path)
+        raise CorruptBlock(errno.EBADMSG, f"CRC32 {actual:08x} does not match recorded {recorded:08x}, removed", path.rel)
 
 
-def probe_xattr(directory: str) -> str | None:
-    """None if ``directory`` keeps user xattrs (where checksums live), else why not."""
+def remove_block(root: int, path: BlockPath) -> bool:
+    """Delete a block file; False if it was already gone."""
     try:
-        fd, path = tempfile.mkstemp(prefix=".xattr-probe.", dir=directory)
+        leaf = open_dir(root, path.dir)
+    except FileNotFoundError:
+        return False
+    try:
+        os.unlink(path.name, dir_fd=leaf)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(leaf)
+    return True
+
+
+def touch_block(root: int, path: BlockPath) -> None:
+    """Record a use in the file's mtime: the start-up scan rebuilds LRU order from it."""
+    leaf = open_dir(root, path.dir)
+    try:
+        os.utime(path.name, dir_fd=leaf, follow_symlinks=False)
+    finally:
+        os.close(leaf)
+
+
+def has_block(root: int, path: BlockPath) -> bool:
+    """True if a regular file is at ``path``: an odd entry there is no block."""
+    try:
+        fd = open_beneath(root, path.rel, os.O_PATH | os.O_NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+
+
+def scan_blocks(root: int) -> tuple[list[bytes], int]:
+    """Keys of every block file below ``root``, least recently used (mtime) first, and how many names were not ours.
+
+    A name the layout does not give, or a block name on anything but a
+    regular file, is skipped and counted, never trusted.
+    """
+    found: list[tuple[int, bytes]] = []
+    foreign = 0
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=root, follow_symlinks=False):
+        parents = dirpath.split("/")[1:]
+        layout_dirs = [name for name in dirnames if is_layout_dir(parents, name)]
+        foreign += len(dirnames) - len(layout_dirs)
+        dirnames[:] = layout_dirs
+        for name in filenames:
+            key = parse_block(parents, name)
+            if key is None:
+                foreign += temp_target(name) is None and (parents or name != CONFIG_FILE)
+                continue
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            if stat.S_ISREG(st.st_mode):
+                found.append((st.st_mtime_ns, key))
+            else:
+                foreign += 1
+    found.sort()
+    return [key for _, key in found], foreign
+
+
+def remove_stale_temps(root: int, beside: list[BlockPath] | None = None) -> tuple[int, int]:
+    """Delete temp files of dead writers; return how many, and how many names were not ours.
+
+    Looks beside ``beside`` only when given (after a worker died holding
+    them), else under the whole namespace (at start). A writer on this host
+    is dead when its pid is gone; a temp file from another host (a shared
+    file system) is only removed once it is STALE_TEMP_SECONDS old (its
+    mtime), so a live writer elsewhere never loses its file.
+    """
+    removed = foreign = 0
+    now = time.time()
+    if beside is None:
+        places = ((dirfd, names) for _, _, names, dirfd in os.fwalk(".", dir_fd=root, follow_symlinks=False))
+        for dirfd, names in places:
+            gone, odd = _sweep_dir(dirfd, names, now)
+            removed += gone
+            foreign += odd
+        return removed, foreign
+    for directory in sorted({path.dir for path in beside}):
+        prefixes = tuple(path.name + "." for path in beside if path.dir == directory)
+        try:
+            dirfd = open_beneath(root, directory, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        try:
+            gone, _ = _sweep_dir(dirfd, [n for n in os.listdir(dirfd) if n.startswith(prefixes)], now)
+        finally:
+            os.close(dirfd)
+        removed += gone
+    return removed, foreign
+
+
+def _sweep_dir(dirfd: int, names: list[str], now: float) -> tuple[int, int]:
+    removed = foreign = 0
+    for name in names:
+        if not name.endswith(".tmp"):
+            continue
+        if temp_target(name) is None:
+            foreign += 1
+            continue
+        try:
+            if _writer_is_gone(name) or now - os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
+                os.unlink(name, dir_fd=dirfd)
+                removed += 1
+        except FileNotFoundError:
+            pass  # its writer finished or another sweeper got it
+    return removed, foreign
+
+
+def _writer_is_gone(name: str) -> bool:
+    """True if a temp file's writer was a process of this host that no longer runs."""
+    pid = temp_writer_pid(name)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    return False
+
+
+def probe_xattr(root: int) -> str | None:
+    """None if the namespace keeps user xattrs (where checksums live), else why not."""
+    name = temp_name(".xattr-probe")
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=root)
         try:
             os.setxattr(fd, CRC_XATTR, bytes(4))
         finally:
             os.close(fd)
-            os.unlink(path)
+            os.unlink(name, dir_fd=root)
     except OSError as e:
-        return describe(e)
+        return describe(e)[1]
     return None
 
 
-def remove_block(path: str) -> bool:
-    """Delete a block file; False if it was already gone."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def touch_block(path: str) -> None:
-    """Record a use in the file's mtime: the start-up scan rebuilds LRU order from it."""
-    os.utime(path)
-
-
-def probe_direct(directory: str) -> str | None:
-    """Try an aligned O_DIRECT write and read in ``directory``.
+def probe_direct(root: int) -> str | None:
+    """Try an aligned O_DIRECT write and read in the namespace.
 
     Returns None if it works, else why not. Note that tmpfs accepts O_DIRECT
     without checking alignment, so success there proves only that it opens.
@@ -218,20 +314,17 @@ def probe_direct(directory: str) -> str | None:
     if not O_DIRECT:
         return "this platform has no O_DIRECT"
     buf = mmap.mmap(-1, DIRECT_ALIGN)  # page aligned
+    name = temp_name(".direct-probe")
     try:
-        fd, path = tempfile.mkstemp(prefix=".direct-probe.", dir=directory)
-        os.close(fd)
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | O_DIRECT, 0o600, dir_fd=root)
         try:
-            fd = os.open(path, os.O_RDWR | O_DIRECT)
-            try:
-                os.pwritev(fd, [buf], 0)
-                os.preadv(fd, [buf], 0)
-            finally:
-                os.close(fd)
+            os.pwritev(fd, [buf], 0)
+            os.preadv(fd, [buf], 0)
         finally:
-            os.unlink(path)
+            os.close(fd)
+            os.unlink(name, dir_fd=root)
     except OSError as e:
-        return describe(e)
+        return describe(e)[1]
     finally:
         buf.close()
     return None

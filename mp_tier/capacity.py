@@ -17,21 +17,21 @@ from __future__ import annotations
 import collections
 from typing import Collection, Iterable
 
-
-class CapacityFull(Exception):
-    """A store that cannot fit; its job fails with this message."""
+from .errors import CapacityFull
 
 
 class CapacityIndex:
     """Blocks counted against ``max_bytes`` (0 = unbounded), with LRU eviction or none."""
 
     def __init__(self, block_bytes: int, max_bytes: int, evict: bool):
+        if 0 < max_bytes < block_bytes:
+            raise ValueError(f"max_bytes {max_bytes} is less than one block of {block_bytes} bytes (0 means unbounded)")
         self.block_bytes = block_bytes
         self.max_bytes = max_bytes
-        self.evict = evict
-        self._capacity = max_bytes // block_bytes if max_bytes else 0
-        self._cold: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self._warm: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.evict = evict  # False: a store that does not fit fails instead of deleting others
+        self._capacity = max_bytes // block_bytes if max_bytes else 0  # in blocks; 0 = unbounded
+        self._cold: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # found at start, oldest first
+        self._warm: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # stored or used by this run
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._warm or key in self._cold
@@ -43,31 +43,37 @@ class CapacityIndex:
     def used_bytes(self) -> int:
         return len(self) * self.block_bytes
 
-    def admit(self, keys: list[bytes], pinned: tuple[Collection[bytes], ...]) -> list[bytes]:
-        """Count ``keys`` as stored (most recent); return the blocks to delete first.
+    def victims_for(self, keys: list[bytes], pinned: tuple[Collection[bytes], ...]) -> list[bytes]:
+        """The blocks to delete so that ``keys`` fit, oldest first; changes nothing.
 
-        Raises CapacityFull, changing nothing, when the budget cannot take them:
-        eviction is off, or too few blocks are free to evict (``pinned`` ones,
-        being loaded or stored, never are).
+        Raises CapacityFull when the budget cannot take them: eviction is off,
+        or too few blocks are free to evict (``pinned`` ones, being loaded or
+        stored, never are).
         """
         warm, cold = self._warm, self._cold
-        all_new = warm.keys().isdisjoint(keys) and cold.keys().isdisjoint(keys)  # the usual store: C loops only
-        new = len(keys) if all_new else sum(k not in warm and k not in cold for k in keys)
+        if warm.keys().isdisjoint(keys) and cold.keys().isdisjoint(keys):  # the usual store: C loops only
+            new = len(keys)
+        else:
+            new = sum(k not in warm and k not in cold for k in keys)
         over = len(warm) + len(cold) + new - self._capacity if self._capacity else 0
-        victims = []
-        if over > 0:
-            if not self.evict:
-                raise CapacityFull(self._full(new, "eviction is off"))
-            victims = self._oldest(over, pinned, skip=set(keys))
-            if len(victims) < over:
-                raise CapacityFull(self._full(new, f"only {len(victims)} blocks are free to evict"))
-            self.discard(victims)
-        if all_new:
+        if over <= 0:
+            return []
+        if not self.evict:
+            raise CapacityFull(self._full(new, "eviction is off"))
+        victims = self._oldest(over, pinned, skip=set(keys))
+        if len(victims) < over:
+            raise CapacityFull(self._full(new, f"only {len(victims)} blocks are free to evict"))
+        return victims
+
+    def admit(self, keys: list[bytes], victims: list[bytes]) -> None:
+        """Count ``keys`` as stored (most recent) and ``victims`` (from ``victims_for``) as gone."""
+        self.discard(victims)
+        warm, cold = self._warm, self._cold
+        if warm.keys().isdisjoint(keys) and cold.keys().isdisjoint(keys):
             for key in keys:  # 3x faster than OrderedDict.update
                 warm[key] = None
         else:
             self.touch(keys)
-        return victims
 
     def over_budget(self, pinned: tuple[Collection[bytes], ...]) -> list[bytes]:
         """Blocks to delete now (after the scan found more than fits), removed from the index."""

@@ -33,7 +33,7 @@ from .messages import Completion, Task, completion_decoder, completion_encoder, 
 FRAME_BYTES = 1024
 PIPE_BUF = select.PIPE_BUF
 _FRAMES_PER_WRITE = PIPE_BUF // FRAME_BYTES
-_TASK_HEADER = 2
+TASK_HEADER = 2
 _RESULT_HEADER = 4
 _ZEROS = bytes(FRAME_BYTES)
 
@@ -67,18 +67,18 @@ def encode_frame(task: Task, out: bytearray) -> None:
     """Append ``task`` to ``out`` as one fixed-size frame."""
     start = len(out)
     out += b"\0\0"
-    task_encoder.encode_into(task, out, start + _TASK_HEADER)
-    size = len(out) - start - _TASK_HEADER
-    if size > FRAME_BYTES - _TASK_HEADER:
+    task_encoder.encode_into(task, out, start + TASK_HEADER)
+    size = len(out) - start - TASK_HEADER
+    if size > FRAME_BYTES - TASK_HEADER:
         del out[start:]
         raise ValueError(f"task of {len(task.keys)} keys encodes to {size} bytes, over the {FRAME_BYTES}-byte frame")
-    out[start : start + _TASK_HEADER] = size.to_bytes(_TASK_HEADER, "big")
-    out += _ZEROS[: FRAME_BYTES - _TASK_HEADER - size]
+    out[start : start + TASK_HEADER] = size.to_bytes(TASK_HEADER, "big")
+    out += _ZEROS[: FRAME_BYTES - TASK_HEADER - size]
 
 
 def decode_frame(frame: bytes) -> Task:
-    size = int.from_bytes(frame[:_TASK_HEADER], "big")
-    return task_decoder.decode(memoryview(frame)[_TASK_HEADER : _TASK_HEADER + size])
+    size = int.from_bytes(frame[:TASK_HEADER], "big")
+    return task_decoder.decode(memoryview(frame)[TASK_HEADER : TASK_HEADER + size])
 
 
 class WorkerEnds(NamedTuple):
@@ -135,8 +135,9 @@ class TaskPipe:
 
     def __init__(self) -> None:
         self.read_fd, self.write_fd = make_pipe()
-        self._overflow: collections.deque[bytes] = collections.deque()
+        self._overflow: collections.deque[bytes] = collections.deque()  # whole frames, at most PIPE_BUF per item
         self.backlog = 0  # frames held on the host side
+        self.paused = False  # while a death is settled, nothing new may reach a worker
 
     def put(self, frames: bytearray) -> None:
         for start in range(0, len(frames), PIPE_BUF):
@@ -144,10 +145,17 @@ class TaskPipe:
         self.backlog += len(frames) // FRAME_BYTES
         self.flush()
 
+    def put_front(self, frames: bytearray) -> None:
+        """Queue ``frames`` ahead of everything held back (tasks taken back after a death go first)."""
+        starts = range(0, len(frames), PIPE_BUF)
+        self._overflow.extendleft(bytes(frames[start : start + PIPE_BUF]) for start in reversed(starts))
+        self.backlog += len(frames) // FRAME_BYTES
+        self.flush()
+
     def flush(self) -> None:
         """Move overflow into the pipe, as much as fits."""
         overflow = self._overflow
-        while overflow:
+        while overflow and not self.paused:
             try:
                 os.write(self.write_fd, overflow[0])
             except BlockingIOError:

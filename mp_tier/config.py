@@ -1,7 +1,10 @@
 """The tier's settings: one typed struct, loadable from TOML and the environment.
 
 Later sources win: defaults, then a TOML file, then ``MP_TIER_<FIELD>``
-variables, then the tier's explicit arguments.
+variables, then the tier's explicit arguments. Every value, whatever its
+source, is checked by msgspec against the field's annotated type (kind and
+range), so a constructor call, a file and a variable get the same check and
+the same one-line message.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+import typing
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -18,18 +22,23 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-O_DIRECT_CHOICES = ("auto", "on", "off")
-FILE_MODE_CHOICES = ("private", "group")
-ENGINE_CHOICES = ("processes", "threads")
-START_METHOD_CHOICES = ("forkserver", "spawn")
-EVICTION_CHOICES = ("lru", "fail")
+Workers = Annotated[int, msgspec.Meta(ge=1, le=256)]
+Bytes = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+OptionalSeconds = Annotated[float, msgspec.Meta(ge=0, le=86400)]
+Engine = Literal["processes", "threads"]
+ODirect = Literal["auto", "on", "off"]
+FileMode = Literal["private", "group"]
+Eviction = Literal["lru", "fail"]
 
+# (file mode, directory mode) of what the tier creates.
 FILE_MODES = {"private": (0o600, 0o700), "group": (0o640, 0o750)}
 
 ENV_PREFIX = "MP_TIER_"
 _TRUE_WORDS = ("true", "1", "yes")
 _FALSE_WORDS = ("false", "0", "no")
-_EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
 class ConfigError(ValueError):
@@ -40,44 +49,27 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Every tunable of a tier. Explicit constructor arguments override these."""
 
     root_dir: str = ""
-    n_read_workers: int = 4
-    n_write_workers: int = 4
-    engine: str = "processes"
-    start_method: str = "forkserver"
-    o_direct: str = "auto"
-    file_mode: str = "private"
-    stop_timeout: float = 10.0
+    n_read_workers: Workers = 4
+    n_write_workers: Workers = 4
+    engine: Engine = "processes"
+    o_direct: ODirect = "auto"
+    file_mode: FileMode = "private"
+    stop_timeout: Seconds = 10.0
+    task_timeout: OptionalSeconds = 300.0
     checksum: bool = False
-    max_bytes: int = 0
-    eviction: str = "lru"
+    max_bytes: Bytes = 0
+    eviction: Eviction = "lru"
     events: bool = False
-    max_queued_tasks: int = 0
+    max_queued_tasks: Bytes = 0
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first bad field."""
-        for field in ("n_read_workers", "n_write_workers"):
-            value = getattr(self, field)
-            if type(value) is not int or value < 1:
-                raise ConfigError(f"{field} = {value!r}: expected an integer >= 1")
-        for field, choices in (
-            ("engine", ENGINE_CHOICES),
-            ("start_method", START_METHOD_CHOICES),
-            ("o_direct", O_DIRECT_CHOICES),
-            ("file_mode", FILE_MODE_CHOICES),
-            ("eviction", EVICTION_CHOICES),
-        ):
-            value = getattr(self, field)
-            if value not in choices:
-                raise ConfigError(f"{field} = {value!r}: expected one of {', '.join(choices)}")
-        for field in ("max_bytes", "max_queued_tasks"):
-            value = getattr(self, field)
-            if type(value) is not int or value < 0:
-                raise ConfigError(f"{field} = {value!r}: expected an integer >= 0 (0 = unbounded)")
-        if not isinstance(self.stop_timeout, (int, float)) or not self.stop_timeout > 0:  # NaN too
-            raise ConfigError(f"stop_timeout = {self.stop_timeout!r}: expected a number of seconds > 0")
+        """Raise ConfigError naming the first field whose value its type refuses."""
+        for field in msgspec.structs.fields(self):
+            value = getattr(self, field.name)
+            check(field.name, value, field.type)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> TierConfig:
@@ -94,8 +86,27 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return "".join(f"{f.name} = {_toml_value(getattr(self, f.name))}\n" for f in msgspec.structs.fields(self))
 
 
-def _expected(type_: Any) -> str:
-    return _EXPECTED.get(type_, str(type_))
+def check(name: str, value: Any, type_: Any) -> Any:
+    """``value`` converted to ``type_`` (an int is a valid float), or ConfigError naming both."""
+    try:
+        return msgspec.convert(value, type_)
+    except msgspec.ValidationError:
+        raise ConfigError(f"{name} = {value!r}: expected {describe(type_)}") from None
+
+
+def describe(type_: Any) -> str:
+    """What a field accepts, in words: ``an integer >= 1 and <= 256``, ``one of auto, on, off``."""
+    bounds: list[str] = []
+    if typing.get_origin(type_) is Annotated:
+        type_, *metas = typing.get_args(type_)
+        for meta in metas:
+            for attr, sign in _BOUNDS:
+                if (limit := getattr(meta, attr, None)) is not None:
+                    bounds.append(f"{sign} {limit:g}" if isinstance(limit, float) else f"{sign} {limit}")
+    if typing.get_origin(type_) is Literal:
+        return "one of " + ", ".join(typing.get_args(type_))
+    kind = _KIND.get(type_, str(type_))
+    return f"{kind} {' and '.join(bounds)}" if bounds else kind
 
 
 def _load_file(cls: type[TierConfig], path: str | os.PathLike[str]) -> TierConfig:
@@ -112,13 +123,10 @@ def _load_file(cls: type[TierConfig], path: str | os.PathLike[str]) -> TierConfi
         if key not in types:
             raise ConfigError(f"{path}: unknown key {key!r}; known keys: {', '.join(types)}")
         try:
-            values[key] = msgspec.convert(value, types[key])
-        except msgspec.ValidationError:
-            raise ConfigError(f"{path}: {key} = {value!r}: expected {_expected(types[key])}") from None
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+            values[key] = check(key, value, types[key])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return cls(**values)
 
 
 def _apply_env(config: TierConfig) -> TierConfig:
@@ -129,29 +137,28 @@ def _apply_env(config: TierConfig) -> TierConfig:
         if text is None:
             continue
         try:
-            value = _parse_env(text, field.type)
-        except ValueError:
-            raise ConfigError(f"env {var}: {field.name} = {text!r}: expected {_expected(field.type)}") from None
-        try:
-            config = msgspec.structs.replace(config, **{field.name: value})
+            value = check(field.name, _parse_env(text, field.type), field.type)
         except ConfigError as e:
             raise ConfigError(f"env {var}: {e}") from None
+        config = msgspec.structs.replace(config, **{field.name: value})
     return config
 
 
 def _parse_env(text: str, type_: Any) -> Any:
-    """Environment values are always strings; convert to the field's type or raise ValueError."""
-    if type_ is str:
-        return text
-    if type_ is bool:
-        word = text.strip().lower()
-        if word in _TRUE_WORDS or word in _FALSE_WORDS:
-            return word in _TRUE_WORDS
-        raise ValueError(text)
-    try:
-        return msgspec.convert(text.strip(), type_, strict=False)
-    except msgspec.ValidationError:
-        raise ValueError(text) from None
+    """Environment values are strings: the field's kind read from one, or the text as given for ``check`` to refuse."""
+    kind = typing.get_args(type_)[0] if typing.get_origin(type_) is Annotated else type_
+    word = text.strip()
+    if kind is bool:
+        lowered = word.lower()
+        return lowered in _TRUE_WORDS if lowered in _TRUE_WORDS + _FALSE_WORDS else text
+    if kind is int:
+        return int(word) if word.lstrip("+-").isdigit() else text
+    if kind is float:
+        try:
+            return float(word)  # inf and nan too: the field's range refuses them by name
+        except ValueError:
+            return text
+    return text
 
 
 def _toml_value(value: Any) -> str:

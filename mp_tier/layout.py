@@ -1,117 +1,123 @@
-"""Where blocks live on disk.
+"""Every name the tier gives a file, and how to tell its names from anyone else's.
 
-    <root_dir>/<namespace>_r<rank>/<hhh>/<hh>_g<group>/<hash_hex>.bin
+    <namespace dir>/<hhh>/<hh>_g<group>/<hash_hex>.bin                      a block
+    <namespace dir>/<hhh>/<hh>_g<group>/<hash_hex>.bin.<host>.<pid>.<n>.tmp  a store in progress
 
 A key is the block hash followed by a 4-byte big-endian KV-group index
-(vLLM's ``make_offload_key``). The namespace names everything that changes a
-block's bytes (block size, model, dtype, parallel layout), so runs that could
-not share blocks never see each other's files; ``config.json`` records it.
+(vLLM's ``make_offload_key``). ``<host>`` is a fixed-width tag of the writer's
+host name, so the longest key the file system takes does not depend on how
+long a host name is; a sweep uses it and the pid to tell a dead writer's temp
+file from a live one's. Parsing is strict: a name that is not exactly one of
+these is someone else's and is skipped, never trusted.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import itertools
 import os
-import re
-from typing import Any
+import socket
+from typing import NamedTuple
 
 import msgspec
 
-from .block_io import temp_path
-
 GROUP_BYTES = 4
 MIN_KEY_BYTES = GROUP_BYTES + 4
-CONFIG_FILE = "config.json"
+NAME_MAX = 255  # bytes in one file name on Linux file systems
+BLOCK_SUFFIX = ".bin"
+TEMP_SUFFIX = ".tmp"
+HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+_PID_DIGITS = 10
+_COUNTER_WRAP = 10**9  # a temp name's counter; O_EXCL would refuse the one-in-a-billion reuse
+# The most a temp name adds to its block's name: ".<host tag>.<pid>.<counter>.tmp".
+TEMP_NAME_EXTRA = 1 + len(HOST_TAG) + 1 + _PID_DIGITS + 1 + len(str(_COUNTER_WRAP - 1)) + len(TEMP_SUFFIX)
+# A hash is written in hex: two characters a byte.
+MAX_KEY_BYTES = GROUP_BYTES + (NAME_MAX - len(BLOCK_SUFFIX) - TEMP_NAME_EXTRA) // 2
+_MAX_GROUP = 1 << (8 * GROUP_BYTES)
+_HEX = frozenset("0123456789abcdef")
+_temp_counter = itertools.count()
+
+
+class BlockPath(NamedTuple):
+    """A block file's directory (relative to the namespace directory) and name."""
+
+    dir: str
+    name: str
+
+    @property
+    def rel(self) -> str:
+        return f"{self.dir}/{self.name}"
 
 
 class BlockLayout(msgspec.Struct, frozen=True):
-    """Maps a key to its file under ``base`` (the ``<namespace>_r<rank>`` dir)."""
+    """Maps a key to its file under ``base``, the namespace directory.
+
+    ``base`` is for people (messages, ``block_path``); file operations go
+    through the namespace directory's fd, never through this string.
+    """
 
     base: str
 
-    def path(self, key: bytes) -> str:
+    def locate(self, key: bytes) -> BlockPath:
         digest = key[:-GROUP_BYTES].hex()
         group = int.from_bytes(key[-GROUP_BYTES:], "big")
-        return f"{self.base}/{digest[:3]}/{digest[3:5]}_g{group}/{digest}.bin"
+        return BlockPath(f"{digest[:3]}/{digest[3:5]}_g{group}", digest + BLOCK_SUFFIX)
 
-    def scan(self) -> list[bytes]:
-        """Keys of every block file under ``base``, least recently used (mtime) first."""
-        found = []
-        for parent, _, names in os.walk(self.base):
-            group = parent.rpartition("_g")[2]
-            if not group.isdigit():
-                continue
-            suffix = int(group).to_bytes(GROUP_BYTES, "big")
-            for name in names:
-                if name.endswith(".bin"):
-                    try:
-                        found.append((os.stat(os.path.join(parent, name)).st_mtime_ns, bytes.fromhex(name[:-4]) + suffix))
-                    except (OSError, ValueError):
-                        continue  # removed meanwhile, or not one of ours
-        found.sort()
-        return [key for _, key in found]
+    def path(self, key: bytes) -> str:
+        return f"{self.base}/{self.locate(key).rel}"
 
 
-def _clean(value: object) -> str:
-    text = str(value).removeprefix("torch.")
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+def is_layout_dir(parents: list[str], name: str) -> bool:
+    """True for the directories the layout makes: ``hhh`` at the top, ``hh_g<group>`` below it."""
+    if not parents:
+        return len(name) == 3 and _HEX.issuperset(name)
+    if len(parents) != 1:
+        return False
+    prefix, _, group = name.partition("_g")
+    return (
+        len(prefix) == 2
+        and _HEX.issuperset(prefix)
+        and group.isdigit()
+        and len(group) <= 10
+        and (len(group) == 1 or group[0] != "0")
+        and int(group) < _MAX_GROUP
+    )
 
 
-def describe_run(block_bytes: int, offloading_spec: Any = None) -> tuple[dict[str, Any], int]:
-    """The run description that names the namespace, and this process's rank.
-
-    ``offloading_spec`` is read the way vLLM lays out its ``OffloadingSpec``
-    (``vllm_config.model_config`` / ``.parallel_config``); anything missing is
-    simply left out.
-    """
-    run: dict[str, Any] = {}
-    rank = 0
-    vllm_config = getattr(offloading_spec, "vllm_config", None)
-    model_config = getattr(vllm_config, "model_config", None)
-    parallel = getattr(vllm_config, "parallel_config", None)
-    for field, source, attr in (
-        ("model", model_config, "model"),
-        ("dtype", model_config, "dtype"),
-        ("tp", parallel, "tensor_parallel_size"),
-        ("pp", parallel, "pipeline_parallel_size"),
+def parse_block(parents: list[str], name: str) -> bytes | None:
+    """The key whose block file is ``<parents>/<name>``, or None if that is not a path this layout gives."""
+    if len(parents) != 2 or not name.endswith(BLOCK_SUFFIX) or not is_layout_dir(parents[:1], parents[1]):
+        return None
+    digest = name[: -len(BLOCK_SUFFIX)]
+    top, leaf = parents
+    if (
+        not MIN_KEY_BYTES - GROUP_BYTES <= len(digest) // 2 <= MAX_KEY_BYTES - GROUP_BYTES
+        or len(digest) % 2
+        or not _HEX.issuperset(digest)
+        or digest[:3] != top
+        or digest[3:5] != leaf[:2]
     ):
-        value = getattr(source, attr, None)
-        if value is not None:
-            run[field] = _clean(value)
-    if parallel is not None:
-        rank = int(getattr(parallel, "rank", 0) or 0)
-    run["block_bytes"] = block_bytes
-    return run, rank
+        return None
+    return bytes.fromhex(digest) + int(leaf[4:]).to_bytes(GROUP_BYTES, "big")
 
 
-def namespace_name(run: dict[str, Any]) -> str:
-    parts = [run[k] if k in ("model", "dtype") else f"{k}{run[k]}" for k in ("model", "dtype", "tp", "pp") if k in run]
-    return "_".join([*parts, f"bs{run['block_bytes']}"])
+def temp_name(name: str) -> str:
+    """A unique sibling name for a file being written in place of ``name``; it names its writer."""
+    return f"{name}.{HOST_TAG}.{os.getpid()}.{next(_temp_counter) % _COUNTER_WRAP}{TEMP_SUFFIX}"
 
 
-def prepare_namespace(root_dir: str, run: dict[str, Any], rank: int, dir_mode: int) -> BlockLayout:
-    """Create the namespace directory and its ``config.json``, or check them.
+def temp_target(name: str) -> str | None:
+    """The name a temp file ``name`` stands in for, or None if ``name`` is not a temp name."""
+    if not name.endswith(TEMP_SUFFIX):
+        return None
+    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 3)
+    return parts[0] if len(parts) == 4 and parts[0] else None
 
-    A namespace whose ``config.json`` describes another run is refused rather
-    than reused: its blocks would load as garbage.
-    """
-    base = os.path.join(os.path.abspath(root_dir), f"{namespace_name(run)}_r{rank}")
-    try:
-        os.makedirs(base, mode=dir_mode, exist_ok=True)
-        config_path = os.path.join(base, CONFIG_FILE)
-        tmp = temp_path(config_path)
-        with open(tmp, "w") as f:
-            json.dump(run, f, sort_keys=True)
-        try:
-            os.link(tmp, config_path)  # first writer wins; nobody overwrites
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-        with open(config_path) as f:
-            recorded = json.load(f)
-    except OSError as e:
-        raise OSError(e.errno, f"root_dir {root_dir!r} is not usable: {e.strerror}", e.filename) from None
-    if recorded != run:
-        raise ValueError(f"{config_path} describes another run: recorded {recorded}, this run {run}")
-    return BlockLayout(base)
+
+def temp_writer_pid(name: str) -> int | None:
+    """The pid that wrote temp file ``name`` if it was a process of this host, else None."""
+    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 3)
+    if len(parts) != 4 or parts[1] != HOST_TAG or not parts[2].isdigit() or len(parts[2]) > _PID_DIGITS:
+        return None
+    pid = int(parts[2])
+    return pid if 0 < pid < 1 << 31 else None

@@ -7,16 +7,25 @@ the task pipe and a completion stays far below PIPE_BUF on the result pipe.
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
-LOAD = 0
-STORE = 1
-SWEEP = 2  # remove temp files that dead writers left beside ``keys`` (none: everywhere)
-SCAN = 3  # report every block on disk, oldest first, in several completions
-EVICT = 4  # only delete the ``evict`` blocks
-TOUCH = 5  # mark ``keys``' blocks used now (mtime), so recency survives a restart
-PROBE = 6  # which of ``keys`` have a block on disk
-READ_OPS = (LOAD,)  # go on the load pipe: the engine waits for these
+
+class Op(enum.IntEnum):
+    """What a task asks of a worker."""
+
+    LOAD = 0  # read ``keys``' blocks into cache blocks ``block_ids``
+    STORE = 1  # write cache blocks ``block_ids`` as ``keys``' blocks (after deleting ``evict``)
+    SWEEP = 2  # remove temp files that dead writers left beside ``keys`` (none: everywhere)
+    SCAN = 3  # report every block on disk, oldest first, in several completions
+    EVICT = 4  # only delete the ``evict`` blocks
+    TOUCH = 5  # mark ``keys``' blocks used now (mtime), so recency survives a restart
+    PROBE = 6  # which of ``keys`` have a block on disk
+
+
+# Ops that go on the load pipe, which read-priority workers serve first: the engine waits for these.
+READ_OPS = frozenset({Op.LOAD})
 
 
 class Task(msgspec.Struct, array_like=True):
@@ -27,7 +36,7 @@ class Task(msgspec.Struct, array_like=True):
     """
 
     seq: int
-    op: int
+    op: Op
     block_ids: list[int]
     keys: list[bytes]
     evict: list[bytes] = []
@@ -38,9 +47,11 @@ class Completion(msgspec.Struct, array_like=True):
 
     ``failed`` holds the task-relative indices of blocks that did not move
     (for a probe: that are not on disk); ``error`` is the first failure's
-    message; ``corrupt`` the indices of blocks whose files were found corrupt
-    and deleted; ``swept`` the temp files a sweep deleted. A scan sends its
-    ``found`` keys in several completions, all but the last with ``more``.
+    message and ``code`` its errno name; ``corrupt`` the indices of blocks
+    whose files were found corrupt and deleted; ``swept`` the temp files a
+    sweep deleted; ``foreign`` the names a scan or sweep skipped as not the
+    tier's. A scan sends its ``found`` keys in several completions, all but
+    the last with ``more``.
     """
 
     seq: int
@@ -48,9 +59,11 @@ class Completion(msgspec.Struct, array_like=True):
     nbytes: int
     failed: list[int]
     error: str | None = None
+    code: str | None = None
     skipped: int = 0
     corrupt: list[int] = []
     swept: int = 0
+    foreign: int = 0
     found: list[bytes] = []
     more: bool = False
 

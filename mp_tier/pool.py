@@ -1,125 +1,110 @@
-"""Starting, watching, replacing and stopping the workers; owning their pipes.
+"""The workers of one tier, and every pipe end and fd the host holds for them.
 
-The pool owns every pipe end the host holds: the write ends of the two task
-pipes, the read end of the result pipe, and the ends it hands to new workers.
-Workers run as processes of an explicit start method (forkserver by default:
-fork is unsafe in a host that runs threads, spawn is ten times slower to
-start) or as threads of the host (the ``threads`` engine).
+The pool owns: the write ends of the two task pipes (and their read ends,
+to take frames back), the result pipe, the doorbell, the slots, and one
+``workers.Worker`` per index. It starts, polls, kills and reaps workers and
+moves frames; what a death means for the tasks is decided elsewhere
+(``recovery``), and the pool reports facts (who died, who holds what).
 
-Death detection costs no thread: each worker process's sentinel sits in the
-same ``poll`` set as the result pipe, which the host polls in the calls it
-already makes. The tier decides what to do with a dead worker's task; the
-pool tells it what every live worker holds and starts the replacement.
+Death detection costs no thread: each worker's death fd sits in the same
+``poll`` set as the result pipe, which the host polls in the calls it
+already makes.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import select
-import threading
 import time
-from typing import Any
-
-import multiprocess
-import multiprocess.connection
-from multiprocess import reduction
+from typing import Callable
 
 from .channels import ResultReader, TaskPipe, WorkerEnds, encode_frame, make_pipe
-from .messages import READ_OPS, Completion, Task
-from .shared_cache import PrimaryCache
-from .worker import CLAIMING, IDLE, SLOTS_PER_WORKER, STARTING, WorkerSpec, process_main, run_worker
+from .memory import SharedRegion
+from .messages import READ_OPS, Completion, Op, Task
+from .slots import Slots
+from .worker import WorkerSpec, run_worker
+from .worker_process import Boot, encode_boot
+from .workers import ProcessWorker, ThreadWorker, Worker
+
+log = logging.getLogger(__name__)
+
+# How long stop() waits for a killed worker to be gone before leaving it
+# (a process in uninterruptible I/O dies when the I/O returns).
+_KILL_GRACE_SECONDS = 5.0
+_MAX_POLL_MS = 2**31 - 1
 
 
-class _InheritedFd:
-    """Pickles as a duplicate of ``fd`` for the child being started."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_detach, (reduction.DupFd(self.fd),))
-
-
-def _detach(dup: Any) -> int:
-    return dup.detach()
+def poll_ms(timeout: float | None) -> int | None:
+    """A ``poll`` timeout in ms for ``timeout`` seconds (None: forever), clamped to what poll takes."""
+    return None if timeout is None else min(_MAX_POLL_MS, max(0, int(timeout * 1000)))
 
 
 class WorkerPool:
     """The read-priority and write-priority workers of one tier."""
 
-    def __init__(self, specs: list[WorkerSpec], cache: PrimaryCache, engine: str, start_method: str):
+    def __init__(self, specs: list[WorkerSpec], root: int, region: SharedRegion | None, view: memoryview, engine: str):
         self.specs = specs
         self.engine = engine
-        self.loads = TaskPipe()
-        self.stores = TaskPipe()
-        self.results = ResultReader()
-        self._bell = make_pipe()
-        self._cache = cache
-        self._ctx = multiprocess.get_context(start_method)
-        if engine == "processes" and start_method == "forkserver":
-            self._ctx.set_forkserver_preload(["mp_tier.worker"])
-        self.slots = self._ctx.RawArray("q", SLOTS_PER_WORKER * len(specs))
-        self._workers: list[Any] = [None] * len(specs)
-        self._poller = select.poll()
+        self.loads = TaskPipe()  # LOAD tasks: read-priority workers try this pipe first
+        self.stores = TaskPipe()  # everything else
+        self.results = ResultReader()  # completions from every worker
+        self.slots = Slots(len(specs))  # what each worker holds
+        self._bell = make_pipe()  # a worker that sees more work rings it to wake another
+        self._root = root  # the namespace directory's fd, inherited by workers
+        self._region = region  # the cache as a process maps it (None for threads)
+        self._view = view  # the cache as a thread sees it
+        self._workers: list[Worker | None] = [None] * len(specs)  # None: down (dead, or not started yet)
+        self._by_fd: dict[int, int] = {}  # death fd -> worker index
+        self._poller = select.poll()  # the result pipe and every death fd; used by the lock holder only
         self._poller.register(self.results.read_fd, select.POLLIN)
-        self._by_sentinel: dict[int, int] = {}
-        try:
-            for spec in specs:
-                self.start(spec.index)
-        except BaseException:
-            self.stop(timeout=1.0, on_result=lambda c: None)
-            self.close()
-            raise
 
-    def start(self, index: int) -> None:
-        """Start (or restart) the worker in slot ``index``."""
+    def start(self, index: int) -> int | None:
+        """Start the worker of slot ``index``; return its pid (None for a thread). Raises OSError if it cannot."""
         spec = self.specs[index]
-        first = SLOTS_PER_WORKER * index
-        self.slots[first : first + SLOTS_PER_WORKER] = [STARTING] + [IDLE] * (SLOTS_PER_WORKER - 1)
-        name = f"mp_tier-{'r' if spec.read_priority else 'w'}{index}"
+        self.slots.reset(index)
         ends = WorkerEnds(self.loads.read_fd, self.stores.read_fd, *self._bell, self.results.write_fd)
+        worker: Worker
         if self.engine == "threads":
-            worker = threading.Thread(target=run_worker, args=(spec, self._cache.view, ends, self.slots), name=name, daemon=True)
+            serve = functools.partial(run_worker, spec, self._root, self._view, ends, self.slots)
+            worker = ThreadWorker(index, serve, f"mp_tier-{'r' if spec.read_priority else 'w'}{index}")
         else:
-            worker = self._ctx.Process(
-                target=process_main,
-                args=(spec, self._cache.name, self._cache.num_blocks, WorkerEnds(*map(_InheritedFd, ends)), self.slots),
-                name=name,
-                daemon=True,
-            )
-        worker.start()
-        if self._workers[index] is not None:
-            self._forget(index)
+            assert self._region is not None
+            boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs))
+            fds = (*ends, self._root, self._region.fd, self.slots.fd)
+            worker = ProcessWorker(index, ["-m", "mp_tier.worker_process", encode_boot(boot)], fds)
         self._workers[index] = worker
-        if self.engine == "processes":
-            self._by_sentinel[worker.sentinel] = index
-            self._poller.register(worker.sentinel, select.POLLIN)
+        self._by_fd[worker.death_fd] = index
+        self._poller.register(worker.death_fd, select.POLLIN)
+        return worker.pid
 
-    def _forget(self, index: int) -> None:
-        old = self._workers[index]
+    def forget(self, index: int) -> str:
+        """Reap a worker that died; return why it did."""
+        worker = self._workers[index]
+        assert worker is not None
         self._workers[index] = None
-        if self.engine == "processes":
-            self._poller.unregister(old.sentinel)
-            del self._by_sentinel[old.sentinel]
-            old.join()
-            old.close()
+        self._poller.unregister(worker.death_fd)
+        del self._by_fd[worker.death_fd]
+        return worker.reap()
 
-    def _pipe_for(self, op: int) -> TaskPipe:
+    # -- frames ----------------------------------------------------------------
+
+    def _pipe_for(self, op: Op) -> TaskPipe:
         return self.loads if op in READ_OPS else self.stores
 
-    def submit(self, op: int, frames: bytearray) -> None:
+    def submit(self, op: Op, frames: bytearray) -> None:
         self._pipe_for(op).put(frames)
 
     def requeue(self, tasks: list[Task]) -> None:
-        """Put tasks back in order; the pipes were just reclaimed, so nothing jumps them."""
+        """Put taken-back tasks in front of anything queued since, in their order."""
         frames = {self.loads: bytearray(), self.stores: bytearray()}
         for task in tasks:
             encode_frame(task, frames[self._pipe_for(task.op)])
         for pipe, pending in frames.items():
-            if pending:
-                pipe.put(pending)
+            pipe.put_front(pending)
 
-    def backlog(self, op: int) -> int:
+    def backlog(self, op: Op) -> int:
         """Tasks of ``op``'s pipe held on the host side."""
         return self._pipe_for(op).backlog
 
@@ -127,6 +112,17 @@ class WorkerPool:
         """Push held-back frames into the pipes, as far as they fit."""
         self.loads.flush()
         self.stores.flush()
+
+    def reclaim(self) -> list[Task]:
+        """Take back every task no worker has taken, and hold new ones back until ``resume``."""
+        self.loads.paused = self.stores.paused = True
+        return self.loads.reclaim() + self.stores.reclaim()
+
+    def resume(self) -> None:
+        self.loads.paused = self.stores.paused = False
+        self.flush()
+
+    # -- watching --------------------------------------------------------------
 
     def poll(self) -> tuple[list[Completion], list[int]]:
         """Completions that have arrived and indexes of workers that died; never blocks."""
@@ -136,106 +132,118 @@ class WorkerPool:
             if fd == self.results.read_fd:
                 completions = self.results.read()
             else:
-                dead.append(self._by_sentinel[fd])
+                dead.append(self._by_fd[fd])
         return completions, dead
 
-    def exit_reason(self, index: int) -> str:
-        worker = self._workers[index]
-        worker.join()
-        code = worker.exitcode
-        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        return f"worker {index} (pid {worker.pid}) died: {how}"
+    def wait_fds(self) -> list[tuple[int, int]]:
+        """What a sleeping host waits on: results, deaths, and room in a pipe that has frames held back."""
+        fds = [(self.results.read_fd, select.POLLIN)] + [(fd, select.POLLIN) for fd in self._by_fd]
+        return fds + [(p.write_fd, select.POLLOUT) for p in (self.loads, self.stores) if p.backlog and not p.paused]
 
-    def _slots_of(self, index: int) -> list[int]:
-        first = SLOTS_PER_WORKER * index
-        return self.slots[first : first + SLOTS_PER_WORKER]
+    def live(self) -> list[int]:
+        return [i for i, w in enumerate(self._workers) if w is not None]
 
-    def starting(self, index: int) -> bool:
-        """Not ready yet (or died before it was)."""
-        return self._slots_of(index)[0] == STARTING
-
-    def _live(self) -> list[int]:
-        return [i for i, w in enumerate(self._workers) if w is not None and w.is_alive()]
+    def is_up(self, index: int) -> bool:
+        return self._workers[index] is not None
 
     def held(self) -> set[int]:
         """Seqs of the tasks live workers hold right now."""
-        return {seq for i in self._live() for seq in self._slots_of(i) if seq >= 0}
+        return {seq for i in self.live() for seq, _ in self.slots.held(i)}
 
-    def settle_claims(self, timeout: float) -> list[int]:
-        """Wait until no live worker is between reading a task and naming it.
+    def claiming(self) -> list[int]:
+        """Live workers between reading a task pipe and naming what they read."""
+        return [i for i in self.live() if self.slots.claiming(i)]
 
-        Called with the task pipes emptied, so every claim ends in a moment
-        (the worker names its task, or found nothing). A worker still claiming
-        at ``timeout`` (stopped, say) is killed; its index is returned, so that
-        what it held counts as a dead worker's.
-        """
-        deadline = time.monotonic() + timeout
-        while claiming := [i for i in self._live() if CLAIMING in self._slots_of(i)]:
-            if time.monotonic() >= deadline:
-                for index in claiming:
-                    self._workers[index].kill()
-                    self._workers[index].join()
-                return claiming
-            os.sched_yield()
-        return []
+    def kill(self, index: int) -> bool:
+        """SIGKILL a worker process; False for a thread, which cannot be killed. Its death arrives via ``poll``."""
+        worker = self._workers[index]
+        if worker is None or not worker.killable:
+            return False
+        worker.kill()
+        return True
 
     def pids(self) -> list[int]:
-        return [w.pid for w in self._workers if w is not None] if self.engine == "processes" else []
+        return [w.pid for w in self._workers if w is not None and w.pid is not None]
 
-    def alive(self) -> int:
-        return sum(w is not None and w.is_alive() for w in self._workers)
+    def pid_of(self, index: int) -> int | None:
+        worker = self._workers[index]
+        return None if worker is None else worker.pid
 
-    def wait(self, timeout: float | None) -> None:
-        """Sleep until a completion or a death arrives, a held-back frame fits, or ``timeout``."""
-        backlog = [pipe.write_fd for pipe in (self.loads, self.stores) if pipe.backlog]
-        for fd in backlog:
-            self._poller.register(fd, select.POLLOUT)
-        try:
-            self._poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
-        finally:
-            for fd in backlog:
-                self._poller.unregister(fd)
+    # -- stopping ----------------------------------------------------------------
 
-    def reclaim(self) -> list[Task]:
-        """Every task no worker has taken yet, removed from the queues."""
-        return self.loads.reclaim() + self.stores.reclaim()
-
-    def stop(self, timeout: float, on_result: Any) -> None:
+    def stop(self, timeout: float, on_result: Callable[[Completion], None]) -> list[str]:
         """Close the task pipes and wait for the workers to finish what they hold.
 
         Completions keep being read (and handed to ``on_result``) while
         waiting, so a worker blocked on a full result pipe can still finish.
-        Workers still running at ``timeout`` are killed.
+        Workers still running at ``timeout`` are killed; returns why each
+        worker that did not exit by itself ended.
         """
         self.loads.close_writer()
         self.stores.close_writer()
         deadline = time.monotonic() + timeout
-        while True:
+        killed: list[str] = []
+        while live := self.live():
             for completion in self.results.read():
                 on_result(completion)
-            live = [w for w in self._workers if w is not None and w.is_alive()]
             remaining = deadline - time.monotonic()
-            if not live or remaining <= 0:
+            if remaining <= 0:
+                killed += self._kill_all(live)
                 break
-            if self.engine == "processes":
-                multiprocess.connection.wait([w.sentinel for w in live] + [self.results.read_fd], remaining)
-            else:
-                live[0].join(min(remaining, 0.05))  # threads have no sentinel to wait on
-        for worker in live:
-            if self.engine == "processes":
-                worker.kill()
-                worker.join()
+            waiter = select.poll()
+            for fd, events in self.wait_fds():
+                waiter.register(fd, events)
+            for fd, _ in waiter.poll(poll_ms(remaining)):
+                if fd in self._by_fd:
+                    self.forget(self._by_fd[fd])
         for completion in self.results.read():
             on_result(completion)
+        return killed
+
+    def _kill_all(self, live: list[int]) -> list[str]:
+        reasons = []
+        for index in live:
+            self.kill(index)
+        deadline = time.monotonic() + _KILL_GRACE_SECONDS
+        waiter = select.poll()
+        for index in live:
+            worker = self._workers[index]
+            assert worker is not None
+            waiter.register(worker.death_fd, select.POLLIN)
+        while live := self.live():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for index in live:
+                    log.warning("worker %d (pid %s) did not exit when killed; leaving it", index, self.pid_of(index))
+                    self._drop(index)
+                break
+            for fd, _ in waiter.poll(poll_ms(remaining)):
+                waiter.unregister(fd)
+                reasons.append(self.forget(self._by_fd[fd]))
+        return reasons
+
+    def _drop(self, index: int) -> None:
+        worker = self._workers[index]
+        assert worker is not None
+        self._workers[index] = None
+        self._poller.unregister(worker.death_fd)
+        del self._by_fd[worker.death_fd]
+        worker.abandon()
 
     def close(self) -> None:
-        """Release every pipe end; call after ``stop``."""
-        for index, worker in enumerate(self._workers):
-            if worker is not None:
-                self._forget(index)
+        """Release every fd; call after ``stop``."""
+        for index in self.live():
+            self._drop(index)
         self.loads.close()
         self.stores.close()
         self.results.close()
+        self.slots.close()
         for fd in self._bell:
             os.close(fd)
+        self._bell = (-1, -1)
 
+    def abandon(self) -> None:
+        """In a forked child: let go of every fd without touching a worker, so the parent's tier is unaffected."""
+        for index in self.live():
+            self._drop(index)
+        self.close()

@@ -1,26 +1,35 @@
-"""The primary KV cache: fixed-size blocks in one POSIX shared-memory segment.
+"""The primary KV cache mp_tier creates: fixed-size blocks in one file under /dev/shm.
 
-The host creates the segment; workers attach to it by name and move bytes
-between it and block files, so no block ever travels through a pipe.
-
-Segments come from ``multiprocess.shared_memory`` because the workers are
-started by ``multiprocess``: mixing it with the stdlib module starts a second
-resource tracker that unlinks the segment when a worker exits.
+The host creates the file; its workers (and any process an engine wants)
+map it, so no block ever travels through a pipe. Only the creating process,
+in the creating pid, ever unlinks it: a process that attaches never
+registers the name with a resource tracker (CPython gh-82300 is how an
+attacher's exit used to unlink the owner's segment), and a forked child of
+the creator closes its inherited copy without unlinking. The creator
+registers the name with multiprocessing's resource tracker, so a creator
+killed by SIGKILL still leaves no segment behind.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import re
 import uuid
 import weakref
+from multiprocessing import resource_tracker
+from typing import NamedTuple
 
 import numpy as np
-from multiprocess import resource_tracker, shared_memory
+
+from .memory import PrivateMemory, SharedRegion, buffer_address, open_backing
 
 SEGMENT_PREFIX = "mp_tier_"
+SHM_DIR = "/dev/shm"
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
-# Segments created or attached in this process, by base address, so that a
-# tier handed ``cache.array`` or ``cache.view`` can find the segment's name.
+# Caches created or attached in this process, by base address, so that a
+# tier handed ``cache.array`` or ``cache.view`` can find the cache.
 _by_address: "weakref.WeakValueDictionary[int, PrimaryCache]" = weakref.WeakValueDictionary()
 
 
@@ -31,24 +40,23 @@ def _positive(name: str, value: object) -> int:
 
 
 class PrimaryCache:
-    """``num_blocks`` blocks of ``block_bytes`` each, backed by shared memory.
+    """``num_blocks`` blocks of ``block_bytes`` each, in a shared file other processes can map."""
 
-    Only the creator unlinks the segment; attachers merely unmap it.
-    """
-
-    def __init__(self, shm: shared_memory.SharedMemory, num_blocks: int, block_bytes: int, owner: bool):
-        self._shm = shm
-        self.name: str = shm.name
+    def __init__(self, name: str, fd: int, num_blocks: int, block_bytes: int, creator_pid: int | None):
+        size = num_blocks * block_bytes
+        self.name = name
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
-        self.owner = owner
-        self.view: memoryview = shm.buf[: num_blocks * block_bytes]
+        self._fd = fd  # kept open: workers map the file through it, even if the name is removed
+        self._creator_pid = creator_pid  # the only pid that unlinks; None when attached
+        self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        self.view: memoryview = memoryview(self._mmap)
         self.array: np.ndarray = np.ndarray((num_blocks, block_bytes), dtype=np.uint8, buffer=self.view)
         self._closed = False
         _by_address[self.address] = self
 
     @classmethod
-    def create(cls, num_blocks: int, block_bytes: int) -> "PrimaryCache":
+    def create(cls, num_blocks: int, block_bytes: int) -> PrimaryCache:
         """Create and fully reserve a new segment.
 
         The pages are reserved with ``posix_fallocate`` so that a full
@@ -57,38 +65,47 @@ class PrimaryCache:
         """
         size = _positive("num_blocks", num_blocks) * _positive("block_bytes", block_bytes)
         name = f"{SEGMENT_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"  # the pid tells an operator whose it is
-        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        path = f"{SHM_DIR}/{name}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fd = os.open(f"/dev/shm/{shm.name}", os.O_RDWR)
-            try:
-                os.posix_fallocate(fd, 0, size)
-            finally:
-                os.close(fd)
-        except OSError:
-            shm.close()
-            shm.unlink()
+            os.posix_fallocate(fd, 0, size)
+            resource_tracker.register(f"/{name}", "shared_memory")
+        except BaseException:
+            os.unlink(path)
+            os.close(fd)
             raise
-        return cls(shm, num_blocks, block_bytes, owner=True)
+        return cls(name, fd, num_blocks, block_bytes, creator_pid=os.getpid())
 
     @classmethod
-    def attach(cls, name: str, num_blocks: int, block_bytes: int) -> "PrimaryCache":
-        """Map an existing segment; closing it never unlinks."""
+    def attach(cls, name: str, num_blocks: int, block_bytes: int) -> PrimaryCache:
+        """Map an existing segment; closing it never unlinks, and nothing tracks it."""
         size = _positive("num_blocks", num_blocks) * _positive("block_bytes", block_bytes)
-        shm = shared_memory.SharedMemory(name=name)
-        if shm.size < size:
-            shm.close()
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(f"not a segment name: {name!r}")
+        fd = os.open(f"{SHM_DIR}/{name}", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        held = os.fstat(fd).st_size
+        if held < size:
+            os.close(fd)
             raise ValueError(
-                f"shared-memory segment {name!r} holds {shm.size} bytes, "
-                f"fewer than {num_blocks} blocks of {block_bytes} bytes"
+                f"shared-memory segment {name!r} holds {held} bytes, fewer than {num_blocks} blocks of {block_bytes} bytes"
             )
-        return cls(shm, num_blocks, block_bytes, owner=False)
+        return cls(name, fd, num_blocks, block_bytes, creator_pid=None)
+
+    @property
+    def owner(self) -> bool:
+        """True in the creating process only (not in its forked children)."""
+        return self._creator_pid == os.getpid()
 
     @property
     def address(self) -> int:
-        return self.array.__array_interface__["data"][0]
+        return buffer_address(self.view)
+
+    def region(self) -> SharedRegion:
+        """Where a worker maps this cache: the whole file, through this cache's fd (valid until ``close``)."""
+        return SharedRegion(self._fd, 0, self.num_blocks * self.block_bytes)
 
     @classmethod
-    def backing(cls, view: object) -> "PrimaryCache | None":
+    def backing(cls, view: object) -> PrimaryCache | None:
         """The cache whose whole buffer ``view`` is, or None.
 
         A 2-D array must have the cache's (num_blocks, block_bytes) shape; a
@@ -97,7 +114,10 @@ class PrimaryCache:
         if isinstance(view, PrimaryCache):
             return view
         if isinstance(view, memoryview):
-            view = np.frombuffer(view, dtype=np.uint8)
+            try:
+                view = np.frombuffer(view, dtype=np.uint8)
+            except (TypeError, ValueError):
+                return None
         if not isinstance(view, np.ndarray):
             return None
         cache = _by_address.get(view.__array_interface__["data"][0])
@@ -106,11 +126,10 @@ class PrimaryCache:
         return cache
 
     def close(self) -> None:
-        """Unmap the segment; the owner also unlinks it.
+        """Unmap the segment; the creator also unlinks it.
 
         The unlink comes first so that a caller still holding ``array``
-        (which keeps the mapping alive, see ``SharedMemory.close``) cannot
-        leak the segment in /dev/shm.
+        (which keeps the mapping alive) cannot leak the segment in /dev/shm.
         """
         if self._closed:
             return
@@ -118,17 +137,19 @@ class PrimaryCache:
         _by_address.pop(self.address, None)
         if self.owner:
             try:
-                self._shm.unlink()
-            except FileNotFoundError:  # someone removed it already; stop tracking it
-                resource_tracker.unregister(self._shm._name, "shared_memory")
+                os.unlink(f"{SHM_DIR}/{self.name}")
+            except FileNotFoundError:
+                pass  # someone removed it already
+            resource_tracker.unregister(f"/{self.name}", "shared_memory")
+        os.close(self._fd)
         del self.array
         try:
             self.view.release()
-            self._shm.close()
+            self._mmap.close()
         except BufferError:
             pass  # the caller still holds a view; the mapping goes with it
 
-    def __enter__(self) -> "PrimaryCache":
+    def __enter__(self) -> PrimaryCache:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -136,3 +157,50 @@ class PrimaryCache:
 
     def __repr__(self) -> str:
         return f"PrimaryCache(name={self.name!r}, num_blocks={self.num_blocks}, block_bytes={self.block_bytes})"
+
+
+class Primary(NamedTuple):
+    """The memory a tier moves blocks to and from."""
+
+    view: memoryview  # every byte, flat and writable; the tier's own view, to release when it stops
+    num_blocks: int
+    block_bytes: int
+    region: SharedRegion | None  # how a worker process maps it (its fd is the tier's to close); None for threads
+
+
+def primary_memory(view: object, processes: bool) -> Primary:
+    """Resolve what a tier was handed as ``primary_kv_view``; ValueError naming what is wrong with it.
+
+    Accepted: a PrimaryCache or its whole ``.array``/``.view``, or any
+    writable C-contiguous 2-D buffer of ``num_blocks`` rows of one block each
+    (vLLM's int8 view, say). Worker processes map the same bytes through the
+    file behind them, so with ``processes`` the buffer must lie in a shared
+    file mapping; the thread engine takes any memory.
+    """
+    cache = PrimaryCache.backing(view)
+    if cache is not None:
+        region = SharedRegion(os.dup(cache._fd), 0, cache.num_blocks * cache.block_bytes) if processes else None
+        return Primary(memoryview(cache.view), cache.num_blocks, cache.block_bytes, region)
+    try:
+        flat = memoryview(view)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"primary_kv_view must be a PrimaryCache, its .array/.view, or a 2-D writable buffer; got {type(view).__name__}"
+        ) from None
+    if flat.ndim != 2 or not flat.c_contiguous or flat.readonly or flat.nbytes == 0:
+        raise ValueError(
+            f"primary_kv_view must be a writable C-contiguous 2-D buffer (blocks x bytes per block); got "
+            f"{'read-only ' if flat.readonly else ''}{flat.ndim}-D {flat.format!r} of shape {flat.shape}"
+        )
+    num_blocks, block_bytes = flat.shape[0], flat.shape[1] * flat.itemsize
+    flat = flat.cast("B")
+    region = None
+    if processes:
+        try:
+            region = open_backing(flat)
+        except PrivateMemory as e:
+            raise ValueError(
+                f"primary_kv_view is not in shared memory ({e}): allocate it in a file-backed shared mapping "
+                f"(PrimaryCache, or a MAP_SHARED file under /dev/shm), or set engine = \"threads\""
+            ) from None
+    return Primary(flat, num_blocks, block_bytes, region)

@@ -1,42 +1,36 @@
 """The worker loop: take a task, move its blocks, report a completion.
 
-The same loop runs in a worker process (``process_main``) or a thread of the
-host (``run_worker``). A read-priority worker tries the load pipe before the
-store pipe and a write-priority worker the reverse; when both are empty it
-sleeps in ``poll`` on both, so either kind of work wakes every idle worker and
-neither kind starves.
+The same loop runs in a worker process (``worker_process``) or a thread of
+the host (the ``threads`` engine). A read-priority worker tries the load pipe
+before the store pipe and a write-priority worker the reverse; when both are
+empty it sleeps in epoll on both (EPOLLEXCLUSIVE, so a write wakes one
+worker, not all), and neither kind of work starves.
 
 A worker exits when the host closes both task pipes (end-of-file), which is
 also what the kernel does for the host if it dies, so workers never outlive it.
 
-Each worker names the task it holds in two slots of a small shared array:
-the first for the task its loop took, the second for a load it serves in the
-middle of a store (``STARTING`` until it is ready, ``IDLE`` when empty). It
-marks a slot ``CLAIMING`` before it reads a task pipe and names the task right
-after, so the host can always tell which tasks a dead worker held: it waits
-out a live worker's claim before deciding.
+Every task a worker takes is named in its slot (``slots``) from the moment
+it leaves the pipe until its completion is written, so the host can always
+tell which tasks a dead worker held.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import select
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import msgspec
 
 from . import block_io
 from .channels import EndOfTasks, WorkerEnds, hush, ring, send_completion, take_task, waiting_bytes
 from .layout import BlockLayout
-from .messages import LOAD, SCAN, STORE, SWEEP, TOUCH, Completion, Task
+from .messages import Completion, Op, Task
+from .namespace import Owners
+from .slots import CLAIMING, IDLE, MAIN, NESTED, Slots
 
 _MAX_ERROR_CHARS = 512
 _SCAN_BATCH_BYTES = 3000  # keys per scan completion, well under PIPE_BUF with their framing
-IDLE = -1
-STARTING = -2
-CLAIMING = -3
-SLOTS_PER_WORKER = 2
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -51,37 +45,38 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     dir_mode: int
     checksum: bool
     touch_on_load: bool
+    owners: Owners
 
 
-def handle(
-    spec: WorkerSpec, cache: memoryview, task: Task, between: Callable[[], None] | None = None
-) -> Iterator[Completion]:
+def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None = None) -> Iterator[Completion]:
     """The completion of a task; a scan sends its findings in several."""
-    if task.op == SCAN:
-        found = spec.layout.scan()
+    if task.op == Op.SCAN:
+        found, foreign = block_io.scan_blocks(root)
         step = _SCAN_BATCH_BYTES // (max(map(len, found), default=1) + 2)
         for first in range(0, len(found), step):
             yield Completion(task.seq, spec.index, 0, [], found=found[first : first + step], more=True)
-        yield Completion(task.seq, spec.index, 0, [])
-    elif task.op == SWEEP:
-        paths = [spec.layout.path(key) for key in task.keys] if task.keys else None
-        yield Completion(task.seq, spec.index, 0, [], swept=block_io.remove_stale_temps(spec.layout.base, paths))
+        yield Completion(task.seq, spec.index, 0, [], foreign=foreign)
+    elif task.op == Op.SWEEP:
+        beside = [spec.layout.locate(key) for key in task.keys] if task.keys else None
+        swept, foreign = block_io.remove_stale_temps(root, beside)
+        yield Completion(task.seq, spec.index, 0, [], swept=swept, foreign=foreign)
     else:
-        yield per_block(spec, cache, task, between)
+        yield per_block(spec, root, cache, task, between)
 
 
-def per_block(spec: WorkerSpec, cache: memoryview, task: Task, between: Callable[[], None] | None) -> Completion:
+def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None) -> Completion:
     """Do ``task.op`` to every block of the task; a failed block does not stop the others.
 
     ``between`` runs before every block but the first: a read-priority worker
     serves loads there that arrived while it was storing.
     """
-    error = None
+    error = code = None
     for key in task.evict:
         try:
-            block_io.remove_block(spec.layout.path(key))
+            block_io.remove_block(root, spec.layout.locate(key))
         except OSError as e:
-            error = error or block_io.describe(e)[:_MAX_ERROR_CHARS]
+            if error is None:
+                code, error = block_io.describe(e)
     op = task.op
     size = spec.block_bytes
     nbytes = skipped = 0
@@ -90,14 +85,17 @@ def per_block(spec: WorkerSpec, cache: memoryview, task: Task, between: Callable
     for i, (block_id, key) in enumerate(zip(task.block_ids or itertools.repeat(0), task.keys)):
         if between is not None and i:
             between()
-        path = spec.layout.path(key)
+        path = spec.layout.locate(key)
         try:
-            if op == LOAD:
-                nbytes += block_io.load_block(path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum)
+            if op == Op.LOAD:
+                nbytes += block_io.load_block(
+                    root, path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum, owners=spec.owners
+                )
                 if spec.touch_on_load:
-                    block_io.touch_block(path)
-            elif op == STORE:
+                    block_io.touch_block(root, path)
+            elif op == Op.STORE:
                 moved = block_io.store_block(
+                    root,
                     path,
                     cache,
                     block_id * size,
@@ -106,49 +104,62 @@ def per_block(spec: WorkerSpec, cache: memoryview, task: Task, between: Callable
                     file_mode=spec.file_mode,
                     dir_mode=spec.dir_mode,
                     checksum=spec.checksum,
+                    owners=spec.owners,
                 )
                 nbytes += moved
                 skipped += moved == 0
-            elif op == TOUCH:
-                block_io.touch_block(path)
-            elif not os.path.exists(path):  # PROBE
+            elif op == Op.TOUCH:
+                block_io.touch_block(root, path)
+            elif not block_io.has_block(root, path):  # PROBE
                 failed.append(i)
         except Exception as e:  # any failure belongs to this block's result, not to the worker
             if isinstance(e, block_io.CorruptBlock):
                 corrupt.append(i)
             failed.append(i)
-            error = error or block_io.describe(e)[:_MAX_ERROR_CHARS]
-    return Completion(task.seq, spec.index, nbytes, failed, error, skipped, corrupt)
+            if error is None:
+                code, error = block_io.describe(e)
+    return Completion(task.seq, spec.index, nbytes, failed, error and error[:_MAX_ERROR_CHARS], code, skipped, corrupt)
 
 
-def run_worker(spec: WorkerSpec, cache: memoryview, ends: WorkerEnds, slots: Any) -> None:
-    """Serve tasks until the host closes both task pipes."""
-    main = SLOTS_PER_WORKER * spec.index
-    nested = main + 1
-    slots[nested] = IDLE
-    slots[main] = IDLE
+def run_worker(
+    spec: WorkerSpec,
+    root: int,
+    cache: memoryview,
+    ends: WorkerEnds,
+    slots: Slots,
+    after_read: Callable[[Task], None] | None = None,
+) -> None:
+    """Serve tasks until the host closes both task pipes.
+
+    ``after_read`` runs between reading a task and naming it: tests widen
+    the claim window with it.
+    """
+    me = spec.index
 
     def claim(fd: int, slot: int) -> Task | None:
-        slots[slot] = CLAIMING
+        slots.set(me, slot, CLAIMING)
         try:
             task = take_task(fd)
-        finally:
-            slots[slot] = IDLE
-        if task is not None:
-            slots[slot] = task.seq
+        except EndOfTasks:
+            slots.set(me, slot, IDLE)
+            raise
+        # Any other failure leaves CLAIMING: the worker dies of it, and the host counts the frame as its.
+        if task is not None and after_read is not None:
+            after_read(task)
+        slots.set(me, slot, IDLE if task is None else task.seq)
         return task
 
     def run(task: Task, slot: int) -> None:
-        between = loads_first if spec.read_priority and task.op == STORE else None
-        for completion in handle(spec, cache, task, between):
+        between = loads_first if spec.read_priority and task.op == Op.STORE else None
+        for completion in handle(spec, root, cache, task, between):
             send_completion(ends.results, completion)
-        slots[slot] = IDLE
+        slots.set(me, slot, IDLE)
 
     def loads_first() -> None:
         """Inside a store task: a load that arrives waits one block, not the whole task."""
         try:
-            while waiting_bytes(ends.loads) and (task := claim(ends.loads, nested)) is not None:
-                run(task, nested)
+            while waiting_bytes(ends.loads) and (task := claim(ends.loads, NESTED)) is not None:
+                run(task, NESTED)
         except EndOfTasks:
             pass  # the main loop sees it too
 
@@ -156,12 +167,13 @@ def run_worker(spec: WorkerSpec, cache: memoryview, ends: WorkerEnds, slots: Any
     sleeper = select.epoll()
     for fd in (*order, ends.bell_read):
         sleeper.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    slots.set(me, MAIN, IDLE)  # ready
     try:
         while order:
             task = None
             for fd in order:
                 try:
-                    task = claim(fd, main)
+                    task = claim(fd, MAIN)
                 except EndOfTasks:
                     order.remove(fd)
                     sleeper.unregister(fd)
@@ -176,21 +188,6 @@ def run_worker(spec: WorkerSpec, cache: memoryview, ends: WorkerEnds, slots: Any
                 continue
             if any(waiting_bytes(fd) for fd in order):
                 ring(ends.bell_write)
-            run(task, main)
+            run(task, MAIN)
     finally:
         sleeper.close()
-
-
-def process_main(spec: WorkerSpec, cache_name: str, num_blocks: int, ends: WorkerEnds, slots: Any) -> None:
-    """Entry point of a worker process: attach to the cache, then serve."""
-    from .shared_cache import PrimaryCache
-
-    cache = PrimaryCache.attach(cache_name, num_blocks, spec.block_bytes)
-    try:
-        run_worker(spec, cache.view, ends, slots)
-    except BrokenPipeError:
-        pass  # the host is gone; nobody is left to tell
-    finally:
-        cache.close()
-        for fd in ends:
-            os.close(fd)

@@ -2,62 +2,30 @@
 
 from __future__ import annotations
 
-import os
-import select
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import BLOCK, child_processes, open_fds, shm_segments, wait_exit, worker_threads
 
-from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
-from mp_tier.shared_cache import SEGMENT_PREFIX
-
-BLOCK = 64 << 10
+from mp_tier import FileSystemTierManager, PrimaryCache
 
 
-def shm_segments() -> set[str]:
-    """This process's segments (other test runs may share /dev/shm)."""
-    return {name for name in os.listdir("/dev/shm") if name.startswith(f"{SEGMENT_PREFIX}{os.getpid()}_")}
-
-
-def make_keys(n: int, seed: int = 0, group: int = 0) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    return [rng.bytes(32) + group.to_bytes(4, "big") for _ in range(n)]
-
-
-def fill_random(cache: PrimaryCache, block_ids, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for b in block_ids:
-        cache.array[b] = rng.integers(0, 256, cache.block_bytes, dtype=np.uint8)
-
-
-def run_job(tier: FileSystemTierManager, kind: str, job: JobMetadata, timeout: float = 30):
-    getattr(tier, f"submit_{kind}")(job)
-    tier.drain(timeout)
-    results = tier.get_finished()
-    assert [r.job_id for r in results] == [job.job_id]
-    return results[0]
-
-
-def wait_exit(pid: int, timeout: float) -> bool:
-    """True once ``pid`` has exited; a pidfd, because workers are the forkserver's children, not ours."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
+@pytest.fixture(autouse=True, scope="session")
+def resource_tracker_started() -> None:
+    """The first segment starts multiprocessing's resource tracker, which holds a pipe for the whole run."""
+    PrimaryCache.create(1, 4096).close()
 
 
 @pytest.fixture(autouse=True)
-def no_leaks(tmp_path: Path):
-    """After each test: no new segment in /dev/shm and no temp file under tmp_path."""
-    before = shm_segments()
+def no_leaks(tmp_path: Path, resource_tracker_started: None):
+    """After each test: no new segment, temp file, fd, child process or worker thread."""
+    segments, fds, children = shm_segments(), open_fds(), child_processes()
     yield
-    assert shm_segments() - before == set(), "a shared-memory segment leaked"
+    assert shm_segments() - segments == set(), "a shared-memory segment leaked"
     assert [p for p in tmp_path.rglob("*.tmp")] == [], "a temp file leaked"
+    assert worker_threads() == [], "a worker thread outlived its tier"
+    assert {fd: what for fd, what in open_fds().items() if fds.get(fd) != what} == {}, "an fd leaked"
+    assert child_processes() - children == set(), "a child process outlived its test"
 
 
 @pytest.fixture
@@ -88,7 +56,7 @@ def make_tier(cache, tmp_path, engine):
     yield make
     for tier, pids in tiers:
         tier.shutdown()
-        assert [pid for pid in pids if os.path.exists(f"/proc/{pid}")] == [], "a worker outlived shutdown"
+        assert [pid for pid in pids if not wait_exit(pid, 5)] == [], "a worker outlived shutdown"
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import BLOCK, fill_random, make_keys, run_job
+from helpers import BLOCK, fill_random, make_keys, run_job
 from mp_tier import JobMetadata, TierConfig
 from mp_tier.jobs import TierEvent
 
@@ -32,6 +33,13 @@ def disk_bytes(base: str) -> int:
 def store_one_by_one(tier, keys, first_job=0) -> None:
     for j, key in enumerate(keys):
         assert run_job(tier, "store", JobMetadata(job_id=first_job + j, keys=[key], block_ids=[j % 200])).success
+
+
+def age_in_order(tier, keys) -> None:
+    """Give the stored blocks distinct mtimes in the past, oldest first: file times are only jiffy-coarse."""
+    now = time.time()
+    for i, key in enumerate(keys):
+        os.utime(tier.block_path(key), (now - 100 + i, now - 100 + i))
 
 
 def present(tier, keys) -> list[bool]:
@@ -59,12 +67,12 @@ def test_budget_never_exceeded_under_random_work(make_tier, cache, seed):
         if job_id % 5 == 0:
             tier.drain(30)
             assert disk_bytes(tier.layout.base) <= budget_blocks * BLOCK
-            assert tier.stats()["bytes_counted"] == disk_bytes(tier.layout.base)
+            assert tier.stats().bytes_counted == disk_bytes(tier.layout.base)
     tier.drain(30)
     assert disk_bytes(tier.layout.base) <= budget_blocks * BLOCK
-    errors = {r.error.split(":")[0] for r in tier.get_finished() if r.error}
+    errors = {r.error_code for r in tier.get_finished() if r.error}
     assert errors <= {"ENOENT", "ENOSPC", "EBUSY"}, errors
-    assert tier.stats()["blocks_evicted"] > 0
+    assert tier.stats().blocks_evicted > 0
 
 
 def test_lru_evicts_the_least_recently_used(make_tier):
@@ -88,7 +96,7 @@ def test_a_block_being_loaded_is_never_evicted(make_tier):
     tier.drain(30)
     results = {r.job_id: r for r in tier.get_finished()}
     assert results[10].success
-    assert not results[11].success and "ENOSPC" in results[11].error and "free to evict" in results[11].error
+    assert not results[11].success and results[11].error_code == "ENOSPC" and "free to evict" in results[11].error
     store_one_by_one(tier, [c], first_job=12)  # loads done: now it fits
     assert present(tier, [a, b, c]) == [False, True, True]
 
@@ -99,7 +107,7 @@ def test_fail_mode_fails_stores_that_do_not_fit(make_tier):
     store_one_by_one(tier, keys[:3])
     result = run_job(tier, "store", JobMetadata(job_id=9, keys=keys[3:], block_ids=[0]))
     assert not result.success and result.successful_keys == ()
-    assert result.error.startswith("ENOSPC") and f"max_bytes {3 * BLOCK}" in result.error
+    assert result.error_code == "ENOSPC" and f"max_bytes {3 * BLOCK}" in result.error
     assert present(tier, keys) == [True, True, True, False]
     again = run_job(tier, "store", JobMetadata(job_id=10, keys=keys[:2], block_ids=[0, 1]))
     assert again.success  # already counted blocks still fit
@@ -110,11 +118,12 @@ def test_recency_and_accounting_survive_a_restart(make_tier):
     tier = make_tier(config=config)
     a, b, c, d, e = make_keys(5)
     store_one_by_one(tier, [a, b, c, d])
+    age_in_order(tier, [a, b, c, d])
     assert run_job(tier, "load", JobMetadata(job_id=10, keys=[a], block_ids=[50])).success
     tier.shutdown()
     restarted = make_tier(config=config)
     restarted.drain(30)  # the start-up scan runs in a worker
-    assert restarted.stats()["bytes_counted"] == 4 * BLOCK
+    assert restarted.stats().bytes_counted == 4 * BLOCK
     store_one_by_one(restarted, [e], first_job=20)
     assert present(restarted, [a, b, c, d, e]) == [True, False, True, True, True]
 
@@ -123,6 +132,7 @@ def test_a_restart_over_a_fuller_root_evicts_down_to_the_budget(make_tier):
     tier = make_tier()
     keys = make_keys(10)
     store_one_by_one(tier, keys)
+    age_in_order(tier, keys)
     tier.shutdown()
     smaller = make_tier(config=TierConfig(max_bytes=6 * BLOCK))
     smaller.drain(30)
@@ -266,6 +276,6 @@ def test_a_store_of_a_block_being_evicted_is_refused_not_lost(make_tier):
     tier.drain(30)
     results = {r.job_id: r for r in tier.get_finished()}
     assert results[10].success
-    assert not results[11].success and results[11].error.startswith("EBUSY")
+    assert not results[11].success and results[11].error_code == "EBUSY"
     store_one_by_one(tier, [a], first_job=12)  # the eviction is done: now it stores (evicting b)
     assert present(tier, [a, b, c]) == [True, False, True]

@@ -17,12 +17,6 @@ PRESETS = sorted(CONFIGS.glob("*.toml"))
 FIELDS = [f.name for f in msgspec.structs.fields(TierConfig)]
 
 
-class WithChecksum(TierConfig, kw_only=True):
-    """TierConfig plus a bool field, as it will grow: loading must handle any field type."""
-
-    checksum: bool = False
-
-
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The caller's own MP_TIER_* variables must not leak into these tests."""
@@ -37,10 +31,10 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def load_error(path: Path, cls: type[TierConfig] = TierConfig) -> str:
+def load_error(path: Path) -> str:
     """The one ConfigError loading ``path`` raises, checked to carry no chained traceback."""
     with pytest.raises(ConfigError) as info:
-        cls.from_toml(path)
+        TierConfig.from_toml(path)
     error = info.value
     assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
     return str(info.value)
@@ -92,7 +86,19 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
         pytest.param("[tier]\nn_read_workers = 4\n", "unknown key 'tier'", id="table"),
         pytest.param('n_read_workers = "four"\n', "n_read_workers = 'four': expected an integer", id="wrong-type"),
         pytest.param("n_write_workers = 2.5\n", "n_write_workers = 2.5: expected an integer", id="float-for-int"),
-        pytest.param("o_direct = true\n", "o_direct = True: expected a string", id="bool-for-str"),
+        pytest.param("o_direct = true\n", "o_direct = True: expected one of auto, on, off", id="bool-for-str"),
+            pytest.param("n_read_workers = true\n", "n_read_workers = True: expected an integer", id="bool-for-int"),
+            pytest.param("n_read_workers = 100000\n", "n_read_workers = 100000: expected an integer >= 1 and <= 256", id="huge"),
+            pytest.param("stop_timeout = inf\n", "stop_timeout = inf: expected a number > 0 and <= 86400", id="inf"),
+            pytest.param("stop_timeout = nan\n", "stop_timeout = nan: expected a number > 0", id="nan"),
+            pytest.param("stop_timeout = 1e300\n", "stop_timeout = 1e+300: expected a number > 0 and <= 86400", id="1e300"),
+            pytest.param("stop_timeout = true\n", "stop_timeout = True: expected a number", id="bool-for-float"),
+            pytest.param("task_timeout = -1\n", "task_timeout = -1: expected a number >= 0 and <= 86400", id="negative-timeout"),
+            pytest.param("max_bytes = 1.5\n", "max_bytes = 1.5: expected an integer >= 0", id="float-bytes"),
+            pytest.param("max_bytes = 99999999999999999999\n", "max_bytes = 99999999999999999999: expected an integer >= 0", id="huge-bytes"),
+            pytest.param("checksum = 1\n", "checksum = 1: expected true or false", id="int-for-bool"),
+            pytest.param("root_dir = 5\n", "root_dir = 5: expected a string", id="int-for-str"),
+            pytest.param("start_method = \"fork\"\n", "unknown key 'start_method'", id="removed-key"),
         pytest.param("n_read_workers = 0\n", "n_read_workers = 0: expected an integer >= 1", id="zero-workers"),
         pytest.param("n_write_workers = -1\n", "n_write_workers = -1: expected an integer >= 1", id="negative"),
         pytest.param('o_direct = "sometimes"\n', "o_direct = 'sometimes': expected one of auto, on, off", id="word"),
@@ -134,10 +140,15 @@ def test_from_env_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("var", "value", "expected"),
     [
-        ("MP_TIER_N_READ_WORKERS", "four", "n_read_workers = 'four': expected an integer"),
-        ("MP_TIER_N_WRITE_WORKERS", "0", "n_write_workers = 0: expected an integer >= 1"),
+        ("MP_TIER_N_READ_WORKERS", "four", "n_read_workers = 'four': expected an integer >= 1 and <= 256"),
+        ("MP_TIER_N_WRITE_WORKERS", "0", "n_write_workers = 0: expected an integer >= 1 and <= 256"),
+        ("MP_TIER_N_WRITE_WORKERS", "0x10", "n_write_workers = '0x10': expected an integer >= 1 and <= 256"),
+        ("MP_TIER_MAX_BYTES", "1e9", "max_bytes = '1e9': expected an integer >= 0 and <= 9223372036854775807"),
+        ("MP_TIER_STOP_TIMEOUT", "inf", "stop_timeout = inf: expected a number > 0 and <= 86400"),
+        ("MP_TIER_STOP_TIMEOUT", "nan", "stop_timeout = nan: expected a number > 0 and <= 86400"),
+        ("MP_TIER_CHECKSUM", "", "checksum = '': expected true or false"),
         ("MP_TIER_O_DIRECT", "never", "o_direct = 'never': expected one of auto, on, off"),
-        ("MP_TIER_STOP_TIMEOUT", "soon", "stop_timeout = 'soon': expected a number"),
+        ("MP_TIER_STOP_TIMEOUT", "soon", "stop_timeout = 'soon': expected a number > 0 and <= 86400"),
     ],
 )
 def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str, expected: str) -> None:
@@ -154,18 +165,18 @@ def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: 
 )
 def test_env_bool_words(monkeypatch: pytest.MonkeyPatch, text: str, value: bool) -> None:
     monkeypatch.setenv("MP_TIER_CHECKSUM", text)
-    assert WithChecksum.from_env().checksum is value
+    assert TierConfig.from_env().checksum is value
 
 
 def test_env_bool_bad_word(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MP_TIER_CHECKSUM", "maybe")
     with pytest.raises(ConfigError, match=r"^env MP_TIER_CHECKSUM: checksum = 'maybe': expected true or false$"):
-        WithChecksum.from_env()
+        TierConfig.from_env()
 
 
 def test_toml_bool_field(tmp_path: Path) -> None:
-    assert WithChecksum.from_toml(write(tmp_path, "checksum = true\n")).checksum is True
-    message = load_error(write(tmp_path, 'checksum = "yes"\n'), WithChecksum)
+    assert TierConfig.from_toml(write(tmp_path, "checksum = true\n")).checksum is True
+    message = load_error(write(tmp_path, 'checksum = "yes"\n'))
     assert message.endswith("checksum = 'yes': expected true or false")
 
 
@@ -194,10 +205,36 @@ def test_cli_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
     result = run_cli("config", "show", str(path))
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr == f"{path}: n_read_workers = 0: expected an integer >= 1\n"
+    assert result.stderr == f"{path}: n_read_workers = 0: expected an integer >= 1 and <= 256\n"
 
 
 def test_cli_bad_env_exits_2() -> None:
     result = run_cli("config", "show", env={"MP_TIER_O_DIRECT": "sometimes"})
     assert result.returncode == 2
     assert result.stderr == "env MP_TIER_O_DIRECT: o_direct = 'sometimes': expected one of auto, on, off\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("checksum", "no", "checksum = 'no': expected true or false"),
+        ("events", "false", "events = 'false': expected true or false"),
+        ("stop_timeout", True, "stop_timeout = True: expected a number > 0 and <= 86400"),
+        ("stop_timeout", float("inf"), "stop_timeout = inf: expected a number > 0 and <= 86400"),
+        ("root_dir", 5, "root_dir = 5: expected a string"),
+        ("n_read_workers", 10**22, "n_read_workers = 10000000000000000000000: expected an integer >= 1 and <= 256"),
+        ("max_bytes", 2**70, "max_bytes = 1180591620717411303424: expected an integer >= 0 and <= 9223372036854775807"),
+        ("engine", "fork", "engine = 'fork': expected one of processes, threads"),
+    ],
+)
+def test_constructor_checks_types_as_strictly_as_files(field: str, value: object, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        TierConfig(**{field: value})
+    assert str(info.value) == expected
+
+
+def test_env_numbers_with_spaces_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_TIER_N_READ_WORKERS", " 3 ")
+    monkeypatch.setenv("MP_TIER_TASK_TIMEOUT", "0")
+    config = TierConfig.from_env()
+    assert (config.n_read_workers, config.task_timeout) == (3, 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import stat
@@ -13,7 +14,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import BLOCK, fill_random, make_keys, run_job
+from helpers import BLOCK, fill_random, make_keys, run_job, wait_ready
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
 
 
@@ -22,7 +23,7 @@ def test_roundtrip_into_other_blocks(tier, cache, n):
     keys = make_keys(n, seed=n)
     fill_random(cache, range(n), seed=n)
     stored = run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=list(range(n))))
-    assert stored.success and stored.error is None
+    assert stored.success and stored.error is None and stored.error_code is None
     assert stored.transfer_size == n * BLOCK
     loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=np.arange(100, 100 + n), is_promotion=True))
     assert loaded.success and loaded.successful_keys is None
@@ -33,7 +34,7 @@ def test_roundtrip_into_other_blocks(tier, cache, n):
 def test_load_of_missing_file_fails_with_errno(tier):
     result = run_job(tier, "load", JobMetadata(job_id=7, keys=make_keys(1), block_ids=[0]))
     assert not result.success
-    assert result.error.startswith("ENOENT")
+    assert result.error_code == "ENOENT" and result.error.startswith("ENOENT: ")
     assert result.successful_keys == ()
     assert result.transfer_size == 0
 
@@ -58,7 +59,7 @@ def test_truncated_file_fails_and_is_removed(tier, cache):
     path = tier.block_path(keys[0])
     os.truncate(path, BLOCK // 2)
     result = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[1]))
-    assert not result.success and "EBADMSG" in result.error
+    assert not result.success and result.error_code == "EBADMSG"
     assert not os.path.exists(path)
     assert tier.lookup(keys[0]) is False
 
@@ -69,7 +70,7 @@ def test_symlink_loop_fails_and_stays(tier):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     os.symlink(path, path)
     result = run_job(tier, "load", JobMetadata(job_id=1, keys=keys, block_ids=[0]))
-    assert not result.success and result.error.startswith("ELOOP")
+    assert not result.success and result.error_code == "ELOOP"
     assert os.path.islink(path)
 
 
@@ -88,7 +89,7 @@ def test_symlink_loop_fails_and_stays(tier):
 def test_bad_jobs_raise_at_submit_and_enqueue_nothing(tier, keys, block_ids, message):
     with pytest.raises(ValueError, match=message):
         tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=block_ids))
-    assert tier.stats()["jobs_active"] == 0
+    assert tier.stats().jobs_active == 0
     good = run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1, seed=9), block_ids=[0]))
     assert good.success
 
@@ -134,7 +135,7 @@ def test_store_skips_a_block_already_on_disk(tier):
     assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1])).transfer_size == 2 * BLOCK
     again = run_job(tier, "store", JobMetadata(job_id=2, keys=keys, block_ids=[0, 1]))
     assert again.success and again.transfer_size == 0
-    assert tier.stats()["blocks_skipped"] == 2
+    assert tier.stats().blocks_skipped == 2
 
 
 def test_load_jumps_a_backlog_of_500_stores(make_tier):
@@ -161,17 +162,18 @@ def test_every_worker_helps_with_one_kind_of_work(make_tier, kind):
     """Blocks of 1 MiB, so that a task lasts long enough for the queue to need every worker."""
     big = PrimaryCache.create(128, 1 << 20)
     tier = make_tier(n_read_workers=2, n_write_workers=2, view=big)
+    wait_ready(tier)
     keys = make_keys(64)
     if kind == "load":
         tier.submit_store(JobMetadata(job_id=-1, keys=keys, block_ids=list(range(64))))
         tier.drain(30)
         tier.get_finished()
-    before = tier.stats()["tasks_by_worker"]
+    before = tier.stats().tasks_by_worker
     for j, key in enumerate(keys):
         getattr(tier, f"submit_{kind}")(JobMetadata(job_id=j, keys=[key], block_ids=[64 + j]))
     tier.drain(30)
     assert all(r.success for r in tier.get_finished())
-    done = [after - b for after, b in zip(tier.stats()["tasks_by_worker"], before)]
+    done = [after - b for after, b in zip(tier.stats().tasks_by_worker, before)]
     assert sum(done) == 64
     assert all(n > 0 for n in done), f"tasks per worker: {done}"
     tier.shutdown()
@@ -186,7 +188,7 @@ def test_shutdown_gives_every_queued_job_one_result(make_tier):
     results = tier.get_finished()
     assert sorted(r.job_id for r in results) == list(range(300))
     cancelled = [r for r in results if not r.success]
-    assert cancelled and all("cancelled" in r.error for r in cancelled)
+    assert cancelled and all(r.error_code == "ECANCELED" and "cancelled" in r.error for r in cancelled)
     assert all(r.error is None for r in results if r.success)
     tier.shutdown()  # idempotent
     assert tier.get_finished() == []
@@ -240,11 +242,72 @@ def test_bad_root_dir_raises_oserror_naming_it(cache, tmp_path):
         FileSystemTierManager(primary_kv_view=cache, root_dir=str(not_a_dir / "blocks"))
 
 
-def test_accepts_the_cache_array_or_view_but_not_other_memory(make_tier, cache):
-    assert make_tier(view=cache.array).cache is cache
-    assert make_tier(view=cache.view).cache is cache
-    with pytest.raises(ValueError, match="primary_kv_view"):
-        make_tier(view=np.zeros((256, BLOCK), dtype=np.uint8))
+@pytest.mark.parametrize("view", ["array", "view"])
+def test_accepts_the_cache_array_or_view(make_tier, cache, view):
+    tier = make_tier(view=getattr(cache, view))
+    assert (tier.num_blocks, tier.block_bytes) == (cache.num_blocks, cache.block_bytes)
+    fill_random(cache, [0])
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
+    assert run_job(tier, "load", JobMetadata(job_id=2, keys=make_keys(1), block_ids=[1])).success
+    assert np.array_equal(cache.array[1], cache.array[0])
+
+
+def test_a_view_into_the_middle_of_shared_memory(make_tier, cache):
+    """A 2-D int8 view that starts one block in: its block 0 is the cache's block 1, for workers too."""
+    view = cache.array[1:].view(np.int8)
+    tier = make_tier(view=view)
+    assert tier.num_blocks == cache.num_blocks - 1
+    fill_random(cache, [1])
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
+    assert run_job(tier, "load", JobMetadata(job_id=2, keys=make_keys(1), block_ids=[9])).success
+    assert np.array_equal(cache.array[10], cache.array[1])
+
+
+@pytest.fixture(params=["named", "unlinked"])
+def foreign_mapping(request):
+    """A MAP_SHARED file under /dev/shm that mp_tier did not create, as vLLM's SharedOffloadRegion makes one."""
+    path = f"/dev/shm/foreign_{os.getpid()}_{request.param}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, 16 * BLOCK)
+        mapping = mmap.mmap(fd, 16 * BLOCK, mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+        if request.param == "unlinked":
+            os.unlink(path)
+    yield mapping
+    if request.param == "named":
+        os.unlink(path)
+    mapping.close()
+
+
+def test_runs_on_shared_memory_it_did_not_create(make_tier, foreign_mapping):
+    """Workers map the engine's own file (by fd, found through /proc/self/maps): no copy, stores and loads byte-exact."""
+    blocks = np.frombuffer(foreign_mapping, dtype=np.int8).reshape(16, BLOCK)  # vLLM hands over int8 rows
+    blocks[:4] = np.random.default_rng(1).integers(-128, 128, (4, BLOCK), dtype=np.int8)
+    tier = make_tier(view=memoryview(blocks))
+    keys = make_keys(4)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2, 3])).success
+    assert run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[8, 9, 10, 11])).success
+    assert np.array_equal(blocks[8:12], blocks[:4])
+    tier.shutdown()
+    del blocks
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_private_memory_is_refused_for_processes_with_the_cause(cache, tmp_path, engine):
+    with pytest.raises(ValueError, match=r"primary_kv_view is not in shared memory .*a rw-p mapping.*engine = .threads."):
+        FileSystemTierManager(primary_kv_view=np.zeros((16, BLOCK), dtype=np.uint8), root_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("engine", ["threads"])
+def test_the_thread_engine_takes_private_memory(make_tier, engine):
+    blocks = np.zeros((16, BLOCK), dtype=np.uint8)
+    blocks[0] = 9
+    tier = make_tier(view=blocks)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
+    assert run_job(tier, "load", JobMetadata(job_id=2, keys=make_keys(1), block_ids=[5])).success
+    assert (blocks[5] == 9).all()
 
 
 TWO_INSTANCE_WRITER = textwrap.dedent(
@@ -289,6 +352,7 @@ def test_a_load_waits_one_block_of_a_store_task_not_the_whole_task(make_tier):
     one serves it between two blocks, long before the store job is done."""
     big = PrimaryCache.create(128, 1 << 20)
     tier = make_tier(n_read_workers=1, n_write_workers=1, view=big)
+    wait_ready(tier)
     wanted = make_keys(1, seed=1)
     assert run_job(tier, "store", JobMetadata(job_id=0, keys=wanted, block_ids=[127])).success
     flood = make_keys(80, seed=2)
@@ -319,12 +383,12 @@ def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
         os.kill(pid, signal.SIGSTOP)
     try:
         job = 0
-        while tier.stats()["tasks_queued"] < 10:
+        while tier.stats().tasks_queued < 10:
             job += 1
             tier.submit_store(JobMetadata(job_id=job, keys=make_keys(1, seed=job), block_ids=[job % 256]))
         tier.submit_store(JobMetadata(job_id=0, keys=make_keys(1, seed=0), block_ids=[0]))
         refused = tier.get_finished()
-        assert [(r.job_id, r.success) for r in refused] == [(0, False)] and refused[0].error.startswith("EAGAIN")
+        assert [(r.job_id, r.success) for r in refused] == [(0, False)] and refused[0].error_code == "EAGAIN"
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)

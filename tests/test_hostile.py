@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from conftest import BLOCK, make_keys, run_job
+from helpers import BLOCK, make_keys, run_job
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
+from mp_tier.layout import MAX_KEY_BYTES
 
 KEY = make_keys(1, seed=42)[0]
 
@@ -23,20 +24,28 @@ def still_works(tier) -> None:
 BAD_JOBS = [
     ("not a job", {"job": {"job_id": 1}}, "expected a JobMetadata"),
     ("job_id not int", {"job_id": "1"}, "job_id must be an int"),
-    ("keys None", {"keys": None}, "keys must be a sequence of bytes"),
-    ("keys one bytes", {"keys": KEY}, "keys must be a sequence of bytes"),
+    ("job_id bool", {"job_id": True}, "job_id must be an int"),
+    ("keys None", {"keys": None}, "keys must be an ordered sequence, got None"),
+    ("keys one bytes", {"keys": KEY}, "keys must be an ordered sequence"),
+    ("keys a set", {"keys": {KEY}}, "keys must be an ordered sequence, not a set"),
     ("key str", {"keys": ["k" * 36]}, "is not bytes"),
-    ("block_ids None", {"block_ids": None}, "block_ids must be a sequence of ints"),
+    ("key bytearray", {"keys": [bytearray(KEY)]}, "is not bytes"),
+    ("block_ids None", {"block_ids": None}, "block_ids must be an ordered sequence"),
+    ("block_ids a dict", {"block_ids": {0: 1}}, "block_ids must be an ordered sequence, not a dict"),
+    ("block_ids a frozenset", {"block_ids": frozenset([0])}, "block_ids must be an ordered sequence, not a frozenset"),
     ("block id float", {"block_ids": [0.0]}, "is not an int"),
     ("block id bool", {"block_ids": [True]}, "is not an int"),
+    ("block id numpy bool", {"block_ids": [np.bool_(False)]}, "is not an int"),
     ("block ids float array", {"block_ids": np.array([0.0])}, "1-D integer array"),
+    ("block ids bool array", {"block_ids": np.array([False])}, "1-D integer array"),
     ("block ids 2-D array", {"block_ids": np.array([[0]])}, "1-D integer array"),
     ("negative block id", {"block_ids": [-1]}, "out of range"),
     ("huge block id", {"block_ids": [2**70]}, "out of range"),
     ("huge uint64 block id", {"block_ids": np.array([2**63], dtype=np.uint64)}, "out of range"),
     ("length mismatch", {"block_ids": [0, 1]}, "1 keys but 2 block_ids"),
     ("key too short", {"keys": [b"\x01\x02\x03\x00\x00\x00\x00"]}, "shorter than 8 bytes"),
-    ("key too long", {"keys": [bytes(2000)]}, "longer than"),
+    ("key one byte too long", {"keys": [bytes(MAX_KEY_BYTES + 1)]}, f"a key of {MAX_KEY_BYTES + 1} bytes is longer than {MAX_KEY_BYTES}"),
+    ("key far too long", {"keys": [bytes(10**6)]}, "longer than"),
     ("duplicate keys", {"keys": [KEY, KEY], "block_ids": [0, 1]}, "appears twice"),
 ]
 
@@ -49,7 +58,7 @@ def test_bad_job_raises_names_the_value_and_leaves_the_tier_working(tier, what, 
     job = fields.pop("job", None) or JobMetadata(**fields)
     with pytest.raises(ValueError, match=message):
         getattr(tier, f"submit_{kind}")(job)
-    assert tier.stats()["jobs_active"] == 0 and tier.get_finished() == []
+    assert tier.stats().jobs_active == 0 and tier.get_finished() == []
     still_works(tier)
 
 
@@ -71,20 +80,22 @@ def test_reused_active_job_id(tier):
 
 
 @pytest.mark.parametrize(
-    "view",
+    "view, message",
     [
-        lambda c: np.zeros((c.num_blocks, c.block_bytes), dtype=np.uint8),
-        lambda c: bytearray(c.num_blocks * c.block_bytes),
-        lambda c: c.array.view(np.int8),
-        lambda c: c.array.reshape(c.num_blocks * 2, -1),
-        lambda c: c.array[1:],
-        lambda c: "cache",
+        (lambda c: bytearray(c.num_blocks * c.block_bytes), "2-D buffer .*; got 1-D 'B'"),
+        (lambda c: bytes(16), "2-D buffer .*; got read-only 1-D"),
+        (lambda c: c.array.reshape(4, -1, 1024), "2-D buffer .*; got 3-D"),
+        (lambda c: c.array[:, ::2], "C-contiguous 2-D buffer .*; got 2-D"),
+        (lambda c: c.array[:0], "2-D buffer .*; got 2-D 'B' of shape \\(0,"),
+        (lambda c: "cache", "must be a PrimaryCache, its .array/.view, or a 2-D writable buffer; got str"),
+        (lambda c: None, "got NoneType"),
     ],
-    ids=["private numpy", "bytearray", "int8 dtype", "wrong shape", "partial slice", "str"],
+    ids=["bytearray", "read-only", "3-D", "strided", "empty", "str", "None"],
 )
-def test_primary_view_that_is_not_the_whole_shared_cache(cache, tmp_path, view):
-    with pytest.raises(ValueError, match="primary_kv_view must be a PrimaryCache"):
+def test_primary_view_that_cannot_be_a_cache(cache, tmp_path, view, message):
+    with pytest.raises(ValueError, match=f"primary_kv_view .*{message}"):
         FileSystemTierManager(primary_kv_view=view(cache), root_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_root_dir_that_is_a_file(cache, tmp_path):
@@ -126,13 +137,13 @@ def test_calls_after_shutdown(tier):
         with pytest.raises(TierClosed, match="shut down"):
             call()
     assert tier.get_finished() == []
-    assert tier.worker_pids() == [] and tier.stats()["workers_alive"] == 0
+    assert tier.worker_pids() == [] and tier.stats().workers_alive == 0
     tier.shutdown()
 
 
 def test_lookup_and_touch_of_a_bad_key(tier):
     for call in (tier.lookup, lambda k: tier.lookup_many([KEY, k]), lambda k: tier.touch([k])):
-        for bad in ("abc", b"short", None):
+        for bad in ("abc", b"short", None, bytes(MAX_KEY_BYTES + 1), bytearray(KEY)):
             with pytest.raises(ValueError, match="is not bytes of at least 8"):
                 call(bad)
     assert tier.lookup(KEY) is False

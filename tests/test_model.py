@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from conftest import wait_exit
+from helpers import wait_exit
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache
 
 BLOCK = 16 << 10
@@ -208,7 +208,7 @@ class TierModel(RuleBasedStateMachine):
     def check_store(self, job: Job, result: JobResult) -> None:
         stored = set(self.done_keys(job, result))
         if not result.success:
-            assert job.exposed and "died" in result.error, f"store failed with no worker killed: {result.error}"
+            assert job.exposed and result.error_code == "EOWNERDEAD", f"store failed with no worker killed: {result.error}"
         size = result.transfer_size
         written = len(job.new & stored)
         assert size % BLOCK == 0 and size <= BLOCK * written, f"{size} bytes for {written} new keys"
@@ -222,22 +222,20 @@ class TierModel(RuleBasedStateMachine):
         missed = set(job.keys) - set(loaded)
         assert set(loaded) <= job.must_hit | job.may_hit, "loaded a key that was never stored"
         if missed & job.must_hit:
-            assert job.exposed and "died" in result.error, f"a stored key failed to load: {result.error}"
+            assert job.exposed and result.error_code == "EOWNERDEAD", f"a stored key failed to load: {result.error}"
         elif missed:
-            assert result.error.startswith("ENOENT") or (job.exposed and "died" in result.error), result.error
+            assert result.error_code == "ENOENT" or (job.exposed and result.error_code == "EOWNERDEAD"), result.error
         assert result.transfer_size == BLOCK * len(loaded), f"{result.transfer_size} bytes for {len(loaded)} blocks"
         for key, block in zip(job.keys, job.block_ids):
             self.holds[block] = key if key in loaded else None
         self.learn_on_disk(set(loaded))
 
     def started_workers(self) -> list[int]:
-        """Live workers past their start, asked of the pool: the tier has no public sign of it."""
-        pool = self.tier._pool
-        pids = self.tier.worker_pids()
-        return [pid for i, pid in enumerate(pids) if not pool.starting(i) and pid not in self.killed]
+        """Live workers past their start."""
+        return [pid for pid in self.tier.worker_pids(ready=True) if pid not in self.killed]
 
     def deaths_unnoticed(self) -> bool:
-        restarted = self.tier.stats()["workers_restarted"]
+        restarted = self.tier.stats().workers_restarted
         assert restarted <= len(self.killed), "a worker died that nobody killed"
         return restarted < len(self.killed)
 

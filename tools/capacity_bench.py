@@ -36,7 +36,7 @@ def fill(root: str, n: int, cache: PrimaryCache) -> float:
         for first in range(0, n, 64):
             count = min(64, n - first)
             tier.submit_store(JobMetadata(job_id=first, keys=[key(i) for i in range(first, first + count)], block_ids=list(range(count))))
-            if tier.stats()["jobs_active"] > 64:
+            if tier.stats().jobs_active > 64:
                 tier.wait(10)
                 tier.get_finished()
         tier.drain(600)
@@ -97,7 +97,7 @@ def main() -> int:
             tier.drain(600)
             scanned = time.perf_counter() - start
             rows.append(("restart: construction returns", f"{args.blocks} blocks", f"{built * 1000:.0f} ms"))
-            rows.append(("restart: scan done, index rebuilt", f"{tier.stats()['bytes_counted'] // BLOCK} blocks", f"{scanned:.2f} s"))
+            rows.append(("restart: scan done, index rebuilt", f"{tier.stats().bytes_counted // BLOCK} blocks", f"{scanned:.2f} s"))
             start = time.perf_counter()
             answers = tier.lookup_many(known)
             rows.append(("lookup_many, keys in the index", f"{len(known)}", f"{(time.perf_counter() - start) * 1000:.0f} ms"))

@@ -365,7 +365,7 @@ class Soak:
         print(
             f"[{elapsed:5.0f}s] jobs {c.submitted} submitted, {c.results} done | stored {c.stored_blocks} blocks,"
             f" loaded {c.loaded_blocks}, torn {c.torn} | killed {len(self.killed)}, restarted"
-            f" {self.tier.stats()['workers_restarted']} | failed: {c.died} died, {len(c.other_failures)} other"
+            f" {self.tier.stats().workers_restarted} | failed: {c.died} died, {len(c.other_failures)} other"
             f" | host RSS {rss_anon() / MIB:.1f} MiB",
             file=sys.stderr,
             flush=True,
@@ -384,11 +384,11 @@ class Soak:
             except TimeoutError:
                 break  # the results check reports the jobs left
             self.collect()
-            restarted = self.tier.stats()["workers_restarted"]
+            restarted = self.tier.stats().workers_restarted
             if restarted >= len(self.killed) or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
-        return self.tier.stats()["workers_restarted"], self.temp_files()
+        return self.tier.stats().workers_restarted, self.temp_files()
 
     def temp_files(self) -> int:
         return sum(1 for _ in Path(self.tier.config.root_dir).rglob("*.tmp"))
@@ -488,7 +488,7 @@ def drive(soak: Soak, seconds: float) -> tuple[int, int]:
         return soak.settle()
     except TierBroken as e:
         soak.counts.broken = str(e)
-        return soak.tier.stats()["workers_restarted"], soak.temp_files()
+        return soak.tier.stats().workers_restarted, soak.temp_files()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

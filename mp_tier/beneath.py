@@ -1,0 +1,109 @@
+"""Opening paths beneath a directory fd without ever following a symlink.
+
+``O_NOFOLLOW`` guards only a path's last component: a directory inside the
+root that someone replaced by a symlink would lead a store, a load or an
+eviction outside it. Every file operation of the tier therefore starts from
+the namespace directory's fd and resolves the rest with ``openat2`` and
+``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` (one system call, Linux 5.6+), or,
+where the kernel lacks it, one ``O_NOFOLLOW | O_DIRECTORY`` component at a
+time, which refuses the same paths. Either way a symlink anywhere below the
+root fails with ELOOP and ``..`` cannot climb out of it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_SYS_OPENAT2 = 437  # the same number on every architecture (a syscall added after the unified table)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_use_openat2 = True  # until the kernel says ENOSYS
+
+
+def _openat2(dir_fd: int, path: str, flags: int, mode: int) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+    fd = _syscall(_SYS_OPENAT2, ctypes.c_int(dir_fd), os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        code = ctypes.get_errno()
+        if code == errno.EXDEV:  # the kernel's answer to a path that climbs out: say so plainly
+            raise OSError(errno.EXDEV, "path leaves the root directory", path)
+        raise OSError(code, os.strerror(code), path)
+    return int(fd)
+
+
+def _parts(path: str) -> list[str]:
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise OSError(errno.EXDEV, "path leaves the root directory or is not plain", path)
+    return parts
+
+
+def open_by_components(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
+    """``open_beneath`` one component at a time: each directory with O_NOFOLLOW | O_DIRECTORY."""
+    *dirs, last = _parts(path)
+    current = dir_fd
+    try:
+        for name in dirs:
+            following = os.open(name, DIR_FLAGS, dir_fd=current)
+            if current != dir_fd:
+                os.close(current)
+            current = following
+        return os.open(last, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=current)
+    finally:
+        if current != dir_fd:
+            os.close(current)
+
+
+def open_beneath(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
+    """Open ``path`` (relative, '/'-separated) below ``dir_fd``; no component may be a symlink."""
+    global _use_openat2
+    if _use_openat2:
+        try:
+            return _openat2(dir_fd, path, flags, mode)
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            _use_openat2 = False
+    return open_by_components(dir_fd, path, flags, mode)
+
+
+def open_dir(dir_fd: int, path: str, create_mode: int | None = None) -> int:
+    """An O_PATH fd of directory ``path`` below ``dir_fd``, made (with ``create_mode``) if missing and asked to.
+
+    A missing directory costs one failed open the first time rather than a
+    mkdir for every block.
+    """
+    try:
+        return open_beneath(dir_fd, path, DIR_FLAGS)
+    except FileNotFoundError:
+        if create_mode is None:
+            raise
+    current = dir_fd
+    try:
+        for name in _parts(path):
+            try:
+                os.mkdir(name, create_mode, dir_fd=current)
+            except FileExistsError:
+                pass  # made meanwhile by another worker, or only a deeper part was missing
+            child = os.open(name, DIR_FLAGS, dir_fd=current)
+            if current != dir_fd:
+                os.close(current)
+            current = child
+    except BaseException:
+        if current != dir_fd:
+            os.close(current)
+        raise
+    return current

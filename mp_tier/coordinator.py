@@ -1,0 +1,296 @@
+"""The coordinator: runs inside the host's calls, turning plans into tasks and completions into results.
+
+It has no thread of its own: ``pump`` does, in one pass, everything that
+has come due (completions, worker deaths, a death being settled, delayed
+restarts, task deadlines) and never blocks. Decisions come from plain
+objects: the ``ledger`` (jobs and tasks), ``residency`` (what is on disk and
+pinned) and ``recovery`` (what a death means); the coordinator applies them
+to the ``pool``.
+
+A death is settled in steps across pumps, never by waiting: the pipes are
+emptied and held, and once no live worker is between reading a task and
+naming it (see ``slots``), every task that had left a pipe is named by a
+live worker, complete, or was the dead one's. Those are sent again once
+(a second loss fails the job), then the pipes flow again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+from . import block_io
+from .jobs import JobResult
+from .layout import BlockLayout
+from .ledger import Job, Ledger, Plan, TaskRef
+from .messages import Completion, Op
+from .pool import WorkerPool
+from .recovery import CLAIM_SETTLE_SECONDS, Recovery, Settling
+from .residency import Residency
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Jobs in, results out, workers kept alive; the tier's lock is held around every call."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        residency: Residency,
+        layout: BlockLayout,
+        root: int,
+        group_sizes: dict[Op, int],
+        task_timeout: float,
+    ):
+        self.pool = pool
+        self.ledger = Ledger()
+        self.residency = residency
+        self.recovery = Recovery()
+        self.layout = layout
+        self.root = root  # the namespace directory's fd, for the host's own sweep at stop
+        self.group_sizes = group_sizes  # workers a job of each kind is split over
+        self.task_timeout = task_timeout  # seconds; 0 = no deadline
+        self.finished: list[JobResult] = []  # results not yet handed to get_finished()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.tasks_by_worker = [0] * len(pool.specs)  # job tasks each worker slot completed
+        self.settling: Settling | None = None  # a death being settled, if any
+        self.stopping = False  # no new housekeeping once the workers are being stopped
+        self._next_deadline_check = time.monotonic()
+
+    # -- sending -----------------------------------------------------------------
+
+    def send(self, plan: Plan) -> None:
+        """Commit a plan and queue its frames; cannot fail."""
+        self.ledger.commit(plan)
+        self.pool.submit(plan.job.op, plan.frames)
+
+    def housekeeping(self, op: Op, keys: list[bytes], evict: list[bytes] | None = None) -> None:
+        """Send the tier's own work (no result): split over every worker, or one task if it has no blocks."""
+        if self.stopping:
+            return
+        job = Job(None, op, keys, [], evict or [])
+        self.send(self.ledger.plan(job, len(self.pool.specs)))
+
+    def deliver(self, result: JobResult) -> None:
+        if not result.success:
+            self.stats["jobs_failed"] += 1
+        self.finished.append(result)
+
+    # -- the pump ----------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Everything that has come due; never blocks."""
+        pool = self.pool
+        pool.flush()
+        completions, dead = pool.poll()
+        for completion in completions:
+            self.on_completion(completion)
+        if dead:
+            self._on_deaths(dead)
+        if self.settling is not None:
+            self._settle()
+        now = time.monotonic()
+        if self.recovery.restart_at and self.settling is None:
+            self._restart_due(now)
+        if self.task_timeout and now >= self._next_deadline_check:
+            self._enforce_deadlines(now)
+
+    def next_wakeup(self) -> float | None:
+        """When the pump has timed work to do (a settle deadline, a restart, a deadline check), or None."""
+        times = [self.recovery.next_restart()]
+        if self.settling is not None:
+            times.append(min(self.settling.deadline, time.monotonic() + 0.001))
+        if self.task_timeout:
+            times.append(self._next_deadline_check)
+        return min((t for t in times if t is not None), default=None)
+
+    def on_completion(self, completion: Completion) -> None:
+        if completion.more:
+            if completion.seq in self.ledger.tasks:
+                self.residency.scanned(completion.found)
+            return
+        ref = self.ledger.complete(completion)
+        if ref is None:
+            return
+        recovery = self.recovery
+        if recovery.retried or recovery.timed_out:
+            recovery.completed(completion.seq)
+        job = ref.job
+        if job.evict:
+            self.residency.evicted(job.evict[ref.first : ref.first + ref.count])
+        if completion.worker >= 0 and job.job_id is not None:
+            self.tasks_by_worker[completion.worker] += 1
+        stats = self.stats
+        stats["blocks_skipped"] += completion.skipped
+        stats["files_removed"] += completion.swept + len(completion.corrupt)
+        stats["foreign_entries"] += completion.foreign
+        if completion.corrupt:
+            self.residency.corrupt([job.keys[ref.first + i] for i in completion.corrupt])
+        if job.tasks_left == 0:
+            self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        residency = self.residency
+        if job.job_id is None:  # the tier's own housekeeping: no result
+            if job.op == Op.SCAN and (victims := residency.over_budget()):
+                self.housekeeping(Op.EVICT, [], victims)
+            elif job.op == Op.PROBE:
+                residency.probed(job.keys, job.failed)
+            return
+        if job.op == Op.STORE:
+            residency.store_done(job.keys, job.failed)
+        else:
+            residency.load_done(job.keys, job.failed)
+        kind = "stored" if job.op == Op.STORE else "loaded"
+        successful_keys = None
+        if job.failed:
+            failed = set(job.failed)
+            successful_keys = tuple(k for i, k in enumerate(job.keys) if i not in failed)
+        else:
+            self.stats[f"jobs_{kind}"] += 1
+        self.stats[f"bytes_{kind}"] += job.nbytes
+        self.deliver(
+            JobResult(
+                job_id=job.job_id,
+                success=not job.failed,
+                successful_keys=successful_keys,
+                transfer_size=job.nbytes,
+                transfer_time=time.perf_counter() - job.start,
+                error=job.error,
+                error_code=job.code,
+            )
+        )
+
+    def _fail_task(self, seq: int, code: str, reason: str) -> None:
+        ref = self.ledger.tasks.get(seq)
+        if ref is not None and self.ledger.fail(seq, code, reason) is not None:
+            self._after_fail(ref)
+
+    def _after_fail(self, ref: TaskRef) -> None:
+        job = ref.job
+        if job.evict:
+            self.residency.evicted(job.evict[ref.first : ref.first + ref.count])
+        if job.tasks_left == 0:
+            self._finish(job)
+
+    # -- deaths ------------------------------------------------------------------
+
+    def _on_deaths(self, dead: list[int]) -> None:
+        now = time.monotonic()
+        reasons = []
+        for index in dead:
+            starting = self.pool.slots.starting(index)
+            reason = self.pool.forget(index)
+            delay = self.recovery.died(index, starting, now, reason)
+            log.warning("%s%s; replacing it in %.2f s", reason, " while starting" if starting else "", delay)
+            reasons.append(reason)
+        if self.settling is not None:
+            self.settling.reasons.extend(reasons)
+            return
+        queued = self.pool.reclaim()
+        taken = {task.seq for task in queued}
+        suspects = {seq for seq in self.ledger.tasks if seq not in taken}
+        self.settling = Settling(queued, suspects, now + CLAIM_SETTLE_SECONDS, reasons)
+
+    def _settle(self) -> None:
+        settling = self.settling
+        assert settling is not None
+        if claiming := self.pool.claiming():
+            if time.monotonic() >= settling.deadline:
+                for index in claiming:
+                    if self.pool.kill(index):
+                        log.warning(
+                            "worker %d (pid %s) stayed between reading a task and naming it for %.1f s: killing it",
+                            index,
+                            self.pool.pid_of(index),
+                            CLAIM_SETTLE_SECONDS,
+                        )
+            return  # a killed worker's death arrives through poll, and settling goes on
+        held = self.pool.held()
+        for completion in self.pool.results.read():  # after the slots: a completion is written before its slot clears
+            self.on_completion(completion)
+        lost = sorted(seq for seq in settling.suspects if seq in self.ledger.tasks and seq not in held)
+        self.settling = None
+        verdict = self.recovery.lost(lost)
+        reason = "; ".join(settling.reasons)
+        stores = self.ledger.stored_keys(lost)
+        retry = [self.ledger.task(seq) for seq in verdict.retry]
+        for seq in verdict.fail:
+            self._fail_task(seq, self.recovery.failure_code(seq), f"{reason}; the task had already been retried once")
+        if lost:
+            log.warning("%d tasks lost to a death: %d sent again, %d failed", len(lost), len(retry), len(verdict.fail))
+        if stores:
+            self.housekeeping(Op.SWEEP, stores)  # the temp files their writers left
+        if self.recovery.broken:
+            self.break_tier()
+            return
+        self.pool.requeue(retry + settling.queued)
+        self.pool.resume()
+
+    def _restart_due(self, now: float) -> None:
+        for index in self.recovery.due(now):
+            try:
+                pid = self.pool.start(index)
+            except OSError as e:
+                reason = f"worker {index} could not start: {block_io.describe(e)[1]}"
+                delay = self.recovery.died(index, True, now, reason)
+                log.warning("%s; trying again in %.2f s", reason, delay)
+                if self.recovery.broken:
+                    self.break_tier()
+                    return
+                continue
+            self.stats["workers_restarted"] += 1
+            log.warning("worker %d replaced: pid %s", index, pid)
+
+    def _enforce_deadlines(self, now: float) -> None:
+        self._next_deadline_check = now + min(1.0, self.task_timeout / 4)
+        overdue = time.monotonic_ns() - int(self.task_timeout * 1e9)
+        for index in self.pool.live():
+            late = [seq for seq, named_at in self.pool.slots.held(index) if named_at < overdue]
+            if late and self.pool.kill(index):
+                self.recovery.timed_out.update(late)
+                self.stats["tasks_timed_out"] += len(late)
+                log.warning(
+                    "worker %d (pid %s) held task %s for more than task_timeout %g s: killing it",
+                    index,
+                    self.pool.pid_of(index),
+                    late[0],
+                    self.task_timeout,
+                )
+
+    # -- the end -----------------------------------------------------------------
+
+    def break_tier(self) -> None:
+        reason = self.recovery.broken
+        log.error("mp_tier tier broken: %s", reason)
+        self.stop(0, "ENOTRECOVERABLE", f"tier broken: {reason}")
+
+    def shutdown(self, timeout: float) -> None:
+        """Cancel what no worker has started, give the rest ``timeout`` seconds, then fail what is left."""
+        pool = self.pool
+        for completion in pool.results.read():
+            self.on_completion(completion)
+        for task in pool.reclaim():
+            self._fail_task(task.seq, "ECANCELED", "cancelled: the tier shut down before the task started")
+        self.stop(timeout, "ECANCELED", "cancelled: the worker stopped before finishing")
+
+    def stop(self, timeout: float, code: str, reason: str) -> None:
+        """Stop the pool, then fail every task it did not finish.
+
+        Workers killed at the deadline may have left temp files beside the
+        blocks they were storing; with no worker left, the host removes them.
+        """
+        self.stopping = True
+        self.settling = None
+        self.recovery.restart_at.clear()
+        for why in self.pool.stop(timeout, self.on_completion):
+            log.warning("%s at stop", why)
+        unfinished = list(self.ledger.tasks)
+        if stores := self.ledger.stored_keys(unfinished):
+            beside = [self.layout.locate(key) for key in stores]
+            self.stats["files_removed"] += block_io.remove_stale_temps(self.root, beside)[0]
+        for seq in unfinished:
+            self._fail_task(seq, code, reason)
+        self.pool.close()

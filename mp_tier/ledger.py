@@ -1,0 +1,135 @@
+"""Jobs and their tasks, from plan to the last completion.
+
+A job is split into tasks that each fit one frame. ``plan`` does all of the
+work that can fail (sizing, encoding) and changes nothing; ``commit`` records
+the plan, which cannot fail; ``complete`` folds a task's completion into its
+job. So a submit either queues a whole job or leaves the ledger as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple, Sequence
+
+from .channels import FRAME_BYTES, TASK_HEADER, encode_frame
+from .messages import Completion, Op, Task
+
+# Bytes a Task needs besides its blocks (array headers, seq, op), and per
+# block besides the key itself (a msgpack bin header and a block id up to
+# 2**63), and per evicted key besides the key.
+_TASK_OVERHEAD = 32
+_BLOCK_OVERHEAD = 12
+_EVICT_OVERHEAD = 3
+
+
+class Job:
+    """A submitted job while its tasks are out, or the tier's own housekeeping (``job_id`` None)."""
+
+    __slots__ = ("job_id", "op", "keys", "ids", "evict", "tasks_left", "nbytes", "failed", "error", "code", "start")
+
+    def __init__(self, job_id: int | None, op: Op, keys: list[bytes], ids: list[int], evict: Sequence[bytes]):
+        self.job_id = job_id
+        self.op = op
+        self.keys = keys
+        self.ids = ids
+        self.evict = evict  # blocks its tasks delete first, aligned with keys
+        self.tasks_left = 0  # set by commit; the job is done at zero
+        self.nbytes = 0  # bytes moved so far
+        self.failed: list[int] = []  # indices (into keys) of blocks that did not move
+        self.error: str | None = None  # the first failure's message
+        self.code: str | None = None  # ... and its errno name
+        self.start = time.perf_counter()
+
+
+class TaskRef(NamedTuple):
+    """A task's share of its job: ``count`` blocks from ``first`` (one task with no blocks for SCAN or SWEEP)."""
+
+    job: Job
+    first: int
+    count: int
+
+
+class Plan(NamedTuple):
+    """A job split and encoded, ready to commit: the frames go to the pipe of ``job.op``."""
+
+    job: Job
+    refs: list[tuple[int, TaskRef]]  # (seq, ref) per task, in frame order
+    frames: bytearray
+
+
+def blocks_per_task(keys: Sequence[bytes], evict: Sequence[bytes], workers: int) -> int:
+    """One task per worker of the group, as many blocks as fit a frame."""
+    per_block = max(map(len, keys), default=0) + _BLOCK_OVERHEAD
+    if evict:
+        per_block += max(map(len, evict)) + _EVICT_OVERHEAD
+    fit = (FRAME_BYTES - TASK_HEADER - _TASK_OVERHEAD) // per_block
+    return max(1, min(-(-max(len(keys), len(evict)) // workers), fit))
+
+
+class Ledger:
+    """Every job without a result yet and every task without a completion."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, Job] = {}  # engine jobs by id, until their result is produced
+        self.tasks: dict[int, TaskRef] = {}  # tasks by seq, until their completion (or failure) is folded in
+        self._next_seq = 0  # seqs are never reused within a tier
+
+    def plan(self, job: Job, workers: int) -> Plan:
+        """Split ``job`` over ``workers`` and encode its frames; raises ValueError (a frame overflow) changing nothing."""
+        count = max(len(job.keys), len(job.evict))
+        per_task = blocks_per_task(job.keys, job.evict, workers)
+        frames = bytearray()
+        refs = []
+        seq = self._next_seq
+        for first in range(0, count or 1, per_task):
+            last = first + per_task
+            encode_frame(Task(seq, job.op, job.ids[first:last], job.keys[first:last], list(job.evict[first:last])), frames)
+            refs.append((seq, TaskRef(job, first, min(last, count) - first)))
+            seq += 1
+        return Plan(job, refs, frames)
+
+    def commit(self, plan: Plan) -> None:
+        self.tasks.update(plan.refs)
+        plan.job.tasks_left = len(plan.refs)
+        self._next_seq += len(plan.refs)
+        if plan.job.job_id is not None:
+            self.jobs[plan.job.job_id] = plan.job
+
+    def complete(self, completion: Completion) -> TaskRef | None:
+        """Fold a final completion into its job; None if the task is unknown (failed already)."""
+        ref = self.tasks.pop(completion.seq, None)
+        if ref is None:
+            return None
+        job = ref.job
+        job.nbytes += completion.nbytes
+        if completion.failed:
+            job.failed.extend(ref.first + i for i in completion.failed)
+            if job.error is None:
+                job.error, job.code = completion.error, completion.code
+        job.tasks_left -= 1
+        if job.tasks_left == 0 and job.job_id is not None:
+            del self.jobs[job.job_id]
+        return ref
+
+    def fail(self, seq: int, code: str, reason: str) -> TaskRef | None:
+        """Complete a task that will never run: all its blocks failed, for ``reason``."""
+        ref = self.tasks.get(seq)
+        if ref is None:
+            return None
+        ref.job.error, ref.job.code = reason, code  # why the task never ran outranks any block error
+        return self.complete(Completion(seq, -1, 0, list(range(ref.count)), reason, code))
+
+    def task(self, seq: int) -> Task:
+        """The task ``seq`` as it was sent, to send again."""
+        job, first, count = self.tasks[seq]
+        last = first + count
+        return Task(seq, job.op, job.ids[first:last], job.keys[first:last], list(job.evict[first:last]))
+
+    def stored_keys(self, seqs: list[int]) -> list[bytes]:
+        """The keys the store tasks among ``seqs`` write: where a killed writer may have left temp files."""
+        return [
+            key
+            for seq in seqs
+            if (ref := self.tasks[seq]).job.op == Op.STORE
+            for key in ref.job.keys[ref.first : ref.first + ref.count]
+        ]

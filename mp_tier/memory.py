@@ -1,0 +1,86 @@
+"""The primary cache's bytes as another process maps them: a range of a shared file.
+
+Workers never attach by name and never touch a resource tracker: the host
+hands each one an open fd of the file behind the cache (a segment in
+/dev/shm that mp_tier created, or the mapping an engine such as vLLM made
+itself), with the range to map. So a worker's exit can unlink nothing, a
+respawn works even if the name was removed, and memory mp_tier did not
+create is used in place, with no copy.
+
+This module imports no numpy: a worker process starts with the little it needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from typing import Any
+
+import msgspec
+
+PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+class SharedRegion(msgspec.Struct, frozen=True):
+    """Bytes ``[offset, offset + length)`` of the file open as ``fd`` in the host."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+class PrivateMemory(ValueError):
+    """A buffer no other process can map (anonymous or private memory)."""
+
+
+def map_region(region: SharedRegion) -> tuple[mmap.mmap, memoryview]:
+    """Map ``region`` shared and writable; return the mapping and a flat view of exactly its bytes."""
+    start = region.offset - region.offset % PAGE
+    mapping = mmap.mmap(region.fd, region.length + region.offset - start, mmap.MAP_SHARED, offset=start)
+    return mapping, memoryview(mapping)[region.offset - start :]
+
+
+def buffer_address(view: memoryview) -> int:
+    """Where ``view``'s first byte is in this process (the view must be writable, as a cache is)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def find_backing(view: memoryview) -> tuple[str, int]:
+    """The file mapped shared under ``view`` and the file offset of its first byte.
+
+    Read from /proc/self/maps. A file already unlinked (``(deleted)``) is
+    reached through /proc/self/map_files. Raises PrivateMemory naming the
+    mapping when no other process could see the same bytes.
+    """
+    address = buffer_address(view)
+    end = address + view.nbytes
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if not low <= address < high:
+                continue
+            perms, file_offset = fields[1], int(fields[2], 16)
+            name = fields[5].rstrip("\n") if len(fields) > 5 else ""
+            if end > high:
+                raise PrivateMemory(f"the buffer spans more than one mapping ({fields[0]} ends before it does)")
+            if perms[3] != "s" or not name.startswith("/") or "w" not in perms:
+                what = name or "anonymous memory"
+                raise PrivateMemory(f"the buffer lies in a {perms} mapping of {what}, which worker processes cannot map")
+            if name.endswith(" (deleted)"):
+                name = f"/proc/self/map_files/{fields[0]}"  # opens the file itself: offsets stay file offsets
+            return name, file_offset + address - low
+    raise PrivateMemory(f"no mapping holds address {address:#x}")
+
+
+def open_backing(view: Any) -> SharedRegion:
+    """An fd (owned by the caller) and range for the file under ``view``; PrivateMemory if there is none."""
+    flat = memoryview(view).cast("B")
+    path, offset = find_backing(flat)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    size = os.fstat(fd).st_size
+    if size < offset + flat.nbytes:
+        os.close(fd)
+        raise PrivateMemory(f"{path} holds {size} bytes, fewer than the buffer's end at {offset + flat.nbytes}")
+    return SharedRegion(fd, offset, flat.nbytes)

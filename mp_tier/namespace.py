@@ -1,0 +1,191 @@
+"""The namespace directory: which run's blocks it holds, and whether it can be trusted.
+
+    <root_dir>/<namespace>_r<rank>/config.json
+
+The namespace names everything that changes a block's bytes (block size,
+model, dtype, parallel layout), so runs that could not share blocks never
+see each other's files; ``config.json`` records it, written once (first
+writer wins, through ``link``) and durably (the file and its directory are
+fsynced). A namespace another user could have filled is refused: a block
+planted there would load into the cache as KV data.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+from typing import Any
+
+import msgspec
+
+from .layout import BlockLayout, temp_name
+
+CONFIG_FILE = "config.json"
+_CONFIG_MAX_BYTES = 1 << 16
+
+
+class Owners(msgspec.Struct, frozen=True):
+    """Who may have written a block file the tier loads: its own uid, and in group mode its groups."""
+
+    uid: int
+    gids: frozenset[int] = frozenset()
+
+    def allow(self, st: os.stat_result) -> bool:
+        return st.st_uid == self.uid or st.st_gid in self.gids
+
+
+def _clean(value: object) -> str:
+    text = str(value).removeprefix("torch.")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def describe_run(block_bytes: int, offloading_spec: Any = None) -> tuple[dict[str, Any], int]:
+    """The run description that names the namespace, and this process's rank.
+
+    ``offloading_spec`` is read the way vLLM lays out its ``OffloadingSpec``
+    (``vllm_config.model_config`` / ``.parallel_config``); anything missing is
+    simply left out.
+    """
+    run: dict[str, Any] = {}
+    rank = 0
+    vllm_config = getattr(offloading_spec, "vllm_config", None)
+    model_config = getattr(vllm_config, "model_config", None)
+    parallel = getattr(vllm_config, "parallel_config", None)
+    for field, source, attr in (
+        ("model", model_config, "model"),
+        ("dtype", model_config, "dtype"),
+        ("tp", parallel, "tensor_parallel_size"),
+        ("pp", parallel, "pipeline_parallel_size"),
+    ):
+        value = getattr(source, attr, None)
+        if value is not None:
+            run[field] = _clean(value)
+    if parallel is not None:
+        rank = int(getattr(parallel, "rank", 0) or 0)
+    run["block_bytes"] = block_bytes
+    return run, rank
+
+
+def namespace_name(run: dict[str, Any], rank: int) -> str:
+    parts = [run[k] if k in ("model", "dtype") else f"{k}{run[k]}" for k in ("model", "dtype", "tp", "pp") if k in run]
+    return "_".join([*parts, f"bs{run['block_bytes']}", f"r{rank}"])
+
+
+def owners_for(group: bool) -> Owners:
+    """The owners this process trusts: itself, plus its groups when files are shared with the group."""
+    return Owners(os.geteuid(), frozenset({os.getegid(), *os.getgroups()}) if group else frozenset())
+
+
+def prepare_namespace(
+    root_dir: str, run: dict[str, Any], rank: int, modes: tuple[int, int], owners: Owners
+) -> tuple[BlockLayout, int]:
+    """Create or check the namespace directory and its ``config.json``; return the layout and the directory's fd.
+
+    Everything after this goes through the fd, so a namespace renamed or
+    replaced later cannot redirect the tier. Refused (PermissionError): a
+    namespace that is a symlink, owned by another user, or writable by others
+    (group-writable only with ``file_mode = "group"``). Refused (ValueError):
+    a ``config.json`` that is not a small regular file of JSON describing
+    this run.
+    """
+    file_mode, dir_mode = modes
+    base = os.path.join(os.path.abspath(root_dir), namespace_name(run, rank))
+    try:
+        os.makedirs(os.path.dirname(base), mode=dir_mode, exist_ok=True)
+        parent = os.open(os.path.dirname(base), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                os.mkdir(os.path.basename(base), dir_mode, dir_fd=parent)
+                os.fsync(parent)
+            except FileExistsError:
+                pass
+            fd = os.open(os.path.basename(base), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        finally:
+            os.close(parent)
+    except OSError as e:
+        raise _unusable(root_dir, e) from None
+    try:
+        _check_trusted(base, os.fstat(fd), owners)
+        recorded = _read_or_write_config(fd, base, run, file_mode)
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, PermissionError) and e.filename == base:
+            raise
+        raise _unusable(root_dir, e) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    if recorded != run:
+        os.close(fd)
+        raise ValueError(f"{base}/{CONFIG_FILE} describes another run: recorded {recorded}, this run {run}")
+    return BlockLayout(base), fd
+
+
+def _unusable(root_dir: str, e: OSError) -> OSError:
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        why = f"too many open files ({errno.errorcode[e.errno]}) while opening root_dir {root_dir!r}: raise the limit (ulimit -n)"
+    else:
+        why = f"root_dir {root_dir!r} is not usable: {e.strerror}"
+    return OSError(e.errno, why, e.filename)
+
+
+def _check_trusted(base: str, st: os.stat_result, owners: Owners) -> None:
+    writable_by = stat.S_IWOTH | (0 if owners.gids else stat.S_IWGRP)
+    if not owners.allow(st) or st.st_mode & writable_by:
+        raise PermissionError(
+            errno.EPERM,
+            f"namespace directory is owned by uid {st.st_uid} gid {st.st_gid} with mode {stat.S_IMODE(st.st_mode):o}; "
+            f"this tier (uid {owners.uid}) only uses one it owns that others cannot write "
+            f"(file_mode = \"group\" admits its groups): another user could have planted blocks there",
+            base,
+        )
+
+
+def _read_or_write_config(ns_fd: int, base: str, run: dict[str, Any], file_mode: int) -> Any:
+    where = f"{base}/{CONFIG_FILE}"
+    try:
+        return _read_config(ns_fd, where)
+    except FileNotFoundError:
+        pass
+    tmp = temp_name(CONFIG_FILE)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode, dir_fd=ns_fd)
+    try:
+        try:
+            os.write(fd, json.dumps(run, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, CONFIG_FILE, src_dir_fd=ns_fd, dst_dir_fd=ns_fd, follow_symlinks=False)  # first writer wins
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(tmp, dir_fd=ns_fd)
+    os.fsync(ns_fd)
+    return _read_config(ns_fd, where)
+
+
+def _read_config(ns_fd: int, where: str) -> Any:
+    """The recorded run; ValueError naming the file if it is not a small regular file of JSON."""
+    fd = os.open(CONFIG_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=ns_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{where} is not a regular file (mode {st.st_mode:o}); remove it if no tier uses this namespace")
+        data = os.read(fd, _CONFIG_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if not data:
+        raise ValueError(f"{where} is empty (a crash before it reached the disk?); remove it if no tier uses this namespace")
+    try:
+        if len(data) > _CONFIG_MAX_BYTES:
+            raise ValueError(f"longer than {_CONFIG_MAX_BYTES} bytes")
+        recorded = json.loads(data)
+        if not isinstance(recorded, dict):
+            raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{where} is not a run description ({e}); remove it if no tier uses this namespace") from None
+    return recorded

@@ -1,0 +1,144 @@
+"""What the tier believes is on disk, and what must not be disturbed while a worker uses it.
+
+Hooks around every transfer, as vLLM's FS evictor has: ``prepare_*``
+decides (and may refuse) without changing anything, ``commit_*`` records a
+job that is sure to go out, and ``*_done`` folds in its outcome. Keys of
+loads and stores in flight are pinned: they are never chosen as victims. A
+store of a block whose eviction is still in flight is refused (EBUSY)
+rather than raced by the unlink.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Iterable, Sequence
+
+from .capacity import CapacityIndex
+from .errors import Refused
+from .jobs import TierEvent
+
+
+def _release(counter: collections.Counter[bytes], keys: Iterable[bytes]) -> None:
+    """Count ``keys`` out, dropping the ones that reach zero so membership stays exact."""
+    for key in keys:
+        left = counter[key] - 1
+        if left:
+            counter[key] = left
+        else:
+            del counter[key]
+
+
+class Residency:
+    """Pins, evictions in flight, probes, the byte budget, blocks seen elsewhere, and the events they produce."""
+
+    def __init__(self, capacity: CapacityIndex, events: bool):
+        self.capacity = capacity  # the blocks this tier counts against max_bytes, in LRU order
+        self.storing: collections.Counter[bytes] = collections.Counter()  # keys of stores in flight
+        self.loading: collections.Counter[bytes] = collections.Counter()  # keys of loads in flight
+        self.evicting: collections.Counter[bytes] = collections.Counter()  # victims not yet unlinked
+        self.elsewhere: set[bytes] = set()  # blocks other instances on the root wrote, learned by probes
+        self.probing: set[bytes] = set()  # keys a background probe is out for
+        self.events: list[TierEvent] | None = [] if events else None  # None: events are off
+        self.blocks_evicted = 0
+
+    # -- stores --------------------------------------------------------------
+
+    def prepare_store(self, keys: list[bytes]) -> list[bytes]:
+        """The victims that make room for ``keys``; raises Refused (EBUSY, ENOSPC), changing nothing."""
+        if self.evicting and (busy := next((k for k in keys if k in self.evicting), None)):
+            # its old file may still be unlinked after a new one is written: refuse rather than lose it
+            raise Refused("EBUSY", f"EBUSY: block {busy.hex()} is being evicted; store it again later")
+        return self.capacity.victims_for(keys, (self.loading, self.storing))
+
+    def commit_store(self, keys: list[bytes], victims: list[bytes]) -> None:
+        self.capacity.admit(keys, victims)
+        if victims:
+            self._removed(victims)
+        self.storing.update(keys)
+
+    def store_done(self, keys: list[bytes], failed: Sequence[int]) -> None:
+        """Unpin; a block that failed to store stops counting, unless another store of it is in flight."""
+        _release(self.storing, keys)
+        if failed:
+            self._forget(keys[i] for i in failed)
+        if self.events is not None:
+            stored = tuple(k for i, k in enumerate(keys) if i not in set(failed)) if failed else tuple(keys)
+            if stored:
+                self.events.append(TierEvent("stored", stored))
+
+    def evicted(self, victims: Iterable[bytes]) -> None:
+        """The task that carried these unlinks has run."""
+        _release(self.evicting, victims)
+
+    # -- loads ---------------------------------------------------------------
+
+    def commit_load(self, keys: list[bytes]) -> None:
+        self.capacity.refresh(keys)
+        self.loading.update(keys)
+
+    def load_done(self, keys: list[bytes], failed: Sequence[int]) -> None:
+        """Unpin; a block that failed to load is no longer believed to be elsewhere.
+
+        Its count stays: its file may be back by the time this result is read.
+        """
+        _release(self.loading, keys)
+        if failed:
+            self.elsewhere.difference_update(keys[i] for i in failed)
+
+    def corrupt(self, keys: list[bytes]) -> None:
+        """Blocks whose files were found corrupt and deleted."""
+        self._forget(keys)
+        if self.events is not None:
+            self.events.append(TierEvent("removed", tuple(keys)))
+
+    # -- lookups, probes, touches ----------------------------------------------
+
+    def lookup_many(self, keys: list[bytes]) -> tuple[list[bool | None], list[bytes]]:
+        """Answers from memory, and the keys answered False that no probe is out for yet."""
+        storing, index, elsewhere, probing = self.storing, self.capacity, self.elsewhere, self.probing
+        answers: list[bool | None] = [None if k in storing else (k in index or k in elsewhere) for k in keys]
+        unknown = list(dict.fromkeys(k for k, answer in zip(keys, answers) if answer is False and k not in probing))
+        return answers, unknown
+
+    def probe_sent(self, keys: list[bytes]) -> None:
+        self.probing.update(keys)
+
+    def probed(self, keys: list[bytes], missing: Sequence[int]) -> None:
+        gone = set(missing)
+        self.probing.difference_update(keys)
+        self.elsewhere.update(k for i, k in enumerate(keys) if i not in gone)
+
+    def touch(self, keys: list[bytes]) -> list[bytes]:
+        """Refresh the counted ones among ``keys``; return them (their files' mtimes follow)."""
+        counted = [k for k in keys if k in self.capacity]
+        self.capacity.refresh(counted)
+        return counted
+
+    # -- the start-up scan ---------------------------------------------------------
+
+    def scanned(self, keys: list[bytes]) -> None:
+        self.capacity.adopt(keys)
+
+    def over_budget(self) -> list[bytes]:
+        """After the scan: the oldest blocks to delete if the root held more than fits (already uncounted)."""
+        victims = self.capacity.over_budget((self.loading, self.storing))
+        if victims:
+            self._removed(victims)
+        return victims
+
+    def take_events(self) -> list[TierEvent]:
+        if self.events is None:
+            raise ValueError("events are off: construct the tier with TierConfig(events=True)")
+        events, self.events = self.events, []
+        return events
+
+    def _removed(self, keys: list[bytes]) -> None:
+        """Evicted from the index now; their files go when the task carrying them runs."""
+        self.evicting.update(keys)
+        self.blocks_evicted += len(keys)
+        if self.events is not None:
+            self.events.append(TierEvent("removed", tuple(keys)))
+
+    def _forget(self, keys: Iterable[bytes]) -> None:
+        """Stop counting blocks found missing, unless a store of them is in flight: its outcome decides."""
+        self.capacity.discard(k for k in keys if k not in self.storing)

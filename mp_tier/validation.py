@@ -1,0 +1,100 @@
+"""Checks of what callers hand the tier, with the real limits; each raises ValueError naming the bad value.
+
+Nothing here changes state, so a refused call leaves the tier as it was.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Iterable, Mapping, Set
+from typing import Any
+
+import numpy as np
+
+from .layout import MAX_KEY_BYTES, MIN_KEY_BYTES
+
+# What a key is, for messages.
+KEY_RULE = f"bytes of at least {MIN_KEY_BYTES} and at most {MAX_KEY_BYTES} (its hash is a hex file name that must fit NAME_MAX)"
+
+
+def _ordered(what: str, value: Any) -> Iterable[Any]:
+    """``value`` if it is an ordered collection; a set or a mapping has no order a job could follow."""
+    if isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Iterable):
+        raise ValueError(f"{what} must be an ordered sequence, got {value!r:.80}")
+    if isinstance(value, (Set, Mapping)):
+        raise ValueError(f"{what} must be an ordered sequence, not a {type(value).__name__} (its order is arbitrary)")
+    return value
+
+
+def _is_key(key: object) -> bool:
+    return type(key) is bytes and MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES
+
+
+def checked_keys(keys: Any) -> list[bytes]:
+    """``keys`` as a list, or ValueError naming the first that is not a key."""
+    keys = list(_ordered("keys", keys))
+    if not all(map(_is_key, keys)):
+        bad = next(k for k in keys if not _is_key(k))
+        raise ValueError(f"key {bad!r:.120} is not {KEY_RULE}")
+    return keys
+
+
+def _block_ids(job_id: int, block_ids: Any) -> list[int]:
+    if isinstance(block_ids, np.ndarray):
+        if block_ids.ndim != 1 or block_ids.dtype.kind not in "iu":
+            raise ValueError(f"job {job_id}: block_ids must be a 1-D integer array, got {block_ids.dtype}{block_ids.shape}")
+        return block_ids.tolist()
+    ids = list(_ordered(f"job {job_id}: block_ids", block_ids))
+    if not all(type(b) is int for b in ids):
+        for i, b in enumerate(ids):
+            if isinstance(b, np.integer) and not isinstance(b, np.bool_):
+                ids[i] = int(b)
+            elif type(b) is not int:
+                raise ValueError(f"job {job_id}: block id {b!r} is not an int")
+    return ids
+
+
+def checked_job(job: Any, loading: bool, num_blocks: int) -> tuple[int, list[bytes], list[int]]:
+    """The job's id, keys and block ids, checked against the cache's size and the key limits."""
+    try:
+        job_id, keys, block_ids = job.job_id, job.keys, job.block_ids
+    except AttributeError:
+        raise ValueError(f"expected a JobMetadata, got {job!r:.120}") from None
+    if isinstance(job_id, np.integer) and not isinstance(job_id, np.bool_):
+        job_id = int(job_id)
+    if type(job_id) is not int:
+        raise ValueError(f"job_id must be an int, got {job_id!r}")
+    keys = list(_ordered(f"job {job_id}: keys", keys))
+    ids = _block_ids(job_id, block_ids)
+    if len(keys) != len(ids):
+        raise ValueError(f"job {job_id}: {len(keys)} keys but {len(ids)} block_ids")
+    if not keys:
+        return job_id, keys, ids
+    for bad in (min(ids), max(ids)):
+        if not 0 <= bad < num_blocks:
+            raise ValueError(f"job {job_id}: block id {bad} is out of range [0, {num_blocks})")
+    if not all(type(k) is bytes for k in keys):
+        bad = next(k for k in keys if type(k) is not bytes)
+        raise ValueError(f"job {job_id}: key {bad!r:.120} is not bytes")
+    if min(map(len, keys)) < MIN_KEY_BYTES:
+        bad = next(k for k in keys if len(k) < MIN_KEY_BYTES)
+        raise ValueError(f"job {job_id}: key {bad!r} is shorter than {MIN_KEY_BYTES} bytes (hash + 4-byte group)")
+    if (longest := max(map(len, keys))) > MAX_KEY_BYTES:
+        raise ValueError(f"job {job_id}: a key of {longest} bytes is longer than {MAX_KEY_BYTES} (its hash is a hex file name that must fit NAME_MAX)")
+    if len(set(keys)) != len(keys):
+        bad = next(k for k, c in collections.Counter(keys).items() if c > 1)
+        raise ValueError(f"job {job_id}: key {bad!r} appears twice")
+    if loading and len(set(ids)) != len(ids):
+        bad = next(b for b, c in collections.Counter(ids).items() if c > 1)
+        raise ValueError(f"job {job_id}: block id {bad} is loaded twice")
+    return job_id, keys, ids
+
+
+def checked_timeout(timeout: Any) -> float | None:
+    """Seconds to wait, or None for no limit (``None`` or ``inf``); ValueError for anything else."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout or timeout < 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+    return None if math.isinf(timeout) else float(timeout)

@@ -1,0 +1,83 @@
+"""Entry point of a worker process: ``python -m mp_tier.worker_process <boot record>``.
+
+Each worker is a fresh interpreter, not a fork of the host: it imports only
+this package's worker side (no numpy, never the host's ``__main__``, so a
+host that imported vLLM and torch still starts a worker in tens of
+milliseconds), inherits exactly the fds named in its boot record, and has no
+forkserver between it and the host. It maps the primary cache through the
+inherited fd, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Callable
+
+import msgspec
+
+from .channels import WorkerEnds
+from .memory import SharedRegion, map_region
+from .messages import Op, Task
+from .slots import Slots
+from .worker import WorkerSpec, run_worker
+
+# Test hook: "<seconds>:<marker file>". A worker that reads a load task
+# writes its pid to the marker and sleeps that long before naming the task,
+# which makes the claim window wide enough to kill another worker inside it.
+TEST_CLAIM_PAUSE = "MP_TIER_TEST_CLAIM_PAUSE"
+
+
+class Boot(msgspec.Struct, array_like=True):
+    """What the host passes a worker process on its command line."""
+
+    spec: WorkerSpec
+    root: int  # fd of the namespace directory
+    cache: SharedRegion
+    ends: WorkerEnds
+    slots_fd: int
+    n_workers: int
+
+
+def encode_boot(boot: Boot) -> str:
+    return msgspec.msgpack.encode(boot).hex()
+
+
+def _claim_pause() -> Callable[[Task], None] | None:
+    setting = os.environ.get(TEST_CLAIM_PAUSE)
+    if not setting:
+        return None
+    seconds, _, marker = setting.partition(":")
+
+    def pause(task: Task) -> None:
+        if task.op == Op.LOAD:
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(float(seconds))
+
+    return pause
+
+
+def main() -> None:
+    # Ctrl-C at a terminal reaches the whole process group: the host decides
+    # what happens to its workers, which exit when it closes their pipes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    boot = msgspec.msgpack.decode(bytes.fromhex(sys.argv[1]), type=Boot)
+    mapping, view = map_region(boot.cache)
+    slots = Slots(boot.n_workers, boot.slots_fd)
+    try:
+        run_worker(boot.spec, boot.root, view, boot.ends, slots, _claim_pause())
+    except BrokenPipeError:
+        pass  # the host is gone; nobody is left to tell
+    finally:
+        view.release()
+        mapping.close()
+        slots.close()
+        for fd in (*boot.ends, boot.root, boot.cache.fd):
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""One worker as the host sees it: started, watched through an fd, stopped, and explained when it dies.
+
+A process worker is the host's own child, spawned as a fresh interpreter
+(``subprocess``, which uses vfork+exec, so even a host of many GiB starts one
+cheaply). Its liveness is judged by the process itself, through a pidfd
+opened while the child cannot yet have been reaped by anyone but us, never
+by a forkserver or a ``Popen.poll`` that a third process could answer
+wrongly. A thread worker signals its end by closing a pipe, so the host
+watches both kinds in the same ``poll`` set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# The directory that holds the package, put first on a worker's PYTHONPATH:
+# the worker imports the same mp_tier as its host, however the host found it.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-code} ({name})"
+    if code == 1:
+        return "exit status 1 (an uncaught Python error: its traceback is on the host's stderr)"
+    return f"exit status {code}"
+
+
+class ProcessWorker:
+    """A worker process; ``death_fd`` becomes readable once it has exited."""
+
+    killable = True
+
+    def __init__(self, index: int, argv: list[str], pass_fds: tuple[int, ...]):
+        if not sys.executable:
+            raise OSError("cannot start a worker process: sys.executable is empty in this interpreter")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_PARENT, env.get("PYTHONPATH"))))
+        self.index = index
+        self._popen = subprocess.Popen(
+            [sys.executable, *argv], pass_fds=pass_fds, close_fds=True, stdin=subprocess.DEVNULL, env=env
+        )
+        self.pid = self._popen.pid
+        try:
+            # Our child: nobody else can reap it, so the pid cannot have been reused yet.
+            self.death_fd = os.pidfd_open(self.pid)
+        except OSError:
+            self._popen.kill()
+            self._popen.wait()
+            raise
+        log.debug("worker %d started: pid %d", index, self.pid)
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.death_fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it has exited already
+
+    def reap(self) -> str:
+        """Collect the exited worker; returns why it exited."""
+        code = self._popen.wait()
+        os.close(self.death_fd)
+        return f"worker {self.index} (pid {self.pid}) died: {_describe_exit(code)}"
+
+    def abandon(self) -> None:
+        """Forget the worker without touching it (a forked child of the host does this)."""
+        os.close(self.death_fd)
+        self._popen.returncode = 0  # so Popen's own finalizer never waits for another process's child
+
+
+class ThreadWorker:
+    """A worker thread of the host (the ``threads`` engine); ``death_fd`` becomes readable once it has ended."""
+
+    killable = False
+    pid = None
+
+    def __init__(self, index: int, target: Callable[[], None], name: str):
+        self.index = index
+        self.death_fd, self._end = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException:
+            log.exception("worker thread %d failed", self.index)
+            raise
+        finally:
+            os.close(self._end)
+
+    def kill(self) -> None:
+        raise NotImplementedError("a worker thread cannot be killed")
+
+    def reap(self) -> str:
+        self._thread.join()
+        os.close(self.death_fd)
+        return f"worker thread {self.index} ended"
+
+    def abandon(self) -> None:
+        os.close(self.death_fd)
+        os.close(self._end)
+
+
+Worker = ProcessWorker | ThreadWorker

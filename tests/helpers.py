@@ -1,0 +1,94 @@
+"""Helpers the tests share: keys, cache contents, one job run to its result, and what a process holds."""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+
+import numpy as np
+
+from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache
+from mp_tier.shared_cache import SEGMENT_PREFIX
+
+BLOCK = 64 << 10
+
+
+def shm_segments() -> set[str]:
+    """This process's segments (other test runs may share /dev/shm)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"{SEGMENT_PREFIX}{os.getpid()}_")}
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open fds and what each refers to."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:
+            pass  # the fd listdir itself used
+    return fds
+
+
+def child_processes() -> set[int]:
+    """Live children of this process, except multiprocessing's resource tracker (it serves the whole run)."""
+    children = set()
+    with open(f"/proc/self/task/{os.getpid()}/children") as f:
+        pids = [int(p) for p in f.read().split()]
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"resource_tracker" in f.read():
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except FileNotFoundError:
+            continue
+        children.add(pid)
+    return children
+
+
+def worker_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("mp_tier-")]
+
+
+def make_keys(n: int, seed: int = 0, group: int = 0, hash_bytes: int = 32) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [rng.bytes(hash_bytes) + group.to_bytes(4, "big") for _ in range(n)]
+
+
+def fill_random(cache: PrimaryCache, block_ids, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for b in block_ids:
+        cache.array[b] = rng.integers(0, 256, cache.block_bytes, dtype=np.uint8)
+
+
+def run_job(tier: FileSystemTierManager, kind: str, job: JobMetadata, timeout: float = 30) -> JobResult:
+    getattr(tier, f"submit_{kind}")(job)
+    tier.drain(timeout)
+    results = tier.get_finished()
+    assert [r.job_id for r in results] == [job.job_id]
+    return results[0]
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """True once ``pid`` has exited (a pidfd: it need not be our child)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def wait_ready(tier: FileSystemTierManager, timeout: float = 30) -> None:
+    """Until every worker is past its start-up (a test that counts tasks per worker needs them all)."""
+    deadline = time.monotonic() + timeout
+    workers = tier.config.n_read_workers + tier.config.n_write_workers
+    while (stats := tier.stats()).workers_alive < workers or stats.workers_starting:
+        assert time.monotonic() < deadline, "workers did not become ready"
+        tier.wait(0.01)
