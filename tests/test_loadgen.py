@@ -1,4 +1,9 @@
-"""Smoke tests of tools/loadgen.py: every workload runs on tiny sizes, the JSON keeps its schema, roots are guarded."""
+"""Smoke tests of the load generator through its installed entry points.
+
+Every workload runs on tiny sizes, the JSON keeps its schema, roots are
+guarded; the runs go through ``python -m mp_tier bench``, the ``mp-tier``
+console script and ``tools/loadgen.py`` alike.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,30 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
+from mp_tier.bench.report import SCHEMA
+from mp_tier.bench.root_dir import MARKER
 from mp_tier.shared_cache import SEGMENT_PREFIX
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
 REPO = Path(__file__).resolve().parent.parent
-LOADGEN = REPO / "tools" / "loadgen.py"
-sys.path.insert(0, str(LOADGEN.parent))
-import loadgen  # noqa: E402
+BENCH = [sys.executable, "-m", "mp_tier", "bench"]
+LOADGEN = [sys.executable, str(REPO / "tools" / "loadgen.py")]  # the README's main command
+MP_TIER = Path(sysconfig.get_path("scripts")) / "mp-tier"  # the console script pip installs
+ENTRIES = {"python -m mp_tier bench": BENCH, "tools/loadgen.py": LOADGEN, "mp-tier bench": [str(MP_TIER), "bench"]}
 
 # Tiny and quick: 64 KiB blocks, 2 MiB per phase, one worker of each kind.
 TINY = ["--block-size", "64k", "--total", "2m", "--workers", "1", "--inflight", "2", "--idle-seconds", "0.05", "--no-progress"]
 
-# The documented JSON schema (module docstring of tools/loadgen.py): changing it means bumping "schema".
+# The documented JSON schema (docstring of mp_tier.bench.report): changing it means bumping "schema".
 TOP_KEYS = {"schema", "args", "platform", "runs", "ratios"}
 RUN_KEYS = {
     "workload", "phase", "engine", "sweep", "block_bytes", "blocks_per_job", "read_workers", "write_workers",
@@ -33,21 +47,19 @@ OP_KEYS = {"jobs", "blocks", "bytes", "failed_jobs", "job_ms", "submit_us"}
 RATIO_KEYS = {"sweep", "round", "workload", "phase", "versus", "gbps", "busy_idle", "job_p99", "host_cpu_per_gb"}
 
 
-def run_loadgen(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_loadgen(*args: str, entry: list[str] = BENCH, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run the tool as a user would; check afterwards that it left no shared-memory segment behind."""
-    proc = subprocess.Popen(
-        [sys.executable, str(LOADGEN), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([*entry, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=timeout)
     leaked = [n for n in os.listdir("/dev/shm") if n.startswith(f"{SEGMENT_PREFIX}{proc.pid}_")]
     assert leaked == [], f"loadgen leaked shared memory: {leaked}"
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_json(tmp_path: Path, *args: str) -> dict:
+def run_json(tmp_path: Path, *args: str, entry: list[str] = BENCH) -> dict:
     out = tmp_path / "out.json"
     root = tmp_path / "root"
-    done = run_loadgen(*TINY, "--root", str(root), "--json", str(out), *args)
+    done = run_loadgen(*TINY, "--root", str(root), "--json", str(out), *args, entry=entry)
     assert done.returncode == 0, done.stderr
     assert not root.exists(), "loadgen left its files behind without --keep"
     return json.loads(out.read_text())
@@ -61,7 +73,7 @@ THREADS_UNSTARVED = ["--spin-us", "0"]
 def test_store_compared_with_threads_and_raw_writes_the_documented_json(tmp_path):
     doc = run_json(tmp_path, "--workload", "store", "--compare", "threads,raw", *THREADS_UNSTARVED)
     assert set(doc) == TOP_KEYS
-    assert doc["schema"] == loadgen.SCHEMA
+    assert doc["schema"] == SCHEMA == "mp_tier.loadgen/1"
     assert doc["args"]["block_size"] == 64 << 10 and doc["args"]["workers"] == [1, 1]
     assert {run["engine"] for run in doc["runs"]} == {"processes", "threads", "raw"}
     for run in doc["runs"]:
@@ -86,7 +98,7 @@ def test_load_runs_cold_with_the_cache_dropped_then_warm(tmp_path):
 
 
 def test_mixed_measures_loads_under_a_flood_against_the_same_loads_alone(tmp_path):
-    doc = run_json(tmp_path, "--workload", "mixed", "--load-gap-ms", "1")
+    doc = run_json(tmp_path, "--workload", "mixed", "--load-gap-ms", "1", entry=ENTRIES["mp-tier bench"])
     flood, alone = doc["runs"]
     assert (flood["phase"], alone["phase"]) == ("flood", "idle-loads")
     assert flood["store"]["bytes"] == 2 << 20
@@ -104,7 +116,9 @@ def test_trace_reports_prefix_hits(tmp_path):
 
 
 def test_prints_a_table_and_ratios(tmp_path):
-    done = run_loadgen(*TINY, "--workload", "store", "--compare", "threads", "--root", str(tmp_path / "r"), *THREADS_UNSTARVED)
+    done = run_loadgen(
+        *TINY, "--workload", "store", "--compare", "threads", "--root", str(tmp_path / "r"), *THREADS_UNSTARVED, entry=LOADGEN
+    )
     assert done.returncode == 0, done.stderr
     assert "busy/idle" in done.stdout and "processes/threads store fresh" in done.stdout
 
@@ -113,7 +127,7 @@ def test_refuses_a_root_holding_foreign_files(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
     (root / "precious.txt").write_text("not loadgen's")
-    done = run_loadgen(*TINY, "--root", str(root))
+    done = run_loadgen(*TINY, "--root", str(root), entry=LOADGEN)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "refusing --root" in done.stderr and "precious.txt" in done.stderr
@@ -122,10 +136,10 @@ def test_refuses_a_root_holding_foreign_files(tmp_path):
 
 def test_keep_leaves_files_that_a_later_run_accepts(tmp_path):
     root = tmp_path / "kept"
-    first = run_loadgen(*TINY, "--workload", "store", "--root", str(root), "--keep")
+    first = run_loadgen(*TINY, "--workload", "store", "--root", str(root), "--keep", entry=LOADGEN)
     assert first.returncode == 0, first.stderr
     (run_dir,) = root.iterdir()
-    assert (run_dir / loadgen.MARKER).is_file() and any(p.suffix == ".bin" for p in run_dir.rglob("*"))
+    assert (run_dir / MARKER).is_file() and any(p.suffix == ".bin" for p in run_dir.rglob("*"))
     second = run_loadgen(*TINY, "--workload", "store", "--root", str(root))
     assert second.returncode == 0, second.stderr
     assert list(root.iterdir()) == [run_dir], "the second run removes only its own files"
@@ -140,35 +154,56 @@ def test_sweep_draws_a_plot(tmp_path):
     assert "[workers=2+1]" in done.stdout
 
 
-def test_plot_without_matplotlib_says_which_extra_to_install(tmp_path):
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_plot_without_matplotlib_says_which_extra_to_install(tmp_path, entry):
     fake = tmp_path / "fake" / "matplotlib"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
     env = {**os.environ, "PYTHONPATH": str(fake.parent)}
     done = subprocess.run(
-        [sys.executable, str(LOADGEN), "--sweep", "workers=1,2", "--plot", str(tmp_path / "x.png")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        [*ENTRIES[entry], "--sweep", "workers=1,2", "--plot", str(tmp_path / "x.png")],
+        cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--plot needs matplotlib: pip install -e '.[plot]'" in done.stderr
 
 
-def test_plot_without_sweep_is_a_usage_error(tmp_path):
-    done = run_loadgen("--plot", str(tmp_path / "x.png"))
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_plot_without_sweep_is_a_usage_error(tmp_path, entry):
+    done = run_loadgen("--plot", str(tmp_path / "x.png"), entry=ENTRIES[entry])
     assert done.returncode == 2 and "--plot needs --sweep" in done.stderr
 
 
-@pytest.mark.parametrize(
-    "text, expected", [("256k", 256 << 10), ("2m", 2 << 20), ("32M", 32 << 20), ("1g", 1 << 30), ("4096", 4096), ("2MiB", 2 << 20)]
-)
-def test_sizes(text, expected):
-    assert loadgen.parse_size(text) == expected
-    assert loadgen.parse_size(loadgen.size_label(expected)) == expected
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_every_entry_point_offers_the_same_options(entry):
+    done = subprocess.run([*ENTRIES[entry], "--help"], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    prog = "loadgen.py" if entry == "tools/loadgen.py" else entry  # as typed
+    assert done.stdout.startswith(f"usage: {prog} ")
+    for option in ("--workload", "--compare", "--sweep", "--json", "--root", "--keep", "--no-progress"):
+        assert option in done.stdout
 
 
-def test_workers_and_sweep_parsing():
-    assert loadgen.parse_workers("3") == (3, 3) and loadgen.parse_workers("3+1") == (3, 1)
-    key, values = loadgen.parse_sweep("block_size=256k,2m")
-    assert key == "block_size" and values == [("256k", 256 << 10), ("2m", 2 << 20)]
-    with pytest.raises(Exception, match="KEY"):
-        loadgen.parse_sweep("colour=red")
+def test_console_script_keeps_config_show_and_its_exit_status(tmp_path):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MP_TIER_")}
+    shown = subprocess.run([str(MP_TIER), "config", "show"], env=clean, check=False, capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0 and "n_read_workers = " in shown.stdout, shown.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("n_read_workers = 0\n")
+    refused = subprocess.run([str(MP_TIER), "config", "show", str(bad)], env=clean, check=False, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == f"{bad}: n_read_workers = 0: expected an integer >= 1\n"
+
+
+def test_importing_mp_tier_leaves_the_bench_and_its_extras_out():
+    code = "import sys, mp_tier; print(sorted(m for m in sys.modules if m.split('.')[0] in ('tqdm', 'matplotlib') or m.startswith('mp_tier.bench')))"
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
+def test_every_package_is_listed_for_setuptools():
+    """A non-editable install ships only the packages pyproject.toml names: the bench must be one of them."""
+    listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = sorted(".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "mp_tier").rglob("__init__.py"))
+    assert "mp_tier.bench" in found and sorted(listed) == found

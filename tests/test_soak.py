@@ -1,4 +1,4 @@
-"""A short run of tools/soak.py, its invariants read back from its summary rather than taken on trust."""
+"""A short run of tools/soak.py (with the installed package), its invariants read back from its summary rather than taken on trust."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def numbers(line: str) -> list[int]:
 @pytest.mark.timeout(120)
 def test_short_soak_with_kills_keeps_every_invariant(tmp_path: Path) -> None:
     args = ["--seconds", "4", "--kill-every", "1", "--progress-every", "1", "--root-dir", str(tmp_path)]
-    done = subprocess.run([sys.executable, str(SOAK), *args], capture_output=True, text=True, timeout=90)
+    done = subprocess.run([sys.executable, str(SOAK), *args], check=False, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = done.stdout.splitlines()
     assert summary[-1] == "PASS" and not [line for line in summary if line.endswith(" FAIL")], done.stdout
@@ -37,3 +37,12 @@ def test_short_soak_with_kills_keeps_every_invariant(tmp_path: Path) -> None:
         assert start == end, lines[name]
     assert re.search(r"^\[ +\d+s\] jobs \d+ submitted", done.stderr, re.MULTILINE), "no progress line"
     assert list(tmp_path.iterdir()) == [], "the soak left files behind"
+
+
+def test_soak_reads_sizes_with_the_bench_parser() -> None:
+    """tools/soak.py and the load generator share one size parser: same spellings, same one-line error."""
+    done = subprocess.run([sys.executable, str(SOAK), "--block-size", "2x"], check=False, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "argument --block-size: not a size: '2x' (expected e.g. 256k, 2m, 1g)" in done.stderr
+    fine = subprocess.run([sys.executable, str(SOAK), "--max-disk", "1.5GiB", "--help"], check=False, capture_output=True, text=True, timeout=30)
+    assert fine.returncode == 0, fine.stderr

@@ -37,39 +37,36 @@ import collections
 import hashlib
 import os
 import random
-import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache, TierBroken, TierConfig  # noqa: E402
-from mp_tier.shared_cache import SEGMENT_PREFIX  # noqa: E402
+from mp_tier import (
+    FileSystemTierManager,
+    JobMetadata,
+    JobResult,
+    PrimaryCache,
+    TierBroken,
+    TierConfig,
+)
+from mp_tier.bench.units import parse_size
+from mp_tier.shared_cache import SEGMENT_PREFIX
 
 MIB = 1 << 20
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # A worker this old is surely past its start; killing younger ones could break
 # the tier on purpose (it gives up after three deaths in a row while starting).
 MIN_VICTIM_AGE = 1.0
 SETTLE_SECONDS = 30  # for the final drain, and for the last deaths to be noticed
 RECENT_KEYS = 1024  # loads pick among the most recently stored keys
 _WORD = np.uint64(0x9E3779B97F4A7C15)  # odd, so word i of a block differs for every i
-
-
-def parse_size(text: str) -> int:
-    """'256k', '2m', '1g' or bytes: binary units."""
-    m = re.fullmatch(r"(\d+)([kmg]?)", text.strip().lower())
-    if not m or int(m[1]) == 0:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (expected e.g. 256k, 2m, 1g)")
-    return int(m[1]) * _UNITS[m[2]]
 
 
 def positive(kind: type) -> Callable[[str], Any]:
