@@ -38,7 +38,19 @@ _EXPORTS = {
     "FileSystemTierManager": "tier",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "ConfigError",
+    "FileSystemTierManager",
+    "JobMetadata",
+    "JobResult",
+    "PrimaryCache",
+    "TierBroken",
+    "TierClosed",
+    "TierConfig",
+    "TierEvent",
+    "TierStats",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from .config import ConfigError, TierConfig

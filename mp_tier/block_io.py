@@ -213,7 +213,8 @@ def scan_blocks(root: int) -> tuple[list[bytes], int]:
         for name in filenames:
             key = parse_block(parents, name)
             if key is None:
-                foreign += temp_target(name) is None and (parents or name != CONFIG_FILE)
+                ours = temp_target(name) is not None or (not parents and name == CONFIG_FILE)
+                foreign += not ours
                 continue
             try:
                 st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)

@@ -15,7 +15,7 @@ two dicts rather than one.
 from __future__ import annotations
 
 import collections
-from typing import Collection, Iterable
+from collections.abc import Collection, Iterable
 
 from .errors import CapacityFull
 
@@ -113,7 +113,7 @@ class CapacityIndex:
                 cold[key] = None
 
     def _oldest(self, count: int, pinned: tuple[Collection[bytes], ...], skip: Collection[bytes]) -> list[bytes]:
-        victims = []
+        victims: list[bytes] = []
         for order in (self._cold, self._warm):
             for key in order:
                 if len(victims) == count:

@@ -119,7 +119,7 @@ class Coordinator:
             recovery.completed(completion.seq)
         job = ref.job
         if job.evict:
-            self.residency.evicted(job.evict[ref.first : ref.first + ref.count])
+            self.residency.evicted(job.evict[ref.first : ref.first + ref.blocks])
         if completion.worker >= 0 and job.job_id is not None:
             self.tasks_by_worker[completion.worker] += 1
         stats = self.stats
@@ -171,7 +171,7 @@ class Coordinator:
     def _after_fail(self, ref: TaskRef) -> None:
         job = ref.job
         if job.evict:
-            self.residency.evicted(job.evict[ref.first : ref.first + ref.count])
+            self.residency.evicted(job.evict[ref.first : ref.first + ref.blocks])
         if job.tasks_left == 0:
             self._finish(job)
 

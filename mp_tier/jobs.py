@@ -6,7 +6,8 @@ own metadata through unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import msgspec
 

@@ -9,7 +9,8 @@ job. So a submit either queues a whole job or leaves the ledger as it was.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from .channels import FRAME_BYTES, TASK_HEADER, encode_frame
 from .messages import Completion, Op, Task
@@ -25,7 +26,7 @@ _EVICT_OVERHEAD = 3
 class Job:
     """A submitted job while its tasks are out, or the tier's own housekeeping (``job_id`` None)."""
 
-    __slots__ = ("job_id", "op", "keys", "ids", "evict", "tasks_left", "nbytes", "failed", "error", "code", "start")
+    __slots__ = ("code", "error", "evict", "failed", "ids", "job_id", "keys", "nbytes", "op", "start", "tasks_left")
 
     def __init__(self, job_id: int | None, op: Op, keys: list[bytes], ids: list[int], evict: Sequence[bytes]):
         self.job_id = job_id
@@ -42,11 +43,11 @@ class Job:
 
 
 class TaskRef(NamedTuple):
-    """A task's share of its job: ``count`` blocks from ``first`` (one task with no blocks for SCAN or SWEEP)."""
+    """A task's share of its job: ``blocks`` blocks from ``first`` (one task with no blocks for SCAN or SWEEP)."""
 
     job: Job
     first: int
-    count: int
+    blocks: int
 
 
 class Plan(NamedTuple):
@@ -117,12 +118,12 @@ class Ledger:
         if ref is None:
             return None
         ref.job.error, ref.job.code = reason, code  # why the task never ran outranks any block error
-        return self.complete(Completion(seq, -1, 0, list(range(ref.count)), reason, code))
+        return self.complete(Completion(seq, -1, 0, list(range(ref.blocks)), reason, code))
 
     def task(self, seq: int) -> Task:
         """The task ``seq`` as it was sent, to send again."""
-        job, first, count = self.tasks[seq]
-        last = first + count
+        job, first, blocks = self.tasks[seq]
+        last = first + blocks
         return Task(seq, job.op, job.ids[first:last], job.keys[first:last], list(job.evict[first:last]))
 
     def stored_keys(self, seqs: list[int]) -> list[bytes]:
@@ -131,5 +132,5 @@ class Ledger:
             key
             for seq in seqs
             if (ref := self.tasks[seq]).job.op == Op.STORE
-            for key in ref.job.keys[ref.first : ref.first + ref.count]
+            for key in ref.job.keys[ref.first : ref.first + ref.blocks]
         ]

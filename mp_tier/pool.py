@@ -18,7 +18,7 @@ import logging
 import os
 import select
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .channels import ResultReader, TaskPipe, WorkerEnds, encode_frame, make_pipe
 from .memory import SharedRegion

@@ -62,7 +62,7 @@ class Recovery:
                 f"{self.startup_deaths} workers in a row died while starting over "
                 f"{now - self.first_startup_death:.1f} s; last: {reason}"
             )
-        delay = min(BACKOFF_FIRST_SECONDS * 2 ** (self.startup_deaths - 1), BACKOFF_MAX_SECONDS)
+        delay = min(BACKOFF_FIRST_SECONDS * 2.0 ** (self.startup_deaths - 1), BACKOFF_MAX_SECONDS)
         self.restart_at[index] = now + delay
         return delay
 

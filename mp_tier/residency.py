@@ -11,7 +11,7 @@ rather than raced by the unlink.
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .capacity import CapacityIndex
 from .errors import Refused

@@ -30,7 +30,7 @@ _NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 # Caches created or attached in this process, by base address, so that a
 # tier handed ``cache.array`` or ``cache.view`` can find the cache.
-_by_address: "weakref.WeakValueDictionary[int, PrimaryCache]" = weakref.WeakValueDictionary()
+_by_address: weakref.WeakValueDictionary[int, PrimaryCache] = weakref.WeakValueDictionary()
 
 
 def _positive(name: str, value: object) -> int:
@@ -192,7 +192,8 @@ def primary_memory(view: object, processes: bool) -> Primary:
             f"primary_kv_view must be a writable C-contiguous 2-D buffer (blocks x bytes per block); got "
             f"{'read-only ' if flat.readonly else ''}{flat.ndim}-D {flat.format!r} of shape {flat.shape}"
         )
-    num_blocks, block_bytes = flat.shape[0], flat.shape[1] * flat.itemsize
+    num_blocks, row_items = flat.shape or (0, 0)
+    block_bytes = row_items * flat.itemsize
     flat = flat.cast("B")
     region = None
     if processes:

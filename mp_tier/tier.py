@@ -20,7 +20,8 @@ import select
 import threading
 import time
 import weakref
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -30,8 +31,8 @@ from .config import FILE_MODES, TierConfig
 from .coordinator import Coordinator
 from .errors import Refused, TierBroken, TierClosed
 from .jobs import JobMetadata, JobResult, TierEvent, TierStats
-from .memory import buffer_address
 from .ledger import Job
+from .memory import buffer_address
 from .messages import Op
 from .namespace import describe_run, owners_for, prepare_namespace
 from .pool import WorkerPool, poll_ms
@@ -148,6 +149,7 @@ class FileSystemTierManager:
         mode = self.config.o_direct
         if mode == "off":
             return False
+        why_not: str | None
         if self.block_bytes % block_io.DIRECT_ALIGN:
             why_not = f"block_bytes {self.block_bytes} is not a multiple of {block_io.DIRECT_ALIGN}"
         elif address % block_io.DIRECT_ALIGN:
@@ -266,7 +268,7 @@ class FileSystemTierManager:
                 self._pump()  # may break the tier: then every job has its result, and done() holds
                 if done():
                     return True
-                fds = self._core.pool.wait_fds() + [(self._wake[0], select.POLLIN)]
+                fds = [*self._core.pool.wait_fds(), (self._wake[0], select.POLLIN)]
                 wakeup = self._core.next_wakeup()
                 self._waiters += 1
             try:
@@ -392,7 +394,7 @@ class FileSystemTierManager:
         Tasks no worker has taken are cancelled at once; tasks in progress get
         ``stop_timeout`` seconds to finish. Idempotent, and a no-op in a forked child.
         """
-        if self._closed or os.getpid() != self._pid:
+        if os.getpid() != self._pid:
             return
         with self._lock:
             if self._closed:

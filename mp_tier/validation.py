@@ -33,25 +33,26 @@ def _is_key(key: object) -> bool:
 
 def checked_keys(keys: Any) -> list[bytes]:
     """``keys`` as a list, or ValueError naming the first that is not a key."""
-    keys = list(_ordered("keys", keys))
-    if not all(map(_is_key, keys)):
-        bad = next(k for k in keys if not _is_key(k))
+    checked: list[bytes] = list(_ordered("keys", keys))
+    if not all(map(_is_key, checked)):
+        bad = next(k for k in checked if not _is_key(k))
         raise ValueError(f"key {bad!r:.120} is not {KEY_RULE}")
-    return keys
+    return checked
 
 
 def _block_ids(job_id: int, block_ids: Any) -> list[int]:
     if isinstance(block_ids, np.ndarray):
         if block_ids.ndim != 1 or block_ids.dtype.kind not in "iu":
             raise ValueError(f"job {job_id}: block_ids must be a 1-D integer array, got {block_ids.dtype}{block_ids.shape}")
-        return block_ids.tolist()
-    ids = list(_ordered(f"job {job_id}: block_ids", block_ids))
-    if not all(type(b) is int for b in ids):
-        for i, b in enumerate(ids):
-            if isinstance(b, np.integer) and not isinstance(b, np.bool_):
-                ids[i] = int(b)
-            elif type(b) is not int:
-                raise ValueError(f"job {job_id}: block id {b!r} is not an int")
+        return [int(b) for b in block_ids.tolist()]
+    given: list[Any] = list(_ordered(f"job {job_id}: block_ids", block_ids))
+    if all(type(b) is int for b in given):
+        return given
+    ids = []
+    for b in given:
+        if type(b) is not int and not isinstance(b, np.integer):  # numpy's bool is no np.integer
+            raise ValueError(f"job {job_id}: block id {b!r} is not an int")
+        ids.append(int(b))
     return ids
 
 
@@ -61,7 +62,7 @@ def checked_job(job: Any, loading: bool, num_blocks: int) -> tuple[int, list[byt
         job_id, keys, block_ids = job.job_id, job.keys, job.block_ids
     except AttributeError:
         raise ValueError(f"expected a JobMetadata, got {job!r:.120}") from None
-    if isinstance(job_id, np.integer) and not isinstance(job_id, np.bool_):
+    if isinstance(job_id, np.integer):
         job_id = int(job_id)
     if type(job_id) is not int:
         raise ValueError(f"job_id must be an int, got {job_id!r}")
@@ -81,7 +82,9 @@ def checked_job(job: Any, loading: bool, num_blocks: int) -> tuple[int, list[byt
         bad = next(k for k in keys if len(k) < MIN_KEY_BYTES)
         raise ValueError(f"job {job_id}: key {bad!r} is shorter than {MIN_KEY_BYTES} bytes (hash + 4-byte group)")
     if (longest := max(map(len, keys))) > MAX_KEY_BYTES:
-        raise ValueError(f"job {job_id}: a key of {longest} bytes is longer than {MAX_KEY_BYTES} (its hash is a hex file name that must fit NAME_MAX)")
+        raise ValueError(
+            f"job {job_id}: a key of {longest} bytes is longer than {MAX_KEY_BYTES} (its hash is a hex file name that must fit NAME_MAX)"
+        )
     if len(set(keys)) != len(keys):
         bad = next(k for k, c in collections.Counter(keys).items() if c > 1)
         raise ValueError(f"job {job_id}: key {bad!r} appears twice")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import BLOCK, fill_random, make_keys, run_job
+
 from mp_tier import JobMetadata, TierConfig
 from mp_tier.jobs import TierEvent
 

@@ -13,8 +13,8 @@ import types
 
 import numpy as np
 import pytest
-
 from helpers import BLOCK, fill_random, make_keys, run_job, wait_ready
+
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
 
 

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
+
 from mp_tier import JobMetadata, TierBroken
 from mp_tier.layout import HOST_TAG
 from mp_tier.recovery import STARTUP_WINDOW_SECONDS
@@ -67,7 +67,7 @@ def test_a_worker_that_cannot_start_breaks_the_tier(make_tier, tmp_path, monkeyp
         os.kill(pid, signal.SIGKILL)
     results: dict = {}
     started = time.monotonic()
-    with pytest.raises(TierBroken, match="workers in a row died while starting over .* could not start: ENOENT"):
+    with pytest.raises(TierBroken, match=r"workers in a row died while starting over .* could not start: ENOENT"):
         while True:
             assert time.monotonic() - started < 30
             tier.wait(1)

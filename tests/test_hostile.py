@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers import BLOCK, make_keys, run_job
+
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
 from mp_tier.layout import MAX_KEY_BYTES
 

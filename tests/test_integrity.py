@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import BLOCK, fill_random, make_keys, run_job
+
 from mp_tier import JobMetadata, PrimaryCache, TierConfig
 from mp_tier.block_io import CRC_XATTR
 

@@ -192,7 +192,7 @@ def test_console_script_keeps_config_show_and_its_exit_status(tmp_path):
     bad.write_text("n_read_workers = 0\n")
     refused = subprocess.run([str(MP_TIER), "config", "show", str(bad)], env=clean, check=False, capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and refused.stdout == ""
-    assert refused.stderr == f"{bad}: n_read_workers = 0: expected an integer >= 1\n"
+    assert refused.stderr == f"{bad}: n_read_workers = 0: expected an integer >= 1 and <= 256\n"
 
 
 def test_importing_mp_tier_leaves_the_bench_and_its_extras_out():

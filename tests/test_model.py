@@ -15,17 +15,18 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
+from helpers import wait_exit
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from helpers import wait_exit
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache
 
 BLOCK = 16 << 10

@@ -37,7 +37,7 @@ class Case:
 
     @property
     def n_jobs(self) -> int:
-        return max(1, math.ceil(self.args.total / self.job_bytes))
+        return max(1, math.ceil(int(self.args.total) / self.job_bytes))
 
     @property
     def tier_engines(self) -> list[str]:

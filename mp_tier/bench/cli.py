@@ -33,20 +33,32 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Drive an mp_tier tier like a scheduler and measure throughput, latency and host interference.",
-        epilog="Sizes are binary: 256k, 2m, 1g. GB/s figures use GB = 1e9 bytes. The docstring of mp_tier.bench.report documents the --json schema.",
+        epilog="Sizes are binary: 256k, 2m, 1g. GB/s figures use GB = 1e9 bytes. "
+        "The docstring of mp_tier.bench.report documents the --json schema.",
     )
-    p.add_argument("--workload", type=parse_list(WORKLOADS), default=list(WORKLOADS), help="comma list of store, load, mixed, trace, or all (default: all)")
+    p.add_argument(
+        "--workload", type=parse_list(WORKLOADS), default=list(WORKLOADS), help="comma list of store, load, mixed, trace, or all (default: all)"
+    )
     p.add_argument("--block-size", type=parse_size, default=2 << 20, help="bytes per block (default 2m)")
     p.add_argument("--blocks-per-job", type=parse_positive, default=16, help="blocks per job, except in trace (default 16)")
     p.add_argument("--workers", type=parse_workers, default=(2, 2), help="N (N read + N write workers) or R+W (default 2)")
     p.add_argument("--inflight", type=parse_positive, default=4, help="jobs (trace: requests) kept in flight (default 4)")
     p.add_argument("--total", type=parse_size, default=1 << 30, help="bytes each phase moves (default 1g)")
     p.add_argument("--seconds", type=float, default=None, help="also stop submitting after this many seconds per phase")
-    p.add_argument("--compare", type=parse_list(COMPARES), default=[], help="also run: threads (same workload on the thread engine), raw (pwrite/preadv, no tier), checksum (processes with CRC32 checksums)")
-    p.add_argument("--o-direct", choices=("auto", "on", "off"), default="auto", help="the tier's o_direct setting; raw follows the tier (default auto)")
+    p.add_argument(
+        "--compare",
+        type=parse_list(COMPARES),
+        default=[],
+        help="also run: threads (same workload on the thread engine), raw (pwrite/preadv, no tier), checksum (processes with CRC32 checksums)",
+    )
+    p.add_argument(
+        "--o-direct", choices=("auto", "on", "off"), default="auto", help="the tier's o_direct setting; raw follows the tier (default auto)"
+    )
     p.add_argument("--spin-us", type=int, default=1000, help="host busy-loop slice between polls, microseconds; 0 = block in wait() (default 1000)")
     p.add_argument("--repeat", type=parse_positive, default=1, help="run every engine this many times, interleaved (default 1)")
-    p.add_argument("--idle-seconds", type=float, default=0.3, help="busy-loop idle speed is measured this long before and after each run (default 0.3)")
+    p.add_argument(
+        "--idle-seconds", type=float, default=0.3, help="busy-loop idle speed is measured this long before and after each run (default 0.3)"
+    )
     p.add_argument("--load-gap-ms", type=float, default=10.0, help="mixed: pause between one load's end and the next (default 10)")
     p.add_argument("--conversations", type=parse_positive, default=32, help="trace: conversations (default 32)")
     p.add_argument("--zipf", type=float, default=1.1, help="trace: Zipf exponent of conversation popularity (default 1.1)")
