@@ -6,8 +6,8 @@ in the creating pid, ever unlinks it: a process that attaches never
 registers the name with a resource tracker (CPython gh-82300 is how an
 attacher's exit used to unlink the owner's segment), and a forked child of
 the creator closes its inherited copy without unlinking. The creator
-registers the name with multiprocessing's resource tracker, so a creator
-killed by SIGKILL still leaves no segment behind.
+has its ``janitor`` unlink the name should it die first, so a creator killed
+by SIGKILL leaves no segment behind, even while a forked child of it lives.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import os
 import re
 import uuid
 import weakref
-from multiprocessing import resource_tracker
 from typing import NamedTuple
 
 import numpy as np
 
+from . import janitor
+from .janitor import SHM_DIR
 from .memory import PrivateMemory, SharedRegion, buffer_address, open_backing
 
 SEGMENT_PREFIX = "mp_tier_"
-SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 # Caches created or attached in this process, by base address, so that a
@@ -66,13 +66,18 @@ class PrimaryCache:
         size = _positive("num_blocks", num_blocks) * _positive("block_bytes", block_bytes)
         name = f"{SEGMENT_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"  # the pid tells an operator whose it is
         path = f"{SHM_DIR}/{name}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        janitor.guard(name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except BaseException:
+            janitor.release(name)
+            raise
         try:
             os.posix_fallocate(fd, 0, size)
-            resource_tracker.register(f"/{name}", "shared_memory")
         except BaseException:
             os.unlink(path)
             os.close(fd)
+            janitor.release(name)
             raise
         return cls(name, fd, num_blocks, block_bytes, creator_pid=os.getpid())
 
@@ -140,7 +145,7 @@ class PrimaryCache:
                 os.unlink(f"{SHM_DIR}/{self.name}")
             except FileNotFoundError:
                 pass  # someone removed it already
-            resource_tracker.unregister(f"/{self.name}", "shared_memory")
+            janitor.release(self.name)
         os.close(self._fd)
         del self.array
         try:

@@ -11,13 +11,13 @@ from mp_tier import FileSystemTierManager, PrimaryCache
 
 
 @pytest.fixture(autouse=True, scope="session")
-def resource_tracker_started() -> None:
-    """The first segment starts multiprocessing's resource tracker, which holds a pipe for the whole run."""
+def janitor_started() -> None:
+    """The first segment starts this process's janitor, which holds a pipe for the whole run."""
     PrimaryCache.create(1, 4096).close()
 
 
 @pytest.fixture(autouse=True)
-def no_leaks(tmp_path: Path, resource_tracker_started: None):
+def no_leaks(tmp_path: Path, janitor_started: None):
     """After each test: no new segment, temp file, fd, child process or worker thread."""
     segments, fds, children = shm_segments(), open_fds(), child_processes()
     yield

@@ -32,14 +32,14 @@ def open_fds() -> dict[int, str]:
 
 
 def child_processes() -> set[int]:
-    """Live children of this process, except multiprocessing's resource tracker (it serves the whole run)."""
+    """Live children of this process, except the segment janitor (it serves the whole run)."""
     children = set()
     with open(f"/proc/self/task/{os.getpid()}/children") as f:
         pids = [int(p) for p in f.read().split()]
     for pid in pids:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"resource_tracker" in f.read():
+                if b"mp_tier.janitor" in f.read():
                     continue
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] == "Z":

@@ -113,8 +113,8 @@ HOST = textwrap.dedent(
     for j in range(200):
         tier.submit_store(JobMetadata(job_id=j, keys=[j.to_bytes(32, "big") + bytes(4)], block_ids=[j % 16]))
     children = open(f"/proc/self/task/{os.getpid()}/children").read().split()
-    tracker = [int(p) for p in children if b"resource_tracker" in open(f"/proc/{p}/cmdline", "rb").read()]
-    print(json.dumps({"pids": tier.worker_pids(), "shm": cache.name, "tracker": tracker[0]}), flush=True)
+    janitor = [int(p) for p in children if b"mp_tier.janitor" in open(f"/proc/{p}/cmdline", "rb").read()]
+    print(json.dumps({"pids": tier.worker_pids(), "shm": cache.name, "janitor": janitor[0]}), flush=True)
     sys.stdin.read()
     """
 )
@@ -131,7 +131,7 @@ def test_workers_and_segment_do_not_outlive_a_killed_host(tmp_path):
         host.wait()
     for pid in info["pids"]:
         assert wait_exit(pid, 2.0), f"worker {pid} outlived its host by 2 s"
-    assert wait_exit(info["tracker"], 10)
+    assert wait_exit(info["janitor"], 10)
     assert not os.path.exists(f"/dev/shm/{info['shm']}")
     host.stdin.close()
     host.stdout.close()

@@ -1,0 +1,319 @@
+"""A tier inside a real host: other processes attach its cache, the host forks and runs threads,
+workers die mid-claim. Every promise here is provoked with real processes, forks and signals."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
+
+from mp_tier import JobMetadata, PrimaryCache, TierClosed, TierConfig
+from mp_tier.recovery import CLAIM_SETTLE_SECONDS
+from mp_tier.worker_process import TEST_CLAIM_PAUSE
+
+ATTACHER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from mp_tier import PrimaryCache
+    cache = PrimaryCache.attach(sys.argv[1], 256, int(sys.argv[2]))
+    cache.array[0, 0] = 1
+    if sys.argv[3] == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if sys.argv[3] == "close":
+        cache.close()
+    """
+)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+@pytest.mark.parametrize("how", ["close", "exit", "sigkill"])
+def test_an_attacher_that_goes_never_unlinks_the_segment(make_tier, cache, how):
+    """Closing, exiting or being killed: an attacher never registered the name anywhere, so the segment and
+    the tier survive it, and a replacement worker still maps the cache."""
+    tier = make_tier()
+    done = subprocess.run([sys.executable, "-c", ATTACHER, cache.name, str(BLOCK), how], timeout=30)
+    assert done.returncode == (-signal.SIGKILL if how == "sigkill" else 0)
+    assert os.path.exists(f"/dev/shm/{cache.name}")
+    victim = tier.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_exit(victim, 5)
+    fill_random(cache, range(4))
+    keys = make_keys(4)
+    for j in range(3):  # the death is noticed and the worker replaced within these jobs
+        assert run_job(tier, "store", JobMetadata(job_id=j, keys=keys, block_ids=[0, 1, 2, 3])).success
+    wait_ready(tier)
+    assert tier.stats().workers_restarted == 1 and tier.stats().workers_alive == 4
+    assert run_job(tier, "load", JobMetadata(job_id=9, keys=keys, block_ids=[4, 5, 6, 7])).success
+
+
+def test_a_forked_child_that_closes_the_cache_never_unlinks_it(cache):
+    pid = os.fork()
+    if pid == 0:
+        cache.close()  # the child inherited an object whose creator is its parent
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert os.path.exists(f"/dev/shm/{cache.name}")
+    cache.array[0, 0] = 3  # still the parent's, still mapped
+
+
+LONE_HOST = textwrap.dedent(
+    """
+    import json, os, select, signal, sys
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    cache = PrimaryCache.create(16, 65536)
+    with FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=1) as tier:
+        while tier.stats().workers_starting or tier.stats().workers_alive < 2:
+            tier.wait(0.01)
+        workers = tier.worker_pids()
+        parents = [int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) for pid in workers]
+        others = [int(p) for p in open(f"/proc/self/task/{os.getpid()}/children").read().split() if int(p) not in workers]
+        for pid in others:  # the segment janitor: the only other helper
+            fd = os.pidfd_open(pid)
+            os.kill(pid, signal.SIGKILL)
+            select.select([fd], [], [])
+        tier.submit_store(JobMetadata(job_id=1, keys=[bytes(36)], block_ids=[0]))
+        tier.drain(30)
+        result = tier.get_finished()[0]
+        print(json.dumps({"me": os.getpid(), "parents": parents, "killed": len(others), "success": result.success,
+                          "same": tier.worker_pids() == workers, "restarted": tier.stats().workers_restarted}))
+    cache.close()
+    """
+)
+
+
+def test_workers_are_the_hosts_own_children_watched_by_pidfd(tmp_path):
+    """No forkserver between the host and a worker, and no helper whose death could look like theirs:
+    killing every other child of the host (its segment janitor) changes nothing for the tier."""
+    done = subprocess.run([sys.executable, "-c", LONE_HOST, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["parents"] == [info["me"]] * 2
+    assert info["killed"] == 1
+    assert info["success"] and info["same"] and info["restarted"] == 0
+    assert [p for p in Path("/dev/shm").iterdir() if p.name.startswith(f"mp_tier_{info['me']}_")] == []
+
+
+def _paused_load(tier, tmp_path: Path, cache, job_id: int) -> int:
+    """Submit a load that one worker reads and then holds, unnamed, in the claim window; return that worker's pid."""
+    marker = tmp_path / "claiming"
+    marker.unlink(missing_ok=True)
+    cache.array[5] = 0
+    tier.submit_load(JobMetadata(job_id=job_id, keys=make_keys(1), block_ids=[5]))
+    deadline = time.monotonic() + 10
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline, "no worker read the load"
+        tier.wait(0.001)
+    return int(marker.read_text())
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+@pytest.mark.parametrize("pause", [CLAIM_SETTLE_SECONDS / 4, CLAIM_SETTLE_SECONDS * 5], ids=["short", "stuck"])
+def test_a_death_inside_another_workers_claim_window_never_runs_its_task_twice(make_tier, cache, tmp_path, monkeypatch, pause):
+    """A worker has read a load but not named it yet when another worker is SIGKILLed. Short pause: the host
+    waits for the claim to end and leaves the task with its reader. Stuck: the host kills the reader, and
+    sends the task again only once that worker is gone. Either way one result, and the cache block is never
+    written after it is delivered."""
+    monkeypatch.setenv(TEST_CLAIM_PAUSE, f"{pause}:{tmp_path / 'claiming'}")
+    tier = make_tier(n_read_workers=2, n_write_workers=1)
+    wait_ready(tier)
+    cache.array[0] = 7
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
+    reader = _paused_load(tier, tmp_path, cache, job_id=2)
+    victim = next(pid for pid in tier.worker_pids() if pid != reader)
+    os.kill(victim, signal.SIGKILL)
+    results = []
+    while not results:
+        tier.wait(10)
+        results = tier.get_finished()
+    assert [(r.job_id, r.success) for r in results] == [(2, True)]
+    assert (cache.array[5] == 7).all()
+    if pause > CLAIM_SETTLE_SECONDS:
+        assert wait_exit(reader, 0), "the stuck reader was still alive when its task was sent again"
+    cache.array[5] = 0xEE  # the engine reuses the block at once
+    tier.shutdown()  # waits for every worker to finish what it holds: a second run would land now
+    assert (cache.array[5] == 0xEE).all(), "a task ran after its result was delivered"
+    assert tier.get_finished() == []
+
+
+@pytest.mark.parametrize("engine", ["processes", "threads"])
+def test_threads_submitting_and_polling_lose_nothing_and_run_nothing_twice(make_tier, cache):
+    """Four threads submit stores and look up keys while a fifth polls; thread switches every microsecond."""
+    tier = make_tier(config=TierConfig(o_direct="off"))
+    fill_random(cache, range(256))
+    per_thread, threads = 150, 4
+    results: collections.Counter[int] = collections.Counter()
+    errors: list[BaseException] = []
+    submitting = threading.Event()
+    submitting.set()
+
+    def submit(t: int) -> None:
+        try:
+            for j in range(per_thread):
+                job = t * 1000 + j
+                tier.submit_store(JobMetadata(job_id=job, keys=make_keys(2, seed=job), block_ids=[j % 256, (j + 1) % 256]))
+                tier.lookup_many(make_keys(3, seed=job + 7))
+        except BaseException as e:
+            errors.append(e)
+
+    def poll() -> None:
+        try:
+            while submitting.is_set():
+                results.update(r.job_id for r in tier.get_finished())
+        except BaseException as e:
+            errors.append(e)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        submitters = [threading.Thread(target=submit, args=(t,)) for t in range(threads)]
+        poller = threading.Thread(target=poll)
+        poller.start()
+        for thread in submitters:
+            thread.start()
+        for thread in submitters:
+            thread.join()
+        submitting.clear()
+        poller.join()
+    finally:
+        sys.setswitchinterval(switch)
+    tier.drain(60)
+    results.update(r.job_id for r in tier.get_finished())
+    assert errors == []
+    assert sorted(results) == sorted(t * 1000 + j for t in range(threads) for j in range(per_thread))
+    assert set(results.values()) == {1}
+    assert tier.stats().jobs_stored == threads * per_thread
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_waiting_thread_wakes_for_a_result_made_at_submit(make_tier):
+    """A job with no blocks gets its result inside submit, from no worker: a thread asleep in wait() wakes for it."""
+    tier = make_tier()
+    wait_ready(tier)
+    pids = tier.worker_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # so the first job stays in flight and the waiter sleeps
+    try:
+        tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0]))
+        woke = threading.Event()
+        waiter = threading.Thread(target=lambda: tier.wait(30) and woke.set())
+        waiter.start()
+        while waiter.is_alive() and not tier.stats().jobs_active:
+            pass
+        tier.submit_store(JobMetadata(job_id=2, keys=[], block_ids=[]))
+        waiter.join(10)
+        assert woke.is_set(), "the waiter slept through a result"
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    tier.drain(30)
+    assert sorted(r.job_id for r in tier.get_finished()) == [1, 2]
+
+
+FORKING_HOST = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    cache = PrimaryCache.create(16, 65536)
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=1)
+    tier.drain(30)
+    child = os.fork()
+    if child == 0:  # a data-loader or tokenizer process, forked without exec: it just lives on
+        sys.stdin.read()
+        os._exit(0)
+    for j in range(100):
+        tier.submit_store(JobMetadata(job_id=j, keys=[j.to_bytes(32, "big") + bytes(4)], block_ids=[j % 16]))
+    print(json.dumps({"workers": tier.worker_pids(), "shm": cache.name, "child": child}), flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_a_killed_host_with_a_live_forked_child_leaves_no_worker_and_no_segment(tmp_path):
+    """The child holds none of the task pipes' write ends nor the janitor's pipe, so the host's death
+    still reaches its workers and its janitor."""
+    host = subprocess.Popen(
+        [sys.executable, "-c", FORKING_HOST, str(tmp_path / "blocks")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        info = json.loads(host.stdout.readline())
+        host.kill()
+        host.wait()
+        for pid in info["workers"]:
+            assert wait_exit(pid, 2.0), f"worker {pid} outlived its host by 2 s while a forked child lived"
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/dev/shm/{info['shm']}"):
+            assert time.monotonic() < deadline, "the segment outlived its creator"
+            time.sleep(0.01)
+        assert not wait_exit(info["child"], 0), "the child should still be alive"
+    finally:
+        host.stdin.close()  # the child reads the same stdin: it ends now
+        host.stdout.close()
+    assert wait_exit(info["child"], 10)
+
+
+FORK_AND_EXIT = textwrap.dedent(
+    """
+    import json, os, sys
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
+    what = sys.argv[2]
+    cache = PrimaryCache.create(16, 65536)
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=1)
+    while tier.stats().workers_starting or tier.stats().workers_alive < 2:
+        tier.wait(0.01)
+    workers = tier.worker_pids()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        outcome = "ok"
+        try:
+            if what == "shutdown":
+                tier.shutdown()
+            elif what == "submit":
+                tier.submit_store(JobMetadata(job_id=1, keys=[bytes(36)], block_ids=[0]))
+            elif what == "get_finished":
+                tier.get_finished()
+            elif what == "close-cache":
+                cache.close()
+        except TierClosed as e:
+            outcome = f"TierClosed: {e}"
+        os.write(write, outcome.encode())
+        sys.exit(0)  # a normal exit: atexit handlers and the tier's finalizer run in the child
+    os.close(write)
+    outcome = os.read(read, 1000).decode()
+    status = os.waitpid(child, 0)[1]
+    alive = [os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z" for pid in workers]
+    tier.submit_store(JobMetadata(job_id=5, keys=[bytes(36)], block_ids=[0]))
+    tier.drain(30)
+    print(json.dumps({"outcome": outcome, "status": status, "alive": alive, "success": tier.get_finished()[0].success,
+                      "same": tier.worker_pids() == workers, "segment": os.path.exists(f"/dev/shm/{cache.name}")}))
+    tier.shutdown()
+    cache.close()
+    """
+)
+
+
+@pytest.mark.parametrize("what", ["exit", "shutdown", "submit", "get_finished", "close-cache"])
+def test_a_forked_child_never_affects_the_parents_tier(tmp_path, what):
+    """Whatever a plain fork()ed child of the host does with its copy of the tier or the cache, and at its
+    normal exit (atexit, finalizers), the parent's workers live on and its jobs complete."""
+    done = subprocess.run([sys.executable, "-c", FORK_AND_EXIT, str(tmp_path), what], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    if what in ("submit", "get_finished"):
+        assert info["outcome"].startswith("TierClosed: this tier belongs to process")
+    else:
+        assert info["outcome"] == "ok"
+    assert info["status"] == 0
+    assert info["alive"] == [True, True], "a worker of the parent died"
+    assert info["success"] and info["same"] and info["segment"]
