@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
 
-from mp_tier import JobMetadata, PrimaryCache, TierClosed, TierConfig
+from mp_tier import JobMetadata, TierConfig
 from mp_tier.recovery import CLAIM_SETTLE_SECONDS
 from mp_tier.worker_process import TEST_CLAIM_PAUSE
 
