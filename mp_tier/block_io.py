@@ -185,14 +185,19 @@ def touch_block(root: int, path: BlockPath) -> None:
         os.close(leaf)
 
 
-def has_block(root: int, path: BlockPath) -> bool:
-    """True if a regular file is at ``path``: an odd entry there is no block."""
+def has_block(root: int, path: BlockPath, owners: Owners) -> bool:
+    """True if a regular file of an allowed owner is at ``path``: anything else there is no block to load."""
     try:
         fd = open_beneath(root, path.rel, os.O_PATH | os.O_NOFOLLOW)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return False
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink, here or above it
+            return False
+        raise
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode)
+        st = os.fstat(fd)
+        return stat.S_ISREG(st.st_mode) and owners.allow(st)
     finally:
         os.close(fd)
 

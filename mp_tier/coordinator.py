@@ -268,19 +268,26 @@ class Coordinator:
         self.stop(0, "ENOTRECOVERABLE", f"tier broken: {reason}")
 
     def shutdown(self, timeout: float) -> None:
-        """Cancel what no worker has started, give the rest ``timeout`` seconds, then fail what is left."""
+        """Cancel what no worker has started, give the rest ``timeout`` seconds, then fail what is left.
+
+        Does nothing once the workers are stopped (after a shutdown, or when the tier broke).
+        """
+        if self.stopping:
+            return
         pool = self.pool
         for completion in pool.results.read():
             self.on_completion(completion)
+        unswept = self.ledger.stored_keys(list(self.ledger.tasks))  # a sweep cancelled here is the host's to do
         for task in pool.reclaim():
             self._fail_task(task.seq, "ECANCELED", "cancelled: the tier shut down before the task started")
-        self.stop(timeout, "ECANCELED", "cancelled: the worker stopped before finishing")
+        self.stop(timeout, "ECANCELED", "cancelled: the worker stopped before finishing", unswept)
 
-    def stop(self, timeout: float, code: str, reason: str) -> None:
+    def stop(self, timeout: float, code: str, reason: str, unswept: list[bytes] | None = None) -> None:
         """Stop the pool, then fail every task it did not finish.
 
         Workers killed at the deadline may have left temp files beside the
-        blocks they were storing; with no worker left, the host removes them.
+        blocks they were storing, and a sweep for dead writers' files may not
+        have run; with no worker left, the host removes them.
         """
         self.stopping = True
         self.settling = None
@@ -288,7 +295,7 @@ class Coordinator:
         for why in self.pool.stop(timeout, self.on_completion):
             log.warning("%s at stop", why)
         unfinished = list(self.ledger.tasks)
-        if stores := self.ledger.stored_keys(unfinished):
+        if stores := set(self.ledger.stored_keys(unfinished)).union(unswept or ()):
             beside = [self.layout.locate(key) for key in stores]
             self.stats["files_removed"] += block_io.remove_stale_temps(self.root, beside)[0]
         for seq in unfinished:

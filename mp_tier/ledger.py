@@ -127,10 +127,11 @@ class Ledger:
         return Task(seq, job.op, job.ids[first:last], job.keys[first:last], list(job.evict[first:last]))
 
     def stored_keys(self, seqs: list[int]) -> list[bytes]:
-        """The keys the store tasks among ``seqs`` write: where a killed writer may have left temp files."""
+        """Keys of the blocks whose temp files a killed writer may have left: those of the store tasks among
+        ``seqs``, and of the sweeps sent for them."""
         return [
             key
             for seq in seqs
-            if (ref := self.tasks[seq]).job.op == Op.STORE
+            if (ref := self.tasks[seq]).job.op in (Op.STORE, Op.SWEEP)
             for key in ref.job.keys[ref.first : ref.first + ref.blocks]
         ]

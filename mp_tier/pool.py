@@ -13,6 +13,7 @@ already makes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -47,11 +48,17 @@ class WorkerPool:
     def __init__(self, specs: list[WorkerSpec], root: int, region: SharedRegion | None, view: memoryview, engine: str):
         self.specs = specs
         self.engine = engine
-        self.loads = TaskPipe()  # LOAD tasks: read-priority workers try this pipe first
-        self.stores = TaskPipe()  # everything else
-        self.results = ResultReader()  # completions from every worker
-        self.slots = Slots(len(specs))  # what each worker holds
-        self._bell = make_pipe()  # a worker that sees more work rings it to wake another
+        with contextlib.ExitStack() as undo:  # a pipe that cannot be made (EMFILE) leaves none of the others open
+            self.loads = TaskPipe()  # LOAD tasks: read-priority workers try this pipe first
+            undo.callback(self.loads.close)
+            self.stores = TaskPipe()  # everything else
+            undo.callback(self.stores.close)
+            self.results = ResultReader()  # completions from every worker
+            undo.callback(self.results.close)
+            self.slots = Slots(len(specs))  # what each worker holds
+            undo.callback(self.slots.close)
+            self._bell = make_pipe()  # a worker that sees more work rings it to wake another
+            undo.pop_all()
         self._root = root  # the namespace directory's fd, inherited by workers
         self._region = region  # the cache as a process maps it (None for threads)
         self._view = view  # the cache as a thread sees it

@@ -40,9 +40,14 @@ class Slots:
         size = n_workers * _SLOTS * _FIELDS * _ITEM
         self.n_workers = n_workers
         self.fd = os.memfd_create("mp_tier-slots", os.MFD_CLOEXEC) if fd is None else fd
-        if fd is None:
-            os.ftruncate(self.fd, size)
-        self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+        try:
+            if fd is None:
+                os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+        except BaseException:
+            if fd is None:
+                os.close(self.fd)
+            raise
         self._words = memoryview(self._map).cast("q")
 
     def _at(self, worker: int, slot: int) -> int:

@@ -132,7 +132,8 @@ class FileSystemTierManager:
         self._owned_fds = owned  # the namespace and cache fds (the workers' to inherit) and the wake pipe: the tier's to close
         groups = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}
         self._core = Coordinator(pool, Residency(capacity, config.events), self.layout, root, groups, config.task_timeout)
-        self._root = root
+        self._root = root  # the namespace directory, for lookup()
+        self._owners = owners  # whose block files count
         self._lock = threading.Lock()  # one caller at a time; waiters sleep without it
         self._waiters = 0  # threads asleep in wait()/drain()
         self._broken: str | None = None
@@ -240,7 +241,7 @@ class FileSystemTierManager:
         if self._core.recovery.broken and not self._closed:
             self._broken = self._core.recovery.broken
             self._closed = True
-            self._release()
+            self._finalizer()  # the workers are stopped already: this closes the tier's fds
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a result is ready for get_finished(); False on timeout (None or inf: no limit).
@@ -297,7 +298,7 @@ class FileSystemTierManager:
             self._check_open()
             if key in self._core.residency.storing:
                 return None
-            return block_io.has_block(self._root, self.layout.locate(key))
+            return block_io.has_block(self._root, self.layout.locate(key), self._owners)
 
     def lookup_many(self, keys: Sequence[bytes]) -> list[bool | None]:
         """``lookup`` for many keys at once, from memory only: it never waits for a disk.
@@ -397,19 +398,9 @@ class FileSystemTierManager:
         if os.getpid() != self._pid:
             return
         with self._lock:
-            if self._closed:
-                return
             self._closed = True
-            self._core.shutdown(self.config.stop_timeout)
-            self._release()
+            self._finalizer()  # stops the workers and closes the tier's fds; a no-op once it has run
 
-    def _release(self) -> None:
-        """After the coordinator stopped the workers: close the tier's own fds and view, once."""
-        self._finalizer.detach()
-        for fd in self._owned_fds:
-            os.close(fd)
-        self._view.release()
-        log.debug("tier down: %s", self.layout.base)
 
     def _abandon_in_child(self) -> None:
         """Right after a fork, in the child: drop every fd and worker of the parent's tier, touching none of them."""
@@ -430,10 +421,12 @@ class FileSystemTierManager:
 
 
 def _teardown(core: Coordinator, stop_timeout: float, owned: list[int], view: memoryview, pid: int) -> None:
-    """The finalizer of a tier dropped (or left at exit) without shutdown: stop its workers, sweep, close."""
+    """A tier's end, run once: by shutdown(), when the tier broke, or as the finalizer of a tier dropped (or
+    left at interpreter exit) without shutdown. Stops the workers, sweeps, closes the tier's fds."""
     if os.getpid() != pid:
         return
     core.shutdown(stop_timeout)
     for fd in owned:
         os.close(fd)
     view.release()
+    log.debug("tier down: %s", core.layout.base)

@@ -110,7 +110,7 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
                 skipped += moved == 0
             elif op == Op.TOUCH:
                 block_io.touch_block(root, path)
-            elif not block_io.has_block(root, path):  # PROBE
+            elif not block_io.has_block(root, path, spec.owners):  # PROBE
                 failed.append(i)
         except Exception as e:  # any failure belongs to this block's result, not to the worker
             if isinstance(e, block_io.CorruptBlock):
@@ -127,12 +127,13 @@ def run_worker(
     cache: memoryview,
     ends: WorkerEnds,
     slots: Slots,
-    after_read: Callable[[Task], None] | None = None,
+    pause: Callable[[Task, bool], None] | None = None,
 ) -> None:
     """Serve tasks until the host closes both task pipes.
 
-    ``after_read`` runs between reading a task and naming it: tests widen
-    the claim window with it.
+    ``pause(task, named)`` runs between reading a task and naming it
+    (``named`` False) and right after naming it (True): tests hold a worker
+    in the claim window, or on a task, with it.
     """
     me = spec.index
 
@@ -144,9 +145,11 @@ def run_worker(
             slots.set(me, slot, IDLE)
             raise
         # Any other failure leaves CLAIMING: the worker dies of it, and the host counts the frame as its.
-        if task is not None and after_read is not None:
-            after_read(task)
+        if task is not None and pause is not None:
+            pause(task, False)
         slots.set(me, slot, IDLE if task is None else task.seq)
+        if task is not None and pause is not None:
+            pause(task, True)
         return task
 
     def run(task: Task, slot: int) -> None:

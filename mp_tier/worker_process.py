@@ -24,10 +24,11 @@ from .messages import Op, Task
 from .slots import Slots
 from .worker import WorkerSpec, run_worker
 
-# Test hook: "<seconds>:<marker file>". A worker that reads a load task
-# writes its pid to the marker and sleeps that long before naming the task,
-# which makes the claim window wide enough to kill another worker inside it.
-TEST_CLAIM_PAUSE = "MP_TIER_TEST_CLAIM_PAUSE"
+# Test hook: "<claim|task>:<seconds>:<marker file>". A worker that reads a
+# load task writes its pid to the marker and sleeps that long, before naming
+# the task (claim: the claim window made wide enough to kill another worker
+# inside it) or after (task: a worker stuck on a task it holds).
+TEST_PAUSE = "MP_TIER_TEST_PAUSE"
 
 
 class Boot(msgspec.Struct, array_like=True):
@@ -45,14 +46,14 @@ def encode_boot(boot: Boot) -> str:
     return msgspec.msgpack.encode(boot).hex()
 
 
-def _claim_pause() -> Callable[[Task], None] | None:
-    setting = os.environ.get(TEST_CLAIM_PAUSE)
+def _test_pause() -> Callable[[Task, bool], None] | None:
+    setting = os.environ.get(TEST_PAUSE)
     if not setting:
         return None
-    seconds, _, marker = setting.partition(":")
+    where, seconds, marker = setting.split(":", 2)
 
-    def pause(task: Task) -> None:
-        if task.op == Op.LOAD:
+    def pause(task: Task, named: bool) -> None:
+        if task.op == Op.LOAD and named == (where == "task"):
             with open(marker, "w") as f:
                 f.write(str(os.getpid()))
             time.sleep(float(seconds))
@@ -68,7 +69,7 @@ def main() -> None:
     mapping, view = map_region(boot.cache)
     slots = Slots(boot.n_workers, boot.slots_fd)
     try:
-        run_worker(boot.spec, boot.root, view, boot.ends, slots, _claim_pause())
+        run_worker(boot.spec, boot.root, view, boot.ends, slots, _test_pause())
     except BrokenPipeError:
         pass  # the host is gone; nobody is left to tell
     finally:

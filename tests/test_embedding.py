@@ -19,7 +19,7 @@ from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_read
 
 from mp_tier import JobMetadata, TierConfig
 from mp_tier.recovery import CLAIM_SETTLE_SECONDS
-from mp_tier.worker_process import TEST_CLAIM_PAUSE
+from mp_tier.worker_process import TEST_PAUSE
 
 ATTACHER = textwrap.dedent(
     """
@@ -123,7 +123,7 @@ def test_a_death_inside_another_workers_claim_window_never_runs_its_task_twice(m
     waits for the claim to end and leaves the task with its reader. Stuck: the host kills the reader, and
     sends the task again only once that worker is gone. Either way one result, and the cache block is never
     written after it is delivered."""
-    monkeypatch.setenv(TEST_CLAIM_PAUSE, f"{pause}:{tmp_path / 'claiming'}")
+    monkeypatch.setenv(TEST_PAUSE, f"claim:{pause}:{tmp_path / 'claiming'}")
     tier = make_tier(n_read_workers=2, n_write_workers=1)
     wait_ready(tier)
     cache.array[0] = 7

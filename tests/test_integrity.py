@@ -97,7 +97,7 @@ def test_racing_stores_and_loads_never_tear_a_block(make_tier, tmp_path, engine)
     job = 0
     try:
         deadline = time.monotonic() + seconds
-        while reads < 100_000 and time.monotonic() < deadline:
+        while reads < 30_000 and time.monotonic() < deadline:
             job += 1
             base = (job % 2) * KEYS  # alternate halves so a stale block could not pass as fresh
             words[base : base + KEYS] = 0
@@ -114,5 +114,5 @@ def test_racing_stores_and_loads_never_tear_a_block(make_tier, tmp_path, engine)
         assert [w.wait(30) for w in writers] == [0, 0]
         tier.shutdown()
         cache.close()
-    assert reads >= 100_000, f"only {reads} block reads in {seconds} s"
+    assert reads >= 30_000, f"only {reads} block reads in {seconds} s"
     assert torn == 0

@@ -1,0 +1,248 @@
+"""A tier's whole life under hostile use: submits that must change nothing, absurd settings, stuck and
+stopped workers, running out of fds, and ends without shutdown (dropped, interpreter exit, __del__)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
+
+from mp_tier import FileSystemTierManager, JobMetadata, TierConfig
+from mp_tier.worker_process import TEST_PAUSE
+
+
+def disk_blocks(base: str) -> int:
+    return sum(name.endswith(".bin") for _, _, names in os.walk(base) for name in names)
+
+
+def test_victims_with_longer_keys_than_the_store_travel_in_frames_sized_for_them(make_tier, cache):
+    """The budget is full of 68-byte keys; a store of 36-byte keys evicts them all. Every check and every
+    frame is made before anything changes, so the store goes out whole and the disk stays in budget."""
+    tier = make_tier(config=TierConfig(max_bytes=40 * BLOCK))
+    fill_random(cache, range(40))
+    old = make_keys(40, seed=1, hash_bytes=64)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=old, block_ids=list(range(40)))).success
+    new = make_keys(40, seed=2)
+    assert run_job(tier, "store", JobMetadata(job_id=2, keys=new, block_ids=list(range(40)))).success
+    assert disk_blocks(tier.layout.base) == 40
+    assert all(os.path.exists(tier.block_path(k)) for k in new) and not any(os.path.exists(tier.block_path(k)) for k in old)
+    assert tier.stats().blocks_evicted == 40 and tier.stats().bytes_counted == 40 * BLOCK
+
+
+def test_a_refused_submit_changes_nothing(make_tier, cache):
+    """A job whose last key is bad: nothing counted, queued or pinned, and its id is free at once."""
+    tier = make_tier(config=TierConfig(max_bytes=4 * BLOCK, events=True))
+    wait_ready(tier)
+    tier.drain(30)
+    before = tier.stats()
+    keys = [*make_keys(3), b"short"]
+    with pytest.raises(ValueError, match="shorter than"):
+        tier.submit_store(JobMetadata(job_id=7, keys=keys, block_ids=[0, 1, 2, 3]))
+    assert tier.stats() == before and tier.take_events() == []
+    assert tier.lookup_many(keys[:3]) == [False] * 3
+    assert run_job(tier, "store", JobMetadata(job_id=7, keys=keys[:3], block_ids=[0, 1, 2])).success
+
+
+def test_a_budget_below_one_block_is_refused_naming_both_numbers(cache, tmp_path):
+    with pytest.raises(ValueError, match=f"max_bytes 100 is less than one block of {BLOCK} bytes"):
+        FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "r"), config=TierConfig(max_bytes=100))
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_limit_and_bad_timeouts(tier):
+    tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0]))
+    tier.drain(float("inf"))
+    assert tier.wait(float("inf")) is True and len(tier.get_finished()) == 1
+    for bad in (-1, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0 or None"):
+            tier.drain(bad)
+    assert tier.wait(0) is False
+
+
+@pytest.mark.parametrize("engine", ["processes", "threads"])
+def test_a_dropped_tier_stops_its_workers_and_closes_its_fds(cache, tmp_path, engine):
+    """No shutdown(): the tier's finalizer stops its workers when it is collected (the autouse leak check
+    then finds no fd, thread or process left)."""
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path), n_read_workers=1, n_write_workers=1, engine=engine)
+    fill_random(cache, [0])
+    tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0]))
+    pids = tier.worker_pids()
+    del tier
+    gc.collect()
+    assert all(wait_exit(pid, 5) for pid in pids)
+
+
+def test_a_constructor_that_fails_leaves_nothing(cache, tmp_path):
+    """Refused after its pipes and memory fd were made (the namespace is a file): the leak check finds nothing."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / f"bs{BLOCK}_r0").write_text("not a directory")
+    with pytest.raises(OSError, match="not usable"):
+        FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "root"))
+
+
+FD_STARVED = textwrap.dedent(
+    """
+    import json, os, resource, signal, sys, time
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    cache = PrimaryCache.create(16, 65536)
+    report = {}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    opened = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (opened + 3, hard))  # too few for a tier's pipes
+    try:
+        FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1])
+    except OSError as e:
+        report["ctor"] = str(e)
+    report["fds_after_failed_ctor"] = len(os.listdir("/proc/self/fd")) - opened
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=1)
+    while tier.stats().workers_starting or tier.stats().workers_alive < 2:
+        tier.wait(0.01)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))  # not one fd to spare
+    os.kill(tier.worker_pids()[0], signal.SIGKILL)
+    slowest, deadline = 0.0, time.monotonic() + 0.5
+    while time.monotonic() < deadline:  # the replacement cannot start: get_finished must neither raise nor stall
+        start = time.monotonic()
+        tier.get_finished()
+        slowest = max(slowest, time.monotonic() - start)
+    report["alive_while_starved"] = tier.stats().workers_alive
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    while tier.stats().workers_alive < 2 or tier.stats().workers_starting:
+        tier.wait(0.05)
+    tier.submit_store(JobMetadata(job_id=1, keys=[bytes(36)], block_ids=[0]))
+    tier.drain(30)
+    report["after"] = tier.get_finished()[0].success
+    report["slowest_poll"] = slowest
+    tier.shutdown()
+    cache.close()
+    print(json.dumps(report))
+    """
+)
+
+
+def test_running_out_of_fds_is_named_and_survived(tmp_path):
+    done = subprocess.run([sys.executable, "-c", FD_STARVED, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert "EMFILE" in report["ctor"] or "Too many open files" in report["ctor"]
+    assert report["fds_after_failed_ctor"] == 0
+    assert report["alive_while_starved"] == 1
+    assert report["after"] is True
+    assert "could not start: EMFILE" in done.stderr
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_stopped_worker_holding_a_task_is_killed_and_its_task_sent_again(make_tier, engine):
+    """SIGSTOP every worker while one holds a store task: after task_timeout it is killed (and really gone
+    before the task goes to its replacement), so the job still gets its one result."""
+    from mp_tier import PrimaryCache
+
+    big = PrimaryCache.create(32, 1 << 20)
+    try:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(task_timeout=0.5, o_direct="off"))
+        wait_ready(tier)
+        keys = make_keys(32)
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(32))))
+        deadline = time.monotonic() + 10
+        while not any(os.path.exists(tier.block_path(k)) for k in keys):
+            assert time.monotonic() < deadline
+            tier.get_finished()
+        stopped = tier.worker_pids()
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        results = []
+        while not results:
+            assert tier.wait(30)
+            results = tier.get_finished()
+        assert [(r.job_id, r.success) for r in results] == [(1, True)]
+        assert tier.stats().tasks_timed_out >= 1
+        for pid in set(stopped) & set(tier.worker_pids()):
+            os.kill(pid, signal.SIGCONT)  # the idle one is still stopped
+        tier.shutdown()
+    finally:
+        big.close()
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_task_that_times_out_twice_fails_with_etimedout(make_tier, tmp_path, monkeypatch, engine):
+    """Every worker that takes the load stalls on it (the test hook holds it, named, far past
+    task_timeout): killed, sent again, killed again; the job fails with ETIMEDOUT, not a hang."""
+    monkeypatch.setenv(TEST_PAUSE, f"task:30:{tmp_path / 'marker'}")
+    tier = make_tier(config=TierConfig(task_timeout=0.3))
+    result = run_job(tier, "load", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0]))
+    assert not result.success and result.error_code == "ETIMEDOUT" and "retried once" in result.error
+    assert tier.stats().tasks_timed_out == 2
+
+
+EXITING_HOST = textwrap.dedent(
+    """
+    import json, sys
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    cache = PrimaryCache.create(64, 1 << 20)
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=2)
+    for j in range(40):
+        tier.submit_store(JobMetadata(job_id=j, keys=[bytes([j, 0]) * 16 + bytes(4), bytes([j, 1]) * 16 + bytes(4)], block_ids=[0, 1]))
+    print(json.dumps({"workers": tier.worker_pids(), "shm": cache.name}), flush=True)
+    if sys.argv[2] == "del":
+        class Owner:
+            def __del__(self):
+                tier.shutdown()  # at interpreter exit, after the finalizer already stopped the workers
+        keep = Owner()
+    sys.exit(0)  # no shutdown(), no cache.close()
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["exit", "del"])
+def test_an_interpreter_exit_without_shutdown_leaves_no_worker_temp_file_or_segment(tmp_path, how):
+    root = tmp_path / "blocks"
+    done = subprocess.run([sys.executable, "-c", EXITING_HOST, str(root), how], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    info = json.loads(done.stdout)
+    assert all(wait_exit(pid, 5) for pid in info["workers"])
+    assert list(root.rglob("*.tmp")) == []
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/dev/shm/{info['shm']}"):
+        assert time.monotonic() < deadline, "the segment outlived its creator"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["empty", "garbage", "a list", "a directory", "a FIFO"])
+def test_a_bad_config_json_is_named_and_never_hangs(cache, tmp_path, kind):
+    namespace = tmp_path / f"bs{BLOCK}_r0"
+    namespace.mkdir(mode=0o700)
+    config = namespace / "config.json"
+    if kind == "empty":
+        config.write_bytes(b"")
+    elif kind == "garbage":
+        config.write_bytes(b"\x00\xff garbage")
+    elif kind == "a list":
+        config.write_text("[]")
+    elif kind == "a directory":
+        config.mkdir()
+    else:
+        os.mkfifo(config)
+    with pytest.raises(ValueError, match=f"{config}.*remove it if no tier uses this namespace"):
+        FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path))
+
+
+def test_config_json_is_written_durably_and_once(make_tier, tmp_path):
+    tier = make_tier()
+    config = Path(tier.layout.base) / "config.json"
+    assert json.loads(config.read_text()) == {"block_bytes": BLOCK}
+    first = config.stat().st_ino
+    tier.shutdown()
+    make_tier()
+    assert config.stat().st_ino == first, "a second tier rewrote config.json"
+
