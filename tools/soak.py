@@ -8,7 +8,13 @@ ask under a steady flood of stores, a trickle of loads and a SIGKILL of a
 random worker every few seconds, then checks what the run left behind.
 
     python tools/soak.py --seconds 600
+    python tools/soak.py --seconds 600 --stall-every 2 --kill-helpers   # also stalls (SIGSTOP) and helper kills
     python tools/soak.py --seconds 60 --kill-every 1 --block-size 2m --read-workers 4 --write-workers 4
+
+With ``--stall-every`` a random worker is stopped for ``--stall`` seconds;
+one that holds a task past the tier's ``task_timeout`` is killed by the tier
+and its task sent again. ``--kill-helpers`` also kills every other child of
+the host (its segment janitor) with each worker kill.
 
 Every block's bytes are a function of its key, so every loaded block is
 verified in full. The disk is bounded by the tier's own LRU budget
@@ -19,14 +25,14 @@ summary on stdout, one line per invariant ending in "ok" or "FAIL", then
 PASS or FAIL. The exit status is 0 when every invariant holds, else 1:
 
     results     every submitted job got exactly one result
-    failures    a job failed only because a worker died
+    failures    a job failed only because a worker died or stalled twice
     torn reads  every loaded block holds its key's bytes
-    restarts    every killed worker was replaced
+    restarts    every killed worker was replaced, and every one the tier killed
     temp files  none left once the tier is drained
     open fds, /dev/shm, processes
                 the same after shutdown as before the tier started; measured
-                after a warm-up tier, so multiprocess's forkserver and resource
-                tracker (which live as long as the host) are in both counts
+                after a warm-up tier, so the janitor (which lives as long as
+                the host) is in both counts
     host RSS    anonymous memory grew by at most ``--max-rss-growth``
 """
 
@@ -90,6 +96,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seconds", type=positive(float), default=600.0, help="how long the workload runs")
     parser.add_argument("--kill-every", type=positive(float), default=3.0, help="seconds between worker SIGKILLs")
+    parser.add_argument(
+        "--stall-every", type=float, default=0.0, help="seconds between SIGSTOPs of a worker (SIGCONT after --stall); 0 = none"
+    )
+    parser.add_argument("--stall", type=positive(float), default=1.0, help="how long a stalled worker stays stopped")
+    parser.add_argument("--task-timeout", type=positive(float), default=0.5, help="the tier's task_timeout, for stalls")
+    parser.add_argument(
+        "--kill-helpers", action="store_true", help="also SIGKILL the host's other children (the segment janitor) with each kill"
+    )
     parser.add_argument("--block-size", type=parse_size, default="256k", help="bytes per block")
     parser.add_argument("--num-blocks", type=positive(int), default=256, help="blocks in the primary cache")
     parser.add_argument("--blocks-per-job", type=positive(int), default=4, help="blocks per store or load job")
@@ -108,6 +122,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--num-blocks must be at least 4 x --blocks-per-job (3/4 for stores, 1/4 for loads)")
     if args.load_gap < 0:
         parser.error("--load-gap must be >= 0")
+    if args.stall_every < 0:
+        parser.error("--stall-every must be >= 0")
     if args.max_disk < 2 * args.num_blocks * args.block_size:
         parser.error("--max-disk must hold at least twice the cache, or stores would find nothing to evict")
     return args
@@ -148,7 +164,7 @@ class Pattern:
 
 
 def descendants(root: int) -> set[int]:
-    """Every process below ``root``: workers are children of the forkserver, not of the host."""
+    """Every process below ``root``: the workers and the janitor, and anything they started."""
     children: dict[int, list[int]] = collections.defaultdict(list)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -167,6 +183,14 @@ def descendants(root: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
 
 
 def rss_anon(pid: int | str = "self") -> int:
@@ -202,7 +226,7 @@ class Snapshot:
 
 
 def warm_up(args: argparse.Namespace, parent: str) -> None:
-    """Run a tiny tier once, so the helpers multiprocess keeps for the host's life exist before the first count."""
+    """Run a tiny tier once, so the janitor (which lives as long as the host) exists before the first count."""
     root = tempfile.mkdtemp(prefix="mp_tier_soak_warmup_", dir=parent)
     try:
         with PrimaryCache.create(1, args.block_size) as cache:
@@ -228,6 +252,9 @@ class Counts:
     loaded_blocks: int = 0
     torn: int = 0
     died: int = 0
+    timed_out: int = 0
+    stalled: int = 0
+    helpers_killed: int = 0
     other_failures: list[str] = field(default_factory=list)
     worker_rss_max: int = 0
     broken: str | None = None
@@ -253,11 +280,13 @@ class Soak:
         self.first_seen = dict.fromkeys(tier.worker_pids(), time.monotonic())
         self.next_load = 0.0
         self.killed: set[int] = set()
+        self.stalled: dict[int, float] = {}  # stopped workers -> when to continue them
 
     def run_for(self, seconds: float) -> None:
         start = time.monotonic()
         end = start + seconds
         next_kill = start + self.args.kill_every
+        next_stall = start + self.args.stall_every if self.args.stall_every else float("inf")
         next_report = start + self.args.progress_every
         while (now := time.monotonic()) < end:
             self.submit_stores()
@@ -265,11 +294,17 @@ class Soak:
             if now >= next_kill:
                 next_kill = now + self.args.kill_every
                 self.kill_one(now)
+            if now >= next_stall:
+                next_stall = now + self.args.stall_every
+                self.stall_one(now)
+            self.continue_stalled(now)
             if now >= next_report:
                 next_report = now + self.args.progress_every
                 self.report_progress(now - start)
-            self.tier.wait(min(next_kill, next_report, end, max(self.next_load, now)) - now)
+            wake = min(next_kill, next_stall, next_report, end, max(self.next_load, now), *self.stalled.values())
+            self.tier.wait(wake - now)
             self.collect()
+        self.continue_stalled(float("inf"))
         self.sample_workers()
 
     def submit_stores(self) -> None:
@@ -326,8 +361,10 @@ class Soak:
     def check_failure(self, op: str, result: JobResult) -> None:
         if result.success:
             return
-        if "died" in result.error:
+        if result.error_code == "EOWNERDEAD":
             self.counts.died += 1
+        elif result.error_code == "ETIMEDOUT":
+            self.counts.timed_out += 1
         else:
             self.counts.other_failures.append(f"{op} job {result.job_id}: {result.error}")
 
@@ -351,6 +388,28 @@ class Soak:
             victim = self.rng.choice(victims)
             os.kill(victim, signal.SIGKILL)
             self.killed.add(victim)
+        if self.args.kill_helpers:
+            for helper in descendants(os.getpid()) - set(pids):
+                os.kill(helper, signal.SIGKILL)
+                self.counts.helpers_killed += 1
+
+    def stall_one(self, now: float) -> None:
+        """SIGSTOP a worker: if it holds a task past task_timeout the tier kills it; else it continues later."""
+        candidates = [pid for pid in self.tier.worker_pids() if pid not in self.stalled and pid not in self.killed]
+        if candidates:
+            victim = self.rng.choice(candidates)
+            os.kill(victim, signal.SIGSTOP)
+            self.stalled[victim] = now + self.args.stall
+            self.counts.stalled += 1
+
+    def continue_stalled(self, now: float) -> None:
+        for pid, until in list(self.stalled.items()):
+            if until <= now:
+                del self.stalled[pid]
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass  # the tier killed it for holding a task too long
 
     def sample_workers(self) -> None:
         workers = max((rss_anon(pid) for pid in self.tier.worker_pids()), default=0)
@@ -361,8 +420,8 @@ class Soak:
         self.sample_workers()
         print(
             f"[{elapsed:5.0f}s] jobs {c.submitted} submitted, {c.results} done | stored {c.stored_blocks} blocks,"
-            f" loaded {c.loaded_blocks}, torn {c.torn} | killed {len(self.killed)}, restarted"
-            f" {self.tier.stats().workers_restarted} | failed: {c.died} died, {len(c.other_failures)} other"
+            f" loaded {c.loaded_blocks}, torn {c.torn} | killed {len(self.killed)}, stalled {c.stalled}, restarted"
+            f" {self.tier.stats().workers_restarted} | failed: {c.died} died, {c.timed_out} timed out, {len(c.other_failures)} other"
             f" | host RSS {rss_anon() / MIB:.1f} MiB",
             file=sys.stderr,
             flush=True,
@@ -371,8 +430,8 @@ class Soak:
     def settle(self) -> tuple[int, int]:
         """Finish every job and let the tier notice the last deaths; return (restarted, temp files left).
 
-        A death is noticed in get_finished once the forkserver has reported
-        it, a moment after the process is gone, so this polls for a while.
+        A death is noticed in get_finished once the process is gone, and its
+        replacement may wait out a back-off, so this polls for a while.
         """
         deadline = time.monotonic() + SETTLE_SECONDS
         while True:
@@ -420,20 +479,24 @@ def report(
     out = Report()
     received = f"submitted {c.submitted}, received {c.results}, {len(soak.jobs)} without a result, {c.duplicates} extra"
     out.check("results", c.submitted == c.results and not soak.jobs and not c.duplicates, received)
-    failures = f"{c.died} jobs failed because a worker died, {len(c.other_failures)} for another reason"
+    failures = (
+        f"{c.died} jobs failed because a worker died, {c.timed_out} because one stalled, {len(c.other_failures)} for another reason"
+    )
     if c.broken:
         failures += f"; tier broken: {c.broken}"
     out.check("failures", not c.other_failures and not c.broken, failures)
     out.check("torn reads", c.torn == 0, f"{c.torn} of {c.loaded_blocks} loaded blocks")
-    out.check("restarts", restarted == len(soak.killed), f"killed {len(soak.killed)} workers, restarted {restarted}")
+    stalled_kills = soak.tier.stats().tasks_timed_out if c.stalled else 0
+    restarts_ok = len(soak.killed) <= restarted <= len(soak.killed) + stalled_kills
+    restarts = f"killed {len(soak.killed)} workers, the tier {stalled_kills} stalled ones; restarted {restarted}"
+    out.check("restarts", restarts_ok, restarts)
     out.check("temp files", temps == 0, f"{temps} left after drain")
     out.check("open fds", after.fds == before.fds, f"start {before.fds}, end {after.fds}")
     segments = f"start {before.segments}, end {after.segments} (this host's segments)"
     out.check("/dev/shm", after.segments == before.segments, segments)
-    helpers = len(before.processes)
-    workers = len(after.processes - before.processes)
-    processes = f"start {helpers}, end {len(after.processes)} (forkserver and resource tracker; {workers} workers left)"
-    out.check("processes", after.processes == before.processes, processes)
+    workers = sum(b"mp_tier.worker_process" in cmdline(pid) for pid in after.processes)
+    processes = f"start {len(before.processes)}, end {len(after.processes)} (the janitor; {workers} workers left)"
+    out.check("processes", len(after.processes) == len(before.processes) and not workers, processes)  # a killed janitor has a successor
     growth = after.rss - before.rss
     rss = f"start {before.rss / MIB:.1f} MiB, end {after.rss / MIB:.1f} MiB, growth {growth / MIB:+.1f} MiB"
     out.check("host RSS", growth <= args.max_rss_growth, f"{rss} (limit {args.max_rss_growth / MIB:.0f})")
@@ -456,6 +519,7 @@ def run(args: argparse.Namespace) -> int:
                 n_write_workers=args.write_workers,
                 max_bytes=args.max_disk,
                 events=True,
+                task_timeout=args.task_timeout,
             )
             with FileSystemTierManager(primary_kv_view=cache, config=config) as tier:
                 soak = Soak(tier, cache, args)
@@ -467,6 +531,8 @@ def run(args: argparse.Namespace) -> int:
         f"mp_tier soak: {args.seconds:g} s of load ({time.monotonic() - started:.1f} s with shutdown),"
         f" {args.block_size >> 10} KiB blocks, {args.read_workers} read + {args.write_workers} write workers,"
         f" a kill every {args.kill_every:g} s"
+        + (f", a {args.stall:g} s stall every {args.stall_every:g} s" if args.stall_every else "")
+        + (f", {soak.counts.helpers_killed} helpers killed" if args.kill_helpers else "")
     )
     out = report(soak, restarted, temps, before, after, args)
     out.print(header)
