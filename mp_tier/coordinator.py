@@ -21,7 +21,7 @@ import logging
 import time
 
 from . import block_io
-from .jobs import JobResult
+from .jobs import JobResult, TierStats
 from .layout import BlockLayout
 from .ledger import Job, Ledger, Plan, TaskRef
 from .messages import Completion, Op
@@ -72,6 +72,30 @@ class Coordinator:
             return
         job = Job(None, op, keys, [], evict or [])
         self.send(self.ledger.plan(job, len(self.pool.specs)))
+
+    def snapshot(self, running: bool) -> TierStats:
+        """The counters, and the state of the tier now (no worker counts once it stopped)."""
+        counts, pool = self.stats, self.pool
+        return TierStats(
+            jobs_stored=counts["jobs_stored"],
+            jobs_loaded=counts["jobs_loaded"],
+            jobs_failed=counts["jobs_failed"],
+            bytes_stored=counts["bytes_stored"],
+            bytes_loaded=counts["bytes_loaded"],
+            blocks_skipped=counts["blocks_skipped"],
+            blocks_evicted=self.residency.blocks_evicted,
+            files_removed=counts["files_removed"],
+            foreign_entries=counts["foreign_entries"],
+            workers_restarted=counts["workers_restarted"],
+            tasks_timed_out=counts["tasks_timed_out"],
+            jobs_active=len(self.ledger.jobs),
+            bytes_counted=self.residency.capacity.used_bytes,
+            blocks_seen_elsewhere=len(self.residency.elsewhere),
+            tasks_queued=pool.backlog(Op.LOAD) + pool.backlog(Op.STORE),
+            workers_alive=len(pool.live()) if running else 0,
+            workers_starting=sum(map(pool.slots.starting, pool.live())) if running else 0,
+            tasks_by_worker=tuple(self.tasks_by_worker),
+        )
 
     def deliver(self, result: JobResult) -> None:
         if not result.success:

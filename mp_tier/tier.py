@@ -26,20 +26,15 @@ from typing import Any
 import msgspec
 
 from . import block_io
-from .capacity import CapacityIndex
-from .config import FILE_MODES, TierConfig
+from .config import TierConfig
 from .coordinator import Coordinator
 from .errors import Refused, TierBroken, TierClosed
 from .jobs import JobMetadata, JobResult, TierEvent, TierStats
 from .ledger import Job
-from .memory import buffer_address
 from .messages import Op
-from .namespace import describe_run, owners_for, prepare_namespace
-from .pool import WorkerPool, poll_ms
-from .residency import Residency
-from .shared_cache import primary_memory
+from .pool import poll_ms
 from .validation import checked_job, checked_keys, checked_timeout
-from .worker import WorkerSpec
+from .wiring import build
 
 log = logging.getLogger(__name__)
 
@@ -83,86 +78,27 @@ class FileSystemTierManager:
         config = msgspec.structs.replace(config or TierConfig(), **{k: v for k, v in overrides.items() if v is not None})
         if not config.root_dir:
             raise ValueError("root_dir is required (argument or TierConfig.root_dir)")
+        parts = build(config, primary_kv_view, offloading_spec)
         self.config = config
         self.tier_type = tier_type
-        primary = primary_memory(primary_kv_view, processes=config.engine == "processes")
-        self.num_blocks = primary.num_blocks
-        self.block_bytes = primary.block_bytes
-        owned = [primary.region.fd] if primary.region else []  # fds to close if construction fails
-        try:
-            capacity = CapacityIndex(primary.block_bytes, config.max_bytes, evict=config.eviction == "lru")
-            modes = FILE_MODES[config.file_mode]
-            owners = owners_for(config.file_mode == "group")
-            run, rank = describe_run(primary.block_bytes, offloading_spec)
-            self.layout, root = prepare_namespace(config.root_dir, run, rank, modes, owners)
-            owned.append(root)
-            self.direct = self._choose_direct(root, buffer_address(primary.view))
-            if config.checksum and (why_not := block_io.probe_xattr(root)):
-                raise ValueError(f"checksum = true needs user xattrs under {self.layout.base}: {why_not}")
-            specs = [
-                WorkerSpec(
-                    i,
-                    i < config.n_read_workers,
-                    self.layout,
-                    primary.block_bytes,
-                    self.direct,
-                    *modes,
-                    config.checksum,
-                    touch_on_load=config.max_bytes > 0,
-                    owners=owners,
-                )
-                for i in range(config.n_read_workers + config.n_write_workers)
-            ]
-            pool = WorkerPool(specs, root, primary.region, primary.view, config.engine)
-        except BaseException:
-            for fd in owned:
-                os.close(fd)
-            raise
-        try:
-            for index in range(len(specs)):
-                pool.start(index)
-        except BaseException:
-            pool.stop(1.0, lambda completion: None)
-            pool.close()
-            for fd in owned:
-                os.close(fd)
-            raise
-        self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # rung when a result arrives outside a pump
-        owned.extend(self._wake)
-        self._owned_fds = owned  # the namespace and cache fds (the workers' to inherit) and the wake pipe: the tier's to close
-        groups = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}
-        self._core = Coordinator(pool, Residency(capacity, config.events), self.layout, root, groups, config.task_timeout)
-        self._root = root  # the namespace directory, for lookup()
-        self._owners = owners  # whose block files count
+        self.layout = parts.layout  # where blocks live (``block_path``)
+        self.direct = parts.direct  # O_DIRECT in use
+        self.num_blocks = parts.num_blocks
+        self.block_bytes = parts.block_bytes
+        self._core = parts.core  # the coordinator: everything below it is its
+        self._root = parts.root  # the namespace directory, for lookup()
+        self._owners = parts.owners  # whose block files count, for lookup()
+        self._wake = parts.wake  # rung when a result is made outside a pump
+        self._owned_fds = parts.fds  # closed at the end; in a forked child, at once
         self._lock = threading.Lock()  # one caller at a time; waiters sleep without it
         self._waiters = 0  # threads asleep in wait()/drain()
-        self._broken: str | None = None
+        self._broken: str | None = None  # why the tier broke, once it has
         self._closed = False
-        self._view = primary.view  # released with the fds, so the engine can unmap its memory after shutdown
-        self._finalizer = weakref.finalize(self, _teardown, self._core, config.stop_timeout, owned, primary.view, self._pid)
+        self._finalizer = weakref.finalize(self, _teardown, parts.core, config.stop_timeout, parts.fds, parts.view, self._pid)
         _tiers.add(self)
-        log.debug("tier up: %s, %d+%d %s, direct=%s", self.layout.base, config.n_read_workers, config.n_write_workers, config.engine, self.direct)
         with self._lock:
             self._core.housekeeping(Op.SWEEP, [])
             self._core.housekeeping(Op.SCAN, [])
-
-    def _choose_direct(self, root: int, address: int) -> bool:
-        mode = self.config.o_direct
-        if mode == "off":
-            return False
-        why_not: str | None
-        if self.block_bytes % block_io.DIRECT_ALIGN:
-            why_not = f"block_bytes {self.block_bytes} is not a multiple of {block_io.DIRECT_ALIGN}"
-        elif address % block_io.DIRECT_ALIGN:
-            why_not = f"the cache's memory starts at {address:#x}, not on a {block_io.DIRECT_ALIGN}-byte boundary"
-        else:
-            why_not = block_io.probe_direct(root)
-        if why_not is None:
-            return True
-        if mode == "on":
-            raise ValueError(f"o_direct = 'on' but O_DIRECT is unusable under {self.layout.base}: {why_not}")
-        log.warning("O_DIRECT unusable under %s (%s); using buffered I/O", self.layout.base, why_not)
-        return False
 
     # -- submitting ---------------------------------------------------------
 
@@ -345,28 +281,7 @@ class FileSystemTierManager:
     def stats(self) -> TierStats:
         """Counters since construction, and the tier's state now."""
         with self._lock:
-            core = self._core
-            counts = core.stats
-            return TierStats(
-                jobs_stored=counts["jobs_stored"],
-                jobs_loaded=counts["jobs_loaded"],
-                jobs_failed=counts["jobs_failed"],
-                bytes_stored=counts["bytes_stored"],
-                bytes_loaded=counts["bytes_loaded"],
-                blocks_skipped=counts["blocks_skipped"],
-                blocks_evicted=core.residency.blocks_evicted,
-                files_removed=counts["files_removed"],
-                foreign_entries=counts["foreign_entries"],
-                workers_restarted=counts["workers_restarted"],
-                tasks_timed_out=counts["tasks_timed_out"],
-                jobs_active=len(core.ledger.jobs),
-                bytes_counted=core.residency.capacity.used_bytes,
-                blocks_seen_elsewhere=len(core.residency.elsewhere),
-                tasks_queued=core.pool.backlog(Op.LOAD) + core.pool.backlog(Op.STORE),
-                workers_alive=0 if self._closed else len(core.pool.live()),
-                workers_starting=0 if self._closed else sum(map(core.pool.slots.starting, core.pool.live())),
-                tasks_by_worker=tuple(core.tasks_by_worker),
-            )
+            return self._core.snapshot(running=not self._closed)
 
     def worker_pids(self, *, ready: bool = False) -> list[int]:
         """Pids of the live worker processes ([] for threads); ``ready``: only those past their start-up."""

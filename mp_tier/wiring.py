@@ -1,0 +1,109 @@
+"""Building a tier's parts from its settings: the memory, the namespace, the I/O mode, the workers.
+
+Every step that can fail runs here, before the tier exists; a failure
+closes whatever fds the steps before it opened and starts no worker that
+outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, NamedTuple
+
+from . import block_io
+from .capacity import CapacityIndex
+from .config import FILE_MODES, TierConfig
+from .coordinator import Coordinator
+from .layout import BlockLayout
+from .memory import buffer_address
+from .messages import Op
+from .namespace import Owners, describe_run, owners_for, prepare_namespace
+from .pool import WorkerPool
+from .residency import Residency
+from .shared_cache import primary_memory
+from .worker import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+class Parts(NamedTuple):
+    core: Coordinator
+    layout: BlockLayout
+    root: int  # the namespace directory's fd
+    owners: Owners  # whose block files count
+    direct: bool  # O_DIRECT in use
+    num_blocks: int
+    block_bytes: int
+    view: memoryview  # the tier's own view of the cache, released at its end
+    fds: list[int]  # the tier's to close at its end: the namespace, the cache's file, the wake pipe
+    wake: tuple[int, int]  # rung when a result is made outside a pump
+
+
+def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any) -> Parts:
+    """Every part of a tier, its workers started; raises (leaving nothing open) if any part cannot be made."""
+    primary = primary_memory(primary_kv_view, processes=config.engine == "processes")
+    fds = [primary.region.fd] if primary.region else []
+    try:
+        capacity = CapacityIndex(primary.block_bytes, config.max_bytes, evict=config.eviction == "lru")
+        modes = FILE_MODES[config.file_mode]
+        owners = owners_for(config.file_mode == "group")
+        run, rank = describe_run(primary.block_bytes, offloading_spec)
+        layout, root = prepare_namespace(config.root_dir, run, rank, modes, owners)
+        fds.append(root)
+        direct = choose_direct(config.o_direct, primary.block_bytes, buffer_address(primary.view), root, layout.base)
+        if config.checksum and (why_not := block_io.probe_xattr(root)):
+            raise ValueError(f"checksum = true needs user xattrs under {layout.base}: {why_not}")
+        wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        fds.extend(wake)
+        specs = [
+            WorkerSpec(
+                index,
+                index < config.n_read_workers,
+                layout,
+                primary.block_bytes,
+                direct,
+                *modes,
+                config.checksum,
+                touch_on_load=config.max_bytes > 0,
+                owners=owners,
+            )
+            for index in range(config.n_read_workers + config.n_write_workers)
+        ]
+        pool = WorkerPool(specs, root, primary.region, primary.view, config.engine)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    try:
+        for index in range(len(specs)):
+            pool.start(index)
+    except BaseException:
+        pool.stop(1.0, lambda completion: None)
+        pool.close()
+        for fd in fds:
+            os.close(fd)
+        raise
+    groups = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}
+    core = Coordinator(pool, Residency(capacity, config.events), layout, root, groups, config.task_timeout)
+    log.debug("tier up: %s, %d+%d %s, direct=%s", layout.base, config.n_read_workers, config.n_write_workers, config.engine, direct)
+    return Parts(core, layout, root, owners, direct, primary.num_blocks, primary.block_bytes, primary.view, fds, wake)
+
+
+def choose_direct(mode: str, block_bytes: int, address: int, root: int, base: str) -> bool:
+    """Whether to use O_DIRECT: ``on`` demands it, ``off`` refuses it, ``auto`` uses it where a probe works."""
+    if mode == "off":
+        return False
+    why_not: str | None
+    if block_bytes % block_io.DIRECT_ALIGN:
+        why_not = f"block_bytes {block_bytes} is not a multiple of {block_io.DIRECT_ALIGN}"
+    elif address % block_io.DIRECT_ALIGN:
+        why_not = f"the cache's memory starts at {address:#x}, not on a {block_io.DIRECT_ALIGN}-byte boundary"
+    else:
+        why_not = block_io.probe_direct(root)
+    if why_not is None:
+        return True
+    if mode == "on":
+        raise ValueError(f"o_direct = 'on' but O_DIRECT is unusable under {base}: {why_not}")
+    log.warning("O_DIRECT unusable under %s (%s); using buffered I/O", base, why_not)
+    return False
