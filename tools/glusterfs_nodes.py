@@ -47,15 +47,26 @@ class Cluster:
     """Where the volume, its bricks, its mounts and our glusterd's pidfile live."""
 
     volume: str = "mp_tier_kv"
-    brick_dir: str = "/srv/mp_tier_gluster"
-    mount_dir: str = "/mnt/mp_tier_gluster"
+    # bricks under <bricks_root>/<volume>, mounts under <mounts_root>/<volume>: volumes never share a directory
+    bricks_root: str = "/srv"
+    mounts_root: str = "/mnt"
     pidfile: str = "/run/mp_tier_glusterd.pid"
     nodes: tuple[str, ...] = ("A", "B", "C")
     options: dict[str, str] = field(default_factory=dict)
+    # 2: every block on two bricks, as platform-facts describes; 1: one brick, to measure what replication costs
+    replica: int = 2
+
+    @property
+    def brick_dir(self) -> str:
+        return os.path.join(self.bricks_root, self.volume)
+
+    @property
+    def mount_dir(self) -> str:
+        return os.path.join(self.mounts_root, self.volume)
 
     @property
     def bricks(self) -> list[str]:
-        return [os.path.join(self.brick_dir, f"b{i}") for i in (1, 2)]
+        return [os.path.join(self.brick_dir, f"b{i}") for i in range(1, self.replica + 1)]
 
     def mount(self, node: str) -> str:
         """The mount point of ``node``: its view of the shared volume."""
@@ -196,9 +207,10 @@ def setup(cluster: Cluster = Cluster(), log: Log = print) -> Cluster:
         host = socket.gethostname()
         for brick in cluster.bricks:
             os.makedirs(brick, exist_ok=True)
+        replica = ["replica", str(cluster.replica)] if cluster.replica > 1 else []
         # force: the bricks sit on the root file system, and replica 2 asks for confirmation
-        _gluster("volume", "create", cluster.volume, "replica", "2", *(f"{host}:{b}" for b in cluster.bricks), "force")
-        log(f"volume {cluster.volume}: created, replica 2 on {', '.join(f'{host}:{b}' for b in cluster.bricks)}")
+        _gluster("volume", "create", cluster.volume, *replica, *(f"{host}:{b}" for b in cluster.bricks), "force")
+        log(f"volume {cluster.volume}: created, replica {cluster.replica} on {', '.join(f'{host}:{b}' for b in cluster.bricks)}")
     for key, value in cluster.options.items():
         _gluster("volume", "set", cluster.volume, key, value)
         log(f"volume {cluster.volume}: set {key} = {value}")
@@ -261,7 +273,8 @@ def teardown(cluster: Cluster = Cluster(), log: Log = print) -> None:
     Safe on a machine where nothing (or only part) was set up.
     """
     did = False
-    for point in sorted(p for p in _mounts() if p.startswith(cluster.mount_dir + "/")):
+    ours = f"localhost:/{cluster.volume}"
+    for point in sorted(p for p, source in _mounts().items() if source == ours and p.startswith(cluster.mount_dir + "/")):
         proc = subprocess.run(["umount", point], capture_output=True, text=True, timeout=CLI_TIMEOUT)
         if proc.returncode != 0:  # a node process still holds it: detach, the client exits when it lets go
             subprocess.run(["umount", "-l", point], check=True, timeout=CLI_TIMEOUT)
@@ -278,21 +291,24 @@ def teardown(cluster: Cluster = Cluster(), log: Log = print) -> None:
         _gluster("volume", "delete", cluster.volume)
         log(f"volume {cluster.volume}: deleted")
         did = True
-    if (pid := _our_glusterd(cluster)) is not None:
+    listed = _gluster("volume", "list", check=False).stdout.splitlines() if _any_glusterd() is not None else []
+    others = [v.strip() for v in listed if v.strip() not in ("", cluster.volume, "No volumes present in cluster")]
+    if (pid := _our_glusterd(cluster)) is not None and others:
+        log(f"glusterd: left running (pid {pid}): it still serves {', '.join(others)}")
+    elif pid is not None:
         _poll(lambda: not _hooks_running(pid), STOP_TIMEOUT, "glusterd's post-delete hook scripts")
         os.kill(pid, signal.SIGTERM)
         if not _wait_gone(pid, STOP_TIMEOUT):
             os.kill(pid, signal.SIGKILL)
             _wait_gone(pid, STOP_TIMEOUT)
         log(f"glusterd: stopped (pid {pid})")
+        os.unlink(cluster.pidfile)
         did = True
     for pid in _volume_processes(cluster):
         os.kill(pid, signal.SIGKILL)
         _wait_gone(pid, STOP_TIMEOUT)
         log(f"killed leftover gluster process {pid} of volume {cluster.volume}")
         did = True
-    if os.path.exists(cluster.pidfile):
-        os.unlink(cluster.pidfile)
     for path in (cluster.brick_dir, cluster.mount_dir):
         if os.path.exists(path):
             shutil.rmtree(path)
@@ -342,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("setup", help="start glusterd, create and start the volume, mount every node")
     up.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="gluster volume set KEY VALUE")
+    up.add_argument("--replica", type=int, default=Cluster.replica, help="bricks holding each file (default 2)")
     sub.add_parser("teardown", help="unmount, stop and delete the volume, stop our glusterd, remove bricks")
     sub.add_parser("status", help="what is up; exit 1 unless everything is")
     run = sub.add_parser("run", help="run a command as a node: NODE -- CMD ...")
@@ -349,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     options = dict(o.split("=", 1) for o in getattr(args, "option", []))
-    cluster = Cluster(volume=args.volume, nodes=tuple(args.nodes.split(",")), options=options)
+    cluster = Cluster(volume=args.volume, nodes=tuple(args.nodes.split(",")), options=options, replica=getattr(args, "replica", 2))
     try:
         if args.command == "setup":
             started = time.monotonic()
