@@ -326,6 +326,7 @@ def test_first_writer_of_config_json_wins_when_nodes_start_at_once(volume, nodes
         base = group[0].namespace()
         with open(observer(volume, os.path.join(base, "config.json"))) as f:
             assert json.load(f) == {"block_bytes": 128 * KIB}
+            assert os.fstat(f.fileno()).st_nlink == 1  # every node unlinked its temp file, the winner's too
         assert [n for n in os.listdir(observer(volume, base)) if n.startswith("config.json")] == ["config.json"]
         for node in group:
             node.call("shutdown")
