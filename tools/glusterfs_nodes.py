@@ -7,7 +7,7 @@ per node, and node processes that run in their own UTS namespace (``unshare
 --uts``) under their own hostname, so mp_tier's temp-file names and start-up
 sweep see distinct hosts. It installs nothing (``.ci/glusterfs`` does).
 
-    python tools/glusterfs_nodes.py setup [--nodes A,B,C] [--option KEY=VALUE ...]
+    python tools/glusterfs_nodes.py [--nodes A,B,C] [--volume NAME] setup [--option KEY=VALUE ...] [--replica N]
     python tools/glusterfs_nodes.py status
     python tools/glusterfs_nodes.py run A -- python -c 'import socket; print(socket.gethostname())'
     python tools/glusterfs_nodes.py teardown
@@ -172,6 +172,11 @@ def _mounts() -> dict[str, str]:
     return found
 
 
+def _all_mount_points() -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line.split()[1].replace("\\040", " ") for line in f]
+
+
 def _volume_exists(cluster: Cluster) -> bool:
     return _gluster("volume", "info", cluster.volume, check=False).returncode == 0
 
@@ -311,6 +316,8 @@ def teardown(cluster: Cluster = Cluster(), log: Log = print) -> None:
         did = True
     for path in (cluster.brick_dir, cluster.mount_dir):
         if os.path.exists(path):
+            if busy := [p for p in _all_mount_points() if p == path or p.startswith(path + "/")]:
+                raise RuntimeError(f"not removing {path}: still mounted there: {', '.join(busy)}")
             shutil.rmtree(path)
             log(f"removed {path}")
             did = True
