@@ -62,7 +62,7 @@ def test_presets_set_what_they_are_for() -> None:
     nvme = TierConfig.from_toml(CONFIGS / "nvme.toml")
     assert nvme.o_direct == "on" and nvme.n_read_workers > 4 and nvme.n_write_workers > 4
     shared = TierConfig.from_toml(CONFIGS / "shared-fs.toml")
-    assert (shared.o_direct, shared.file_mode) == ("off", "group")
+    assert (shared.o_direct, shared.file_mode) == ("auto", "group")
     small = TierConfig.from_toml(CONFIGS / "small-blocks.toml")
     assert small.o_direct == "off" and small.n_read_workers > 4
 
