@@ -105,7 +105,10 @@ def store_block(
                 os.close(fd)
             os.rename(tmp, path.name, src_dir_fd=leaf, dst_dir_fd=leaf)
         except BaseException:
-            os.unlink(tmp, dir_fd=leaf)
+            try:
+                os.unlink(tmp, dir_fd=leaf)
+            except FileNotFoundError:
+                pass  # someone else removed it: the error that matters is the one being raised
             raise
     finally:
         os.close(leaf)
@@ -283,17 +286,15 @@ def _sweep_dir(dirfd: int, names: list[str], now: float) -> tuple[int, int]:
 
 
 def _writer_is_gone(name: str) -> bool:
-    """True if a temp file's writer was a process of this host that no longer runs."""
+    """True if a temp file's writer was a process of this host that no longer runs (a zombie runs no more)."""
     pid = temp_writer_pid(name)
     if pid is None:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except FileNotFoundError:
         return True
-    except PermissionError:
-        pass  # alive, another user's
-    return False
 
 
 def probe_xattr(root: int) -> str | None:

@@ -26,7 +26,14 @@ MIN_KEY_BYTES = GROUP_BYTES + 4
 NAME_MAX = 255  # bytes in one file name on Linux file systems
 BLOCK_SUFFIX = ".bin"
 TEMP_SUFFIX = ".tmp"
-HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def host_tag(hostname: str) -> str:
+    """The fixed-width stand-in for a host name in temp file names."""
+    return hashlib.blake2s(hostname.encode(), digest_size=4).hexdigest()
+
+
+HOST_TAG = host_tag(socket.gethostname())
 _PID_DIGITS = 10
 _COUNTER_WRAP = 10**9  # a temp name's counter; O_EXCL would refuse the one-in-a-billion reuse
 # The most a temp name adds to its block's name: ".<host tag>.<pid>.<counter>.tmp".

@@ -17,10 +17,11 @@ import logging
 import os
 import select
 import socket
-import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import msgspec
 import numpy as np
 
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache, TierConfig
@@ -81,6 +82,7 @@ class Node:
             self.cache.close()
             self.cache = None
             raise
+        self.tier.drain(60)  # started = its start-up sweep and scan are done, so a test's own stores come after them
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -186,7 +188,7 @@ class Node:
         return [self.tier.block_path(bytes.fromhex(k)) for k in keys]
 
     def stats(self) -> dict:
-        return self.tier.stats()
+        return msgspec.structs.asdict(self.tier.stats())
 
     def shutdown(self) -> dict:
         if self.tier is not None:

@@ -27,7 +27,8 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 STEPS = {
     "store": ["stat (miss)", "open O_CREAT", "fsetxattr", "pwritev", "close", "rename"],
@@ -53,9 +54,9 @@ def measure(directory: str, block_bytes: int, blocks: int, direct: bool, checksu
     for sub in range(4):
         os.makedirs(os.path.join(work, str(sub)))
 
-    def timed(name: str, call: Callable[[], object]) -> object:
+    def timed(name: str, call: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
-        result = call()
+        result = call(*args)
         times[name].append(time.perf_counter() - start)
         return result
 
@@ -63,26 +64,26 @@ def measure(directory: str, block_bytes: int, blocks: int, direct: bool, checksu
     try:
         for path in paths:
             tmp = path + ".tmp"
-            timed("stat (miss)", lambda: os.path.exists(path))
-            fd = timed("open O_CREAT", lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flag, 0o600))
+            timed("stat (miss)", os.path.exists, path)
+            fd = timed("open O_CREAT", os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flag, 0o600)
             if checksum:
-                timed("fsetxattr", lambda: os.setxattr(fd, "user.mp_tier.crc32", b"\0\0\0\0"))
-            timed("pwritev", lambda: os.pwritev(fd, [view], 0))
-            timed("close", lambda: os.close(fd))
-            timed("rename", lambda: os.replace(tmp, path))
+                timed("fsetxattr", os.setxattr, fd, "user.mp_tier.crc32", b"\0\0\0\0")
+            timed("pwritev", os.pwritev, fd, [view], 0)
+            timed("close", os.close, fd)
+            timed("rename", os.replace, tmp, path)
         for path in paths:
             fd = os.open(path, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
         for path in paths[1::2] + paths[::2]:
-            fd = timed("open", lambda: os.open(path, os.O_RDONLY | os.O_NOFOLLOW | flag))
-            timed("fstat", lambda: os.fstat(fd))
-            timed("preadv", lambda: os.preadv(fd, [view], 0))
+            fd = timed("open", os.open, path, os.O_RDONLY | os.O_NOFOLLOW | flag)
+            timed("fstat", os.fstat, fd)
+            timed("preadv", os.preadv, fd, [view], 0)
             if checksum:
-                timed("fgetxattr", lambda: os.getxattr(fd, "user.mp_tier.crc32"))
-            timed("close (load)", lambda: os.close(fd))
+                timed("fgetxattr", os.getxattr, fd, "user.mp_tier.crc32")
+            timed("close (load)", os.close, fd)
         for path in paths:
-            timed("unlink", lambda: os.unlink(path))
+            timed("unlink", os.unlink, path)
     finally:
         view.release()
         buf.close()

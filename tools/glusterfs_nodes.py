@@ -27,8 +27,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 Log = Callable[[str], None]
 
@@ -81,7 +81,7 @@ def hostname(node: str) -> str:
 def why_unusable() -> str | None:
     """None if this machine can run the volume, else the specific reason."""
     if os.geteuid() != 0:
-        return "GlusterFS needs root (glusterd, bricks with trusted xattrs, FUSE mounts); running as uid %d" % os.geteuid()
+        return f"GlusterFS needs root (glusterd, bricks with trusted xattrs, FUSE mounts); running as uid {os.geteuid()}"
     for tool in ("glusterd", "gluster", "mount.glusterfs"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed: run .ci/glusterfs (apt-get install glusterfs-server glusterfs-client)"
@@ -331,7 +331,8 @@ def status(cluster: Cluster = Cluster(), log: Log = print) -> bool:
         log(f"unusable: {why}")
         return False
     ours, anyone = _our_glusterd(cluster), _any_glusterd()
-    log(f"glusterd: {'pid %d (ours)' % ours if ours else 'pid %d (not ours)' % anyone if anyone else 'not running'}")
+    state = f"pid {ours} (ours)" if ours else f"pid {anyone} (not ours)" if anyone else "not running"
+    log(f"glusterd: {state}")
     up = anyone is not None and _volume_exists(cluster) and _volume_started(cluster)
     log(f"volume {cluster.volume}: {'started' if up else 'not started or missing'}")
     mounted = _mounts()
