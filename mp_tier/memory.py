@@ -50,8 +50,9 @@ def find_backing(view: memoryview) -> tuple[str, int]:
     """The file mapped shared under ``view`` and the file offset of its first byte.
 
     Read from /proc/self/maps. A file already unlinked (``(deleted)``) is
-    reached through /proc/self/map_files. Raises PrivateMemory naming the
-    mapping when no other process could see the same bytes.
+    reached through an fd of this process that still holds it, or else
+    /proc/self/map_files (root only). Raises PrivateMemory naming the mapping
+    when no other process could see the same bytes.
     """
     address = buffer_address(view)
     end = address + view.nbytes
@@ -69,9 +70,22 @@ def find_backing(view: memoryview) -> tuple[str, int]:
                 what = name or "anonymous memory"
                 raise PrivateMemory(f"the buffer lies in a {perms} mapping of {what}, which worker processes cannot map")
             if name.endswith(" (deleted)"):
-                name = f"/proc/self/map_files/{fields[0]}"  # opens the file itself: offsets stay file offsets
+                name = _open_copy(int(fields[4])) or f"/proc/self/map_files/{fields[0]}"
             return name, file_offset + address - low
     raise PrivateMemory(f"no mapping holds address {address:#x}")
+
+
+def _open_copy(inode: int) -> str | None:
+    """A /proc/self/fd path that reopens the unlinked file ``inode``, if this process holds one (vLLM keeps the fd
+    of its region open): offsets through it stay file offsets."""
+    for fd in os.listdir("/proc/self/fd"):
+        path = f"/proc/self/fd/{fd}"
+        try:
+            if os.stat(path).st_ino == inode and os.readlink(path).endswith(" (deleted)"):
+                return path
+        except OSError:
+            continue  # closed meanwhile, or the listing's own fd
+    return None
 
 
 def open_backing(view: Any) -> SharedRegion:

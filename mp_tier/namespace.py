@@ -80,7 +80,7 @@ def owners_for(group: bool) -> Owners:
 
 
 def prepare_namespace(
-    root_dir: str, run: dict[str, Any], rank: int, modes: tuple[int, int], owners: Owners
+    root_dir: str, name: str, run: dict[str, Any], modes: tuple[int, int], owners: Owners
 ) -> tuple[BlockLayout, int]:
     """Create or check the namespace directory and its ``config.json``; return the layout and the directory's fd.
 
@@ -92,7 +92,9 @@ def prepare_namespace(
     this run.
     """
     file_mode, dir_mode = modes
-    base = os.path.join(os.path.abspath(root_dir), namespace_name(run, rank))
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"namespace {name!r} is not a plain directory name")
+    base = os.path.join(os.path.abspath(root_dir), name)
     try:
         os.makedirs(os.path.dirname(base), mode=dir_mode, exist_ok=True)
         parent = os.open(os.path.dirname(base), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -150,22 +152,30 @@ def _read_or_write_config(ns_fd: int, base: str, run: dict[str, Any], file_mode:
         return _read_config(ns_fd, where)
     except FileNotFoundError:
         pass
-    tmp = temp_name(CONFIG_FILE)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode, dir_fd=ns_fd)
+    write_once(ns_fd, CONFIG_FILE, json.dumps(run, sort_keys=True).encode(), file_mode)
+    return _read_config(ns_fd, where)
+
+
+def write_once(dir_fd: int, name: str, data: bytes, file_mode: int) -> None:
+    """Publish ``data`` as ``name`` in the directory unless it exists: written to a temp file, fsynced, then
+    linked into place (the first writer wins; nobody overwrites), and the directory fsynced."""
+    tmp = temp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode, dir_fd=dir_fd)
     try:
         try:
-            os.write(fd, json.dumps(run, sort_keys=True).encode())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
         try:
-            os.link(tmp, CONFIG_FILE, src_dir_fd=ns_fd, dst_dir_fd=ns_fd, follow_symlinks=False)  # first writer wins
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
             pass
     finally:
-        os.unlink(tmp, dir_fd=ns_fd)
-    os.fsync(ns_fd)
-    return _read_config(ns_fd, where)
+        os.unlink(tmp, dir_fd=dir_fd)
+    os.fsync(dir_fd)
 
 
 def _read_config(ns_fd: int, where: str) -> Any:

@@ -77,13 +77,13 @@ class Residency:
         self.loading.update(keys)
 
     def load_done(self, keys: list[bytes], failed: Sequence[int]) -> None:
-        """Unpin; a block that failed to load is no longer believed to be elsewhere.
-
-        Its count stays: its file may be back by the time this result is read.
-        """
+        """Unpin; a block that failed to load is no longer believed to be on disk (another instance deleted it,
+        say), so lookups stop answering True for it; a store of it in flight decides for itself."""
         _release(self.loading, keys)
         if failed:
-            self.elsewhere.difference_update(keys[i] for i in failed)
+            gone = [keys[i] for i in failed]
+            self.elsewhere.difference_update(gone)
+            self._forget(gone)
 
     def corrupt(self, keys: list[bytes]) -> None:
         """Blocks whose files were found corrupt and deleted."""

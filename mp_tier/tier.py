@@ -66,7 +66,10 @@ class FileSystemTierManager:
         n_read_threads: int | None = None,
         n_write_threads: int | None = None,
         engine: str | None = None,
+        namespace: str | None = None,
     ):
+        """``namespace`` names the directory under ``root_dir`` that holds the blocks; by default a name that
+        describes the run (block size, and model, dtype and parallel layout from ``offloading_spec``)."""
         self._pid = os.getpid()  # the process the tier belongs to
         self._closed = True  # until the workers are up, shutdown() has nothing to do
         overrides = {
@@ -78,7 +81,7 @@ class FileSystemTierManager:
         config = msgspec.structs.replace(config or TierConfig(), **{k: v for k, v in overrides.items() if v is not None})
         if not config.root_dir:
             raise ValueError("root_dir is required (argument or TierConfig.root_dir)")
-        parts = build(config, primary_kv_view, offloading_spec)
+        parts = build(config, primary_kv_view, offloading_spec, namespace)
         self.config = config
         self.tier_type = tier_type
         self.layout = parts.layout  # where blocks live (``block_path``)
@@ -236,7 +239,7 @@ class FileSystemTierManager:
                 return None
             return block_io.has_block(self._root, self.layout.locate(key), self._owners)
 
-    def lookup_many(self, keys: Sequence[bytes]) -> list[bool | None]:
+    def lookup_many(self, keys: Sequence[bytes], *, probe: bool = True) -> list[bool | None]:
         """``lookup`` for many keys at once, from memory only: it never waits for a disk.
 
         True for blocks this tier stored, found at start, or learned of; None
@@ -245,14 +248,15 @@ class FileSystemTierManager:
         another instance sharing the root wrote is answered True once that
         probe's completion has been read (by any later ``get_finished``,
         ``wait`` or ``drain``). A block another instance deleted is forgotten
-        when a load of it fails.
+        when a load of it fails. ``probe=False`` is for a caller that looks on
+        disk itself (``lookup``) for the keys it is told are False.
         """
         keys = checked_keys(keys)
         with self._lock:
             self._check_open()
             residency = self._core.residency
             answers, unknown = residency.lookup_many(keys)
-            if unknown:
+            if unknown and probe:
                 residency.probe_sent(unknown)
                 self._core.housekeeping(Op.PROBE, unknown)
             return answers

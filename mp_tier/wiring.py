@@ -18,7 +18,7 @@ from .coordinator import Coordinator
 from .layout import BlockLayout
 from .memory import buffer_address
 from .messages import Op
-from .namespace import Owners, describe_run, owners_for, prepare_namespace
+from .namespace import Owners, describe_run, namespace_name, owners_for, prepare_namespace
 from .pool import WorkerPool
 from .residency import Residency
 from .shared_cache import primary_memory
@@ -40,16 +40,25 @@ class Parts(NamedTuple):
     wake: tuple[int, int]  # rung when a result is made outside a pump
 
 
-def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any) -> Parts:
-    """Every part of a tier, its workers started; raises (leaving nothing open) if any part cannot be made."""
+def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namespace: str | None) -> Parts:
+    """Every part of a tier, its workers started; raises (leaving nothing open) if any part cannot be made.
+
+    ``namespace`` names the namespace directory under ``root_dir``; by default
+    the name describes the run (block size, and model and layout from
+    ``offloading_spec``).
+    """
     primary = primary_memory(primary_kv_view, processes=config.engine == "processes")
     fds = [primary.region.fd] if primary.region else []
     try:
         capacity = CapacityIndex(primary.block_bytes, config.max_bytes, evict=config.eviction == "lru")
         modes = FILE_MODES[config.file_mode]
         owners = owners_for(config.file_mode == "group")
-        run, rank = describe_run(primary.block_bytes, offloading_spec)
-        layout, root = prepare_namespace(config.root_dir, run, rank, modes, owners)
+        if namespace is None:
+            run, rank = describe_run(primary.block_bytes, offloading_spec)
+            namespace = namespace_name(run, rank)
+        else:
+            run = {"block_bytes": primary.block_bytes}  # the name already says the rest
+        layout, root = prepare_namespace(config.root_dir, namespace, run, modes, owners)
         fds.append(root)
         direct = choose_direct(config.o_direct, primary.block_bytes, buffer_address(primary.view), root, layout.base)
         if config.checksum and (why_not := block_io.probe_xattr(root)):

@@ -1,0 +1,338 @@
+"""mp_tier inside vLLM 0.33: a secondary tier for ``TieringOffloadingSpec``, importable where vLLM is.
+
+Select it with one entry of ``secondary_tiers`` in ``--kv-transfer-config``,
+by class and module::
+
+    {"type": "MpFileSystemTierManager", "module_path": "mp_tier.vllm_tier", "root_dir": "/mnt/kv"}
+
+or, with mp_tier installed as a package, by the name ``"mp_fs"`` that its
+``vllm.general_plugins`` entry point registers. Every other key of the entry
+is a setting: vLLM's FS-tier names (``n_read_threads``, ``n_write_threads``,
+``enable_kv_events``, ``locality``), any ``TierConfig`` field (``max_bytes``,
+``checksum``, ``o_direct``, ``engine``, ...), or ``config_file``, a TOML
+preset; ``MP_TIER_*`` variables apply too.
+
+What vLLM hands a tier, and what it gets back:
+
+* Memory: vLLM's own shared mapping of ``/dev/shm/vllm_offload_<id>.mmap``,
+  which the worker processes map through the file itself (no copy, nothing
+  ever registered for unlinking). A view over private memory is refused with
+  the reason, unless ``"engine": "threads"`` opts into the thread engine.
+* Disk: vLLM's ``FileMapper`` names the namespace directory and vLLM's
+  ``config.json`` sits beside it, so a root written by vLLM's FS tier is read
+  by this one and the other way round.
+* Lookups: the tier's memory first (``lookup_many``): a block it stored, found
+  or learned of is a HIT at once, and a store still in flight is RETRY ("being
+  transferred"; a secondary tier's HIT_PENDING would read as MISS in vLLM's
+  manager). Anything else goes through vLLM's own ``AsyncLookupManager``,
+  whose thread looks on disk: RETRY until it has, then the verdict.
+* Results: one per job, refused jobs (an out-of-range chunk id, say)
+  included, as failed results rather than exceptions. A failed promotion
+  reports the prefix it loaded, as vLLM's FS tier does, and the keys after it
+  are misses for that request.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadingConnectorStats
+from vllm.v1.kv_offload.base import (
+    ConfigInfoMapping,
+    Locality,
+    LookupResult,
+    Medium,
+    OffloadingCounterMetadata,
+    OffloadingEvent,
+    OffloadingGaugeMetadata,
+    OffloadingMetricMetadata,
+    OffloadKey,
+    ReqContext,
+)
+from vllm.v1.kv_offload.file_mapper import FileMapper
+from vllm.v1.kv_offload.tiering.async_lookup import AsyncLookupManager
+from vllm.v1.kv_offload.tiering.backpressure import BackpressureDetector
+from vllm.v1.kv_offload.tiering.base import (
+    JobResult,
+    RequestOffloadingContext,
+    ScheduleEndContext,
+    SecondaryTierManager,
+    TransferJob,
+)
+from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
+
+from .config import FILE_MODES, TierConfig
+from .jobs import JobMetadata
+from .namespace import write_once
+from .tier import FileSystemTierManager
+
+if TYPE_CHECKING:
+    from vllm.v1.kv_offload.base import OffloadingSpec
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "mp_fs"
+_COUNTERS = {  # metric -> (TierStats field, what it counts)
+    "mp_tier_workers_restarted": ("workers_restarted", "Worker processes of mp_tier replaced after they died."),
+    "mp_tier_tasks_timed_out": ("tasks_timed_out", "Tasks whose worker mp_tier killed for outliving task_timeout."),
+    "mp_tier_blocks_evicted": ("blocks_evicted", "Blocks mp_tier deleted to keep its byte budget."),
+    "mp_tier_blocks_skipped": ("blocks_skipped", "Blocks mp_tier did not write because a whole copy was on disk."),
+    "mp_tier_files_removed": ("files_removed", "Stale temp files and corrupt blocks mp_tier removed."),
+}
+_GAUGES = {
+    "mp_tier_bytes_counted": ("bytes_counted", "Bytes of blocks mp_tier counts against its budget."),
+    "mp_tier_workers_alive": ("workers_alive", "Worker processes of mp_tier alive."),
+    "mp_tier_tasks_queued": ("tasks_queued", "mp_tier tasks held on the host because a pipe was full."),
+}
+_CONFIG_INFO = ("engine", "read_workers", "write_workers", "o_direct", "max_bytes", "checksum")
+
+
+class _DiskLookups(AsyncLookupManager):
+    """vLLM's asynchronous lookups, answered on its lookup thread by a path lookup in the tier (thread-safe)."""
+
+    def __init__(self, tier: FileSystemTierManager, tier_type: str):
+        self._tier = tier
+        super().__init__(tier_type)
+
+    def batch_lookup(self, keys: list[OffloadKey], req_context: ReqContext) -> Iterable[bool]:
+        return [self._tier.lookup(key) is True for key in keys]
+
+
+class MpFileSystemTierManager(SecondaryTierManager):
+    """A file-system tier whose block I/O runs in mp_tier's worker processes, not in vLLM's scheduler."""
+
+    medium: ClassVar[Medium] = Medium.STORAGE
+
+    def __init__(
+        self,
+        offloading_spec: OffloadingSpec,
+        primary_kv_view: memoryview,
+        tier_type: str,
+        backpressure_detector: BackpressureDetector | None = None,
+        *,
+        root_dir: str,
+        n_read_threads: int | None = None,
+        n_write_threads: int | None = None,
+        enable_kv_events: bool = False,
+        locality: str | None = None,
+        config_file: str | None = None,
+        **settings: Any,
+    ):
+        super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
+        self.locality = Locality(locality) if locality is not None else None
+        self.events: list[OffloadingEvent] | None = None  # None: events are off
+        if enable_kv_events:
+            if offloading_spec.kv_events_config.enable_kv_cache_events:
+                self.events = []
+            else:
+                log.warning("enable_kv_events is set on tier %r but KV cache events are off globally: no events", tier_type)
+        self.file_mapper = FileMapper.from_offloading_spec(
+            root_dir=root_dir, offloading_spec=offloading_spec, blocks_per_file=offloading_spec.blocks_per_chunk, parallel_agnostic=True
+        )
+        namespace = f"{self.file_mapper.base_path}_r{self.file_mapper.rank}"
+        base = TierConfig.from_toml(config_file) if config_file else TierConfig.from_env()
+        if unknown := sorted(set(settings) - {f.name for f in msgspec.structs.fields(TierConfig)}):
+            raise TypeError(f"unknown settings for tier {tier_type!r}: {', '.join(unknown)} (neither vLLM's nor TierConfig's)")
+        config = msgspec.structs.replace(base, **settings, root_dir=os.path.dirname(namespace), events=self.events is not None)
+        _publish_run_config(self.file_mapper, config)
+        self._tier = FileSystemTierManager(
+            primary_kv_view=primary_kv_view,
+            config=config,
+            n_read_workers=n_read_threads,
+            n_write_workers=n_write_threads,
+            namespace=os.path.basename(namespace),
+        )
+        self._lookup_manager = _DiskLookups(self._tier, tier_type)
+        self._jobs: dict[int, tuple[TransferJob, bool]] = {}  # submitted (and whether a load), result not yet handed to vLLM
+        self._store_job_keys: dict[int, list[OffloadKey]] = {}  # store jobs whose success becomes an event
+        self._refused: list[JobResult] = []  # jobs refused at submit: their results go out with the next poll
+        self._loading: collections.Counter[OffloadKey] = collections.Counter()  # keys of promotions in flight
+        self._told: dict[OffloadKey, set[str]] = {}  # keys answered HIT from memory -> the requests told so
+        self._asked: dict[str, set[OffloadKey]] = {}  # the same, by request, to forget them when it finishes
+        self._missed: dict[str, set[OffloadKey]] = {}  # per request: keys a failed promotion made misses for it
+        self._reported = self._tier.stats()  # counters as last reported to get_stats()
+
+    # -- lookups ------------------------------------------------------------------
+
+    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        if key in self._missed.get(req_context.req_id, ()):
+            return LookupResult.MISS
+        known = self._tier.lookup_many([key], probe=False)[0]
+        if known and key not in self._loading:  # while a load of it runs, the disk is the better witness
+            self._told.setdefault(key, set()).add(req_context.req_id)
+            self._asked.setdefault(req_context.req_id, set()).add(key)
+            return LookupResult.HIT
+        if known is None:
+            return LookupResult.RETRY  # a store of it is in flight: "being transferred"
+        verdict = self._lookup_manager.lookup(key, req_context)
+        return LookupResult.RETRY if verdict is None else LookupResult.HIT if verdict else LookupResult.MISS
+
+    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        self._tier.touch(list(keys))
+
+    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def on_request_finished(self, req_context: ReqContext) -> None:
+        self._lookup_manager.cleanup(req_context.req_id)
+        self._missed.pop(req_context.req_id, None)
+        for key in self._asked.pop(req_context.req_id, ()):
+            told = self._told[key]
+            told.discard(req_context.req_id)
+            if not told:
+                del self._told[key]
+
+    def on_schedule_end(self, context: ScheduleEndContext) -> None:
+        self._lookup_manager.flush()
+
+    # -- transfers ------------------------------------------------------------------
+
+    def submit_store(self, job_metadata: TransferJob) -> None:
+        if self._submit(job_metadata, loading=False) and self.events is not None:
+            self._store_job_keys[job_metadata.job_id] = list(job_metadata.keys)
+
+    def submit_load(self, job_metadata: TransferJob) -> None:
+        self._submit(job_metadata, loading=True)
+
+    def _submit(self, job: TransferJob, loading: bool) -> bool:
+        """Hand ``job`` to the tier; False if it refused it.
+
+        A job the tier refuses (an out-of-range chunk id, a malformed key) fails
+        through its result, as in vLLM's FS tier; only a job id still in
+        flight, which vLLM never reuses, raises.
+        """
+        if job.job_id in self._jobs:
+            raise ValueError(f"job_id {job.job_id} is still active")
+        metadata = JobMetadata(job_id=job.job_id, keys=list(job.keys), block_ids=job.chunk_ids, is_promotion=job.is_promotion)
+        try:
+            (self._tier.submit_load if loading else self._tier.submit_store)(metadata)
+        except ValueError as e:
+            log.warning("tier %s: job %d refused: %s", self.tier_type, job.job_id, e)
+            self._refused.append(JobResult(job.job_id, False, None, 0.0, self._job_bytes(job)))
+            return False
+        self._jobs[job.job_id] = (job, loading)
+        if loading:
+            self._loading.update(job.keys)
+        return True
+
+    def get_finished_jobs(self) -> Iterable[JobResult]:
+        finished, self._refused = self._refused, []
+        for result in self._tier.get_finished():
+            job, loading = self._jobs.pop(result.job_id)
+            if loading:
+                self._loading.subtract(job.keys)
+                self._loading += collections.Counter()  # drop the keys that reached zero
+            successful_keys = self._loaded_prefix(job, result.successful_keys) if loading else None
+            stored = self._store_job_keys.pop(job.job_id, None)
+            if stored is not None and result.success and self.events is not None:
+                self.events.append(OffloadingEvent(keys=stored, medium=Medium.STORAGE, removed=False, locality=self.locality))
+            finished.append(JobResult(job.job_id, result.success, successful_keys, result.transfer_time, self._job_bytes(job)))
+        return finished
+
+    def _loaded_prefix(self, job: TransferJob, successful: tuple[bytes, ...] | None) -> tuple[OffloadKey, ...] | None:
+        """What vLLM's FS tier reports for a failed load: the keys loaded before the first failure (None if
+        none). The keys from the first failure on become misses for every request that was told they were
+        there, as vLLM's cached verdicts do, so no request asks for the doomed promotion again; a new request
+        looks again."""
+        if successful is None:
+            return None
+        keys = list(job.keys)
+        loaded = set(successful)
+        cut = next((i for i, key in enumerate(keys) if key not in loaded), len(keys))
+        self._lookup_manager.mark_miss(keys[cut:])
+        for key in keys[cut:]:
+            for request in {job.req_context.req_id, *self._told.get(key, ())}:
+                self._missed.setdefault(request, set()).add(key)
+        return tuple(keys[:cut]) or None
+
+    def _job_bytes(self, job: TransferJob) -> int | None:
+        """What vLLM's FS tier reports, and its backpressure detector expects: the job's size (None if empty)."""
+        return len(job.keys) * self.block_size_bytes if len(job.keys) else None
+
+    def has_pending_work(self) -> bool:
+        return bool(self._jobs or self._refused)
+
+    def drain_jobs(self) -> None:
+        """Returns once no worker touches the primary memory; every result waits for ``get_finished_jobs``."""
+        self._tier.drain(None)
+
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        if self.events is None:
+            return ()
+        for event in self._tier.take_events():
+            if event.kind == "removed":  # stores become events from their results, in job order
+                self.events.append(OffloadingEvent(keys=list(event.keys), medium=Medium.STORAGE, removed=True, locality=self.locality))
+        events, self.events = self.events, []
+        return events
+
+    def shutdown(self) -> None:
+        self._lookup_manager.shutdown()
+        self._tier.shutdown()
+
+    # -- metrics --------------------------------------------------------------------
+
+    @classmethod
+    def build_metric_definitions(cls, extra_config: dict[str, Any]) -> dict[str, OffloadingMetricMetadata]:
+        metrics: dict[str, OffloadingMetricMetadata] = {name: OffloadingCounterMetadata(doc) for name, (_, doc) in _COUNTERS.items()}
+        metrics.update({name: OffloadingGaugeMetadata(doc) for name, (_, doc) in _GAUGES.items()})
+        return metrics
+
+    def get_stats(self) -> OffloadingConnectorStats | None:
+        """Counter increments since the last call, and the gauges now."""
+        now, before = self._tier.stats(), self._reported
+        self._reported = now
+        stats = OffloadingConnectorStats()
+        for name, (field, _) in _COUNTERS.items():
+            if delta := getattr(now, field) - getattr(before, field):
+                stats.increase_counter(name, delta)
+        for name, (field, _) in _GAUGES.items():
+            stats.set_gauge(name, getattr(now, field))
+        return stats
+
+    @classmethod
+    def config_info_keys(cls, tier_config: dict[str, Any]) -> tuple[str, ...]:
+        return _CONFIG_INFO
+
+    def config_info(self) -> ConfigInfoMapping:
+        config = self._tier.config
+        return dict(
+            zip(
+                _CONFIG_INFO,
+                (config.engine, config.n_read_workers, config.n_write_workers, config.o_direct, config.max_bytes, config.checksum),
+                strict=True,
+            )
+        )
+
+
+def _publish_run_config(file_mapper: FileMapper, config: TierConfig) -> None:
+    """vLLM's ``config.json`` beside the rank directories, as its FS tier writes it, but once and durably."""
+    directory = file_mapper.base_path
+    try:
+        os.makedirs(directory, mode=FILE_MODES[config.file_mode][1], exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise OSError(e.errno, f"root_dir for {directory!r} is not usable: {e.strerror}", e.filename) from None
+    try:
+        text = json.dumps(file_mapper.get_run_config(), indent=2, sort_keys=True)
+        write_once(fd, os.path.basename(file_mapper.get_config_file_path()), text.encode(), FILE_MODES[config.file_mode][0])
+    finally:
+        os.close(fd)
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: ``"type": "mp_fs"`` selects this tier.
+
+    vLLM calls it once per process (engine core, workers, argument parsing);
+    a second call, or a process that registered it already, changes nothing.
+    """
+    try:
+        SecondaryTierFactory.register_tier(PLUGIN_NAME, __name__, MpFileSystemTierManager.__name__)
+    except ValueError:
+        pass  # registered already
+
