@@ -17,21 +17,21 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM 0.33 is not installed here: these tests run in the venv .ci/vllm-compat builds")
 
-from helpers import wait_exit  # noqa: E402
-from vllm.v1.kv_offload.base import LookupResult, OffloadingKVEventsConfig, OffloadKey, ReqContext, make_offload_key  # noqa: E402
-from vllm.v1.kv_offload.config import (  # noqa: E402
+from helpers import wait_exit
+from vllm.v1.kv_offload.base import LookupResult, OffloadingKVEventsConfig, OffloadKey, ReqContext, make_offload_key
+from vllm.v1.kv_offload.config import (
     OffloadingCacheConfig,
     OffloadingConfig,
     OffloadingModelConfig,
     OffloadingParallelConfig,
 )
-from vllm.v1.kv_offload.cpu.shared_offload_region import SharedOffloadRegion  # noqa: E402
-from vllm.v1.kv_offload.tiering.base import ScheduleEndContext, TransferJob  # noqa: E402
-from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory  # noqa: E402
-from vllm.v1.kv_offload.tiering.fs.manager import FileSystemTierManager as VllmFsTier  # noqa: E402
-from vllm.v1.kv_offload.tiering.manager import CPUPrimaryTierOffloadingManager, TieringOffloadingManager  # noqa: E402
+from vllm.v1.kv_offload.cpu.shared_offload_region import SharedOffloadRegion
+from vllm.v1.kv_offload.tiering.base import ScheduleEndContext, TransferJob
+from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
+from vllm.v1.kv_offload.tiering.fs.manager import FileSystemTierManager as VllmFsTier
+from vllm.v1.kv_offload.tiering.manager import CPUPrimaryTierOffloadingManager, TieringOffloadingManager
 
-from mp_tier.vllm_tier import PLUGIN_NAME, MpFileSystemTierManager, register  # noqa: E402
+from mp_tier.vllm_tier import PLUGIN_NAME, MpFileSystemTierManager, register
 
 CHUNK = 256 << 10  # bytes per primary chunk (a row of vLLM's view; page-aligned)
 CHUNKS = 16
@@ -173,7 +173,7 @@ def test_selected_by_module_path_by_plugin_name_and_by_the_installed_entry_point
             tiers.append(tier)
             assert isinstance(tier, MpFileSystemTierManager) and tier.tier_type == config["type"]
             assert tier.config_info()["max_bytes"] == 64 * CHUNK
-        with pytest.raises(TypeError, match="unknown settings .*: bogus"):
+        with pytest.raises(TypeError, match=r"unknown settings .*: bogus"):
             SecondaryTierFactory.create_secondary_tier({"type": PLUGIN_NAME, "root_dir": str(tmp_path), "bogus": 1}, view, spec())
     finally:
         for tier in tiers:
