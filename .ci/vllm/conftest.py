@@ -30,13 +30,12 @@ class MpTierOnPrivateMemory(MpFileSystemTierManager):
 
 fs_manager.FileSystemTierManager = MpTierOnPrivateMemory
 
+_INJECTS_STORE_FAILURES = "injects failures by patching fs.manager.batch_store_block, which only vLLM's class calls"
 WHITE_BOX = {
     "test_shutdown_discards_pending_tasks": "reads vLLM's thread pool (_pool._load_q, _pool._store_q, _pool._threads)",
-    "test_store_load_roundtrip_without_o_direct": (
-        "patches fs.manager.probe_o_direct, which only vLLM's class calls, and reads _use_o_direct"
-    ),
-    "test_mixed_job_results_emit_event_only_for_successful_job": "injects failures by patching fs.manager.batch_store_block, which only vLLM's class calls",
-    "test_partially_failed_store_emits_no_event": "injects failures by patching fs.manager.batch_store_block, which only vLLM's class calls",
+    "test_store_load_roundtrip_without_o_direct": "patches fs.manager.probe_o_direct, which only vLLM's class calls, and reads _use_o_direct",
+    "test_mixed_job_results_emit_event_only_for_successful_job": _INJECTS_STORE_FAILURES,
+    "test_partially_failed_store_emits_no_event": _INJECTS_STORE_FAILURES,
 }
 
 
