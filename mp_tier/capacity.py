@@ -16,8 +16,16 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Collection, Iterable
+from typing import NamedTuple
 
 from .errors import CapacityFull
+
+
+class Admission(NamedTuple):
+    """A store the budget takes: the blocks to delete first, and whether none of its keys was counted yet."""
+
+    victims: list[bytes]
+    all_new: bool
 
 
 class CapacityIndex:
@@ -43,33 +51,31 @@ class CapacityIndex:
     def used_bytes(self) -> int:
         return len(self) * self.block_bytes
 
-    def victims_for(self, keys: list[bytes], pinned: tuple[Collection[bytes], ...]) -> list[bytes]:
-        """The blocks to delete so that ``keys`` fit, oldest first; changes nothing.
+    def admission(self, keys: list[bytes], pinned: tuple[Collection[bytes], ...]) -> Admission:
+        """What storing ``keys`` takes: the blocks to delete first, oldest first. Changes nothing.
 
         Raises CapacityFull when the budget cannot take them: eviction is off,
         or too few blocks are free to evict (``pinned`` ones, being loaded or
         stored, never are).
         """
         warm, cold = self._warm, self._cold
-        if warm.keys().isdisjoint(keys) and cold.keys().isdisjoint(keys):  # the usual store: C loops only
-            new = len(keys)
-        else:
-            new = sum(k not in warm and k not in cold for k in keys)
+        all_new = warm.keys().isdisjoint(keys) and cold.keys().isdisjoint(keys)  # the usual store: C loops only
+        new = len(keys) if all_new else sum(k not in warm and k not in cold for k in keys)
         over = len(warm) + len(cold) + new - self._capacity if self._capacity else 0
         if over <= 0:
-            return []
+            return Admission([], all_new)
         if not self.evict:
             raise CapacityFull(self._full(new, "eviction is off"))
         victims = self._oldest(over, pinned, skip=set(keys))
         if len(victims) < over:
             raise CapacityFull(self._full(new, f"only {len(victims)} blocks are free to evict"))
-        return victims
+        return Admission(victims, all_new)
 
-    def admit(self, keys: list[bytes], victims: list[bytes]) -> None:
-        """Count ``keys`` as stored (most recent) and ``victims`` (from ``victims_for``) as gone."""
-        self.discard(victims)
-        warm, cold = self._warm, self._cold
-        if warm.keys().isdisjoint(keys) and cold.keys().isdisjoint(keys):
+    def admit(self, keys: list[bytes], admission: Admission) -> None:
+        """Count ``keys`` as stored (most recent) and the admission's victims as gone."""
+        self.discard(admission.victims)
+        if admission.all_new:
+            warm = self._warm
             for key in keys:  # 3x faster than OrderedDict.update
                 warm[key] = None
         else:

@@ -26,6 +26,8 @@ Workers = Annotated[int, msgspec.Meta(ge=1, le=256)]
 Bytes = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 OptionalSeconds = Annotated[float, msgspec.Meta(ge=0, le=86400)]
+Niceness = Annotated[int, msgspec.Meta(ge=0, le=19)]
+Cpus = list[Annotated[int, msgspec.Meta(ge=0, le=4095)]]
 Engine = Literal["processes", "threads"]
 ODirect = Literal["auto", "on", "off"]
 FileMode = Literal["private", "group"]
@@ -61,6 +63,8 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     eviction: Eviction = "lru"
     events: bool = False
     max_queued_tasks: Bytes = 0
+    worker_nice: Niceness = 0
+    worker_cpus: Cpus = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +109,8 @@ def describe(type_: Any) -> str:
                     bounds.append(f"{sign} {limit:g}" if isinstance(limit, float) else f"{sign} {limit}")
     if typing.get_origin(type_) is Literal:
         return "one of " + ", ".join(typing.get_args(type_))
+    if typing.get_origin(type_) is list:
+        return f"a list of {describe(typing.get_args(type_)[0]).replace('an integer', 'integers')}"
     kind = _KIND.get(type_, str(type_))
     return f"{kind} {' and '.join(bounds)}" if bounds else kind
 
@@ -148,6 +154,9 @@ def _parse_env(text: str, type_: Any) -> Any:
     """Environment values are strings: the field's kind read from one, or the text as given for ``check`` to refuse."""
     kind = typing.get_args(type_)[0] if typing.get_origin(type_) is Annotated else type_
     word = text.strip()
+    if typing.get_origin(kind) is list:  # "0,1": a list of integers
+        items = [item.strip() for item in word.split(",") if item.strip()]
+        return [int(item) if item.lstrip("+-").isdigit() else item for item in items]
     if kind is bool:
         lowered = word.lower()
         return lowered in _TRUE_WORDS if lowered in _TRUE_WORDS + _FALSE_WORDS else text

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .channels import FRAME_BYTES, TASK_HEADER, encode_frame
+from .channels import FRAME_BYTES, TASK_HEADER, TaskFields, encode_frames
 from .messages import Completion, Op, Task
 
 # Bytes a Task needs besides its blocks (array headers, seq, op), and per
@@ -79,15 +79,15 @@ class Ledger:
         """Split ``job`` over ``workers`` and encode its frames; raises ValueError (a frame overflow) changing nothing."""
         count = max(len(job.keys), len(job.evict))
         per_task = blocks_per_task(job.keys, job.evict, workers)
-        frames = bytearray()
+        tasks: list[TaskFields] = []
         refs = []
         seq = self._next_seq
         for first in range(0, count or 1, per_task):
             last = first + per_task
-            encode_frame(Task(seq, job.op, job.ids[first:last], job.keys[first:last], list(job.evict[first:last])), frames)
+            tasks.append((seq, job.op, job.ids[first:last], job.keys[first:last], list(job.evict[first:last])))
             refs.append((seq, TaskRef(job, first, min(last, count) - first)))
             seq += 1
-        return Plan(job, refs, frames)
+        return Plan(job, refs, encode_frames(tasks))
 
     def commit(self, plan: Plan) -> None:
         self.tasks.update(plan.refs)

@@ -64,11 +64,11 @@ def find_backing(view: memoryview) -> tuple[str, int]:
                 continue
             perms, file_offset = fields[1], int(fields[2], 16)
             name = fields[5].rstrip("\n") if len(fields) > 5 else ""
-            if end > high:
-                raise PrivateMemory(f"the buffer spans more than one mapping ({fields[0]} ends before it does)")
             if perms[3] != "s" or not name.startswith("/") or "w" not in perms:
                 what = name or "anonymous memory"
                 raise PrivateMemory(f"the buffer lies in a {perms} mapping of {what}, which worker processes cannot map")
+            if end > high:
+                raise PrivateMemory(f"the buffer spans more than one mapping ({fields[0]} ends before it does)")
             if name.endswith(" (deleted)"):
                 name = _open_copy(int(fields[4])) or f"/proc/self/map_files/{fields[0]}"
             return name, file_offset + address - low

@@ -21,7 +21,7 @@ import select
 import time
 from collections.abc import Callable
 
-from .channels import ResultReader, TaskPipe, WorkerEnds, encode_frame, make_pipe
+from .channels import ResultReader, TaskPipe, WorkerEnds, encode_frames, make_pipe
 from .memory import SharedRegion
 from .messages import READ_OPS, Completion, Op, Task
 from .slots import Slots
@@ -105,11 +105,9 @@ class WorkerPool:
 
     def requeue(self, tasks: list[Task]) -> None:
         """Put taken-back tasks in front of anything queued since, in their order."""
-        frames = {self.loads: bytearray(), self.stores: bytearray()}
-        for task in tasks:
-            encode_frame(task, frames[self._pipe_for(task.op)])
-        for pipe, pending in frames.items():
-            pipe.put_front(pending)
+        for pipe in (self.loads, self.stores):
+            if mine := [task for task in tasks if self._pipe_for(task.op) is pipe]:
+                pipe.put_front(encode_frames(mine))
 
     def backlog(self, op: Op) -> int:
         """Tasks of ``op``'s pipe held on the host side."""

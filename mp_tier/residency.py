@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable, Sequence
 
-from .capacity import CapacityIndex
+from .capacity import Admission, CapacityIndex
 from .errors import Refused
 from .jobs import TierEvent
 
@@ -43,17 +43,17 @@ class Residency:
 
     # -- stores --------------------------------------------------------------
 
-    def prepare_store(self, keys: list[bytes]) -> list[bytes]:
-        """The victims that make room for ``keys``; raises Refused (EBUSY, ENOSPC), changing nothing."""
+    def prepare_store(self, keys: list[bytes]) -> Admission:
+        """What makes room for ``keys``; raises Refused (EBUSY, ENOSPC), changing nothing."""
         if self.evicting and (busy := next((k for k in keys if k in self.evicting), None)):
             # its old file may still be unlinked after a new one is written: refuse rather than lose it
             raise Refused("EBUSY", f"EBUSY: block {busy.hex()} is being evicted; store it again later")
-        return self.capacity.victims_for(keys, (self.loading, self.storing))
+        return self.capacity.admission(keys, (self.loading, self.storing))
 
-    def commit_store(self, keys: list[bytes], victims: list[bytes]) -> None:
-        self.capacity.admit(keys, victims)
-        if victims:
-            self._removed(victims)
+    def commit_store(self, keys: list[bytes], admission: Admission) -> None:
+        self.capacity.admit(keys, admission)
+        if admission.victims:
+            self._removed(admission.victims)
         self.storing.update(keys)
 
     def store_done(self, keys: list[bytes], failed: Sequence[int]) -> None:

@@ -128,7 +128,7 @@ class FileSystemTierManager:
                 limit = self.config.max_queued_tasks
                 if limit and core.pool.backlog(op) >= limit:
                     raise Refused("EAGAIN", f"EAGAIN: {limit} tasks already wait on the host (max_queued_tasks)")
-                victims = core.residency.prepare_store(keys) if op == Op.STORE else []
+                admission = core.residency.prepare_store(keys) if op == Op.STORE else None
             except Refused as refused:
                 self._deliver(
                     JobResult(
@@ -142,9 +142,9 @@ class FileSystemTierManager:
                     )
                 )
                 return
-            plan = core.ledger.plan(Job(job_id, op, keys, ids, victims), core.group_sizes[op])
-            if op == Op.STORE:
-                core.residency.commit_store(keys, victims)
+            plan = core.ledger.plan(Job(job_id, op, keys, ids, admission.victims if admission else []), core.group_sizes[op])
+            if admission is not None:
+                core.residency.commit_store(keys, admission)
             else:
                 core.residency.commit_load(keys)
             core.send(plan)

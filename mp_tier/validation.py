@@ -18,13 +18,18 @@ from .layout import MAX_KEY_BYTES, MIN_KEY_BYTES
 KEY_RULE = f"bytes of at least {MIN_KEY_BYTES} and at most {MAX_KEY_BYTES} (its hash is a hex file name that must fit NAME_MAX)"
 
 
-def _ordered(what: str, value: Any) -> Iterable[Any]:
-    """``value`` if it is an ordered collection; a set or a mapping has no order a job could follow."""
+def _ordered(what: str, value: Any) -> list[Any]:
+    """``value`` as a list if it is an ordered collection; a set or a mapping has no order a job could follow.
+
+    Lists and tuples skip the abstract-class checks: they are what engines pass, on the submit path.
+    """
+    if type(value) is list or type(value) is tuple:
+        return list(value)
     if isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Iterable):
         raise ValueError(f"{what} must be an ordered sequence, got {value!r:.80}")
     if isinstance(value, (Set, Mapping)):
         raise ValueError(f"{what} must be an ordered sequence, not a {type(value).__name__} (its order is arbitrary)")
-    return value
+    return list(value)
 
 
 def _is_key(key: object) -> bool:
@@ -33,7 +38,7 @@ def _is_key(key: object) -> bool:
 
 def checked_keys(keys: Any) -> list[bytes]:
     """``keys`` as a list, or ValueError naming the first that is not a key."""
-    checked: list[bytes] = list(_ordered("keys", keys))
+    checked: list[bytes] = _ordered("keys", keys)
     if not all(map(_is_key, checked)):
         bad = next(k for k in checked if not _is_key(k))
         raise ValueError(f"key {bad!r:.120} is not {KEY_RULE}")
@@ -44,9 +49,10 @@ def _block_ids(job_id: int, block_ids: Any) -> list[int]:
     if isinstance(block_ids, np.ndarray):
         if block_ids.ndim != 1 or block_ids.dtype.kind not in "iu":
             raise ValueError(f"job {job_id}: block_ids must be a 1-D integer array, got {block_ids.dtype}{block_ids.shape}")
-        return [int(b) for b in block_ids.tolist()]
-    given: list[Any] = list(_ordered(f"job {job_id}: block_ids", block_ids))
-    if all(type(b) is int for b in given):
+        ids: list[int] = block_ids.tolist()  # Python ints already
+        return ids
+    given = _ordered(f"job {job_id}: block_ids", block_ids)
+    if set(map(type, given)) <= {int}:
         return given
     ids = []
     for b in given:
@@ -57,7 +63,11 @@ def _block_ids(job_id: int, block_ids: Any) -> list[int]:
 
 
 def checked_job(job: Any, loading: bool, num_blocks: int) -> tuple[int, list[bytes], list[int]]:
-    """The job's id, keys and block ids, checked against the cache's size and the key limits."""
+    """The job's id, keys and block ids, checked against the cache's size and the key limits.
+
+    Every submit runs this: the checks are set operations in C where they can be, and the slow path that
+    names the bad value runs only once something is wrong.
+    """
     try:
         job_id, keys, block_ids = job.job_id, job.keys, job.block_ids
     except AttributeError:
@@ -66,7 +76,7 @@ def checked_job(job: Any, loading: bool, num_blocks: int) -> tuple[int, list[byt
         job_id = int(job_id)
     if type(job_id) is not int:
         raise ValueError(f"job_id must be an int, got {job_id!r}")
-    keys = list(_ordered(f"job {job_id}: keys", keys))
+    keys = _ordered(f"job {job_id}: keys", keys)
     ids = _block_ids(job_id, block_ids)
     if len(keys) != len(ids):
         raise ValueError(f"job {job_id}: {len(keys)} keys but {len(ids)} block_ids")
@@ -75,13 +85,14 @@ def checked_job(job: Any, loading: bool, num_blocks: int) -> tuple[int, list[byt
     for bad in (min(ids), max(ids)):
         if not 0 <= bad < num_blocks:
             raise ValueError(f"job {job_id}: block id {bad} is out of range [0, {num_blocks})")
-    if not all(type(k) is bytes for k in keys):
+    if set(map(type, keys)) != {bytes}:
         bad = next(k for k in keys if type(k) is not bytes)
         raise ValueError(f"job {job_id}: key {bad!r:.120} is not bytes")
-    if min(map(len, keys)) < MIN_KEY_BYTES:
+    lengths = set(map(len, keys))  # usually one length
+    if min(lengths) < MIN_KEY_BYTES:
         bad = next(k for k in keys if len(k) < MIN_KEY_BYTES)
         raise ValueError(f"job {job_id}: key {bad!r} is shorter than {MIN_KEY_BYTES} bytes (hash + 4-byte group)")
-    if (longest := max(map(len, keys))) > MAX_KEY_BYTES:
+    if (longest := max(lengths)) > MAX_KEY_BYTES:
         raise ValueError(
             f"job {job_id}: a key of {longest} bytes is longer than {MAX_KEY_BYTES} (its hash is a hex file name that must fit NAME_MAX)"
         )

@@ -63,6 +63,8 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
         direct = choose_direct(config.o_direct, primary.block_bytes, buffer_address(primary.view), root, layout.base)
         if config.checksum and (why_not := block_io.probe_xattr(root)):
             raise ValueError(f"checksum = true needs user xattrs under {layout.base}: {why_not}")
+        if unknown := sorted(set(config.worker_cpus) - os.sched_getaffinity(0)):
+            raise ValueError(f"worker_cpus {unknown} are not CPUs this process may run on ({sorted(os.sched_getaffinity(0))})")
         wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         fds.extend(wake)
         specs = [
@@ -76,6 +78,8 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
                 config.checksum,
                 touch_on_load=config.max_bytes > 0,
                 owners=owners,
+                nice=config.worker_nice,
+                cpus=tuple(config.worker_cpus),
             )
             for index in range(config.n_read_workers + config.n_write_workers)
         ]

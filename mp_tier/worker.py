@@ -46,6 +46,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     checksum: bool
     touch_on_load: bool
     owners: Owners
+    nice: int = 0  # added to a worker process's niceness: the host keeps its CPU
+    cpus: tuple[int, ...] = ()  # the CPUs a worker process may run on (empty: any)
 
 
 def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None = None) -> Iterator[Completion]:

@@ -66,6 +66,10 @@ def main() -> None:
     # what happens to its workers, which exit when it closes their pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     boot = msgspec.msgpack.decode(bytes.fromhex(sys.argv[1]), type=Boot)
+    if boot.spec.nice:
+        os.nice(boot.spec.nice)
+    if boot.spec.cpus:
+        os.sched_setaffinity(0, boot.spec.cpus)
     mapping, view = map_region(boot.cache)
     slots = Slots(boot.n_workers, boot.slots_fd)
     try:

@@ -238,3 +238,11 @@ def test_env_numbers_with_spaces_are_read(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("MP_TIER_TASK_TIMEOUT", "0")
     config = TierConfig.from_env()
     assert (config.n_read_workers, config.task_timeout) == (3, 0.0)
+
+
+def test_env_lists_of_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_TIER_WORKER_CPUS", "0, 1")
+    assert TierConfig.from_env().worker_cpus == [0, 1]
+    monkeypatch.setenv("MP_TIER_WORKER_CPUS", "0,x")
+    with pytest.raises(ConfigError, match=r"worker_cpus = \[0, 'x'\]: expected a list of integers >= 0 and <= 4095"):
+        TierConfig.from_env()

@@ -395,3 +395,23 @@ def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
     tier.drain(60)
     results = tier.get_finished()
     assert len(results) == job and all(r.success for r in results)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_worker_niceness_and_cpus_are_applied_to_the_processes(make_tier, engine):
+    from mp_tier import TierConfig
+
+    cpu = max(os.sched_getaffinity(0))
+    tier = make_tier(config=TierConfig(worker_nice=7, worker_cpus=[cpu]))
+    wait_ready(tier)
+    for pid in tier.worker_pids():
+        assert os.sched_getaffinity(pid) == {cpu}
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
+
+
+def test_worker_cpus_the_host_cannot_use_are_refused(cache, tmp_path):
+    from mp_tier import TierConfig
+
+    with pytest.raises(ValueError, match=r"worker_cpus \[4095\] are not CPUs this process may run on"):
+        FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path), config=TierConfig(worker_cpus=[4095]))
