@@ -88,12 +88,16 @@ class WorkerPool:
 
     def forget(self, index: int) -> str:
         """Reap a worker that died; return why it did."""
+        return self._detach(index).reap()
+
+    def _detach(self, index: int) -> Worker:
+        """Take worker ``index`` off the pool and out of the poll set."""
         worker = self._workers[index]
         assert worker is not None
         self._workers[index] = None
         self._poller.unregister(worker.death_fd)
         del self._by_fd[worker.death_fd]
-        return worker.reap()
+        return worker
 
     # -- frames ----------------------------------------------------------------
 
@@ -228,12 +232,7 @@ class WorkerPool:
         return reasons
 
     def _drop(self, index: int) -> None:
-        worker = self._workers[index]
-        assert worker is not None
-        self._workers[index] = None
-        self._poller.unregister(worker.death_fd)
-        del self._by_fd[worker.death_fd]
-        worker.abandon()
+        self._detach(index).abandon()
 
     def close(self) -> None:
         """Release every fd; call after ``stop``."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import threading
 import time
 
@@ -71,18 +70,6 @@ def run_job(tier: FileSystemTierManager, kind: str, job: JobMetadata, timeout: f
     results = tier.get_finished()
     assert [r.job_id for r in results] == [job.job_id]
     return results[0]
-
-
-def wait_exit(pid: int, timeout: float) -> bool:
-    """True once ``pid`` has exited (a pidfd: it need not be our child)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 def wait_ready(tier: FileSystemTierManager, timeout: float = 30) -> None:

@@ -137,7 +137,7 @@ def _any_glusterd() -> int | None:
     return next((pid for pid in _pids() if _comm(pid) == "glusterd"), None)
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def wait_gone(pid: int, timeout: float) -> bool:
     """True once ``pid`` has exited (a pidfd: glusterd daemonizes, so it is not our child)."""
     try:
         fd = os.pidfd_open(pid)
@@ -303,15 +303,15 @@ def teardown(cluster: Cluster = Cluster(), log: Log = print) -> None:
     elif pid is not None:
         _poll(lambda: not _hooks_running(pid), STOP_TIMEOUT, "glusterd's post-delete hook scripts")
         os.kill(pid, signal.SIGTERM)
-        if not _wait_gone(pid, STOP_TIMEOUT):
+        if not wait_gone(pid, STOP_TIMEOUT):
             os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, STOP_TIMEOUT)
+            wait_gone(pid, STOP_TIMEOUT)
         log(f"glusterd: stopped (pid {pid})")
         os.unlink(cluster.pidfile)
         did = True
     for pid in _volume_processes(cluster):
         os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid, STOP_TIMEOUT)
+        wait_gone(pid, STOP_TIMEOUT)
         log(f"killed leftover gluster process {pid} of volume {cluster.volume}")
         did = True
     for path in (cluster.brick_dir, cluster.mount_dir):
