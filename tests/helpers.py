@@ -7,11 +7,13 @@ import threading
 import time
 
 import numpy as np
+from glusterfs_nodes import wait_gone
 
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache
 from mp_tier.shared_cache import SEGMENT_PREFIX
 
 BLOCK = 64 << 10
+wait_exit = wait_gone  # True once a pid has exited (a pidfd: it need not be our child)
 
 
 def shm_segments() -> set[str]:
