@@ -205,11 +205,11 @@ def has_block(root: int, path: BlockPath, owners: Owners) -> bool:
         os.close(fd)
 
 
-def scan_blocks(root: int) -> tuple[list[bytes], int]:
+def scan_blocks(root: int, owners: Owners) -> tuple[list[bytes], int]:
     """Keys of every block file below ``root``, least recently used (mtime) first, and how many names were not ours.
 
     A name the layout does not give, or a block name on anything but a
-    regular file, is skipped and counted, never trusted.
+    regular file of an allowed owner, is skipped and counted, never trusted.
     """
     found: list[tuple[int, bytes]] = []
     foreign = 0
@@ -228,7 +228,7 @@ def scan_blocks(root: int) -> tuple[list[bytes], int]:
                 st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed meanwhile
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) and owners.allow(st):
                 found.append((st.st_mtime_ns, key))
             else:
                 foreign += 1
@@ -237,31 +237,36 @@ def scan_blocks(root: int) -> tuple[list[bytes], int]:
 
 
 def remove_stale_temps(root: int, beside: list[BlockPath] | None = None) -> tuple[int, int]:
-    """Delete temp files of dead writers; return how many, and how many names were not ours.
+    """Delete temp files of dead writers; return how many, and how many temp-like names were not ours.
 
     Looks beside ``beside`` only when given (after a worker died holding
-    them), else under the whole namespace (at start). A writer on this host
-    is dead when its pid is gone; a temp file from another host (a shared
-    file system) is only removed once it is STALE_TEMP_SECONDS old (its
-    mtime), so a live writer elsewhere never loses its file.
+    them), else under the layout's directories of the whole namespace (at
+    start). A writer on this host is dead when its pid is gone; a temp file
+    from another host (a shared file system) is only removed once it is
+    STALE_TEMP_SECONDS old (its mtime), so a live writer elsewhere never loses
+    its file. A place that is not a directory of the layout (a symlink, a
+    file, a stranger's tree) is passed over: nothing of ours can be in it.
     """
     removed = foreign = 0
     now = time.time()
     if beside is None:
-        places = ((dirfd, names) for _, _, names, dirfd in os.fwalk(".", dir_fd=root, follow_symlinks=False))
-        for dirfd, names in places:
+        for dirpath, dirnames, names, dirfd in os.fwalk(".", dir_fd=root, follow_symlinks=False):
+            parents = dirpath.split("/")[1:]
+            dirnames[:] = [name for name in dirnames if is_layout_dir(parents, name)]
             gone, odd = _sweep_dir(dirfd, names, now)
             removed += gone
             foreign += odd
         return removed, foreign
-    for directory in sorted({path.dir for path in beside}):
-        prefixes = tuple(path.name + "." for path in beside if path.dir == directory)
+    blocks_by_dir: dict[str, set[str]] = {}
+    for path in beside:
+        blocks_by_dir.setdefault(path.dir, set()).add(path.name)
+    for directory, blocks in blocks_by_dir.items():
         try:
             dirfd = open_beneath(root, directory, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            continue
+        except OSError:
+            continue  # gone, or not a directory of ours
         try:
-            gone, _ = _sweep_dir(dirfd, [n for n in os.listdir(dirfd) if n.startswith(prefixes)], now)
+            gone, _ = _sweep_dir(dirfd, [name for name in os.listdir(dirfd) if temp_target(name) in blocks], now)
         finally:
             os.close(dirfd)
         removed += gone
@@ -277,11 +282,12 @@ def _sweep_dir(dirfd: int, names: list[str], now: float) -> tuple[int, int]:
             foreign += 1
             continue
         try:
-            if _writer_is_gone(name) or now - os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and (_writer_is_gone(name) or now - st.st_mtime > STALE_TEMP_SECONDS):
                 os.unlink(name, dir_fd=dirfd)
                 removed += 1
-        except FileNotFoundError:
-            pass  # its writer finished or another sweeper got it
+        except OSError:
+            pass  # its writer finished or another sweeper got it, or it is not ours to remove
     return removed, foreign
 
 

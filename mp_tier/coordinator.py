@@ -23,7 +23,7 @@ import time
 from . import block_io
 from .jobs import JobResult, TierStats
 from .layout import BlockLayout
-from .ledger import Job, Ledger, Plan, TaskRef
+from .ledger import Job, Ledger, Plan
 from .messages import Completion, Op
 from .pool import WorkerPool
 from .recovery import CLAIM_SETTLE_SECONDS, Recovery, Settling
@@ -142,6 +142,8 @@ class Coordinator:
         if recovery.retried or recovery.timed_out:
             recovery.completed(completion.seq)
         job = ref.job
+        if job.job_id is None and completion.error and completion.worker >= 0:
+            log.warning("housekeeping (%s) failed in worker %d: %s", job.op.name, completion.worker, completion.error)
         if job.evict:
             self.residency.evicted(job.evict[ref.first : ref.first + ref.blocks])
         if completion.worker >= 0 and job.job_id is not None:
@@ -188,16 +190,11 @@ class Coordinator:
         )
 
     def _fail_task(self, seq: int, code: str, reason: str) -> None:
+        """Complete a task that will never run: every block failed, for ``reason``."""
         ref = self.ledger.tasks.get(seq)
-        if ref is not None and self.ledger.fail(seq, code, reason) is not None:
-            self._after_fail(ref)
-
-    def _after_fail(self, ref: TaskRef) -> None:
-        job = ref.job
-        if job.evict:
-            self.residency.evicted(job.evict[ref.first : ref.first + ref.blocks])
-        if job.tasks_left == 0:
-            self._finish(job)
+        if ref is not None:
+            ref.job.error, ref.job.code = reason, code  # why the task never ran outranks any block error
+            self.on_completion(Completion(seq, -1, 0, list(range(ref.blocks)), reason, code))
 
     # -- deaths ------------------------------------------------------------------
 
@@ -239,7 +236,7 @@ class Coordinator:
         self.settling = None
         verdict = self.recovery.lost(lost)
         reason = "; ".join(settling.reasons)
-        stores = self.ledger.stored_keys(lost)
+        stores = self.ledger.stored_keys(lost, Op.STORE)  # a lost sweep is sent again itself
         retry = [self.ledger.task(seq) for seq in verdict.retry]
         for seq in verdict.fail:
             self._fail_task(seq, self.recovery.failure_code(seq), f"{reason}; the task had already been retried once")
@@ -273,14 +270,16 @@ class Coordinator:
         overdue = time.monotonic_ns() - int(self.task_timeout * 1e9)
         for index in self.pool.live():
             late = [seq for seq, named_at in self.pool.slots.held(index) if named_at < overdue]
-            if late and self.pool.kill(index):
+            claimed = self.pool.slots.claimed_since(index)
+            stuck = claimed is not None and claimed < overdue  # stopped between reading a task and naming it
+            if (late or stuck) and self.pool.kill(index):
                 self.recovery.timed_out.update(late)
-                self.stats["tasks_timed_out"] += len(late)
+                self.stats["tasks_timed_out"] += len(late) or 1
                 log.warning(
-                    "worker %d (pid %s) held task %s for more than task_timeout %g s: killing it",
+                    "worker %d (pid %s) held %s for more than task_timeout %g s: killing it",
                     index,
                     self.pool.pid_of(index),
-                    late[0],
+                    f"task {late[0]}" if late else "a task it had not named yet",
                     self.task_timeout,
                 )
 
@@ -301,7 +300,7 @@ class Coordinator:
         pool = self.pool
         for completion in pool.results.read():
             self.on_completion(completion)
-        unswept = self.ledger.stored_keys(list(self.ledger.tasks))  # a sweep cancelled here is the host's to do
+        unswept = self.ledger.stored_keys(list(self.ledger.tasks), Op.SWEEP)  # a sweep cancelled here is the host's to do
         for task in pool.reclaim():
             self._fail_task(task.seq, "ECANCELED", "cancelled: the tier shut down before the task started")
         self.stop(timeout, "ECANCELED", "cancelled: the worker stopped before finishing", unswept)
@@ -318,10 +317,13 @@ class Coordinator:
         self.recovery.restart_at.clear()
         for why in self.pool.stop(timeout, self.on_completion):
             log.warning("%s at stop", why)
-        unfinished = list(self.ledger.tasks)
-        if stores := set(self.ledger.stored_keys(unfinished)).union(unswept or ()):
+        cut_short = [seq for seq in self.pool.held_at_stop() if seq in self.ledger.tasks]  # only these can have begun
+        if stores := set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ()):
             beside = [self.layout.locate(key) for key in stores]
-            self.stats["files_removed"] += block_io.remove_stale_temps(self.root, beside)[0]
-        for seq in unfinished:
+            try:
+                self.stats["files_removed"] += block_io.remove_stale_temps(self.root, beside)[0]
+            except OSError as e:
+                log.warning("sweeping temp files at stop failed: %s", block_io.describe(e)[1])
+        for seq in list(self.ledger.tasks):
             self._fail_task(seq, code, reason)
         self.pool.close()

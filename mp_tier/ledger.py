@@ -112,26 +112,13 @@ class Ledger:
             del self.jobs[job.job_id]
         return ref
 
-    def fail(self, seq: int, code: str, reason: str) -> TaskRef | None:
-        """Complete a task that will never run: all its blocks failed, for ``reason``."""
-        ref = self.tasks.get(seq)
-        if ref is None:
-            return None
-        ref.job.error, ref.job.code = reason, code  # why the task never ran outranks any block error
-        return self.complete(Completion(seq, -1, 0, list(range(ref.blocks)), reason, code))
-
     def task(self, seq: int) -> Task:
         """The task ``seq`` as it was sent, to send again."""
         job, first, blocks = self.tasks[seq]
         last = first + blocks
         return Task(seq, job.op, job.ids[first:last], job.keys[first:last], list(job.evict[first:last]))
 
-    def stored_keys(self, seqs: list[int]) -> list[bytes]:
-        """Keys of the blocks whose temp files a killed writer may have left: those of the store tasks among
-        ``seqs``, and of the sweeps sent for them."""
-        return [
-            key
-            for seq in seqs
-            if (ref := self.tasks[seq]).job.op in (Op.STORE, Op.SWEEP)
-            for key in ref.job.keys[ref.first : ref.first + ref.blocks]
-        ]
+    def stored_keys(self, seqs: list[int], op: Op) -> list[bytes]:
+        """The keys of the ``op`` tasks among ``seqs``: where a killed writer may have left temp files (STORE),
+        or where a sweep was still to look for them (SWEEP)."""
+        return [key for seq in seqs if (ref := self.tasks[seq]).job.op == op for key in ref.job.keys[ref.first : ref.first + ref.blocks]]

@@ -159,6 +159,10 @@ class WorkerPool:
         """Seqs of the tasks live workers hold right now."""
         return {seq for i in self.live() for seq, _ in self.slots.held(i)}
 
+    def held_at_stop(self) -> set[int]:
+        """After ``stop``: the seqs each worker named when it ended (a killed worker's slots outlive it)."""
+        return {seq for index in range(len(self.specs)) for seq, _ in self.slots.held(index)}
+
     def claiming(self) -> list[int]:
         """Live workers between reading a task pipe and naming what they read."""
         return [i for i in self.live() if self.slots.claiming(i)]

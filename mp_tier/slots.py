@@ -4,7 +4,7 @@ Per worker two slots: ``MAIN`` for the task its loop took, ``NESTED`` for a
 load it serves in the middle of a store. A slot holds a task's seq, or
 ``STARTING`` (the worker is not ready yet), ``IDLE``, or ``CLAIMING``; beside
 it, the CLOCK_MONOTONIC time (ns, the same clock in every process) at which
-the seq was named, for ``task_timeout``.
+the seq was named (or its claim began), for ``task_timeout``.
 
 The claim protocol: a worker writes ``CLAIMING`` before it reads a task
 pipe, and after the read writes, in one store, the seq it got or ``IDLE``.
@@ -56,9 +56,9 @@ class Slots:
     # -- the worker's side ---------------------------------------------------
 
     def set(self, worker: int, slot: int, value: int) -> None:
-        """Name ``value`` (a seq, IDLE, STARTING or CLAIMING) in a slot; a seq also records when."""
+        """Name ``value`` (a seq, IDLE, STARTING or CLAIMING) in a slot; a seq or a claim also records when."""
         at = self._at(worker, slot)
-        if value >= 0:
+        if value >= 0 or value == CLAIMING:
             self._words[at + 1] = time.monotonic_ns()
         self._words[at] = value
 
@@ -74,6 +74,11 @@ class Slots:
 
     def claiming(self, worker: int) -> bool:
         return any(self._words[self._at(worker, slot)] == CLAIMING for slot in (MAIN, NESTED))
+
+    def claimed_since(self, worker: int) -> int | None:
+        """When (monotonic ns) ``worker`` began the claim it is in, if it is in one."""
+        times = [self._words[at + 1] for at in (self._at(worker, slot) for slot in (MAIN, NESTED)) if self._words[at] == CLAIMING]
+        return min(times, default=None)
 
     def held(self, worker: int) -> list[tuple[int, int]]:
         """(seq, named-at ns) of the tasks ``worker`` holds."""

@@ -51,19 +51,29 @@ class WorkerSpec(msgspec.Struct, frozen=True):
 
 
 def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None = None) -> Iterator[Completion]:
-    """The completion of a task; a scan sends its findings in several."""
-    if task.op == Op.SCAN:
-        found, foreign = block_io.scan_blocks(root)
-        step = _SCAN_BATCH_BYTES // (max(map(len, found), default=1) + 2)
-        for first in range(0, len(found), step):
-            yield Completion(task.seq, spec.index, 0, [], found=found[first : first + step], more=True)
-        yield Completion(task.seq, spec.index, 0, [], foreign=foreign)
-    elif task.op == Op.SWEEP:
-        beside = [spec.layout.locate(key) for key in task.keys] if task.keys else None
-        swept, foreign = block_io.remove_stale_temps(root, beside)
-        yield Completion(task.seq, spec.index, 0, [], swept=swept, foreign=foreign)
-    else:
+    """The completion of a task; a scan sends its findings in several.
+
+    A scan or sweep that fails (the namespace changed under it) ends with its
+    error in the completion: what a stranger left in the namespace never
+    takes a worker down.
+    """
+    if task.op not in (Op.SCAN, Op.SWEEP):
         yield per_block(spec, root, cache, task, between)
+        return
+    try:
+        if task.op == Op.SCAN:
+            found, foreign = block_io.scan_blocks(root, spec.owners)
+            step = _SCAN_BATCH_BYTES // (max(map(len, found), default=1) + 2)
+            for first in range(0, len(found), step):
+                yield Completion(task.seq, spec.index, 0, [], found=found[first : first + step], more=True)
+            yield Completion(task.seq, spec.index, 0, [], foreign=foreign)
+        else:
+            beside = [spec.layout.locate(key) for key in task.keys] if task.keys else None
+            swept, foreign = block_io.remove_stale_temps(root, beside)
+            yield Completion(task.seq, spec.index, 0, [], swept=swept, foreign=foreign)
+    except Exception as e:
+        code, error = block_io.describe(e)
+        yield Completion(task.seq, spec.index, 0, [], error[:_MAX_ERROR_CHARS], code)
 
 
 def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None) -> Completion:

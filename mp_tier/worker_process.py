@@ -61,11 +61,23 @@ def _test_pause() -> Callable[[Task, bool], None] | None:
     return pause
 
 
+def _close_all_but(keep: set[int]) -> None:
+    """Close what the host left open without close-on-exec (an extension's fd, say): a worker holds only its own."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own fd, closed already
+
+
 def main() -> None:
     # Ctrl-C at a terminal reaches the whole process group: the host decides
     # what happens to its workers, which exit when it closes their pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     boot = msgspec.msgpack.decode(bytes.fromhex(sys.argv[1]), type=Boot)
+    _close_all_but({0, 1, 2, *boot.ends, boot.root, boot.cache.fd, boot.slots_fd})
     if boot.spec.nice:
         os.nice(boot.spec.nice)
     if boot.spec.cpus:

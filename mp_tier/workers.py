@@ -1,20 +1,22 @@
 """One worker as the host sees it: started, watched through an fd, stopped, and explained when it dies.
 
 A process worker is the host's own child, spawned as a fresh interpreter
-(``subprocess``, which uses vfork+exec, so even a host of many GiB starts one
-cheaply). Its liveness is judged by the process itself, through a pidfd
-opened while the child cannot yet have been reaped by anyone but us, never
-by a forkserver or a ``Popen.poll`` that a third process could answer
-wrongly. A thread worker signals its end by closing a pipe, so the host
+with ``posix_spawn`` (vfork+exec, so even a host of many GiB starts one
+cheaply, and no error pipe that a child forked meanwhile by another host
+thread could hold open: ``subprocess`` waits on one). Its liveness is judged
+by the process itself, through a pidfd opened while the child cannot yet
+have been reaped by anyone but us, never by a forkserver or a poll that a
+third process could answer wrongly. A thread worker signals its end by closing a pipe, so the host
 watches both kinds in the same ``poll`` set.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import resource
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -44,21 +46,27 @@ class ProcessWorker:
     killable = True
 
     def __init__(self, index: int, argv: list[str], pass_fds: tuple[int, ...]):
+        """Start ``python argv`` with ``pass_fds`` inherited (the worker closes any other fd it finds open)."""
         if not sys.executable:
             raise OSError("cannot start a worker process: sys.executable is empty in this interpreter")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_PARENT, env.get("PYTHONPATH"))))
+        inherit = [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds]  # dup2 onto itself clears close-on-exec
+        stdin = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
         self.index = index
-        self._popen = subprocess.Popen(
-            [sys.executable, *argv], pass_fds=pass_fds, close_fds=True, stdin=subprocess.DEVNULL, env=env
-        )
-        self.pid = self._popen.pid
+        try:
+            self.pid = os.posix_spawn(sys.executable, [sys.executable, *argv], env, file_actions=[*inherit, stdin])
+        except OSError as e:
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if e.errno == errno.EBADF and max(pass_fds) >= limit:  # the child cannot have fds past the limit
+                raise OSError(errno.EMFILE, f"too many open files: RLIMIT_NOFILE {limit} is below the worker's fds") from None
+            raise
         try:
             # Our child: nobody else can reap it, so the pid cannot have been reused yet.
             self.death_fd = os.pidfd_open(self.pid)
         except OSError:
-            self._popen.kill()
-            self._popen.wait()
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
             raise
         log.debug("worker %d started: pid %d", index, self.pid)
 
@@ -70,14 +78,13 @@ class ProcessWorker:
 
     def reap(self) -> str:
         """Collect the exited worker; returns why it exited."""
-        code = self._popen.wait()
+        _, status = os.waitpid(self.pid, 0)
         os.close(self.death_fd)
-        return f"worker {self.index} (pid {self.pid}) died: {_describe_exit(code)}"
+        return f"worker {self.index} (pid {self.pid}) died: {_describe_exit(os.waitstatus_to_exitcode(status))}"
 
     def abandon(self) -> None:
         """Forget the worker without touching it (a forked child of the host does this)."""
         os.close(self.death_fd)
-        self._popen.returncode = 0  # so Popen's own finalizer never waits for another process's child
 
 
 class ThreadWorker:
