@@ -154,6 +154,8 @@ class Coordinator:
         stats["foreign_entries"] += completion.foreign
         if completion.corrupt:
             self.residency.corrupt([job.keys[ref.first + i] for i in completion.corrupt])
+        if completion.missing:
+            self.residency.missing([job.keys[ref.first + i] for i in completion.missing])
         if job.tasks_left == 0:
             self._finish(job)
 
@@ -168,7 +170,7 @@ class Coordinator:
         if job.op == Op.STORE:
             residency.store_done(job.keys, job.failed)
         else:
-            residency.load_done(job.keys, job.failed)
+            residency.load_done(job.keys)
         kind = "stored" if job.op == Op.STORE else "loaded"
         successful_keys = None
         if job.failed:

@@ -7,7 +7,10 @@ before it is created (``+name``) and forgets it once the creator unlinked it
 is gone, and the janitor unlinks what is left and exits.
 
 It plays the part of multiprocessing's resource tracker with one difference
-that matters here: only the creating process holds the pipe. A forked child
+that matters here: only the creating process holds the pipe. It runs in a
+session of its own and ignores the signals a service manager sends a whole
+group, so it outlives its creator long enough to clean up; one killed on its
+own is replaced when the creator next creates or closes a segment. A forked child
 closes its copy at once (``os.register_at_fork``), so a child that outlives
 its parent never keeps the parent's segments alive, and it never unlinks
 anything itself.
@@ -35,7 +38,10 @@ def _start() -> None:
     parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (parent, os.environ.get("PYTHONPATH"))))}
     try:
-        _janitor = subprocess.Popen([sys.executable, "-m", "mp_tier.janitor"], stdin=read, close_fds=True, env=env)
+        # Its own session: a signal to the creator's process group (systemd's stop, a shell's kill) leaves it be.
+        _janitor = subprocess.Popen(
+            [sys.executable, "-m", "mp_tier.janitor"], stdin=read, close_fds=True, env=env, start_new_session=True
+        )
     except BaseException:
         os.close(write)
         raise
@@ -90,7 +96,8 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 def main() -> None:
     """Read ``+name``/``-name`` lines until end-of-file, then unlink what is left."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the creator; this one cleans up after it
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # for the creator: this one cleans up after it
+        signal.signal(stop, signal.SIG_IGN)
     names: set[str] = set()
     for raw in sys.stdin.buffer:
         line = raw.decode().rstrip("\n")

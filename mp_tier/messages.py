@@ -48,7 +48,8 @@ class Completion(msgspec.Struct, array_like=True):
     ``failed`` holds the task-relative indices of blocks that did not move
     (for a probe: that are not on disk); ``error`` is the first failure's
     message and ``code`` its errno name; ``corrupt`` the indices of blocks
-    whose files were found corrupt and deleted; ``swept`` the temp files a
+    whose files were found corrupt and deleted; ``missing`` the indices of
+    blocks a load found no file for; ``swept`` the temp files a
     sweep deleted; ``foreign`` the names a scan or sweep skipped as not the
     tier's. A scan sends its ``found`` keys in several completions, all but
     the last with ``more``.
@@ -62,6 +63,7 @@ class Completion(msgspec.Struct, array_like=True):
     code: str | None = None
     skipped: int = 0
     corrupt: list[int] = []
+    missing: list[int] = []
     swept: int = 0
     foreign: int = 0
     found: list[bytes] = []

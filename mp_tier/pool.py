@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import time
+import weakref
 from collections.abc import Callable
 
 from .channels import ResultReader, TaskPipe, WorkerEnds, encode_frames, make_pipe
@@ -59,6 +60,7 @@ class WorkerPool:
             undo.callback(self.slots.close)
             self._bell = make_pipe()  # a worker that sees more work rings it to wake another
             undo.pop_all()
+        _pools.add(self)
         self._root = root  # the namespace directory's fd, inherited by workers
         self._region = region  # the cache as a process maps it (None for threads)
         self._view = view  # the cache as a thread sees it
@@ -239,7 +241,8 @@ class WorkerPool:
         self._detach(index).abandon()
 
     def close(self) -> None:
-        """Release every fd; call after ``stop``."""
+        """Release every fd (once); call after ``stop``, or in a forked child to let go of the parent's workers."""
+        _pools.discard(self)
         for index in self.live():
             self._drop(index)
         self.loads.close()
@@ -247,11 +250,19 @@ class WorkerPool:
         self.results.close()
         self.slots.close()
         for fd in self._bell:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._bell = (-1, -1)
 
-    def abandon(self) -> None:
-        """In a forked child: let go of every fd without touching a worker, so the parent's tier is unaffected."""
-        for index in self.live():
-            self._drop(index)
-        self.close()
+
+# Pools of this process, from the moment their pipes exist: a child forked at any time, even while a
+# tier is being built, closes its copies at once, so only the host holds the ends its workers wait on.
+_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
+def _let_go_in_child() -> None:
+    for pool in list(_pools):
+        pool.close()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)

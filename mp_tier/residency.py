@@ -36,6 +36,7 @@ class Residency:
         self.storing: collections.Counter[bytes] = collections.Counter()  # keys of stores in flight
         self.loading: collections.Counter[bytes] = collections.Counter()  # keys of loads in flight
         self.evicting: collections.Counter[bytes] = collections.Counter()  # victims not yet unlinked
+        self.restored: set[bytes] = set()  # keys stored while a load of them was in flight: its ENOENT is stale
         self.elsewhere: set[bytes] = set()  # blocks other instances on the root wrote, learned by probes
         self.probing: set[bytes] = set()  # keys a background probe is out for
         self.events: list[TierEvent] | None = [] if events else None  # None: events are off
@@ -61,6 +62,8 @@ class Residency:
         _release(self.storing, keys)
         if failed:
             self._forget(keys[i] for i in failed)
+        if self.loading and not self.loading.keys().isdisjoint(keys):
+            self.restored.update(k for k in keys if k in self.loading)
         if self.events is not None:
             stored = tuple(k for i, k in enumerate(keys) if i not in set(failed)) if failed else tuple(keys)
             if stored:
@@ -76,14 +79,17 @@ class Residency:
         self.capacity.refresh(keys)
         self.loading.update(keys)
 
-    def load_done(self, keys: list[bytes], failed: Sequence[int]) -> None:
-        """Unpin; a block that failed to load is no longer believed to be on disk (another instance deleted it,
-        say), so lookups stop answering True for it; a store of it in flight decides for itself."""
+    def missing(self, keys: list[bytes]) -> None:
+        """A load found no file for these blocks (another instance deleted them, say): stop counting them,
+        so lookups stop answering True, unless a store of them landed or is in flight since."""
+        gone = [k for k in keys if k not in self.restored]
+        self.elsewhere.difference_update(gone)
+        self._forget(gone)
+
+    def load_done(self, keys: list[bytes]) -> None:
         _release(self.loading, keys)
-        if failed:
-            gone = [keys[i] for i in failed]
-            self.elsewhere.difference_update(gone)
-            self._forget(gone)
+        if self.restored:
+            self.restored.difference_update([k for k in keys if k not in self.loading])
 
     def corrupt(self, keys: list[bytes]) -> None:
         """Blocks whose files were found corrupt and deleted."""

@@ -89,6 +89,8 @@ class Slots:
         ]
 
     def close(self) -> None:
+        if self.fd < 0:
+            return
         self._words.release()
         self._map.close()
         if self.fd >= 0:

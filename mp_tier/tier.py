@@ -71,7 +71,6 @@ class FileSystemTierManager:
         """``namespace`` names the directory under ``root_dir`` that holds the blocks; by default a name that
         describes the run (block size, and model, dtype and parallel layout from ``offloading_spec``)."""
         self._pid = os.getpid()  # the process the tier belongs to
-        self._closed = True  # until the workers are up, shutdown() has nothing to do
         overrides = {
             "root_dir": root_dir,
             "n_read_workers": n_read_workers if n_read_workers is not None else n_read_threads,
@@ -93,11 +92,12 @@ class FileSystemTierManager:
         self._owners = parts.owners  # whose block files count, for lookup()
         self._wake = parts.wake  # rung when a result is made outside a pump
         self._owned_fds = parts.fds  # closed at the end; in a forked child, at once
-        self._lock = threading.Lock()  # one caller at a time; waiters sleep without it
+        self._lock = threading.RLock()  # one caller at a time (waiters sleep without it); the finalizer takes it too
         self._waiters = 0  # threads asleep in wait()/drain()
         self._broken: str | None = None  # why the tier broke, once it has
-        self._closed = False
-        self._finalizer = weakref.finalize(self, _teardown, parts.core, config.stop_timeout, parts.fds, parts.view, self._pid)
+        self._finalizer = weakref.finalize(
+            self, _teardown, parts.core, self._lock, config.stop_timeout, parts.fds, parts.view, self._pid
+        )
         _tiers.add(self)
         with self._lock:
             self._core.housekeeping(Op.SWEEP, [])
@@ -167,7 +167,7 @@ class FileSystemTierManager:
         """
         with self._lock:
             self._check_owner()
-            if not self._closed:
+            if not self._core.stopping:
                 self._pump()
             core = self._core
             if self._broken and not core.finished:
@@ -177,18 +177,24 @@ class FileSystemTierManager:
 
     def _pump(self) -> None:
         self._core.pump()
-        if self._core.recovery.broken and not self._closed:
+        if self._core.recovery.broken and self._broken is None:
             self._broken = self._core.recovery.broken
-            self._closed = True
             self._finalizer()  # the workers are stopped already: this closes the tier's fds
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until a result is ready for get_finished(); False on timeout (None or inf: no limit).
+        """Block until a result is ready for get_finished(); False on timeout (None or inf: no limit), or at once
+        when no job is in flight (no result could come). True too when another thread shut the tier down
+        meanwhile and its cancelled results wait.
 
         For a host with nothing else to do; a scheduler loop just polls.
         """
         core = self._core
-        return self._block_until(lambda: bool(core.finished) or not core.ledger.jobs, timeout) and bool(core.finished)
+        try:
+            return self._block_until(lambda: bool(core.finished) or not core.ledger.jobs, timeout) and bool(core.finished)
+        except TierClosed:
+            if core.finished and os.getpid() == self._pid:
+                return True
+            raise
 
     def drain(self, timeout: float | None = None) -> None:
         """Block until every submitted job has finished; results stay for get_finished().
@@ -273,7 +279,7 @@ class FileSystemTierManager:
         """Events recorded since the last call (``events = true`` only)."""
         with self._lock:
             self._check_owner()
-            if not self._closed:
+            if not self._core.stopping:
                 self._pump()
             return self._core.residency.take_events()
 
@@ -285,12 +291,14 @@ class FileSystemTierManager:
     def stats(self) -> TierStats:
         """Counters since construction, and the tier's state now."""
         with self._lock:
-            return self._core.snapshot(running=not self._closed)
+            self._check_owner()
+            return self._core.snapshot(running=not self._core.stopping)
 
     def worker_pids(self, *, ready: bool = False) -> list[int]:
         """Pids of the live worker processes ([] for threads); ``ready``: only those past their start-up."""
         with self._lock:
-            if self._closed:
+            self._check_owner()
+            if self._core.stopping:
                 return []
             pool = self._core.pool
             return [pid for i in pool.live() if (pid := pool.pid_of(i)) is not None and not (ready and pool.slots.starting(i))]
@@ -303,7 +311,7 @@ class FileSystemTierManager:
         self._check_owner()
         if self._broken:
             raise TierBroken(self._broken)
-        if self._closed:
+        if self._core.stopping:
             raise TierClosed("the tier is shut down")
 
     # -- shutdown -----------------------------------------------------------
@@ -317,20 +325,17 @@ class FileSystemTierManager:
         if os.getpid() != self._pid:
             return
         with self._lock:
-            self._closed = True
             self._finalizer()  # stops the workers and closes the tier's fds; a no-op once it has run
 
 
     def _abandon_in_child(self) -> None:
         """Right after a fork, in the child: drop every fd and worker of the parent's tier, touching none of them."""
-        self._finalizer.detach()
-        if self._closed:
-            return
-        self._closed = True
-        self._core.pool.abandon()
+        self._lock = threading.RLock()  # the parent's may have been held by a thread that does not exist here
+        if self._finalizer.detach() is None:
+            return  # the tier had ended already
+        self._core.stopping = True  # the pool let go of its fds already (its own fork handler)
         for fd in self._owned_fds:
             os.close(fd)
-        self._lock = threading.Lock()  # the parent's may have been held by a thread that does not exist here
 
     def __enter__(self) -> FileSystemTierManager:
         return self
@@ -339,12 +344,23 @@ class FileSystemTierManager:
         self.shutdown()
 
 
-def _teardown(core: Coordinator, stop_timeout: float, owned: list[int], view: memoryview, pid: int) -> None:
+def _teardown(
+    core: Coordinator, lock: threading.RLock, stop_timeout: float, owned: list[int], view: memoryview, pid: int
+) -> None:
     """A tier's end, run once: by shutdown(), when the tier broke, or as the finalizer of a tier dropped (or
-    left at interpreter exit) without shutdown. Stops the workers, sweeps, closes the tier's fds."""
+    left at interpreter exit) without shutdown. Stops the workers, sweeps, closes the tier's fds.
+
+    It takes the tier's lock, so a thread still using the tier at interpreter exit is never cut off inside
+    a call; a thread that holds the lock past ``stop_timeout`` does not hold up the exit.
+    """
     if os.getpid() != pid:
         return
-    core.shutdown(stop_timeout)
+    locked = lock.acquire(timeout=stop_timeout)
+    try:
+        core.shutdown(stop_timeout)
+    finally:
+        if locked:
+            lock.release()
     for fd in owned:
         os.close(fd)
     view.release()

@@ -94,6 +94,7 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
     nbytes = skipped = 0
     failed: list[int] = []
     corrupt: list[int] = []
+    missing: list[int] = []
     for i, (block_id, key) in enumerate(zip(task.block_ids or itertools.repeat(0), task.keys)):
         if between is not None and i:
             between()
@@ -127,10 +128,12 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
         except Exception as e:  # any failure belongs to this block's result, not to the worker
             if isinstance(e, block_io.CorruptBlock):
                 corrupt.append(i)
+            elif isinstance(e, FileNotFoundError) and op == Op.LOAD:
+                missing.append(i)
             failed.append(i)
             if error is None:
                 code, error = block_io.describe(e)
-    return Completion(task.seq, spec.index, nbytes, failed, error and error[:_MAX_ERROR_CHARS], code, skipped, corrupt)
+    return Completion(task.seq, spec.index, nbytes, failed, error and error[:_MAX_ERROR_CHARS], code, skipped, corrupt, missing)
 
 
 def run_worker(

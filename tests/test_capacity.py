@@ -14,7 +14,9 @@ import pytest
 from helpers import BLOCK, fill_random, make_keys, run_job
 
 from mp_tier import JobMetadata, TierConfig
+from mp_tier.capacity import CapacityIndex
 from mp_tier.jobs import TierEvent
+from mp_tier.residency import Residency
 
 
 def disk_bytes(base: str) -> int:
@@ -279,3 +281,33 @@ def test_a_store_of_a_block_being_evicted_is_refused_not_lost(make_tier):
     assert not results[11].success and results[11].error_code == "EBUSY"
     store_one_by_one(tier, [a], first_job=12)  # the eviction is done: now it stores (evicting b)
     assert present(tier, [a, b, c]) == [True, False, True]
+
+
+def test_a_block_a_load_finds_missing_stops_counting_but_not_others(make_tier, tmp_path):
+    tier = make_tier(config=TierConfig(max_bytes=8 * BLOCK))
+    gone, planted, kept = make_keys(3)
+    store_one_by_one(tier, [gone, planted, kept])
+    os.unlink(tier.block_path(gone))  # another instance deleted it
+    os.unlink(tier.block_path(planted))
+    os.mkdir(tier.block_path(planted))  # something is there, just not a block: it still takes room
+    result = run_job(tier, "load", JobMetadata(job_id=10, keys=[gone, planted, kept], block_ids=[0, 1, 2]))
+    assert result.successful_keys == (kept,)
+    assert tier.lookup_many([gone, planted, kept]) == [False, True, True]
+    assert tier.stats().bytes_counted == 2 * BLOCK
+
+
+def test_a_store_that_lands_while_a_load_misses_keeps_counting():
+    """Completions of different workers arrive in any order: a load's ENOENT that a store has since
+    made stale must not uncount the new file (else the budget under-counts the disk)."""
+    residency = Residency(CapacityIndex(BLOCK, 8 * BLOCK, evict=True), events=False)
+    key = make_keys(1)[0]
+    residency.commit_load([key])  # the load runs first and finds no file...
+    residency.commit_store([key], residency.prepare_store([key]))
+    residency.store_done([key], [])  # ...the store's completion arrives first
+    residency.missing([key])
+    residency.load_done([key])
+    assert key in residency.capacity and not residency.restored
+    residency.commit_load([key])  # a later miss, with no store since, is believed
+    residency.missing([key])
+    residency.load_done([key])
+    assert key not in residency.capacity
