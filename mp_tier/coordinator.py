@@ -202,20 +202,27 @@ class Coordinator:
 
     def _on_deaths(self, dead: list[int]) -> None:
         now = time.monotonic()
-        reasons = []
+        reasons, overdue = [], []
         for index in dead:
             starting = self.pool.slots.starting(index)
             reason = self.pool.forget(index)
+            if index in self.recovery.overdue_kills:
+                self.recovery.overdue_kills.discard(index)
+                reason += f"; the tier killed it for holding a task past task_timeout {self.task_timeout:g} s"
+                overdue.append(True)
+            else:
+                overdue.append(False)
             delay = self.recovery.died(index, starting, now, reason)
             log.warning("%s%s; replacing it in %.2f s", reason, " while starting" if starting else "", delay)
             reasons.append(reason)
         if self.settling is not None:
             self.settling.reasons.extend(reasons)
+            self.settling.overdue.extend(overdue)
             return
         queued = self.pool.reclaim()
         taken = {task.seq for task in queued}
         suspects = {seq for seq in self.ledger.tasks if seq not in taken}
-        self.settling = Settling(queued, suspects, now + CLAIM_SETTLE_SECONDS, reasons)
+        self.settling = Settling(queued, suspects, now + CLAIM_SETTLE_SECONDS, reasons, overdue)
 
     def _settle(self) -> None:
         settling = self.settling
@@ -236,6 +243,8 @@ class Coordinator:
             self.on_completion(completion)
         lost = sorted(seq for seq in settling.suspects if seq in self.ledger.tasks and seq not in held)
         self.settling = None
+        if all(settling.overdue):  # only workers killed for task_timeout died: whatever they held timed out
+            self.recovery.timed_out.update(lost)
         verdict = self.recovery.lost(lost)
         reason = "; ".join(settling.reasons)
         stores = self.ledger.stored_keys(lost, Op.STORE)  # a lost sweep is sent again itself
@@ -276,6 +285,7 @@ class Coordinator:
             stuck = claimed is not None and claimed < overdue  # stopped between reading a task and naming it
             if (late or stuck) and self.pool.kill(index):
                 self.recovery.timed_out.update(late)
+                self.recovery.overdue_kills.add(index)
                 self.stats["tasks_timed_out"] += len(late) or 1
                 log.warning(
                     "worker %d (pid %s) held %s for more than task_timeout %g s: killing it",

@@ -30,6 +30,7 @@ class Settling(NamedTuple):
     suspects: set[int]  # seqs that had left the pipes when the death was seen
     deadline: float  # when a worker still claiming is killed
     reasons: list[str]  # why each worker died, for the failed results
+    overdue: list[bool]  # per death: whether the tier killed that worker for outliving task_timeout
 
 
 class Verdict(NamedTuple):
@@ -43,6 +44,7 @@ class Recovery:
     def __init__(self) -> None:
         self.retried: set[int] = set()  # seqs lost once and sent again: a second loss fails them
         self.timed_out: set[int] = set()  # seqs whose worker was killed for outliving task_timeout
+        self.overdue_kills: set[int] = set()  # worker indices killed for outliving task_timeout, deaths not yet seen
         self.restart_at: dict[int, float] = {}  # worker index -> monotonic time its replacement may start
         self.startup_deaths = 0  # workers in a row that died before they were ready (or could not start)
         self.first_startup_death = 0.0  # monotonic time of the first of them

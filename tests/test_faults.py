@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
 
-from mp_tier import JobMetadata, TierBroken
+from mp_tier import JobMetadata, TierBroken, TierConfig
 from mp_tier.layout import HOST_TAG
 from mp_tier.recovery import STARTUP_WINDOW_SECONDS
 
@@ -120,14 +121,24 @@ HOST = textwrap.dedent(
 )
 
 
-def test_workers_and_segment_do_not_outlive_a_killed_host(tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM to its group", "SIGHUP to its group"])
+def test_workers_and_segment_do_not_outlive_a_killed_host(tmp_path, how):
+    """A host killed alone, or with its whole process group (a shell's kill -TERM -PGID, systemd's stop):
+    its workers go with it, and the janitor, in a session of its own, still unlinks the segment."""
     host = subprocess.Popen(
-        [sys.executable, "-c", HOST, str(tmp_path / "blocks")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOST, str(tmp_path / "blocks")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         info = json.loads(host.stdout.readline())
     finally:
-        host.kill()
+        if how == "SIGKILL":
+            host.kill()
+        else:
+            os.killpg(host.pid, signal.Signals[how.split()[0]])
         host.wait()
     for pid in info["pids"]:
         assert wait_exit(pid, 2.0), f"worker {pid} outlived its host by 2 s"
@@ -161,6 +172,64 @@ def test_restart_removes_temp_files_of_dead_writers_only(make_tier, tmp_path):
     assert tier2.stats().workers_restarted == 0
     for path in (live, foreign, huge_pid):
         os.unlink(path)
+
+
+@pytest.mark.parametrize("then", ["restart", "shutdown"])
+@pytest.mark.parametrize("swap", ["symlink", "file"])
+def test_a_dead_writers_directory_swapped_for_something_else_is_passed_over(make_tier, tmp_path, swap, then):
+    """Writers die holding a store whose directory is then replaced by a symlink (to a directory holding a
+    temp file of theirs) or a plain file. Sweeping up after them neither follows the link nor fails: no
+    worker dies of it, shutdown() does not raise, the job gets its one result, and later stores work."""
+    from mp_tier import PrimaryCache
+
+    big = PrimaryCache.create(4, 64 << 20)
+    try:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", stop_timeout=1))
+        wait_ready(tier)
+        keys = make_keys(4)
+        leaves = [os.path.dirname(tier.block_path(k)) for k in keys]
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2, 3]))
+        writing = None
+        deadline = time.monotonic() + 10
+        while writing is None:  # no pump runs until the host calls the tier: the deaths wait for us
+            assert time.monotonic() < deadline, "no store was seen in progress"
+            writing = next((d for d in leaves if os.path.isdir(d) and any(n.endswith(".tmp") for n in os.listdir(d))), None)
+        workers = tier.worker_pids()
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        os.rename(writing, writing + ".moved")
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        bait = [outside / n for n in os.listdir(writing + ".moved") if n.endswith(".tmp")]
+        for path in bait:
+            path.write_bytes(b"not the tier's")
+        if swap == "symlink":
+            os.symlink(outside, writing)
+        else:
+            open(writing, "w").close()
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+            assert wait_exit(pid, 5)
+        if then == "shutdown":
+            tier.shutdown()
+            results = tier.get_finished()
+        else:
+            results = []
+            while not results:
+                assert tier.wait(30)
+                results = tier.get_finished()
+        assert [r.job_id for r in results] == [1] and not results[0].success
+        assert all(path.exists() for path in bait) and bait
+        if then == "restart":
+            fill_random(big, [0])
+            assert run_job(tier, "store", JobMetadata(job_id=2, keys=make_keys(1, seed=9), block_ids=[0])).success
+            tier.drain(30)
+            assert tier.stats().workers_restarted == len(workers)
+        tier.shutdown()
+        shutil.rmtree(writing + ".moved")  # the dead writers' temp files, out of the tier's reach
+        shutil.rmtree(outside)
+    finally:
+        big.close()
 
 
 def _mount(kind: str, target: str, image_dir) -> None:

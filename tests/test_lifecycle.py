@@ -173,10 +173,11 @@ def test_a_stopped_worker_holding_a_task_is_killed_and_its_task_sent_again(make_
 
 
 @pytest.mark.parametrize("engine", ["processes"])
-def test_a_task_that_times_out_twice_fails_with_etimedout(make_tier, tmp_path, monkeypatch, engine):
-    """Every worker that takes the load stalls on it (the test hook holds it, named, far past
-    task_timeout): killed, sent again, killed again; the job fails with ETIMEDOUT, not a hang."""
-    monkeypatch.setenv(TEST_PAUSE, f"task:30:{tmp_path / 'marker'}")
+@pytest.mark.parametrize("where", ["task", "claim"])
+def test_a_task_that_times_out_twice_fails_with_etimedout(make_tier, tmp_path, monkeypatch, engine, where):
+    """Every worker that takes the load stalls on it far past task_timeout (the test hook holds it, named,
+    or read but not yet named): killed, sent again, killed again; the job fails with ETIMEDOUT, not a hang."""
+    monkeypatch.setenv(TEST_PAUSE, f"{where}:30:{tmp_path / 'marker'}")
     tier = make_tier(config=TierConfig(task_timeout=0.3))
     result = run_job(tier, "load", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0]))
     assert not result.success and result.error_code == "ETIMEDOUT" and "retried once" in result.error

@@ -146,14 +146,22 @@ def test_group_mode_admits_a_namespace_of_the_group(cache, shared_tmp, file_mode
         assert bytes(cache.array[3][:4]) == b"EVIL"
 
 
-def test_a_block_file_of_another_owner_never_loads(make_tier, cache):
+@pytest.mark.parametrize("when", ["running", "before a restart"])
+def test_a_block_file_of_another_owner_never_loads(make_tier, cache, when):
     """A regular file of the right size, owned by another uid (and group) inside the tier's own namespace:
-    lookups say no, a load refuses it (EPERM), and a store replaces it with the tier's own."""
+    lookups say no, the start-up scan does not count it, a load refuses it (EPERM), and a store replaces
+    it with the tier's own."""
     tier = make_tier()
     key = make_keys(1)[0]
     path = Path(tier.block_path(key))
     plant_block(path)
     os.chown(path, NOBODY, NOBODY)
+    if when == "before a restart":
+        tier.shutdown()
+        tier = make_tier()
+        tier.drain(30)  # the scan
+        assert tier.stats().bytes_counted == 0
+    assert tier.lookup_many([key], probe=False) == [False]
     assert tier.lookup(key) is False
     cache.array[1] = 0
     loaded = run_job(tier, "load", JobMetadata(job_id=1, keys=[key], block_ids=[1]))
@@ -229,9 +237,30 @@ def plant_hostile_names(base: Path) -> None:
     os.symlink(base / "abc" / "de_g0" / "notes.txt", base / "abc" / "de_g0" / f"{'abcde' + '1' * 59}.bin")
 
 
+def plant_chain(base: Path, depth: int) -> None:
+    """Directories nested ``depth`` deep: far past what a recursive walk survives, and past PATH_MAX."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+
+
+def remove_chain(base: Path, depth: int) -> None:
+    fds = [os.open(base, os.O_RDONLY | os.O_DIRECTORY)]
+    for _ in range(depth - 1):
+        fds.append(os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+    while fds:
+        fd = fds.pop()
+        os.rmdir("d", dir_fd=fd)
+        os.close(fd)
+
+
 def test_hostile_names_are_skipped_and_counted_never_fatal(make_tier, cache):
-    """The start-up scan and sweep meet names that are not the tier's: no worker dies, and the blocks that
-    are the tier's are still counted against the budget."""
+    """The start-up scan and sweep meet names that are not the tier's, and a stranger's tree 1500
+    directories deep: no worker dies, and the blocks that are the tier's are still counted."""
     tier = make_tier()
     keys = make_keys(20)
     fill_random(cache, range(20))
@@ -239,6 +268,8 @@ def test_hostile_names_are_skipped_and_counted_never_fatal(make_tier, cache):
     base = Path(tier.layout.base)
     tier.shutdown()
     plant_hostile_names(base)
+    plant_chain(base, 1500)
+    plant_chain(base / "abc" / "de_g0", 1500)
     huge_pid = Path(tier.block_path(keys[0]) + f".{HOST_TAG}.99999999999999999999.1.tmp")
     huge_pid.write_bytes(b"x")
     budgeted = make_tier(config=TierConfig(max_bytes=8 * BLOCK))
@@ -250,6 +281,8 @@ def test_hostile_names_are_skipped_and_counted_never_fatal(make_tier, cache):
     assert stats.bytes_counted == 8 * BLOCK
     assert sum(os.path.exists(budgeted.block_path(k)) for k in keys) == 8
     huge_pid.unlink()
+    remove_chain(base, 1500)
+    remove_chain(base / "abc" / "de_g0", 1500)
 
 
 @pytest.mark.parametrize("engine", ["processes"])
