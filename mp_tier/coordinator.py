@@ -26,7 +26,7 @@ from .layout import BlockLayout
 from .ledger import Job, Ledger, Plan
 from .messages import Completion, Op
 from .pool import WorkerPool
-from .recovery import CLAIM_SETTLE_SECONDS, Recovery, Settling
+from .recovery import BOOT_SECONDS, BOOTING_AT_ONCE, CLAIM_SETTLE_SECONDS, RESTART_RECHECK_SECONDS, Recovery, Settling
 from .residency import Residency
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,9 @@ class Coordinator:
 
     def next_wakeup(self) -> float | None:
         """When the pump has timed work to do (a settle deadline, a restart, a deadline check), or None."""
-        times = [self.recovery.next_restart()]
+        restart = self.recovery.next_restart()
+        # a restart still due after a pump waits for a boot to end, which nothing signals: look again soon
+        times = [None if restart is None else max(restart, time.monotonic() + RESTART_RECHECK_SECONDS)]
         if self.settling is not None:
             times.append(min(self.settling.deadline, time.monotonic() + 0.001))
         if self.task_timeout:
@@ -262,7 +264,8 @@ class Coordinator:
         self.pool.resume()
 
     def _restart_due(self, now: float) -> None:
-        for index in self.recovery.due(now):
+        room = BOOTING_AT_ONCE - self.pool.booting(time.monotonic_ns() - int(BOOT_SECONDS * 1e9))
+        for index in self.recovery.due(now, room):
             try:
                 pid = self.pool.start(index)
             except OSError as e:

@@ -154,6 +154,10 @@ class WorkerPool:
     def live(self) -> list[int]:
         return [i for i, w in enumerate(self._workers) if w is not None]
 
+    def booting(self, since_ns: int) -> int:
+        """How many live workers, started after ``since_ns`` (monotonic), are not ready yet."""
+        return sum((t := self.slots.starting_since(i)) is not None and t > since_ns for i in self.live())
+
     def is_up(self, index: int) -> bool:
         return self._workers[index] is not None
 

@@ -19,6 +19,12 @@ MAX_STARTUP_DEATHS = 5  # in a row, and
 STARTUP_WINDOW_SECONDS = 2.0  # for at least this long, before the tier breaks
 BACKOFF_FIRST_SECONDS = 0.05
 BACKOFF_MAX_SECONDS = 1.0
+# Replacements boot at most this many at once. A boot is ~50 ms of CPU, and a spawn returns
+# only once its child has exec'd: 32 replaced at once on 2 cores held one get_finished() for
+# 0.8 s. A worker counts as booting for BOOT_SECONDS at most, so a stopped one blocks no others.
+BOOTING_AT_ONCE = 2
+BOOT_SECONDS = 5.0
+RESTART_RECHECK_SECONDS = 0.01
 # A claim takes microseconds; a worker still claiming after this is stopped, and is killed.
 CLAIM_SETTLE_SECONDS = 0.2
 
@@ -68,9 +74,9 @@ class Recovery:
         self.restart_at[index] = now + delay
         return delay
 
-    def due(self, now: float) -> list[int]:
-        """Workers whose replacement may start now (taken off the schedule)."""
-        ready = [index for index, at in self.restart_at.items() if at <= now]
+    def due(self, now: float, room: int) -> list[int]:
+        """Up to ``room`` workers whose replacement may start now (taken off the schedule)."""
+        ready = [index for index, at in self.restart_at.items() if at <= now][: max(room, 0)]
         for index in ready:
             del self.restart_at[index]
         return ready

@@ -4,7 +4,8 @@ Per worker two slots: ``MAIN`` for the task its loop took, ``NESTED`` for a
 load it serves in the middle of a store. A slot holds a task's seq, or
 ``STARTING`` (the worker is not ready yet), ``IDLE``, or ``CLAIMING``; beside
 it, the CLOCK_MONOTONIC time (ns, the same clock in every process) at which
-the seq was named (or its claim began), for ``task_timeout``.
+the seq was named (or its claim began, or the host started the worker), for
+``task_timeout`` and for pacing restarts.
 
 The claim protocol: a worker writes ``CLAIMING`` before it reads a task
 pipe, and after the read writes, in one store, the seq it got or ``IDLE``.
@@ -56,9 +57,9 @@ class Slots:
     # -- the worker's side ---------------------------------------------------
 
     def set(self, worker: int, slot: int, value: int) -> None:
-        """Name ``value`` (a seq, IDLE, STARTING or CLAIMING) in a slot; a seq or a claim also records when."""
+        """Name ``value`` (a seq, IDLE, STARTING or CLAIMING) in a slot; all but IDLE also record when."""
         at = self._at(worker, slot)
-        if value >= 0 or value == CLAIMING:
+        if value != IDLE:
             self._words[at + 1] = time.monotonic_ns()
         self._words[at] = value
 
@@ -71,6 +72,11 @@ class Slots:
 
     def starting(self, worker: int) -> bool:
         return self._words[self._at(worker, MAIN)] == STARTING
+
+    def starting_since(self, worker: int) -> int | None:
+        """When (monotonic ns) ``worker`` was started, if it is not ready yet."""
+        at = self._at(worker, MAIN)
+        return self._words[at + 1] if self._words[at] == STARTING else None
 
     def claiming(self, worker: int) -> bool:
         return any(self._words[self._at(worker, slot)] == CLAIMING for slot in (MAIN, NESTED))

@@ -17,7 +17,7 @@ from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_read
 
 from mp_tier import JobMetadata, TierBroken, TierConfig
 from mp_tier.layout import HOST_TAG
-from mp_tier.recovery import STARTUP_WINDOW_SECONDS
+from mp_tier.recovery import BOOTING_AT_ONCE, STARTUP_WINDOW_SECONDS
 
 
 @pytest.fixture
@@ -103,6 +103,24 @@ def test_a_few_workers_killed_as_they_start_do_not_break_the_tier(make_tier, cac
     fill_random(cache, [0])
     assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
     assert tier.stats().workers_restarted >= 4
+
+
+def test_a_mass_death_is_replaced_a_few_boots_at_a_time(make_tier):
+    """All eight workers SIGKILLed at once: the replacements boot at most BOOTING_AT_ONCE at a time (a crowd
+    of interpreters booting on few cores would starve the host's own polls), and all come back."""
+    tier = make_tier(n_read_workers=4, n_write_workers=4)
+    wait_ready(tier)
+    for pid in tier.worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    most_booting = 0
+    deadline = time.monotonic() + 30
+    while (stats := tier.stats()).workers_restarted < 8 or stats.workers_starting:
+        assert time.monotonic() < deadline, stats
+        most_booting = max(most_booting, stats.workers_starting)
+        tier.wait(0.05)
+    assert 1 <= most_booting <= BOOTING_AT_ONCE < 8
+    assert stats.workers_alive == 8
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
 
 
 HOST = textwrap.dedent(

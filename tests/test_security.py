@@ -237,28 +237,29 @@ def plant_hostile_names(base: Path) -> None:
     os.symlink(base / "abc" / "de_g0" / "notes.txt", base / "abc" / "de_g0" / f"{'abcde' + '1' * 59}.bin")
 
 
-def plant_chain(base: Path, depth: int) -> None:
-    """Directories nested ``depth`` deep: far past what a recursive walk survives, and past PATH_MAX."""
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(depth):
-        os.mkdir("d", dir_fd=fd)
-        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = inner
-    os.close(fd)
+@pytest.fixture
+def plant_chain():
+    """``plant_chain(base, depth)`` nests directories ``depth`` deep: far past what a recursive walk
+    survives, and past PATH_MAX; removed after the test."""
+    planted: list[Path] = []
 
-
-def remove_chain(base: Path, depth: int) -> None:
-    fds = [os.open(base, os.O_RDONLY | os.O_DIRECTORY)]
-    for _ in range(depth - 1):
-        fds.append(os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
-    while fds:
-        fd = fds.pop()
-        os.rmdir("d", dir_fd=fd)
+    def plant(base: Path, depth: int) -> None:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        for made in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            if not made:
+                planted.append(base)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
         os.close(fd)
 
+    yield plant
+    for base in planted:
+        subprocess.run(["rm", "-rf", str(base / "d")], check=True)  # rm walks any depth; shutil.rmtree recurses
 
-def test_hostile_names_are_skipped_and_counted_never_fatal(make_tier, cache):
+
+def test_hostile_names_are_skipped_and_counted_never_fatal(make_tier, cache, plant_chain):
     """The start-up scan and sweep meet names that are not the tier's, and a stranger's tree 1500
     directories deep: no worker dies, and the blocks that are the tier's are still counted."""
     tier = make_tier()
@@ -281,8 +282,6 @@ def test_hostile_names_are_skipped_and_counted_never_fatal(make_tier, cache):
     assert stats.bytes_counted == 8 * BLOCK
     assert sum(os.path.exists(budgeted.block_path(k)) for k in keys) == 8
     huge_pid.unlink()
-    remove_chain(base, 1500)
-    remove_chain(base / "abc" / "de_g0", 1500)
 
 
 @pytest.mark.parametrize("engine", ["processes"])
