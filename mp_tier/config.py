@@ -32,6 +32,7 @@ Engine = Literal["processes", "threads"]
 ODirect = Literal["auto", "on", "off"]
 FileMode = Literal["private", "group"]
 Eviction = Literal["lru", "fail"]
+SchedPolicy = Literal["normal", "batch", "idle"]
 
 # (file mode, directory mode) of what the tier creates.
 FILE_MODES = {"private": (0o600, 0o700), "group": (0o640, 0o750)}
@@ -65,6 +66,7 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_queued_tasks: Bytes = 0
     worker_nice: Niceness = 0
     worker_cpus: Cpus = msgspec.field(default_factory=list)
+    worker_sched: SchedPolicy = "normal"
 
     def __post_init__(self) -> None:
         self.validate()

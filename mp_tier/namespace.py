@@ -159,6 +159,11 @@ def _read_or_write_config(ns_fd: int, base: str, run: dict[str, Any], file_mode:
 def write_once(dir_fd: int, name: str, data: bytes, file_mode: int) -> None:
     """Publish ``data`` as ``name`` in the directory unless it exists: written to a temp file, fsynced, then
     linked into place (the first writer wins; nobody overwrites), and the directory fsynced."""
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return  # published already: a restart costs no fsync
+    except FileNotFoundError:
+        pass
     tmp = temp_name(name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode, dir_fd=dir_fd)
     try:

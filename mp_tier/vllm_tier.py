@@ -226,8 +226,11 @@ class MpFileSystemTierManager(SecondaryTierManager):
         for result in self._tier.get_finished():
             job, loading = self._jobs.pop(result.job_id)
             if loading:
-                self._loading.subtract(job.keys)
-                self._loading += collections.Counter()  # drop the keys that reached zero
+                for key in job.keys:  # keys that reach zero go, so membership stays exact
+                    if left := self._loading[key] - 1:
+                        self._loading[key] = left
+                    else:
+                        del self._loading[key]
             successful_keys = self._loaded_prefix(job, result.successful_keys) if loading else None
             stored = self._store_job_keys.pop(job.job_id, None)
             if stored is not None and result.success and self.events is not None:

@@ -80,6 +80,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
                 owners=owners,
                 nice=config.worker_nice,
                 cpus=tuple(config.worker_cpus),
+                sched=config.worker_sched,
             )
             for index in range(config.n_read_workers + config.n_write_workers)
         ]

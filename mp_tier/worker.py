@@ -48,6 +48,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     owners: Owners
     nice: int = 0  # added to a worker process's niceness: the host keeps its CPU
     cpus: tuple[int, ...] = ()  # the CPUs a worker process may run on (empty: any)
+    sched: str = "normal"  # a worker process's scheduling policy: batch and idle never preempt the host on wake-up
 
 
 def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None = None) -> Iterator[Completion]:

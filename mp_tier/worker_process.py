@@ -30,6 +30,8 @@ from .worker import WorkerSpec, run_worker
 # inside it) or after (task: a worker stuck on a task it holds).
 TEST_PAUSE = "MP_TIER_TEST_PAUSE"
 
+_POLICIES = {"batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+
 
 class Boot(msgspec.Struct, array_like=True):
     """What the host passes a worker process on its command line."""
@@ -82,6 +84,8 @@ def main() -> None:
         os.nice(boot.spec.nice)
     if boot.spec.cpus:
         os.sched_setaffinity(0, boot.spec.cpus)
+    if boot.spec.sched != "normal":
+        os.sched_setscheduler(0, _POLICIES[boot.spec.sched], os.sched_param(0))
     mapping, view = map_region(boot.cache)
     slots = Slots(boot.n_workers, boot.slots_fd)
     try:

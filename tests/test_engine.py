@@ -398,15 +398,16 @@ def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
 
 
 @pytest.mark.parametrize("engine", ["processes"])
-def test_worker_niceness_and_cpus_are_applied_to_the_processes(make_tier, engine):
+def test_worker_niceness_cpus_and_policy_are_applied_to_the_processes(make_tier, engine):
     from mp_tier import TierConfig
 
     cpu = max(os.sched_getaffinity(0))
-    tier = make_tier(config=TierConfig(worker_nice=7, worker_cpus=[cpu]))
+    tier = make_tier(config=TierConfig(worker_nice=7, worker_cpus=[cpu], worker_sched="batch"))
     wait_ready(tier)
     for pid in tier.worker_pids():
         assert os.sched_getaffinity(pid) == {cpu}
         assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+        assert os.sched_getscheduler(pid) == os.SCHED_BATCH
     assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
 
 
