@@ -66,18 +66,20 @@ def make_pipe() -> tuple[int, int]:
 # A task's fields in Task's order: an array_like Struct encodes as the same msgpack array, and on the
 # submit path a tuple is cheaper to build than a Struct.
 TaskFields = tuple[int, int, list[int], list[bytes], list[bytes]]
+_PADDING = bytes(FRAME_BYTES)
 
 
 def encode_frames(tasks: Sequence[Task | TaskFields]) -> bytearray:
     """``tasks`` as fixed-size frames, one after another; ValueError if one does not fit its frame."""
-    frames = bytearray(len(tasks) * FRAME_BYTES)  # zeros: the padding is already there
-    for at, task in zip(range(0, len(frames), FRAME_BYTES), tasks):
-        payload = task_encoder.encode(task)
-        size = len(payload)
+    frames = bytearray()
+    for task in tasks:
+        at = len(frames)
+        task_encoder.encode_into(task, frames, at + TASK_HEADER)  # no copy; the buffer ends where the task does
+        size = len(frames) - at - TASK_HEADER
         if size > FRAME_BYTES - TASK_HEADER:
             raise ValueError(f"a task encodes to {size} bytes, over the {FRAME_BYTES}-byte frame")
         frames[at : at + TASK_HEADER] = size.to_bytes(TASK_HEADER, "big")
-        frames[at + TASK_HEADER : at + TASK_HEADER + size] = payload
+        frames += _PADDING[: FRAME_BYTES - TASK_HEADER - size]
     return frames
 
 

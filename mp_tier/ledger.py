@@ -28,7 +28,7 @@ class Job:
 
     __slots__ = ("code", "error", "evict", "failed", "ids", "job_id", "keys", "nbytes", "op", "start", "tasks_left")
 
-    def __init__(self, job_id: int | None, op: Op, keys: list[bytes], ids: list[int], evict: Sequence[bytes]):
+    def __init__(self, job_id: int | None, op: Op, keys: list[bytes], ids: list[int], evict: list[bytes]):
         self.job_id = job_id
         self.op = op
         self.keys = keys
@@ -84,7 +84,7 @@ class Ledger:
         seq = self._next_seq
         for first in range(0, count or 1, per_task):
             last = first + per_task
-            tasks.append((seq, job.op, job.ids[first:last], job.keys[first:last], list(job.evict[first:last])))
+            tasks.append((seq, job.op, job.ids[first:last], job.keys[first:last], job.evict[first:last]))
             refs.append((seq, TaskRef(job, first, min(last, count) - first)))
             seq += 1
         return Plan(job, refs, encode_frames(tasks))
