@@ -73,7 +73,8 @@ class CapacityIndex:
 
     def admit(self, keys: list[bytes], admission: Admission) -> None:
         """Count ``keys`` as stored (most recent) and the admission's victims as gone."""
-        self.discard(admission.victims)
+        if admission.victims:
+            self.discard(admission.victims)
         if admission.all_new:
             warm = self._warm
             for key in keys:  # 3x faster than OrderedDict.update

@@ -308,10 +308,10 @@ class FileSystemTierManager:
             raise TierClosed(f"this tier belongs to process {self._pid}; a forked child cannot use it")
 
     def _check_open(self) -> None:
-        self._check_owner()
-        if self._broken:
-            raise TierBroken(self._broken)
-        if self._core.stopping:
+        if self._broken or self._core.stopping or os.getpid() != self._pid:  # one test on the submit path
+            self._check_owner()
+            if self._broken:
+                raise TierBroken(self._broken)
             raise TierClosed("the tier is shut down")
 
     # -- shutdown -----------------------------------------------------------

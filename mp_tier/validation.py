@@ -76,8 +76,8 @@ def checked_job(job: Any, loading: bool, num_blocks: int) -> tuple[int, list[byt
         job_id = int(job_id)
     if type(job_id) is not int:
         raise ValueError(f"job_id must be an int, got {job_id!r}")
-    keys = _ordered(f"job {job_id}: keys", keys)
-    ids = _block_ids(job_id, block_ids)
+    keys = list(keys) if type(keys) is list else _ordered(f"job {job_id}: keys", keys)
+    ids = list(block_ids) if type(block_ids) is list and set(map(type, block_ids)) <= {int} else _block_ids(job_id, block_ids)
     if len(keys) != len(ids):
         raise ValueError(f"job {job_id}: {len(keys)} keys but {len(ids)} block_ids")
     if not keys:
