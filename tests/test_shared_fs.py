@@ -449,7 +449,7 @@ def test_a_node_killed_mid_store_leaves_no_partial_block_and_its_restart_cleans_
     left = freeze_with_temps(volume, a, directory)  # stopped first, so the kill is sure to cut stores short
     os.killpg(a.proc.pid, signal.SIGKILL)
     a.proc.wait(10)
-    # gone from /proc, not only dead: mp_tier takes a zombie for a live writer (the xfail below)
+    # gone from /proc, so the restart below is about cleaning up, not about zombies (the last test covers those)
     poll(lambda: not process_states(a.proc.pid), 30, "every process of node A reaped")
 
     published = blocks_in(observer(volume, directory))
