@@ -66,6 +66,7 @@ def make_pipe() -> tuple[int, int]:
 # A task's fields in Task's order: an array_like Struct encodes as the same msgpack array, and on the
 # submit path a tuple is cheaper to build than a Struct.
 TaskFields = tuple[int, int, list[int], list[bytes], list[bytes]]
+_HEADER = bytes(TASK_HEADER)
 _PADDING = bytes(FRAME_BYTES)
 
 
@@ -74,7 +75,8 @@ def encode_frames(tasks: Sequence[Task | TaskFields]) -> bytearray:
     frames = bytearray()
     for task in tasks:
         at = len(frames)
-        task_encoder.encode_into(task, frames, at + TASK_HEADER)  # no copy; the buffer ends where the task does
+        frames += _HEADER
+        task_encoder.encode_into(task, frames, -1)  # appended in place (-1: at the end, in every msgspec version)
         size = len(frames) - at - TASK_HEADER
         if size > FRAME_BYTES - TASK_HEADER:
             raise ValueError(f"a task encodes to {size} bytes, over the {FRAME_BYTES}-byte frame")

@@ -170,7 +170,7 @@ class Coordinator:
                 residency.probed(job.keys, job.failed)
             return
         if job.op == Op.STORE:
-            residency.store_done(job.keys, job.failed)
+            residency.store_done(job.keys, job.failed, job.unsure)
         else:
             residency.load_done(job.keys)
         kind = "stored" if job.op == Op.STORE else "loaded"
@@ -248,6 +248,7 @@ class Coordinator:
         if all(settling.overdue):  # only workers killed for task_timeout died: whatever they held timed out
             self.recovery.timed_out.update(lost)
         verdict = self.recovery.lost(lost)
+        self.recovery.timed_out.difference_update(verdict.retry)  # the loss that fails a task names its code
         reason = "; ".join(settling.reasons)
         stores = self.ledger.stored_keys(lost, Op.STORE)  # a lost sweep is sent again itself
         retry = [self.ledger.task(seq) for seq in verdict.retry]
@@ -283,7 +284,9 @@ class Coordinator:
         self._next_deadline_check = now + min(1.0, self.task_timeout / 4)
         overdue = time.monotonic_ns() - int(self.task_timeout * 1e9)
         for index in self.pool.live():
-            late = [seq for seq, named_at in self.pool.slots.held(index) if named_at < overdue]
+            if index in self.recovery.overdue_kills:
+                continue  # killed already; a process in uninterruptible I/O dies when the I/O returns
+            late = [seq for seq, named_at in self.pool.slots.held(index) if named_at < overdue and seq in self.ledger.tasks]
             claimed = self.pool.slots.claimed_since(index)
             stuck = claimed is not None and claimed < overdue  # stopped between reading a task and naming it
             if (late or stuck) and self.pool.kill(index):

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import threading
 
+from . import interpreter
+
 SHM_DIR = "/dev/shm"
 
 _lock = threading.Lock()
@@ -35,12 +37,10 @@ _names: set[str] = set()  # segments it guards, to tell a replacement janitor af
 def _start() -> None:
     global _janitor, _pipe
     read, write = os.pipe2(os.O_CLOEXEC)
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (parent, os.environ.get("PYTHONPATH"))))}
     try:
         # Its own session: a signal to the creator's process group (systemd's stop, a shell's kill) leaves it be.
         _janitor = subprocess.Popen(
-            [sys.executable, "-m", "mp_tier.janitor"], stdin=read, close_fds=True, env=env, start_new_session=True
+            interpreter.command("mp_tier.janitor"), stdin=read, close_fds=True, env=interpreter.environment(), start_new_session=True
         )
     except BaseException:
         os.close(write)

@@ -26,7 +26,7 @@ _EVICT_OVERHEAD = 3
 class Job:
     """A submitted job while its tasks are out, or the tier's own housekeeping (``job_id`` None)."""
 
-    __slots__ = ("code", "error", "evict", "failed", "ids", "job_id", "keys", "nbytes", "op", "start", "tasks_left")
+    __slots__ = ("code", "error", "evict", "failed", "ids", "job_id", "keys", "nbytes", "op", "start", "tasks_left", "unsure")
 
     def __init__(self, job_id: int | None, op: Op, keys: list[bytes], ids: list[int], evict: list[bytes]):
         self.job_id = job_id
@@ -37,6 +37,7 @@ class Job:
         self.tasks_left = 0  # set by commit; the job is done at zero
         self.nbytes = 0  # bytes moved so far
         self.failed: list[int] = []  # indices (into keys) of blocks that did not move
+        self.unsure: list[int] = []  # ... of those, the ones whose task no worker finished (a store's may be on disk)
         self.error: str | None = None  # the first failure's message
         self.code: str | None = None  # ... and its errno name
         self.start = time.perf_counter()
@@ -105,6 +106,8 @@ class Ledger:
         job.nbytes += completion.nbytes
         if completion.failed:
             job.failed.extend(ref.first + i for i in completion.failed)
+            if completion.worker < 0:  # failed by the host, not by a worker that tried each block
+                job.unsure.extend(ref.first + i for i in completion.failed)
             if job.error is None:
                 job.error, job.code = completion.error, completion.code
         job.tasks_left -= 1

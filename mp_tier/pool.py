@@ -22,6 +22,7 @@ import time
 import weakref
 from collections.abc import Callable
 
+from . import interpreter
 from .channels import ResultReader, TaskPipe, WorkerEnds, encode_frames, make_pipe
 from .memory import SharedRegion
 from .messages import READ_OPS, Completion, Op, Task
@@ -82,7 +83,7 @@ class WorkerPool:
             assert self._region is not None
             boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs))
             fds = (*ends, self._root, self._region.fd, self.slots.fd)
-            worker = ProcessWorker(index, ["-m", "mp_tier.worker_process", encode_boot(boot)], fds)
+            worker = ProcessWorker(index, interpreter.command("mp_tier.worker_process", encode_boot(boot)), fds)
         self._workers[index] = worker
         self._by_fd[worker.death_fd] = index
         self._poller.register(worker.death_fd, select.POLLIN)

@@ -57,15 +57,20 @@ class Residency:
             self._removed(admission.victims)
         self.storing.update(keys)
 
-    def store_done(self, keys: list[bytes], failed: Sequence[int]) -> None:
-        """Unpin; a block that failed to store stops counting, unless another store of it is in flight."""
+    def store_done(self, keys: list[bytes], failed: Sequence[int], unsure: Sequence[int] = ()) -> None:
+        """Unpin; a block a worker failed to store stops counting, unless another store of it is in flight.
+
+        ``unsure`` blocks failed with their task (its workers died): some may be on disk, so they stay
+        counted; over-counting costs room, under-counting would let the disk outgrow the budget.
+        """
         _release(self.storing, keys)
-        if failed:
-            self._forget(keys[i] for i in failed)
+        bad = set(failed)
+        if bad:
+            self._forget(keys[i] for i in bad.difference(unsure))
         if self.loading and not self.loading.keys().isdisjoint(keys):
-            self.restored.update(k for k in keys if k in self.loading)
+            self.restored.update(k for i, k in enumerate(keys) if k in self.loading and i not in bad)
         if self.events is not None:
-            stored = tuple(k for i, k in enumerate(keys) if i not in set(failed)) if failed else tuple(keys)
+            stored = tuple(k for i, k in enumerate(keys) if i not in bad) if bad else tuple(keys)
             if stored:
                 self.events.append(TierEvent("stored", stored))
 

@@ -23,6 +23,7 @@ from .pool import WorkerPool
 from .residency import Residency
 from .shared_cache import primary_memory
 from .worker import WorkerSpec
+from .worker_process import policy_refused
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
             raise ValueError(f"checksum = true needs user xattrs under {layout.base}: {why_not}")
         if unknown := sorted(set(config.worker_cpus) - os.sched_getaffinity(0)):
             raise ValueError(f"worker_cpus {unknown} are not CPUs this process may run on ({sorted(os.sched_getaffinity(0))})")
+        if config.engine == "processes" and (why := policy_refused(config.worker_sched)):
+            raise ValueError(f"worker_sched = {config.worker_sched!r} is refused here: {why}")
         wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         fds.extend(wake)
         specs = [

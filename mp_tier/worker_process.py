@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -31,6 +32,27 @@ from .worker import WorkerSpec, run_worker
 TEST_PAUSE = "MP_TIER_TEST_PAUSE"
 
 _POLICIES = {"batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+
+
+def policy_refused(policy: str) -> str | None:
+    """Why a worker could not take scheduling ``policy`` here (a sandbox that forbids it), or None.
+
+    Tried in a short-lived thread of the host: on Linux a policy belongs to the thread that sets it.
+    """
+    if policy not in _POLICIES:
+        return None
+    refusals: list[OSError] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, _POLICIES[policy], os.sched_param(0))
+        except OSError as e:
+            refusals.append(e)
+
+    trial = threading.Thread(target=attempt, name="mp_tier-policy-check")
+    trial.start()
+    trial.join()
+    return refusals[0].strerror if refusals else None
 
 
 class Boot(msgspec.Struct, array_like=True):

@@ -17,19 +17,12 @@ import logging
 import os
 import resource
 import signal
-import sys
 import threading
 from collections.abc import Callable
 
-import msgspec
+from . import interpreter
 
 log = logging.getLogger(__name__)
-
-# A worker runs with -S (no site: the .pth files of a big environment, an
-# editable install's finder, cost a third of a boot) and finds exactly what
-# it imports where its host found it: this package, then msgspec.
-_WORKER_PATH = [os.path.dirname(os.path.dirname(os.path.abspath(path))) for path in (__file__, msgspec.__file__)]
-
 
 def _describe_exit(code: int) -> str:
     if code < 0:
@@ -49,16 +42,12 @@ class ProcessWorker:
     killable = True
 
     def __init__(self, index: int, argv: list[str], pass_fds: tuple[int, ...]):
-        """Start ``python argv`` with ``pass_fds`` inherited (the worker closes any other fd it finds open)."""
-        if not sys.executable:
-            raise OSError("cannot start a worker process: sys.executable is empty in this interpreter")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (*_WORKER_PATH, env.get("PYTHONPATH"))))
+        """Start the command line ``argv`` with ``pass_fds`` inherited (the worker closes any other fd it finds open)."""
         inherit = [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds]  # dup2 onto itself clears close-on-exec
         stdin = (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
         self.index = index
         try:
-            self.pid = os.posix_spawn(sys.executable, [sys.executable, "-S", *argv], env, file_actions=[*inherit, stdin])
+            self.pid = os.posix_spawn(argv[0], argv, interpreter.environment(), file_actions=[*inherit, stdin])
         except OSError as e:
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             if e.errno == errno.EBADF and max(pass_fds) >= limit:  # the child cannot have fds past the limit

@@ -311,3 +311,10 @@ def test_a_store_that_lands_while_a_load_misses_keeps_counting():
     residency.missing([key])
     residency.load_done([key])
     assert key not in residency.capacity
+    residency.probed([key], [])  # another instance wrote it, a probe found it ...
+    residency.commit_load([key])
+    residency.commit_store([key], residency.prepare_store([key]))
+    residency.store_done([key], [0])  # ... our store of it failed, landing nothing: the miss is believed
+    residency.missing([key])
+    residency.load_done([key])
+    assert residency.lookup_many([key]) == ([False], [key])

@@ -103,6 +103,37 @@ def test_workers_are_the_hosts_own_children_watched_by_pidfd(tmp_path):
     assert [p for p in Path("/dev/shm").iterdir() if p.name.startswith(f"mp_tier_{info['me']}_")] == []
 
 
+SHADOWED_HOST = textwrap.dedent(
+    """
+    import json, sys
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    with PrimaryCache.create(4, 65536) as cache:
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=1)
+        tier.submit_store(JobMetadata(job_id=1, keys=[bytes(36)], block_ids=[0]))
+        tier.drain(30)
+        result = tier.get_finished()[0]
+        print(json.dumps({"success": result.success, "restarted": tier.stats().workers_restarted}))
+        tier.shutdown()
+    """
+)
+
+
+def test_the_hosts_working_directory_never_shadows_what_workers_import(tmp_path):
+    """A host started from a directory holding a stray ``msgspec`` and ``mp_tier`` (a checkout, a build
+    tree): the host imports the real ones, and so do its workers and its janitor, which would otherwise
+    die at import, over and over."""
+    stray = tmp_path / "cwd"
+    for package in ("msgspec", "mp_tier"):
+        (stray / package).mkdir(parents=True)
+        (stray / package / "__init__.py").write_text(f"raise ImportError('the stray {package} was imported')\n")
+    host = tmp_path / "host.py"
+    host.write_text(SHADOWED_HOST)
+    done = subprocess.run([sys.executable, str(host), str(tmp_path / "blocks")], cwd=stray, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"success": True, "restarted": 0}
+    assert "stray" not in done.stderr
+
+
 def _paused_load(tier, tmp_path: Path, cache, job_id: int) -> int:
     """Submit a load that one worker reads and then holds, unnamed, in the claim window; return that worker's pid."""
     marker = tmp_path / "claiming"

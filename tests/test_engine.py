@@ -416,3 +416,37 @@ def test_worker_cpus_the_host_cannot_use_are_refused(cache, tmp_path):
 
     with pytest.raises(ValueError, match=r"worker_cpus \[4095\] are not CPUs this process may run on"):
         FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path), config=TierConfig(worker_cpus=[4095]))
+
+
+REFUSED_POLICY_HOST = textwrap.dedent(
+    """
+    import sys
+    from mp_tier import FileSystemTierManager, PrimaryCache, TierConfig
+    with PrimaryCache.create(4, 65536) as cache:
+        try:
+            FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=TierConfig(worker_sched="idle"))
+        except ValueError as e:
+            print(e)
+    """
+)
+
+
+def test_a_worker_sched_the_host_may_not_take_is_refused_at_construction(tmp_path):
+    """A sandbox whose seccomp profile refuses sched_setscheduler (stood in for by a libc shim that fails
+    it with EPERM): the constructor names the setting, instead of workers dying at start until the tier
+    breaks."""
+    shim = tmp_path / "refuse_sched.so"
+    source = tmp_path / "refuse_sched.c"
+    source.write_text(
+        "#include <errno.h>\n#include <sched.h>\n"
+        "int sched_setscheduler(pid_t pid, int policy, const struct sched_param *param) { errno = EPERM; return -1; }\n"
+    )
+    try:
+        built = subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(source)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no C compiler to build the shim")
+    assert built.returncode == 0, built.stderr
+    env = {**os.environ, "LD_PRELOAD": str(shim)}
+    done = subprocess.run([sys.executable, "-c", REFUSED_POLICY_HOST, str(tmp_path / "blocks")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "worker_sched = 'idle' is refused here: Operation not permitted"

@@ -16,7 +16,7 @@ import pytest
 from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
 
 from mp_tier import JobMetadata, TierBroken, TierConfig
-from mp_tier.layout import HOST_TAG
+from mp_tier.layout import HOST_TAG, temp_writer_pid
 from mp_tier.recovery import BOOTING_AT_ONCE, STARTUP_WINDOW_SECONDS
 
 
@@ -246,6 +246,40 @@ def test_a_dead_writers_directory_swapped_for_something_else_is_passed_over(make
         tier.shutdown()
         shutil.rmtree(writing + ".moved")  # the dead writers' temp files, out of the tier's reach
         shutil.rmtree(outside)
+    finally:
+        big.close()
+
+
+def test_a_store_lost_twice_still_counts_the_blocks_it_wrote(make_tier):
+    """Each writer of a store is stopped once a block of the job has landed, so the tier kills it at
+    task_timeout, twice, and the job fails. The blocks that did land stay counted: the budget may
+    over-count what a dead writer left unfinished, never under-count what is on disk."""
+    from mp_tier import PrimaryCache
+
+    big = PrimaryCache.create(8, 32 << 20)
+    try:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", task_timeout=0.5))
+        wait_ready(tier)
+        keys = make_keys(8)
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(8))))
+        leaves = {os.path.dirname(tier.block_path(k)) for k in keys}
+        stopped: set[int] = set()
+        results: list = []
+        deadline = time.monotonic() + 30
+        while not results:
+            assert time.monotonic() < deadline
+            if any(os.path.exists(tier.block_path(k)) for k in keys):
+                writing = {temp_writer_pid(n) for d in leaves if os.path.isdir(d) for n in os.listdir(d) if n.endswith(".tmp")}
+                for pid in writing - stopped - {None}:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.add(pid)
+            results = tier.get_finished()
+        assert [(r.job_id, r.success, r.error_code) for r in results] == [(1, False, "ETIMEDOUT")]
+        landed = [k for k in keys if os.path.exists(tier.block_path(k))]
+        assert landed, "no block landed before the writers were stopped"
+        assert tier.lookup_many(landed, probe=False) == [True] * len(landed)
+        assert tier.stats().bytes_counted >= len(landed) * big.block_bytes
+        tier.shutdown()
     finally:
         big.close()
 
