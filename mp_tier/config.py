@@ -59,6 +59,7 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     file_mode: FileMode = "private"
     stop_timeout: Seconds = 10.0
     task_timeout: OptionalSeconds = 300.0
+    start_timeout: OptionalSeconds = 60.0
     checksum: bool = False
     max_bytes: Bytes = 0
     eviction: Eviction = "lru"

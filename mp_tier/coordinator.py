@@ -43,6 +43,7 @@ class Coordinator:
         root: int,
         group_sizes: dict[Op, int],
         task_timeout: float,
+        start_timeout: float,
     ):
         self.pool = pool
         self.ledger = Ledger()
@@ -51,7 +52,10 @@ class Coordinator:
         self.layout = layout
         self.root = root  # the namespace directory's fd, for the host's own sweep at stop
         self.group_sizes = group_sizes  # workers a job of each kind is split over
-        self.task_timeout = task_timeout  # seconds; 0 = no deadline
+        self.task_timeout = task_timeout  # seconds a worker may hold a task; 0 = no deadline
+        self.start_timeout = start_timeout  # seconds a worker may take to become ready; 0 = no deadline
+        deadlines = [t for t in (task_timeout, start_timeout) if t]
+        self._deadline_every = min([1.0] + [t / 4 for t in deadlines]) if deadlines else 0.0  # 0: nothing to check
         self.finished: list[JobResult] = []  # results not yet handed to get_finished()
         self.stats: collections.Counter[str] = collections.Counter()
         self.tasks_by_worker = [0] * len(pool.specs)  # job tasks each worker slot completed
@@ -118,7 +122,7 @@ class Coordinator:
         now = time.monotonic()
         if self.recovery.restart_at and self.settling is None:
             self._restart_due(now)
-        if self.task_timeout and now >= self._next_deadline_check:
+        if self._deadline_every and now >= self._next_deadline_check:
             self._enforce_deadlines(now)
 
     def next_wakeup(self) -> float | None:
@@ -128,7 +132,7 @@ class Coordinator:
         times = [None if restart is None else max(restart, time.monotonic() + RESTART_RECHECK_SECONDS)]
         if self.settling is not None:
             times.append(min(self.settling.deadline, time.monotonic() + 0.001))
-        if self.task_timeout:
+        if self._deadline_every:
             times.append(self._next_deadline_check)
         return min((t for t in times if t is not None), default=None)
 
@@ -208,12 +212,13 @@ class Coordinator:
         for index in dead:
             starting = self.pool.slots.starting(index)
             reason = self.pool.forget(index)
+            overdue.append(index in self.recovery.overdue_kills)
             if index in self.recovery.overdue_kills:
                 self.recovery.overdue_kills.discard(index)
                 reason += f"; the tier killed it for holding a task past task_timeout {self.task_timeout:g} s"
-                overdue.append(True)
-            else:
-                overdue.append(False)
+            elif index in self.recovery.stalled_starts:
+                self.recovery.stalled_starts.discard(index)
+                reason += f"; the tier killed it for not starting within start_timeout {self.start_timeout:g} s"
             delay = self.recovery.died(index, starting, now, reason)
             log.warning("%s%s; replacing it in %.2f s", reason, " while starting" if starting else "", delay)
             reasons.append(reason)
@@ -281,17 +286,34 @@ class Coordinator:
             log.warning("worker %d replaced: pid %s", index, pid)
 
     def _enforce_deadlines(self, now: float) -> None:
-        self._next_deadline_check = now + min(1.0, self.task_timeout / 4)
-        overdue = time.monotonic_ns() - int(self.task_timeout * 1e9)
+        """Kill the workers that hold a task past task_timeout, or are still starting past start_timeout."""
+        self._next_deadline_check = now + self._deadline_every
+        now_ns = time.monotonic_ns()
+        task_overdue = now_ns - int(self.task_timeout * 1e9) if self.task_timeout else None
+        start_overdue = now_ns - int(self.start_timeout * 1e9) if self.start_timeout else None
+        recovery = self.recovery
         for index in self.pool.live():
-            if index in self.recovery.overdue_kills:
+            if index in recovery.overdue_kills or index in recovery.stalled_starts:
                 continue  # killed already; a process in uninterruptible I/O dies when the I/O returns
-            late = [seq for seq, named_at in self.pool.slots.held(index) if named_at < overdue and seq in self.ledger.tasks]
+            started = self.pool.slots.starting_since(index)
+            if started is not None:
+                if start_overdue is not None and started < start_overdue and self.pool.kill(index):
+                    recovery.stalled_starts.add(index)
+                    log.warning(
+                        "worker %d (pid %s) did not start within start_timeout %g s: killing it",
+                        index,
+                        self.pool.pid_of(index),
+                        self.start_timeout,
+                    )
+                continue
+            if task_overdue is None:
+                continue
+            late = [seq for seq, named_at in self.pool.slots.held(index) if named_at < task_overdue and seq in self.ledger.tasks]
             claimed = self.pool.slots.claimed_since(index)
-            stuck = claimed is not None and claimed < overdue  # stopped between reading a task and naming it
+            stuck = claimed is not None and claimed < task_overdue  # stopped between reading a task and naming it
             if (late or stuck) and self.pool.kill(index):
-                self.recovery.timed_out.update(late)
-                self.recovery.overdue_kills.add(index)
+                recovery.timed_out.update(late)
+                recovery.overdue_kills.add(index)
                 self.stats["tasks_timed_out"] += len(late) or 1
                 log.warning(
                     "worker %d (pid %s) held %s for more than task_timeout %g s: killing it",

@@ -51,6 +51,7 @@ class Recovery:
         self.retried: set[int] = set()  # seqs lost once and sent again: a second loss fails them
         self.timed_out: set[int] = set()  # seqs whose worker was killed for outliving task_timeout
         self.overdue_kills: set[int] = set()  # worker indices killed for outliving task_timeout, deaths not yet seen
+        self.stalled_starts: set[int] = set()  # worker indices killed for not starting within start_timeout, deaths not yet seen
         self.restart_at: dict[int, float] = {}  # worker index -> monotonic time its replacement may start
         self.startup_deaths = 0  # workers in a row that died before they were ready (or could not start)
         self.first_startup_death = 0.0  # monotonic time of the first of them

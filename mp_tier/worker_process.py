@@ -25,10 +25,12 @@ from .messages import Op, Task
 from .slots import Slots
 from .worker import WorkerSpec, run_worker
 
-# Test hook: "<claim|task>:<seconds>:<marker file>". A worker that reads a
-# load task writes its pid to the marker and sleeps that long, before naming
-# the task (claim: the claim window made wide enough to kill another worker
-# inside it) or after (task: a worker stuck on a task it holds).
+# Test hook: "<boot|claim|task>:<seconds>:<marker file>". boot: every worker
+# appends its pid to the marker and sleeps that long before it is ready (a
+# start-up that hangs). claim, task: a worker that reads a load task writes
+# its pid to the marker and sleeps that long, before naming the task (claim:
+# the claim window made wide enough to kill another worker inside it) or
+# after (task: a worker stuck on a task it holds).
 TEST_PAUSE = "MP_TIER_TEST_PAUSE"
 
 _POLICIES = {"batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
@@ -71,10 +73,16 @@ def encode_boot(boot: Boot) -> str:
 
 
 def _test_pause() -> Callable[[Task, bool], None] | None:
+    """Stall here if TEST_PAUSE says "boot"; the pause for loads if it says "claim" or "task"."""
     setting = os.environ.get(TEST_PAUSE)
     if not setting:
         return None
     where, seconds, marker = setting.split(":", 2)
+    if where == "boot":
+        with open(marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(float(seconds))
+        return None
 
     def pause(task: Task, named: bool) -> None:
         if task.op == Op.LOAD and named == (where == "task"):
