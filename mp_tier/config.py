@@ -26,6 +26,7 @@ Workers = Annotated[int, msgspec.Meta(ge=1, le=256)]
 Bytes = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 OptionalSeconds = Annotated[float, msgspec.Meta(ge=0, le=86400)]
+StartSeconds = Annotated[float, msgspec.Meta(ge=1, le=86400)]  # a worker's start takes 0.1-0.6 s
 Niceness = Annotated[int, msgspec.Meta(ge=0, le=19)]
 Cpus = list[Annotated[int, msgspec.Meta(ge=0, le=4095)]]
 Engine = Literal["processes", "threads"]
@@ -59,7 +60,7 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     file_mode: FileMode = "private"
     stop_timeout: Seconds = 10.0
     task_timeout: OptionalSeconds = 300.0
-    start_timeout: OptionalSeconds = 60.0
+    start_timeout: StartSeconds = 60.0
     checksum: bool = False
     max_bytes: Bytes = 0
     eviction: Eviction = "lru"

@@ -53,9 +53,8 @@ class Coordinator:
         self.root = root  # the namespace directory's fd, for the host's own sweep at stop
         self.group_sizes = group_sizes  # workers a job of each kind is split over
         self.task_timeout = task_timeout  # seconds a worker may hold a task; 0 = no deadline
-        self.start_timeout = start_timeout  # seconds a worker may take to become ready; 0 = no deadline
-        deadlines = [t for t in (task_timeout, start_timeout) if t]
-        self._deadline_every = min([1.0] + [t / 4 for t in deadlines]) if deadlines else 0.0  # 0: nothing to check
+        self.start_timeout = start_timeout  # seconds a worker may take to become ready
+        self._deadline_every = min(1.0, start_timeout / 4, task_timeout / 4 if task_timeout else 1.0)  # seconds between checks
         self.finished: list[JobResult] = []  # results not yet handed to get_finished()
         self.stats: collections.Counter[str] = collections.Counter()
         self.tasks_by_worker = [0] * len(pool.specs)  # job tasks each worker slot completed
@@ -122,7 +121,7 @@ class Coordinator:
         now = time.monotonic()
         if self.recovery.restart_at and self.settling is None:
             self._restart_due(now)
-        if self._deadline_every and now >= self._next_deadline_check:
+        if now >= self._next_deadline_check:
             self._enforce_deadlines(now)
 
     def next_wakeup(self) -> float | None:
@@ -132,8 +131,7 @@ class Coordinator:
         times = [None if restart is None else max(restart, time.monotonic() + RESTART_RECHECK_SECONDS)]
         if self.settling is not None:
             times.append(min(self.settling.deadline, time.monotonic() + 0.001))
-        if self._deadline_every:
-            times.append(self._next_deadline_check)
+        times.append(self._next_deadline_check)
         return min((t for t in times if t is not None), default=None)
 
     def on_completion(self, completion: Completion) -> None:
@@ -210,9 +208,10 @@ class Coordinator:
         now = time.monotonic()
         reasons, overdue = [], []
         for index in dead:
-            starting = self.pool.slots.starting(index)
+            # killed for start_timeout as it became ready: still a death at start, and the kill was for a deadline
+            starting = self.pool.slots.starting(index) or index in self.recovery.stalled_starts
             reason = self.pool.forget(index)
-            overdue.append(index in self.recovery.overdue_kills)
+            overdue.append(index in self.recovery.overdue_kills or index in self.recovery.stalled_starts)
             if index in self.recovery.overdue_kills:
                 self.recovery.overdue_kills.discard(index)
                 reason += f"; the tier killed it for holding a task past task_timeout {self.task_timeout:g} s"
@@ -250,7 +249,7 @@ class Coordinator:
             self.on_completion(completion)
         lost = sorted(seq for seq in settling.suspects if seq in self.ledger.tasks and seq not in held)
         self.settling = None
-        if all(settling.overdue):  # only workers killed for task_timeout died: whatever they held timed out
+        if all(settling.overdue):  # only workers killed for a deadline died: whatever they held timed out
             self.recovery.timed_out.update(lost)
         verdict = self.recovery.lost(lost)
         self.recovery.timed_out.difference_update(verdict.retry)  # the loss that fails a task names its code
@@ -290,14 +289,14 @@ class Coordinator:
         self._next_deadline_check = now + self._deadline_every
         now_ns = time.monotonic_ns()
         task_overdue = now_ns - int(self.task_timeout * 1e9) if self.task_timeout else None
-        start_overdue = now_ns - int(self.start_timeout * 1e9) if self.start_timeout else None
+        start_overdue = now_ns - int(self.start_timeout * 1e9)
         recovery = self.recovery
         for index in self.pool.live():
             if index in recovery.overdue_kills or index in recovery.stalled_starts:
                 continue  # killed already; a process in uninterruptible I/O dies when the I/O returns
             started = self.pool.slots.starting_since(index)
             if started is not None:
-                if start_overdue is not None and started < start_overdue and self.pool.kill(index):
+                if started < start_overdue and self.pool.kill(index):
                     recovery.stalled_starts.add(index)
                     log.warning(
                         "worker %d (pid %s) did not start within start_timeout %g s: killing it",

@@ -36,7 +36,7 @@ class Settling(NamedTuple):
     suspects: set[int]  # seqs that had left the pipes when the death was seen
     deadline: float  # when a worker still claiming is killed
     reasons: list[str]  # why each worker died, for the failed results
-    overdue: list[bool]  # per death: whether the tier killed that worker for outliving task_timeout
+    overdue: list[bool]  # per death: whether the tier killed that worker for a deadline (task_timeout, start_timeout)
 
 
 class Verdict(NamedTuple):

@@ -94,6 +94,7 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
             pytest.param("stop_timeout = 1e300\n", "stop_timeout = 1e+300: expected a number > 0 and <= 86400", id="1e300"),
             pytest.param("stop_timeout = true\n", "stop_timeout = True: expected a number", id="bool-for-float"),
             pytest.param("task_timeout = -1\n", "task_timeout = -1: expected a number >= 0 and <= 86400", id="negative-timeout"),
+            pytest.param("start_timeout = 0.05\n", "start_timeout = 0.05: expected a number >= 1 and <= 86400", id="start-below-a-start"),
             pytest.param("max_bytes = 1.5\n", "max_bytes = 1.5: expected an integer >= 0", id="float-bytes"),
             pytest.param("max_bytes = 99999999999999999999\n", "max_bytes = 99999999999999999999: expected an integer >= 0", id="huge-bytes"),
             pytest.param("checksum = 1\n", "checksum = 1: expected true or false", id="int-for-bool"),
