@@ -196,11 +196,15 @@ class WorkerPool:
 
         Completions keep being read (and handed to ``on_result``) while
         waiting, so a worker blocked on a full result pipe can still finish.
-        Workers still running at ``timeout`` are killed; returns why each
-        worker that did not exit by itself ended.
+        A worker still starting holds nothing and may be stuck in its start:
+        it is killed at once. Workers still running at ``timeout`` are
+        killed; returns why each worker that did not exit by itself ended.
         """
         self.loads.close_writer()
         self.stores.close_writer()
+        for index in self.live():
+            if self.slots.starting(index):
+                self.kill(index)
         deadline = time.monotonic() + timeout
         killed: list[str] = []
         while live := self.live():

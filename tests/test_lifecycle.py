@@ -220,6 +220,23 @@ def test_a_start_slower_than_task_timeout_is_waited_for(make_tier, tmp_path, mon
 
 
 @pytest.mark.parametrize("engine", ["processes"])
+def test_shutdown_does_not_wait_for_workers_stuck_in_their_start(make_tier, tmp_path, monkeypatch, engine):
+    """A worker still starting holds no task: shutdown kills it at once instead of giving it stop_timeout."""
+    marker = tmp_path / "booting"
+    monkeypatch.setenv(TEST_PAUSE, f"boot:60:{marker}")
+    tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(stop_timeout=30))
+    hung = set(tier.worker_pids())
+    deadline = time.monotonic() + 10
+    while _stalled_pids(marker) != hung:
+        assert time.monotonic() < deadline, "the workers never reached the stall"
+        tier.wait(0.01)
+    started = time.monotonic()
+    tier.shutdown()
+    assert time.monotonic() - started < 10, "shutdown waited for workers that hold nothing"
+    assert all(wait_exit(pid, 1) for pid in hung)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
 def test_workers_that_never_start_break_the_tier_naming_why(make_tier, tmp_path, monkeypatch, engine):
     """Every start stalls, replacements included: the tier breaks once start-up deaths fill the start-up
     window, and the job waiting on them gets its one result, naming the stall, instead of waiting forever."""
