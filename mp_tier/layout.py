@@ -74,6 +74,11 @@ class BlockLayout(msgspec.Struct, frozen=True):
         return f"{self.base}/{self.locate(key).rel}"
 
 
+def _is_decimal(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes "²" (which ``int`` refuses) and "٣" (which it reads as 3)."""
+    return text.isascii() and text.isdigit()
+
+
 def is_layout_dir(parents: list[str], name: str) -> bool:
     """True for the directories the layout makes: ``hhh`` at the top, ``hh_g<group>`` below it."""
     if not parents:
@@ -84,7 +89,7 @@ def is_layout_dir(parents: list[str], name: str) -> bool:
     return (
         len(prefix) == 2
         and _HEX.issuperset(prefix)
-        and group.isdigit()
+        and _is_decimal(group)
         and len(group) <= 10
         and (len(group) == 1 or group[0] != "0")
         and int(group) < _MAX_GROUP
@@ -124,7 +129,7 @@ def temp_target(name: str) -> str | None:
 def temp_writer_pid(name: str) -> int | None:
     """The pid that wrote temp file ``name`` if it was a process of this host, else None."""
     parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 3)
-    if len(parts) != 4 or parts[1] != HOST_TAG or not parts[2].isdigit() or len(parts[2]) > _PID_DIGITS:
+    if len(parts) != 4 or parts[1] != HOST_TAG or not _is_decimal(parts[2]) or len(parts[2]) > _PID_DIGITS:
         return None
     pid = int(parts[2])
     return pid if 0 < pid < 1 << 31 else None

@@ -230,6 +230,8 @@ def plant_hostile_names(base: Path) -> None:
         base / "abc" / "de_g0" / "abcde0.bin",  # too short a hash
         base / "abc" / "de_g0" / "notes.txt",
         base / "abc" / "de_g0" / "deep" / f"{digest}.bin",
+        base / "abc" / "de_g\u00b2" / f"{digest}.bin",  # a digit to str.isdigit, and no number to int()
+        base / "abc" / "de_g\u0663" / f"{digest}.bin",  # an Arabic-Indic 3: int() reads it as 3
     ]
     for trap in traps:
         trap.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +274,9 @@ def test_hostile_names_are_skipped_and_counted_never_fatal(make_tier, cache, pla
     plant_chain(base, 1500)
     plant_chain(base / "abc" / "de_g0", 1500)
     huge_pid = Path(tier.block_path(keys[0]) + f".{HOST_TAG}.99999999999999999999.1.tmp")
-    huge_pid.write_bytes(b"x")
+    odd_pid = Path(tier.block_path(keys[1]) + f".{HOST_TAG}.\u00b2\u0663.1.tmp")  # digits to str.isdigit only
+    for temp in (huge_pid, odd_pid):
+        temp.write_bytes(b"x")
     budgeted = make_tier(config=TierConfig(max_bytes=8 * BLOCK))
     budgeted.drain(30)
     budgeted.drain(30)  # the evictions the scan decided on
@@ -282,6 +286,7 @@ def test_hostile_names_are_skipped_and_counted_never_fatal(make_tier, cache, pla
     assert stats.bytes_counted == 8 * BLOCK
     assert sum(os.path.exists(budgeted.block_path(k)) for k in keys) == 8
     huge_pid.unlink()
+    odd_pid.unlink()
 
 
 @pytest.mark.parametrize("engine", ["processes"])
