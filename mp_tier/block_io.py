@@ -188,6 +188,16 @@ def touch_block(root: int, path: BlockPath) -> None:
         os.close(leaf)
 
 
+def note_use(root: int, path: BlockPath) -> None:
+    """``touch_block`` after a block was loaded or found whole: recency is a hint, so neither a file
+    another user of the group owns (which refuses the utime) nor one removed meanwhile fails a block whose
+    bytes were good."""
+    try:
+        touch_block(root, path)
+    except (PermissionError, FileNotFoundError):
+        pass
+
+
 def has_block(root: int, path: BlockPath, owners: Owners) -> bool:
     """True if a regular file of an allowed owner is at ``path``: anything else there is no block to load."""
     try:

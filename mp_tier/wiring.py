@@ -79,7 +79,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
                 direct,
                 *modes,
                 config.checksum,
-                touch_on_load=config.max_bytes > 0,
+                touch_on_use=config.max_bytes > 0,
                 owners=owners,
                 nice=config.worker_nice,
                 cpus=tuple(config.worker_cpus),

@@ -44,7 +44,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     file_mode: int
     dir_mode: int
     checksum: bool
-    touch_on_load: bool
+    touch_on_use: bool  # a load, or a store that finds the block whole, sets its mtime: the LRU order a restart reads
     owners: Owners
     nice: int = 0  # added to a worker process's niceness: the host keeps its CPU
     cpus: tuple[int, ...] = ()  # the CPUs a worker process may run on (empty: any)
@@ -105,8 +105,8 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
                 nbytes += block_io.load_block(
                     root, path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum, owners=spec.owners
                 )
-                if spec.touch_on_load:
-                    block_io.touch_block(root, path)
+                if spec.touch_on_use:
+                    block_io.note_use(root, path)
             elif op == Op.STORE:
                 moved = block_io.store_block(
                     root,
@@ -121,7 +121,10 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
                     owners=spec.owners,
                 )
                 nbytes += moved
-                skipped += moved == 0
+                if moved == 0:
+                    skipped += 1
+                    if spec.touch_on_use:
+                        block_io.note_use(root, path)
             elif op == Op.TOUCH:
                 block_io.touch_block(root, path)
             elif not block_io.has_block(root, path, spec.owners):  # PROBE

@@ -115,13 +115,16 @@ def test_fail_mode_fails_stores_that_do_not_fit(make_tier):
     assert again.success  # already counted blocks still fit
 
 
-def test_recency_and_accounting_survive_a_restart(make_tier):
+@pytest.mark.parametrize("use", ["load", "store"])
+def test_recency_and_accounting_survive_a_restart(make_tier, use):
+    """A block used last (loaded, or stored again and found whole on disk) outlives older ones after a restart."""
     config = TierConfig(max_bytes=4 * BLOCK)
     tier = make_tier(config=config)
     a, b, c, d, e = make_keys(5)
     store_one_by_one(tier, [a, b, c, d])
     age_in_order(tier, [a, b, c, d])
-    assert run_job(tier, "load", JobMetadata(job_id=10, keys=[a], block_ids=[50])).success
+    used = run_job(tier, use, JobMetadata(job_id=10, keys=[a], block_ids=[50]))
+    assert used.success and tier.stats().blocks_skipped == (use == "store")
     tier.shutdown()
     restarted = make_tier(config=config)
     restarted.drain(30)  # the start-up scan runs in a worker

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,53 @@ def test_group_mode_admits_a_namespace_of_the_group(cache, shared_tmp, file_mode
         assert tier.lookup(key) is True
         assert run_job(tier, "load", JobMetadata(job_id=1, keys=[key], block_ids=[3])).success
         assert bytes(cache.array[3][:4]) == b"EVIL"
+
+
+def _as_user(uid: int, gids: list[int], act) -> None:
+    """Run ``act()`` in a forked child that switched to ``uid`` (primary group ``gids[0]``), as root may."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to a second uid needs root")
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.setgroups(gids)
+            os.setgid(gids[0])
+            os.setuid(uid)
+            os.umask(0o022)
+            act()
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    assert os.waitpid(pid, 0)[1] == 0, "the second user's part failed: its traceback is above"
+
+
+def test_a_group_member_loads_another_members_block_with_a_budget(shared_tmp):
+    """Group mode, two service users of one group: one stores a block (0640), the other loads it with a
+    byte budget on, so the load also refreshes the block's recency. utime on a file another user owns
+    and the group cannot write is refused; the bytes were read, so the load succeeds."""
+    group, reader = 4242, 4343
+    key = make_keys(1)[0]
+    config = TierConfig(file_mode="group", engine="threads", n_read_workers=1, n_write_workers=1, max_bytes=8 * BLOCK)
+    shared_tmp.chmod(0o1777)
+
+    def store() -> None:
+        view = np.full((2, BLOCK), 7, np.uint8)
+        with FileSystemTierManager(primary_kv_view=view, root_dir=str(shared_tmp), config=config) as tier:
+            assert run_job(tier, "store", JobMetadata(job_id=1, keys=[key], block_ids=[0])).success
+
+    def load() -> None:
+        view = np.zeros((2, BLOCK), np.uint8)
+        with FileSystemTierManager(primary_kv_view=view, root_dir=str(shared_tmp), config=config) as tier:
+            tier.drain(30)  # the start-up scan
+            result = run_job(tier, "load", JobMetadata(job_id=1, keys=[key], block_ids=[1]))
+            assert result.success, result
+            assert (view[1] == 7).all()
+
+    _as_user(NOBODY, [group], store)
+    _as_user(reader, [group], load)
 
 
 @pytest.mark.parametrize("when", ["running", "before a restart"])
