@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 import msgspec
 
 from . import block_io
+from .call_lock import CallLock
 from .config import TierConfig
 from .coordinator import Coordinator
 from .errors import Refused, TierBroken, TierClosed
@@ -92,7 +92,7 @@ class FileSystemTierManager:
         self._owners = parts.owners  # whose block files count, for lookup()
         self._wake = parts.wake  # rung when a result is made outside a pump
         self._owned_fds = parts.fds  # closed at the end; in a forked child, at once
-        self._lock = threading.RLock()  # one caller at a time (waiters sleep without it); the finalizer takes it too
+        self._lock = CallLock()  # one caller at a time (waiters sleep without it); the finalizer takes it too
         self._waiters = 0  # threads asleep in wait()/drain()
         self._broken: str | None = None  # why the tier broke, once it has
         self._finalizer = weakref.finalize(
@@ -289,8 +289,8 @@ class FileSystemTierManager:
         return self.layout.path(key)
 
     def stats(self) -> TierStats:
-        """Counters since construction, and the tier's state now."""
-        with self._lock:
+        """Counters since construction, and the tier's state now; also from a signal handler."""
+        with self._lock.for_reading():
             self._check_owner()
             return self._core.snapshot(running=not self._core.stopping)
 
@@ -321,8 +321,13 @@ class FileSystemTierManager:
 
         Tasks no worker has taken are cancelled at once; tasks in progress get
         ``stop_timeout`` seconds to finish. Idempotent, and a no-op in a forked child.
+        From a signal handler that interrupted another call of the tier, it runs when that call returns.
         """
         if os.getpid() != self._pid:
+            return
+        if self._lock.held_here():
+            self._lock.then = self.shutdown
+            log.debug("shutdown() interrupted a call of the tier (a signal handler): it runs when that call returns")
             return
         with self._lock:
             self._finalizer()  # stops the workers and closes the tier's fds; a no-op once it has run
@@ -330,7 +335,7 @@ class FileSystemTierManager:
 
     def _abandon_in_child(self) -> None:
         """Right after a fork, in the child: drop every fd and worker of the parent's tier, touching none of them."""
-        self._lock = threading.RLock()  # the parent's may have been held by a thread that does not exist here
+        self._lock = CallLock()  # the parent's may have been held by a thread that does not exist here
         if self._finalizer.detach() is None:
             return  # the tier had ended already
         self._core.stopping = True  # the pool let go of its fds already (its own fork handler)
@@ -345,7 +350,7 @@ class FileSystemTierManager:
 
 
 def _teardown(
-    core: Coordinator, lock: threading.RLock, stop_timeout: float, owned: list[int], view: memoryview, pid: int
+    core: Coordinator, lock: CallLock, stop_timeout: float, owned: list[int], view: memoryview, pid: int
 ) -> None:
     """A tier's end, run once: by shutdown(), when the tier broke, or as the finalizer of a tier dropped (or
     left at interpreter exit) without shutdown. Stops the workers, sweeps, closes the tier's fds.
@@ -355,7 +360,7 @@ def _teardown(
     """
     if os.getpid() != pid:
         return
-    locked = lock.acquire(timeout=stop_timeout)
+    locked = not lock.held_here() and lock.acquire(timeout=stop_timeout)  # inside a call here: shutdown(), or the tier broke
     try:
         core.shutdown(stop_timeout)
     finally:
