@@ -99,6 +99,7 @@ class Residency:
     def corrupt(self, keys: list[bytes]) -> None:
         """Blocks whose files were found corrupt and deleted."""
         self._forget(keys)
+        self._deleted_here(keys)
         if self.events is not None:
             self.events.append(TierEvent("removed", tuple(keys)))
 
@@ -108,16 +109,20 @@ class Residency:
         """Answers from memory, and the keys answered False that no probe is out for yet."""
         storing, index, elsewhere, probing = self.storing, self.capacity, self.elsewhere, self.probing
         answers: list[bool | None] = [None if k in storing else (k in index or k in elsewhere) for k in keys]
-        unknown = list(dict.fromkeys(k for k, answer in zip(keys, answers) if answer is False and k not in probing))
+        # a block being evicted is known to be going: a probe could still see its file
+        unknown = list(
+            dict.fromkeys(k for k, answer in zip(keys, answers) if answer is False and k not in probing and k not in self.evicting)
+        )
         return answers, unknown
 
     def probe_sent(self, keys: list[bytes]) -> None:
         self.probing.update(keys)
 
     def probed(self, keys: list[bytes], missing: Sequence[int]) -> None:
+        """A probe's findings; a key this tier deleted while the probe was out is not taken from it."""
         gone = set(missing)
+        self.elsewhere.update(k for i, k in enumerate(keys) if i not in gone and k in self.probing)
         self.probing.difference_update(keys)
-        self.elsewhere.update(k for i, k in enumerate(keys) if i not in gone)
 
     def touch(self, keys: list[bytes]) -> list[bytes]:
         """Refresh the counted ones among ``keys``; return them (their files' mtimes follow)."""
@@ -147,8 +152,15 @@ class Residency:
         """Evicted from the index now; their files go when the task carrying them runs."""
         self.evicting.update(keys)
         self.blocks_evicted += len(keys)
+        self._deleted_here(keys)
         if self.events is not None:
             self.events.append(TierEvent("removed", tuple(keys)))
+
+    def _deleted_here(self, keys: Iterable[bytes]) -> None:
+        """This tier deletes these blocks' files: no longer seen elsewhere, and a probe out for them is stale."""
+        keys = list(keys)
+        self.elsewhere.difference_update(keys)
+        self.probing.difference_update(keys)
 
     def _forget(self, keys: Iterable[bytes]) -> None:
         """Stop counting blocks found missing, unless a store of them is in flight: its outcome decides."""

@@ -146,6 +146,23 @@ def test_a_restart_over_a_fuller_root_evicts_down_to_the_budget(make_tier):
     assert disk_bytes(smaller.layout.base) == 6 * BLOCK
 
 
+
+def test_a_block_the_tier_evicted_is_never_answered_as_seen_elsewhere(make_tier):
+    """A restarted tier probes a key before its start-up scan is read, so the probe counts it as seen on
+    disk; then a store evicts it. lookup_many must stop answering True once the tier deleted it itself."""
+    first = make_tier()
+    old, new = make_keys(2)
+    store_one_by_one(first, [old])
+    first.shutdown()
+    tier = make_tier(config=TierConfig(max_bytes=BLOCK))
+    assert tier.lookup_many([old]) == [False]  # the scan's answer not read yet: a probe goes out
+    tier.drain(30)
+    assert tier.lookup_many([old]) == [True]
+    store_one_by_one(tier, [new], first_job=1)
+    assert present(tier, [old, new]) == [False, True]
+    assert tier.lookup_many([old], probe=False) == [False]
+    assert tier.lookup(old) is False
+
 OTHER_WRITER = textwrap.dedent(
     """
     import sys
