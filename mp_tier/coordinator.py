@@ -149,7 +149,11 @@ class Coordinator:
         if job.job_id is None and completion.error and completion.worker >= 0:
             log.warning("housekeeping (%s) failed in worker %d: %s", job.op.name, completion.worker, completion.error)
         if job.evict:
-            self.residency.evicted(job.evict[ref.first : ref.first + ref.blocks])
+            victims = job.evict[ref.first : ref.first + ref.blocks]
+            kept = [victims[i] for i in completion.kept]
+            if kept:
+                log.warning("%d evicted blocks could not be deleted and stay counted: %s", len(kept), completion.error)
+            self.residency.evicted(victims, kept)
         if completion.worker >= 0 and job.job_id is not None:
             self.tasks_by_worker[completion.worker] += 1
         stats = self.stats

@@ -49,8 +49,9 @@ class Completion(msgspec.Struct, array_like=True):
     (for a probe: that are not on disk); ``error`` is the first failure's
     message and ``code`` its errno name; ``corrupt`` the indices of blocks
     whose files were found corrupt and deleted; ``missing`` the indices of
-    blocks a load found no file for; ``swept`` the temp files a
-    sweep deleted; ``foreign`` the names a scan or sweep skipped as not the
+    blocks a load found no file for; ``kept`` the indices into the task's
+    ``evict`` of blocks whose files could not be deleted and are still
+    there; ``swept`` the temp files a sweep deleted; ``foreign`` the names a scan or sweep skipped as not the
     tier's. A scan sends its ``found`` keys in several completions, all but
     the last with ``more``.
     """
@@ -68,6 +69,7 @@ class Completion(msgspec.Struct, array_like=True):
     foreign: int = 0
     found: list[bytes] = []
     more: bool = False
+    kept: list[int] = []
 
 
 task_encoder = msgspec.msgpack.Encoder()

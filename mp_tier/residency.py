@@ -74,9 +74,18 @@ class Residency:
             if stored:
                 self.events.append(TierEvent("stored", stored))
 
-    def evicted(self, victims: Iterable[bytes]) -> None:
-        """The task that carried these unlinks has run."""
+    def evicted(self, victims: Iterable[bytes], kept: list[bytes]) -> None:
+        """The task that carried these unlinks has run; ``kept`` files could not be deleted.
+
+        Those count again, as just used, so the disk never holds more than is
+        counted and the next stores make room among the other blocks.
+        """
         _release(self.evicting, victims)
+        if kept:
+            self.capacity.touch(kept)
+            self.blocks_evicted -= len(kept)
+            if self.events is not None:
+                self.events.append(TierEvent("stored", tuple(kept)))
 
     # -- loads ---------------------------------------------------------------
 

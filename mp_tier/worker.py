@@ -84,12 +84,16 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
     serves loads there that arrived while it was storing.
     """
     error = code = None
-    for key in task.evict:
+    kept: list[int] = []
+    for i, key in enumerate(task.evict):
+        path = spec.layout.locate(key)
         try:
-            block_io.remove_block(root, spec.layout.locate(key))
+            block_io.remove_block(root, path)
         except OSError as e:
             if error is None:
                 code, error = block_io.describe(e)
+            if block_io.has_block(root, path, spec.owners):
+                kept.append(i)
     op = task.op
     size = spec.block_bytes
     nbytes = skipped = 0
@@ -137,7 +141,8 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
             failed.append(i)
             if error is None:
                 code, error = block_io.describe(e)
-    return Completion(task.seq, spec.index, nbytes, failed, error and error[:_MAX_ERROR_CHARS], code, skipped, corrupt, missing)
+    error = error and error[:_MAX_ERROR_CHARS]
+    return Completion(task.seq, spec.index, nbytes, failed, error, code, skipped, corrupt, missing, kept=kept)
 
 
 def run_worker(

@@ -163,6 +163,41 @@ def test_a_block_the_tier_evicted_is_never_answered_as_seen_elsewhere(make_tier)
     assert tier.lookup_many([old], probe=False) == [False]
     assert tier.lookup(old) is False
 
+
+@pytest.fixture
+def immutable():
+    """``immutable(path)`` makes a file immutable (chattr +i: not even root unlinks it); undone after the test."""
+    made: list[str] = []
+
+    def make(path: str) -> None:
+        done = subprocess.run(["chattr", "+i", path], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"chattr +i refused here: {done.stderr.strip()}")
+        made.append(path)
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", path], check=True)
+
+
+def test_a_block_that_cannot_be_deleted_stays_counted_and_the_budget_holds(make_tier, immutable, caplog):
+    """The oldest block's file refuses its unlink (EPERM). The store that evicted it succeeds, the block
+    counts again (as just used) and the host says why; the next store makes room among the others, so the
+    disk is back within budget and the count matches the disk throughout."""
+    tier = make_tier(config=TierConfig(max_bytes=4 * BLOCK, events=True))
+    a, b, c, d, e, f = make_keys(6)
+    store_one_by_one(tier, [a, b, c, d])
+    age_in_order(tier, [a, b, c, d])
+    immutable(tier.block_path(a))
+    store_one_by_one(tier, [e], first_job=10)
+    assert present(tier, [a, b, c, d, e]) == [True] * 5
+    assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 5 * BLOCK
+    assert tier.lookup(a) is True
+    assert any("EPERM" in r.getMessage() and "stay counted" in r.getMessage() for r in caplog.records)
+    store_one_by_one(tier, [f], first_job=11)
+    assert present(tier, [a, b, c, d, e, f]) == [True, False, False, True, True, True]
+    assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 4 * BLOCK
+
 OTHER_WRITER = textwrap.dedent(
     """
     import sys
