@@ -122,6 +122,7 @@ class FileSystemTierManager:
             if job_id in core.ledger.jobs:
                 raise ValueError(f"job_id {job_id} is still active")
             if not keys:
+                core.stats["jobs_stored" if op == Op.STORE else "jobs_loaded"] += 1
                 self._deliver(JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0))
                 return
             try:

@@ -102,6 +102,15 @@ def test_active_job_id_is_refused(tier):
     assert [r.job_id for r in tier.get_finished()] == [5]
 
 
+def test_every_result_is_in_the_job_counts_empty_jobs_too(tier):
+    """jobs_stored + jobs_loaded + jobs_failed is the number of results, whatever the jobs held."""
+    jobs = [("store", make_keys(1)), ("store", []), ("load", []), ("load", make_keys(1, seed=5))]
+    results = [run_job(tier, kind, JobMetadata(job_id=j, keys=keys, block_ids=list(range(len(keys))))) for j, (kind, keys) in enumerate(jobs)]
+    assert [r.success for r in results] == [True, True, True, False]
+    stats = tier.stats()
+    assert (stats.jobs_stored, stats.jobs_loaded, stats.jobs_failed) == (2, 1, 1)
+
+
 def test_independent_jobs_are_tracked_separately(tier, cache):
     fill_random(cache, range(30))
     good = [make_keys(3, seed=s) for s in range(10)]
