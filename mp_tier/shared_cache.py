@@ -17,6 +17,7 @@ import os
 import re
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -130,24 +131,30 @@ class PrimaryCache:
             return None
         return cache
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Unmap the segment; the creator also unlinks it.
 
         The unlink comes first so that a caller still holding ``array``
         (which keeps the mapping alive) cannot leak the segment in /dev/shm.
+        While a tier still uses the cache the mapping stays, and that tier
+        unmaps it when it ends (by calling ``close`` again, which then only
+        retries the unmap).
         """
-        if self._closed:
-            return
-        self._closed = True
-        _by_address.pop(self.address, None)
-        if self.owner:
-            try:
-                os.unlink(f"{SHM_DIR}/{self.name}")
-            except FileNotFoundError:
-                pass  # someone removed it already
-            janitor.release(self.name)
-        os.close(self._fd)
-        del self.array
+        if not self._closed:
+            self._closed = True
+            _by_address.pop(self.address, None)
+            if self.owner:
+                try:
+                    os.unlink(f"{SHM_DIR}/{self.name}")
+                except FileNotFoundError:
+                    pass  # someone removed it already
+                janitor.release(self.name)
+            os.close(self._fd)
+            del self.array
         try:
             self.view.release()
             self._mmap.close()
@@ -171,6 +178,7 @@ class Primary(NamedTuple):
     num_blocks: int
     block_bytes: int
     region: SharedRegion | None  # how a worker process maps it (its fd is the tier's to close); None for threads
+    release: Callable[[], None]  # at the tier's end: lets go of ``view`` (and unmaps a cache its owner closed meanwhile)
 
 
 def primary_memory(view: object, processes: bool) -> Primary:
@@ -185,7 +193,14 @@ def primary_memory(view: object, processes: bool) -> Primary:
     cache = PrimaryCache.backing(view)
     if cache is not None:
         region = SharedRegion(os.dup(cache._fd), 0, cache.num_blocks * cache.block_bytes) if processes else None
-        return Primary(memoryview(cache.view), cache.num_blocks, cache.block_bytes, region)
+        own = memoryview(cache.view)
+
+        def release() -> None:
+            own.release()
+            if cache.closed:
+                cache.close()
+
+        return Primary(own, cache.num_blocks, cache.block_bytes, region, release)
     try:
         flat = memoryview(view)  # type: ignore[arg-type]
     except TypeError:
@@ -209,4 +224,4 @@ def primary_memory(view: object, processes: bool) -> Primary:
                 f"primary_kv_view is not in shared memory ({e}): allocate it in a file-backed shared mapping "
                 f"(PrimaryCache, or a MAP_SHARED file under /dev/shm), or set engine = \"threads\""
             ) from None
-    return Primary(flat, num_blocks, block_bytes, region)
+    return Primary(flat, num_blocks, block_bytes, region, flat.release)

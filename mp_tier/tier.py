@@ -96,7 +96,7 @@ class FileSystemTierManager:
         self._waiters = 0  # threads asleep in wait()/drain()
         self._broken: str | None = None  # why the tier broke, once it has
         self._finalizer = weakref.finalize(
-            self, _teardown, parts.core, self._lock, config.stop_timeout, parts.fds, parts.view, self._pid
+            self, _teardown, parts.core, self._lock, config.stop_timeout, parts.fds, parts.release, self._pid
         )
         _tiers.add(self)
         with self._lock:
@@ -351,7 +351,7 @@ class FileSystemTierManager:
 
 
 def _teardown(
-    core: Coordinator, lock: CallLock, stop_timeout: float, owned: list[int], view: memoryview, pid: int
+    core: Coordinator, lock: CallLock, stop_timeout: float, owned: list[int], release: Callable[[], None], pid: int
 ) -> None:
     """A tier's end, run once: by shutdown(), when the tier broke, or as the finalizer of a tier dropped (or
     left at interpreter exit) without shutdown. Stops the workers, sweeps, closes the tier's fds.
@@ -369,5 +369,5 @@ def _teardown(
             lock.release()
     for fd in owned:
         os.close(fd)
-    view.release()
+    release()
     log.debug("tier down: %s", core.layout.base)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import block_io
@@ -36,7 +37,7 @@ class Parts(NamedTuple):
     direct: bool  # O_DIRECT in use
     num_blocks: int
     block_bytes: int
-    view: memoryview  # the tier's own view of the cache, released at its end
+    release: Callable[[], None]  # lets go of the cache at the tier's end
     fds: list[int]  # the tier's to close at its end: the namespace, the cache's file, the wake pipe
     wake: tuple[int, int]  # rung when a result is made outside a pump
 
@@ -104,7 +105,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
     groups = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}
     core = Coordinator(pool, Residency(capacity, config.events), layout, root, groups, config.task_timeout, config.start_timeout)
     log.debug("tier up: %s, %d+%d %s, direct=%s", layout.base, config.n_read_workers, config.n_write_workers, config.engine, direct)
-    return Parts(core, layout, root, owners, direct, primary.num_blocks, primary.block_bytes, primary.view, fds, wake)
+    return Parts(core, layout, root, owners, direct, primary.num_blocks, primary.block_bytes, primary.release, fds, wake)
 
 
 def choose_direct(mode: str, block_bytes: int, address: int, root: int, base: str) -> bool:

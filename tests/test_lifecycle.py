@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
+from helpers import BLOCK, fill_random, make_keys, open_fds, run_job, wait_exit, wait_ready
 
-from mp_tier import FileSystemTierManager, JobMetadata, TierBroken, TierConfig
+from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierBroken, TierConfig
 from mp_tier.worker_process import TEST_PAUSE
 
 
@@ -187,6 +187,22 @@ def test_a_task_that_times_out_twice_fails_with_etimedout(make_tier, tmp_path, m
 
 def _stalled_pids(marker: Path) -> set[int]:
     return {int(pid) for pid in marker.read_text().split()} if marker.exists() else set()
+
+
+@pytest.mark.parametrize("engine", ["processes", "threads"])
+def test_a_cache_closed_while_its_tier_runs_is_unmapped_when_the_tier_ends(make_tier, engine):
+    """The owner closes its PrimaryCache first (the segment is unlinked at once) while a tier still uses
+    the mapping; the tier works on, and once it shuts down no fd or mapping of the segment is left."""
+    own = PrimaryCache.create(8, BLOCK)
+    name = own.name
+    tier = make_tier(view=own, n_read_workers=1, n_write_workers=1)
+    own.close()
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
+    tier.shutdown()
+    assert [target for target in open_fds().values() if name in target] == []
+    assert name not in Path("/proc/self/maps").read_text()
+    assert own.closed
 
 
 @pytest.mark.parametrize("engine", ["processes"])
