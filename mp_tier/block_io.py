@@ -60,6 +60,12 @@ def _kind(mode: int) -> str:
     return "a device"
 
 
+def _readable(st: os.stat_result) -> bool:
+    """Whether this process may read a file of this mode and owner: one it cannot read is no block to keep."""
+    uid = os.geteuid()
+    return uid == 0 or bool(st.st_mode & (stat.S_IRUSR if st.st_uid == uid else stat.S_IRGRP))
+
+
 def store_block(
     root: int,
     path: BlockPath,
@@ -77,8 +83,8 @@ def store_block(
 
     The bytes go to a temp file of this process's in the same directory and
     are renamed into place, so a reader sees a whole block or no file; a
-    failure removes the temp file. A file of the wrong size or owner is
-    replaced; an entry that is not a regular file fails the block (EEXIST).
+    failure removes the temp file. A file of the wrong size or owner, or
+    one this process cannot read, is replaced; an entry that is not a regular file fails the block (EEXIST).
     """
     leaf = open_dir(root, path.dir, dir_mode)
     try:
@@ -89,7 +95,7 @@ def store_block(
         else:
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EEXIST, f"{_kind(st.st_mode)}, not a block file, is in the way", path.rel)
-            if st.st_size == nbytes and owners.allow(st):
+            if st.st_size == nbytes and owners.allow(st) and _readable(st):
                 return 0
         tmp = temp_name(path.name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0), file_mode, dir_fd=leaf)

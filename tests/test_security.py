@@ -194,6 +194,27 @@ def test_a_group_member_loads_another_members_block_with_a_budget(shared_tmp):
     _as_user(reader, [group], load)
 
 
+def test_an_unreadable_block_file_is_rewritten_by_the_next_store(shared_tmp):
+    """A block file of the right size and owner that its owner cannot read (mode 000: a botched chmod):
+    its load fails with EACCES, and the next store of it writes it again instead of skipping it."""
+    key = make_keys(1)[0]
+    config = TierConfig(engine="threads", n_read_workers=1, n_write_workers=1)
+
+    def act() -> None:
+        view = np.full((2, BLOCK), 7, np.uint8)
+        with FileSystemTierManager(primary_kv_view=view, root_dir=str(shared_tmp), config=config) as tier:
+            assert run_job(tier, "store", JobMetadata(job_id=1, keys=[key], block_ids=[0])).success
+            os.chmod(tier.block_path(key), 0)
+            failed = run_job(tier, "load", JobMetadata(job_id=2, keys=[key], block_ids=[1]))
+            assert not failed.success and failed.error_code == "EACCES", failed
+            stored = run_job(tier, "store", JobMetadata(job_id=3, keys=[key], block_ids=[0]))
+            assert stored.success and stored.transfer_size == BLOCK, stored
+            assert run_job(tier, "load", JobMetadata(job_id=4, keys=[key], block_ids=[1])).success
+            assert (view[1] == 7).all()
+
+    _as_user(NOBODY, [NOBODY], act)
+
+
 @pytest.mark.parametrize("when", ["running", "before a restart"])
 def test_a_block_file_of_another_owner_never_loads(make_tier, cache, when):
     """A regular file of the right size, owned by another uid (and group) inside the tier's own namespace:
