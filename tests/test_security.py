@@ -13,6 +13,7 @@ import sys
 import tempfile
 import textwrap
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -94,26 +95,36 @@ def shared_tmp():
     shutil.rmtree(path)
 
 
-def run_as(uid: int, gid: int, namespace: Path, block: Path, mode: int) -> None:
-    """As a real second user (a forked child that switched uid, as root may): make ``namespace`` with
-    ``mode`` and plant ``block`` in it."""
+def as_user(uid: int, gids: list[int], act: Callable[[], None], umask: int = 0o022) -> None:
+    """Run ``act()`` in a forked child that switched to ``uid`` (primary group ``gids[0]``), as root may."""
     if os.geteuid() != 0:
         pytest.skip("switching to a second uid needs root")
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
-            os.setgroups([])
-            os.setgid(gid)
+            os.setgroups(gids)
+            os.setgid(gids[0])
             os.setuid(uid)
-            os.umask(0)
-            os.makedirs(block.parent, mode=mode)
-            namespace.chmod(mode)
-            block.write_bytes(b"EVIL" * (BLOCK // 4))
+            os.umask(umask)
+            act()
             status = 0
+        except BaseException:
+            traceback.print_exc()
         finally:
             os._exit(status)
-    assert os.waitpid(pid, 0)[1] == 0
+    assert os.waitpid(pid, 0)[1] == 0, "the second user's part failed: its traceback is above"
+
+
+def run_as(uid: int, gid: int, namespace: Path, block: Path, mode: int) -> None:
+    """As a real second user: make ``namespace`` with ``mode`` and plant ``block`` in it."""
+
+    def plant() -> None:
+        os.makedirs(block.parent, mode=mode)
+        namespace.chmod(mode)
+        block.write_bytes(b"EVIL" * (BLOCK // 4))
+
+    as_user(uid, [gid], plant, umask=0)
 
 
 def test_a_namespace_another_user_prepared_is_refused(cache, shared_tmp):
@@ -147,27 +158,6 @@ def test_group_mode_admits_a_namespace_of_the_group(cache, shared_tmp, file_mode
         assert bytes(cache.array[3][:4]) == b"EVIL"
 
 
-def _as_user(uid: int, gids: list[int], act) -> None:
-    """Run ``act()`` in a forked child that switched to ``uid`` (primary group ``gids[0]``), as root may."""
-    if os.geteuid() != 0:
-        pytest.skip("switching to a second uid needs root")
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.setgroups(gids)
-            os.setgid(gids[0])
-            os.setuid(uid)
-            os.umask(0o022)
-            act()
-            status = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(status)
-    assert os.waitpid(pid, 0)[1] == 0, "the second user's part failed: its traceback is above"
-
-
 def test_a_group_member_loads_another_members_block_with_a_budget(shared_tmp):
     """Group mode, two service users of one group: one stores a block (0640), the other loads it with a
     byte budget on, so the load also refreshes the block's recency. utime on a file another user owns
@@ -190,8 +180,8 @@ def test_a_group_member_loads_another_members_block_with_a_budget(shared_tmp):
             assert result.success, result
             assert (view[1] == 7).all()
 
-    _as_user(NOBODY, [group], store)
-    _as_user(reader, [group], load)
+    as_user(NOBODY, [group], store)
+    as_user(reader, [group], load)
 
 
 def test_an_unreadable_block_file_is_rewritten_by_the_next_store(shared_tmp):
@@ -212,7 +202,7 @@ def test_an_unreadable_block_file_is_rewritten_by_the_next_store(shared_tmp):
             assert run_job(tier, "load", JobMetadata(job_id=4, keys=[key], block_ids=[1])).success
             assert (view[1] == 7).all()
 
-    _as_user(NOBODY, [NOBODY], act)
+    as_user(NOBODY, [NOBODY], act)
 
 
 @pytest.mark.parametrize("when", ["running", "before a restart"])
