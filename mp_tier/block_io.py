@@ -84,7 +84,8 @@ def store_block(
     The bytes go to a temp file of this process's in the same directory and
     are renamed into place, so a reader sees a whole block or no file; a
     failure removes the temp file. A file of the wrong size or owner, or
-    one this process cannot read, is replaced; an entry that is not a regular file fails the block (EEXIST).
+    one this process cannot read, is replaced; an entry that is not a
+    regular file fails the block (EEXIST).
     """
     leaf = open_dir(root, path.dir, dir_mode)
     try:
@@ -219,6 +220,14 @@ def has_block(root: int, path: BlockPath, owners: Owners) -> bool:
         return stat.S_ISREG(st.st_mode) and owners.allow(st)
     finally:
         os.close(fd)
+
+
+def may_remain(root: int, path: BlockPath, owners: Owners) -> bool:
+    """After a failed delete: False only if no block is left at ``path`` (unsure: it stays counted)."""
+    try:
+        return has_block(root, path, owners)
+    except OSError:
+        return True
 
 
 def scan_blocks(root: int, owners: Owners) -> tuple[list[bytes], int]:

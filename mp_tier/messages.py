@@ -51,9 +51,9 @@ class Completion(msgspec.Struct, array_like=True):
     whose files were found corrupt and deleted; ``missing`` the indices of
     blocks a load found no file for; ``kept`` the indices into the task's
     ``evict`` of blocks whose files could not be deleted and are still
-    there; ``swept`` the temp files a sweep deleted; ``foreign`` the names a scan or sweep skipped as not the
-    tier's. A scan sends its ``found`` keys in several completions, all but
-    the last with ``more``.
+    there; ``swept`` the temp files a sweep deleted; ``foreign`` the names
+    a scan or sweep skipped as not the tier's. A scan sends its ``found``
+    keys in several completions, all but the last with ``more``.
     """
 
     seq: int

@@ -92,7 +92,7 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
         except OSError as e:
             if error is None:
                 code, error = block_io.describe(e)
-            if block_io.has_block(root, path, spec.owners):
+            if block_io.may_remain(root, path, spec.owners):
                 kept.append(i)
     op = task.op
     size = spec.block_bytes
