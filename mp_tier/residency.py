@@ -38,7 +38,8 @@ class Residency:
         self.evicting: collections.Counter[bytes] = collections.Counter()  # victims not yet unlinked
         self.restored: set[bytes] = set()  # keys stored while a load of them was in flight: its ENOENT is stale
         self.elsewhere: set[bytes] = set()  # blocks other instances on the root wrote, learned by probes
-        self.probing: set[bytes] = set()  # keys a background probe is out for
+        # keys a background probe is out for -> False once this tier deleted the block meanwhile (the answer is stale)
+        self.probing: dict[bytes, bool] = {}
         self.events: list[TierEvent] | None = [] if events else None  # None: events are off
         self.blocks_evicted = 0
 
@@ -74,18 +75,19 @@ class Residency:
             if stored:
                 self.events.append(TierEvent("stored", stored))
 
-    def evicted(self, victims: Iterable[bytes], kept: list[bytes]) -> None:
+    def evicted(self, victims: list[bytes], kept: list[bytes]) -> None:
         """The task that carried these unlinks has run; ``kept`` files could not be deleted.
 
         Those count again, as just used, so the disk never holds more than is
-        counted and the next stores make room among the other blocks.
+        counted and the next stores make room among the other blocks; the
+        others are reported removed now that their files are gone.
         """
         _release(self.evicting, victims)
         if kept:
             self.capacity.touch(kept)
             self.blocks_evicted -= len(kept)
-            if self.events is not None:
-                self.events.append(TierEvent("stored", tuple(kept)))
+        if self.events is not None and (gone := tuple(k for k in victims if k not in kept)):
+            self.events.append(TierEvent("removed", gone))
 
     # -- loads ---------------------------------------------------------------
 
@@ -125,13 +127,18 @@ class Residency:
         return answers, unknown
 
     def probe_sent(self, keys: list[bytes]) -> None:
-        self.probing.update(keys)
+        self.probing.update(dict.fromkeys(keys, True))
 
     def probed(self, keys: list[bytes], missing: Sequence[int]) -> None:
-        """A probe's findings; a key this tier deleted while the probe was out is not taken from it."""
+        """A probe's findings: a block found missing is not seen elsewhere, and one this tier deleted while
+        the probe was out is not taken from it (no second probe of a key goes out while one is)."""
         gone = set(missing)
-        self.elsewhere.update(k for i, k in enumerate(keys) if i not in gone and k in self.probing)
-        self.probing.difference_update(keys)
+        for i, key in enumerate(keys):
+            fresh = self.probing.pop(key, False)
+            if i in gone:
+                self.elsewhere.discard(key)
+            elif fresh:
+                self.elsewhere.add(key)
 
     def touch(self, keys: list[bytes]) -> list[bytes]:
         """Refresh the counted ones among ``keys``; return them (their files' mtimes follow)."""
@@ -158,18 +165,18 @@ class Residency:
         return events
 
     def _removed(self, keys: list[bytes]) -> None:
-        """Evicted from the index now; their files go when the task carrying them runs."""
+        """Evicted from the index now; their files go (and the events say so) when the task carrying them runs."""
         self.evicting.update(keys)
         self.blocks_evicted += len(keys)
         self._deleted_here(keys)
-        if self.events is not None:
-            self.events.append(TierEvent("removed", tuple(keys)))
 
     def _deleted_here(self, keys: Iterable[bytes]) -> None:
         """This tier deletes these blocks' files: no longer seen elsewhere, and a probe out for them is stale."""
-        keys = list(keys)
-        self.elsewhere.difference_update(keys)
-        self.probing.difference_update(keys)
+        probing = self.probing
+        for key in keys:
+            self.elsewhere.discard(key)
+            if key in probing:
+                probing[key] = False
 
     def _forget(self, keys: Iterable[bytes]) -> None:
         """Stop counting blocks found missing, unless a store of them is in flight: its outcome decides."""

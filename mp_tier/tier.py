@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -25,7 +26,6 @@ from typing import Any
 import msgspec
 
 from . import block_io
-from .call_lock import CallLock
 from .config import TierConfig
 from .coordinator import Coordinator
 from .errors import Refused, TierBroken, TierClosed
@@ -33,6 +33,7 @@ from .jobs import JobMetadata, JobResult, TierEvent, TierStats
 from .ledger import Job
 from .messages import Op
 from .pool import poll_ms
+from .reentry import inside_a_call, refuse_reentry
 from .validation import checked_job, checked_keys, checked_timeout
 from .wiring import build
 
@@ -92,7 +93,8 @@ class FileSystemTierManager:
         self._owners = parts.owners  # whose block files count, for lookup()
         self._wake = parts.wake  # rung when a result is made outside a pump
         self._owned_fds = parts.fds  # closed at the end; in a forked child, at once
-        self._lock = CallLock()  # one caller at a time (waiters sleep without it); the finalizer takes it too
+        self._lock = threading.RLock()  # one caller at a time (waiters sleep without it); the finalizer takes it too
+        self._shutdown_asked = False  # by a signal handler inside a call: the next call shuts the tier down
         self._waiters = 0  # threads asleep in wait()/drain()
         self._broken: str | None = None  # why the tier broke, once it has
         self._finalizer = weakref.finalize(
@@ -116,6 +118,7 @@ class FileSystemTierManager:
     def _submit(self, job: JobMetadata, op: Op) -> None:
         """Check everything and encode the tasks first; only then change state, so a raise changes nothing."""
         job_id, keys, ids = checked_job(job, op == Op.LOAD, self.num_blocks)
+        refuse_reentry(self._lock)
         with self._lock:
             self._check_open()
             core = self._core
@@ -166,6 +169,7 @@ class FileSystemTierManager:
 
         This call is also where a dead worker is noticed and replaced.
         """
+        refuse_reentry(self._lock)
         with self._lock:
             self._check_owner()
             if not self._core.stopping:
@@ -210,6 +214,7 @@ class FileSystemTierManager:
         limit = checked_timeout(timeout)
         deadline = None if limit is None else time.monotonic() + limit
         while True:
+            refuse_reentry(self._lock)
             with self._lock:
                 self._check_open()
                 self._pump()  # may break the tier: then every job has its result, and done() holds
@@ -240,6 +245,7 @@ class FileSystemTierManager:
     def lookup(self, key: bytes) -> bool | None:
         """True if the block is on disk, False if not, None while a store of it is in flight."""
         checked_keys([key])
+        refuse_reentry(self._lock)
         with self._lock:
             self._check_open()
             if key in self._core.residency.storing:
@@ -259,6 +265,7 @@ class FileSystemTierManager:
         disk itself (``lookup``) for the keys it is told are False.
         """
         keys = checked_keys(keys)
+        refuse_reentry(self._lock)
         with self._lock:
             self._check_open()
             residency = self._core.residency
@@ -271,6 +278,7 @@ class FileSystemTierManager:
     def touch(self, keys: Sequence[bytes]) -> None:
         """Mark blocks as just used, for LRU eviction; persisted in their files' mtime."""
         keys = checked_keys(keys)
+        refuse_reentry(self._lock)
         with self._lock:
             self._check_open()
             if counted := self._core.residency.touch(keys):
@@ -278,6 +286,7 @@ class FileSystemTierManager:
 
     def take_events(self) -> list[TierEvent]:
         """Events recorded since the last call (``events = true`` only)."""
+        refuse_reentry(self._lock)
         with self._lock:
             self._check_owner()
             if not self._core.stopping:
@@ -291,12 +300,15 @@ class FileSystemTierManager:
 
     def stats(self) -> TierStats:
         """Counters since construction, and the tier's state now; also from a signal handler."""
-        with self._lock.for_reading():
+        if inside_a_call(self._lock):  # a handler that interrupted a call: read, change nothing
+            return self._core.snapshot(running=not self._core.stopping)
+        with self._lock:
             self._check_owner()
             return self._core.snapshot(running=not self._core.stopping)
 
     def worker_pids(self, *, ready: bool = False) -> list[int]:
         """Pids of the live worker processes ([] for threads); ``ready``: only those past their start-up."""
+        refuse_reentry(self._lock)
         with self._lock:
             self._check_owner()
             if self._core.stopping:
@@ -305,11 +317,15 @@ class FileSystemTierManager:
             return [pid for i in pool.live() if (pid := pool.pid_of(i)) is not None and not (ready and pool.slots.starting(i))]
 
     def _check_owner(self) -> None:
+        """The tier belongs to this process; a shutdown a signal handler asked for happens here."""
         if os.getpid() != self._pid:
             raise TierClosed(f"this tier belongs to process {self._pid}; a forked child cannot use it")
+        if self._shutdown_asked:
+            self._shutdown_asked = False
+            self._finalizer()
 
     def _check_open(self) -> None:
-        if self._broken or self._core.stopping or os.getpid() != self._pid:  # one test on the submit path
+        if self._broken or self._core.stopping or self._shutdown_asked or os.getpid() != self._pid:  # one test on the submit path
             self._check_owner()
             if self._broken:
                 raise TierBroken(self._broken)
@@ -322,13 +338,14 @@ class FileSystemTierManager:
 
         Tasks no worker has taken are cancelled at once; tasks in progress get
         ``stop_timeout`` seconds to finish. Idempotent, and a no-op in a forked child.
-        From a signal handler that interrupted another call of the tier, it runs when that call returns.
+        From a signal handler that interrupted another call of the tier, it only asks: the tier's next
+        call (or its finalizer) shuts it down.
         """
         if os.getpid() != self._pid:
             return
-        if self._lock.held_here():
-            self._lock.then = self.shutdown
-            log.debug("shutdown() interrupted a call of the tier (a signal handler): it runs when that call returns")
+        if inside_a_call(self._lock):
+            self._shutdown_asked = True
+            log.debug("shutdown() interrupted a call of the tier (a signal handler): the tier's next call carries it out")
             return
         with self._lock:
             self._finalizer()  # stops the workers and closes the tier's fds; a no-op once it has run
@@ -336,7 +353,7 @@ class FileSystemTierManager:
 
     def _abandon_in_child(self) -> None:
         """Right after a fork, in the child: drop every fd and worker of the parent's tier, touching none of them."""
-        self._lock = CallLock()  # the parent's may have been held by a thread that does not exist here
+        self._lock = threading.RLock()  # the parent's may have been held by a thread that does not exist here
         if self._finalizer.detach() is None:
             return  # the tier had ended already
         self._core.stopping = True  # the pool let go of its fds already (its own fork handler)
@@ -351,7 +368,7 @@ class FileSystemTierManager:
 
 
 def _teardown(
-    core: Coordinator, lock: CallLock, stop_timeout: float, owned: list[int], release: Callable[[], None], pid: int
+    core: Coordinator, lock: threading.RLock, stop_timeout: float, owned: list[int], release: Callable[[], None], pid: int
 ) -> None:
     """A tier's end, run once: by shutdown(), when the tier broke, or as the finalizer of a tier dropped (or
     left at interpreter exit) without shutdown. Stops the workers, sweeps, closes the tier's fds.
@@ -361,7 +378,7 @@ def _teardown(
     """
     if os.getpid() != pid:
         return
-    locked = not lock.held_here() and lock.acquire(timeout=stop_timeout)  # inside a call here: shutdown(), or the tier broke
+    locked = lock.acquire(timeout=stop_timeout)
     try:
         core.shutdown(stop_timeout)
     finally:

@@ -182,8 +182,8 @@ def immutable():
 
 def test_a_block_that_cannot_be_deleted_stays_counted_and_the_budget_holds(make_tier, immutable, caplog):
     """The oldest block's file refuses its unlink (EPERM). The store that evicted it succeeds, the block
-    counts again (as just used) and the host says why; the next store makes room among the others, so the
-    disk is back within budget and the count matches the disk throughout."""
+    counts again (as just used), no event calls it removed, and the host says why; the next store makes
+    room among the others, so the disk is back within budget and the count matches the disk throughout."""
     tier = make_tier(config=TierConfig(max_bytes=4 * BLOCK, events=True))
     a, b, c, d, e, f = make_keys(6)
     store_one_by_one(tier, [a, b, c, d])
@@ -194,9 +194,11 @@ def test_a_block_that_cannot_be_deleted_stays_counted_and_the_budget_holds(make_
     assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 5 * BLOCK
     assert tier.lookup(a) is True
     assert any("EPERM" in r.getMessage() and "stay counted" in r.getMessage() for r in caplog.records)
+    assert [event for event in tier.take_events() if event.kind == "removed"] == []  # a is still there
     store_one_by_one(tier, [f], first_job=11)
     assert present(tier, [a, b, c, d, e, f]) == [True, False, False, True, True, True]
     assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 4 * BLOCK
+    assert {key for event in tier.take_events() if event.kind == "removed" for key in event.keys} == {b, c}
 
 OTHER_WRITER = textwrap.dedent(
     """
@@ -372,4 +374,32 @@ def test_a_store_that_lands_while_a_load_misses_keeps_counting():
     residency.store_done([key], [0])  # ... our store of it failed, landing nothing: the miss is believed
     residency.missing([key])
     residency.load_done([key])
+    assert residency.lookup_many([key]) == ([False], [key])
+
+
+def test_a_probe_that_crossed_a_deletion_is_not_believed():
+    """A probe sees a block's file; before its answer is read this tier evicts the block. The stale answer
+    must not make lookups say True, no second probe of the key goes out meanwhile, and after the stale
+    one is read a new probe may go out; a probe that finds the file gone clears the key."""
+    residency = Residency(CapacityIndex(BLOCK, 2 * BLOCK, evict=True), events=True)
+    key, a, b = make_keys(3)
+    residency.commit_store([key], residency.prepare_store([key]))
+    residency.store_done([key], [])
+    residency.capacity.discard([key])  # counted by nobody now, as after a restart before the scan is read
+    assert residency.lookup_many([key]) == ([False], [key])
+    residency.probe_sent([key])
+    residency.capacity.adopt([key])  # the scan's answer arrives: counted again
+    for other in (a, b):
+        residency.commit_store([other], admission := residency.prepare_store([other]))
+        residency.store_done([other], [])
+        residency.evicted(admission.victims, [])
+    assert key not in residency.capacity and TierEvent("removed", (key,)) in residency.take_events()
+    assert residency.lookup_many([key]) == ([False], [])  # the first probe is still out
+    residency.probed([key], [])  # it saw the file before the eviction deleted it
+    assert residency.lookup_many([key]) == ([False], [key])
+    residency.probe_sent([key])
+    residency.probed([key], [])  # another instance stored it since: believed
+    assert residency.lookup_many([key]) == ([True], [])
+    residency.probe_sent([key])  # (a caller may probe anyway, as lookup() does)
+    residency.probed([key], [0])  # and deleted it again
     assert residency.lookup_many([key]) == ([False], [key])

@@ -356,9 +356,9 @@ def test_a_forked_child_never_affects_the_parents_tier(tmp_path, what):
 @pytest.mark.parametrize("engine", ["processes"])
 def test_shutdown_from_a_signal_handler_that_interrupts_a_call_loses_nothing(make_tier, cache, caplog):
     """Handlers run every 2 ms of a submit / poll loop, often inside a call of the tier: they read stats(),
-    and at a random instant one calls shutdown() (a SIGTERM handler). That call completes first, then the
-    tier shuts down. Every submit that returned gets exactly one result, and a call never fails with
-    anything but TierClosed."""
+    and at a random instant one calls shutdown() (a SIGTERM handler). That call completes, and the tier's
+    next call shuts it down. Every submit that returned gets exactly one result, and a call never fails
+    with anything but TierClosed."""
     caplog.set_level(logging.DEBUG, logger="mp_tier.tier")
     previous = signal.getsignal(signal.SIGALRM)
     rng = random.Random(7)
@@ -393,3 +393,44 @@ def test_shutdown_from_a_signal_handler_that_interrupts_a_call_loses_nothing(mak
         signal.signal(signal.SIGALRM, previous)
     deferred = [r for r in caplog.records if "shutdown() interrupted a call" in r.getMessage()]
     assert deferred, "no signal landed inside a call of the tier: the test proved nothing"
+
+
+
+class Interrupt(Exception):
+    """What the test's signal handler raises."""
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_an_exception_a_signal_handler_raises_never_leaves_the_tier_locked(make_tier):
+    """A handler raises every 0.5 ms of a submit / poll loop (as Ctrl-C's KeyboardInterrupt does): calls are
+    cut short, but the lock is never left held: another thread still gets through, and so does this one."""
+    tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(o_direct="off"))
+    keys = make_keys(16)
+    previous = signal.getsignal(signal.SIGALRM)
+    interrupts = 0
+
+    def handler(*_: object) -> None:
+        raise Interrupt
+
+    signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+        for job in range(3000):
+            try:
+                tier.submit_store(JobMetadata(job_id=job, keys=keys, block_ids=list(range(16))))
+                tier.get_finished()
+            except Interrupt:
+                interrupts += 1
+            except ValueError:
+                pass  # a job id still active: its submit was cut short after it was recorded
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert interrupts > 0
+    other = threading.Thread(target=tier.get_finished)
+    other.start()
+    other.join(10)
+    assert not other.is_alive(), "the lock was left held: another thread cannot get in"
+    assert tier.lookup_many(keys[:1]) in ([True], [False], [None])  # this thread is not refused as if inside a call
+    tier.shutdown()
+    assert tier.worker_pids() == []
