@@ -26,10 +26,11 @@ def inside_a_call(lock: threading.RLock) -> bool:
     return owned
 
 
-def refuse_reentry(lock: threading.RLock) -> None:
-    """Raise, before taking the tier's ``lock``, if this thread is inside a call already."""
-    if lock._is_owned():  # type: ignore[attr-defined]
+def entered(lock: threading.RLock) -> threading.RLock:
+    """The tier's ``lock``, for a call to take with ``with``; raises first if this thread is inside a call already."""
+    if inside_a_call(lock):
         raise RuntimeError(
             "a call of the tier was made while another was running on the same thread (from a signal "
             "handler?): only shutdown() and stats() may be made there"
         )
+    return lock

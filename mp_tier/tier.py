@@ -33,7 +33,7 @@ from .jobs import JobMetadata, JobResult, TierEvent, TierStats
 from .ledger import Job
 from .messages import Op
 from .pool import poll_ms
-from .reentry import inside_a_call, refuse_reentry
+from .reentry import entered, inside_a_call
 from .validation import checked_job, checked_keys, checked_timeout
 from .wiring import build
 
@@ -118,8 +118,7 @@ class FileSystemTierManager:
     def _submit(self, job: JobMetadata, op: Op) -> None:
         """Check everything and encode the tasks first; only then change state, so a raise changes nothing."""
         job_id, keys, ids = checked_job(job, op == Op.LOAD, self.num_blocks)
-        refuse_reentry(self._lock)
-        with self._lock:
+        with entered(self._lock):
             self._check_open()
             core = self._core
             if job_id in core.ledger.jobs:
@@ -169,8 +168,7 @@ class FileSystemTierManager:
 
         This call is also where a dead worker is noticed and replaced.
         """
-        refuse_reentry(self._lock)
-        with self._lock:
+        with entered(self._lock):
             self._check_owner()
             if not self._core.stopping:
                 self._pump()
@@ -214,8 +212,7 @@ class FileSystemTierManager:
         limit = checked_timeout(timeout)
         deadline = None if limit is None else time.monotonic() + limit
         while True:
-            refuse_reentry(self._lock)
-            with self._lock:
+            with entered(self._lock):
                 self._check_open()
                 self._pump()  # may break the tier: then every job has its result, and done() holds
                 if done():
@@ -245,8 +242,7 @@ class FileSystemTierManager:
     def lookup(self, key: bytes) -> bool | None:
         """True if the block is on disk, False if not, None while a store of it is in flight."""
         checked_keys([key])
-        refuse_reentry(self._lock)
-        with self._lock:
+        with entered(self._lock):
             self._check_open()
             if key in self._core.residency.storing:
                 return None
@@ -265,8 +261,7 @@ class FileSystemTierManager:
         disk itself (``lookup``) for the keys it is told are False.
         """
         keys = checked_keys(keys)
-        refuse_reentry(self._lock)
-        with self._lock:
+        with entered(self._lock):
             self._check_open()
             residency = self._core.residency
             answers, unknown = residency.lookup_many(keys)
@@ -278,16 +273,14 @@ class FileSystemTierManager:
     def touch(self, keys: Sequence[bytes]) -> None:
         """Mark blocks as just used, for LRU eviction; persisted in their files' mtime."""
         keys = checked_keys(keys)
-        refuse_reentry(self._lock)
-        with self._lock:
+        with entered(self._lock):
             self._check_open()
             if counted := self._core.residency.touch(keys):
                 self._core.housekeeping(Op.TOUCH, counted)
 
     def take_events(self) -> list[TierEvent]:
         """Events recorded since the last call (``events = true`` only)."""
-        refuse_reentry(self._lock)
-        with self._lock:
+        with entered(self._lock):
             self._check_owner()
             if not self._core.stopping:
                 self._pump()
@@ -308,8 +301,7 @@ class FileSystemTierManager:
 
     def worker_pids(self, *, ready: bool = False) -> list[int]:
         """Pids of the live worker processes ([] for threads); ``ready``: only those past their start-up."""
-        refuse_reentry(self._lock)
-        with self._lock:
+        with entered(self._lock):
             self._check_owner()
             if self._core.stopping:
                 return []

@@ -189,6 +189,14 @@ def _stalled_pids(marker: Path) -> set[int]:
     return {int(pid) for pid in marker.read_text().split()} if marker.exists() else set()
 
 
+def _wait_for_the_stall(tier: FileSystemTierManager, marker: Path, pids: set[int]) -> None:
+    """Until every worker in ``pids`` has written itself into the boot stall's marker."""
+    deadline = time.monotonic() + 10
+    while _stalled_pids(marker) != pids:
+        assert time.monotonic() < deadline, "the workers never reached the stall"
+        tier.wait(0.01)
+
+
 @pytest.mark.parametrize("engine", ["processes", "threads"])
 def test_a_cache_closed_while_its_tier_runs_is_unmapped_when_the_tier_ends(make_tier, engine):
     """The owner closes its PrimaryCache first (the segment is unlinked at once) while a tier still uses
@@ -214,10 +222,7 @@ def test_a_worker_that_hangs_while_starting_is_killed_at_start_timeout_and_repla
     tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(start_timeout=3))
     hung = set(tier.worker_pids())
     monkeypatch.delenv(TEST_PAUSE)  # the replacements' environment
-    deadline = time.monotonic() + 10
-    while _stalled_pids(marker) != hung:
-        assert time.monotonic() < deadline, "the workers never reached the stall"
-        tier.wait(0.01)
+    _wait_for_the_stall(tier, marker, hung)
     result = run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0]))
     assert result.success
     assert all(wait_exit(pid, 5) for pid in hung)
@@ -242,10 +247,7 @@ def test_shutdown_does_not_wait_for_workers_stuck_in_their_start(make_tier, tmp_
     monkeypatch.setenv(TEST_PAUSE, f"boot:60:{marker}")
     tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(stop_timeout=30))
     hung = set(tier.worker_pids())
-    deadline = time.monotonic() + 10
-    while _stalled_pids(marker) != hung:
-        assert time.monotonic() < deadline, "the workers never reached the stall"
-        tier.wait(0.01)
+    _wait_for_the_stall(tier, marker, hung)
     started = time.monotonic()
     tier.shutdown()
     assert time.monotonic() - started < 10, "shutdown waited for workers that hold nothing"
