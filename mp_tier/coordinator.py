@@ -25,6 +25,7 @@ from .jobs import JobResult, TierStats
 from .layout import BlockLayout
 from .ledger import Job, Ledger, Plan
 from .messages import Completion, Op
+from .namespace import Owners
 from .pool import WorkerPool
 from .recovery import BOOT_SECONDS, BOOTING_AT_ONCE, CLAIM_SETTLE_SECONDS, RESTART_RECHECK_SECONDS, Recovery, Settling
 from .residency import Residency
@@ -41,6 +42,7 @@ class Coordinator:
         residency: Residency,
         layout: BlockLayout,
         root: int,
+        owners: Owners,
         group_sizes: dict[Op, int],
         task_timeout: float,
         start_timeout: float,
@@ -51,6 +53,7 @@ class Coordinator:
         self.recovery = Recovery()
         self.layout = layout
         self.root = root  # the namespace directory's fd, for the host's own sweep at stop
+        self.owners = owners  # whose block files count, for what a task that never ran left on disk
         self.group_sizes = group_sizes  # workers a job of each kind is split over
         self.task_timeout = task_timeout  # seconds a worker may hold a task; 0 = no deadline
         self.start_timeout = start_timeout  # seconds a worker may take to become ready
@@ -152,7 +155,7 @@ class Coordinator:
             victims = job.evict[ref.first : ref.first + ref.blocks]
             kept = [victims[i] for i in completion.kept]
             if kept:
-                log.warning("%d evicted blocks could not be deleted and stay counted: %s", len(kept), completion.error)
+                log.warning("%d evicted blocks were not deleted and stay counted: %s", len(kept), completion.error)
             self.residency.evicted(victims, kept)
         if completion.worker >= 0 and job.job_id is not None:
             self.tasks_by_worker[completion.worker] += 1
@@ -204,7 +207,9 @@ class Coordinator:
         ref = self.ledger.tasks.get(seq)
         if ref is not None:
             ref.job.error, ref.job.code = reason, code  # why the task never ran outranks any block error
-            self.on_completion(Completion(seq, -1, 0, list(range(ref.blocks)), reason, code))
+            victims = ref.job.evict[ref.first : ref.first + ref.blocks]  # it may have deleted some before it died
+            kept = [i for i, key in enumerate(victims) if block_io.may_remain(self.root, self.layout.locate(key), self.owners)]
+            self.on_completion(Completion(seq, -1, 0, list(range(ref.blocks)), reason, code, kept=kept))
 
     # -- deaths ------------------------------------------------------------------
 

@@ -229,10 +229,12 @@ class FileSystemTierManager:
                 for fd, events in fds:
                     sleeper.register(fd, events)
                 if any(fd == self._wake[0] for fd, _ in sleeper.poll(poll_ms(min(ends) - now if ends else None))):
-                    try:
-                        os.read(self._wake[0], 4096)
-                    except BlockingIOError:
-                        pass  # another waiter took it
+                    with self._lock:  # a shutdown meanwhile (another thread's, a signal handler's) closed the fd
+                        if not self._core.stopping:
+                            try:
+                                os.read(self._wake[0], 4096)
+                            except BlockingIOError:
+                                pass  # another waiter took it
             finally:
                 with self._lock:
                     self._waiters -= 1

@@ -103,7 +103,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
             os.close(fd)
         raise
     groups = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}
-    core = Coordinator(pool, Residency(capacity, config.events), layout, root, groups, config.task_timeout, config.start_timeout)
+    core = Coordinator(pool, Residency(capacity, config.events), layout, root, owners, groups, config.task_timeout, config.start_timeout)
     log.debug("tier up: %s, %d+%d %s, direct=%s", layout.base, config.n_read_workers, config.n_write_workers, config.engine, direct)
     return Parts(core, layout, root, owners, direct, primary.num_blocks, primary.block_bytes, primary.release, fds, wake)
 

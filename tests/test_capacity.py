@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -199,6 +200,28 @@ def test_a_block_that_cannot_be_deleted_stays_counted_and_the_budget_holds(make_
     assert present(tier, [a, b, c, d, e, f]) == [True, False, False, True, True, True]
     assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 4 * BLOCK
     assert {key for event in tier.take_events() if event.kind == "removed" for key in event.keys} == {b, c}
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_evictions_of_a_task_that_never_ran_stay_counted_and_unreported(make_tier, engine):
+    """Workers stopped, a store that evicts two blocks waits in the pipe, and shutdown cancels it: the
+    two files were never deleted, so no event calls them removed and a restart still finds them."""
+    tier = make_tier(config=TierConfig(max_bytes=4 * BLOCK, events=True, stop_timeout=1))
+    keys = make_keys(6)
+    store_one_by_one(tier, keys[:4])
+    age_in_order(tier, keys[:4])
+    tier.take_events()
+    stopped = tier.worker_pids()
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    tier.submit_store(JobMetadata(job_id=9, keys=keys[4:], block_ids=[4, 5]))
+    tier.shutdown()  # kills the stopped workers after stop_timeout
+    assert [(r.job_id, r.error_code) for r in tier.get_finished()] == [(9, "ECANCELED")]
+    assert present(tier, keys) == [True] * 4 + [False] * 2
+    assert [event for event in tier.take_events() if event.kind == "removed"] == []
+    restarted = make_tier(config=TierConfig(max_bytes=4 * BLOCK))
+    restarted.drain(30)
+    assert restarted.lookup_many(keys[:4], probe=False) == [True] * 4
 
 OTHER_WRITER = textwrap.dedent(
     """

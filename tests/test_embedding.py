@@ -440,3 +440,32 @@ def test_an_exception_a_signal_handler_raises_never_leaves_the_tier_locked(make_
     assert tier.lookup_many(keys[:1]) in ([True], [False], [None])  # this thread is not refused as if inside a call
     tier.shutdown()
     assert tier.worker_pids() == []
+
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_wait_whose_sleep_a_handler_interrupts_with_shutdown_ends_cleanly(make_tier):
+    """The host sleeps in wait() with a job in flight (its workers stopped); a SIGALRM handler, not inside
+    a call, shuts the tier down for real, closing the fds the sleep polls. wait() must end with the
+    job's one result, never read a closed fd."""
+    tier = make_tier(n_read_workers=1, n_write_workers=1)
+    wait_ready(tier)
+    stopped = tier.worker_pids()
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0]))
+    previous = signal.getsignal(signal.SIGALRM)
+
+    def handler(*_: object) -> None:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        tier.shutdown()
+
+    signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        assert tier.wait(10)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [r.job_id for r in tier.get_finished()] == [1]
