@@ -10,7 +10,6 @@ rather than raced by the unlink.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Iterable, Sequence
 
 from .capacity import Admission, CapacityIndex
@@ -18,14 +17,25 @@ from .errors import Refused
 from .jobs import TierEvent
 
 
-def _release(counter: collections.Counter[bytes], keys: Iterable[bytes]) -> None:
-    """Count ``keys`` out, dropping the ones that reach zero so membership stays exact."""
+def _pin(counts: dict[bytes, int], keys: list[bytes]) -> None:
+    """Count ``keys`` in. Every submit runs this: the usual case (none of them pinned yet) is one C call."""
+    fresh = dict.fromkeys(keys, 1)
+    if len(fresh) == len(keys) and counts.keys().isdisjoint(fresh):
+        counts.update(fresh)
+    else:
+        for key in keys:
+            counts[key] = counts.get(key, 0) + 1
+
+
+def _release(counts: dict[bytes, int], keys: Iterable[bytes]) -> None:
+    """Count ``keys`` out, dropping the ones that reach zero so membership stays exact.
+
+    A plain dict rather than a Counter: Counter's ``del`` is a Python method, a third of a completion's cost.
+    """
     for key in keys:
-        left = counter[key] - 1
-        if left:
-            counter[key] = left
-        else:
-            del counter[key]
+        left = counts.pop(key, 0) - 1
+        if left > 0:
+            counts[key] = left
 
 
 class Residency:
@@ -33,9 +43,9 @@ class Residency:
 
     def __init__(self, capacity: CapacityIndex, events: bool):
         self.capacity = capacity  # the blocks this tier counts against max_bytes, in LRU order
-        self.storing: collections.Counter[bytes] = collections.Counter()  # keys of stores in flight
-        self.loading: collections.Counter[bytes] = collections.Counter()  # keys of loads in flight
-        self.evicting: collections.Counter[bytes] = collections.Counter()  # victims not yet unlinked
+        self.storing: dict[bytes, int] = {}  # keys of stores in flight -> how many
+        self.loading: dict[bytes, int] = {}  # keys of loads in flight -> how many
+        self.evicting: dict[bytes, int] = {}  # victims not yet unlinked -> by how many tasks
         self.restored: set[bytes] = set()  # keys stored while a load of them was in flight: its ENOENT is stale
         self.elsewhere: set[bytes] = set()  # blocks other instances on the root wrote, learned by probes
         # keys a background probe is out for -> False once this tier deleted the block meanwhile (the answer is stale)
@@ -56,7 +66,7 @@ class Residency:
         self.capacity.admit(keys, admission)
         if admission.victims:
             self._removed(admission.victims)
-        self.storing.update(keys)
+        _pin(self.storing, keys)
 
     def store_done(self, keys: list[bytes], failed: Sequence[int], unsure: Sequence[int] = ()) -> None:
         """Unpin; a block a worker failed to store stops counting, unless another store of it is in flight.
@@ -93,7 +103,7 @@ class Residency:
 
     def commit_load(self, keys: list[bytes]) -> None:
         self.capacity.refresh(keys)
-        self.loading.update(keys)
+        _pin(self.loading, keys)
 
     def missing(self, keys: list[bytes]) -> None:
         """A load found no file for these blocks (another instance deleted them, say): stop counting them,
@@ -166,7 +176,7 @@ class Residency:
 
     def _removed(self, keys: list[bytes]) -> None:
         """Evicted from the index now; their files go (and the events say so) when the task carrying them runs."""
-        self.evicting.update(keys)
+        _pin(self.evicting, keys)
         self.blocks_evicted += len(keys)
         self._deleted_here(keys)
 
