@@ -145,7 +145,8 @@ class FileSystemTierManager:
                     )
                 )
                 return
-            plan = core.ledger.plan(Job(job_id, op, keys, ids, admission.victims if admission else []), core.group_sizes[op])
+            ledger = core.ledger
+            plan = ledger.plan(Job(job_id, op, keys, ids, admission.victims if admission else []), ledger.spread(op, core.group_sizes[op]))
             if admission is not None:
                 core.residency.commit_store(keys, admission)
             else:

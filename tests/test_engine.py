@@ -407,6 +407,41 @@ def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
 
 
 @pytest.mark.parametrize("engine", ["processes"])
+@pytest.mark.parametrize("kind", ["store", "load"])
+def test_a_job_is_split_only_over_the_workers_that_have_no_task_of_its_kind(make_tier, cache, engine, kind):
+    """A lone job is shared by both workers of its group; jobs submitted while each of them has a task
+    go out whole, one task each, and every block still arrives."""
+    tier = make_tier(n_read_workers=2, n_write_workers=2)
+    wait_ready(tier)
+    fill_random(cache, range(16))
+    stored = cache.array[:16].copy()
+    keys = [make_keys(4, seed=100 + j) for j in range(4)]
+    if kind == "load":
+        for j, job_keys in enumerate(keys):
+            assert run_job(tier, "store", JobMetadata(job_id=j, keys=job_keys, block_ids=list(range(4 * j, 4 * j + 4)))).success
+        cache.array[:16] = 0
+    tier.drain(30)
+    before = sum(tier.stats().tasks_by_worker)
+    pids = tier.worker_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # nothing completes between the submits
+    try:
+        for j, job_keys in enumerate(keys):
+            getattr(tier, f"submit_{kind}")(JobMetadata(job_id=10 + j, keys=job_keys, block_ids=list(range(4 * j, 4 * j + 4))))
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    tier.drain(30)
+    results = tier.get_finished()
+    assert sorted(r.job_id for r in results) == [10, 11, 12, 13] and all(r.success for r in results)
+    assert sum(tier.stats().tasks_by_worker) - before == 2 + 1 + 1 + 1, "first job over 2 workers, then one task per job"
+    if kind == "load":
+        assert (cache.array[:16] == stored).all()
+    else:
+        assert all(tier.lookup(k) for job_keys in keys for k in job_keys)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
 def test_worker_niceness_cpus_and_policy_are_applied_to_the_processes(make_tier, engine):
     from mp_tier import TierConfig
 
