@@ -74,7 +74,7 @@ class Ledger:
     def __init__(self) -> None:
         self.jobs: dict[int, Job] = {}  # engine jobs by id, until their result is produced
         self.tasks: dict[int, TaskRef] = {}  # tasks by seq, until their completion (or failure) is folded in
-        self.out: dict[Op, int] = dict.fromkeys(Op, 0)  # tasks of each kind in the ledger: queued or being worked on
+        self.in_flight: dict[Op, int] = dict.fromkeys(Op, 0)  # tasks of each kind in the ledger: queued or being worked on
         self._next_seq = 0  # seqs are never reused within a tier
 
     def spread(self, op: Op, workers: int) -> int:
@@ -84,7 +84,7 @@ class Ledger:
         A lone job is shared by every worker of its group, so it finishes soonest; once each of them has a
         task, a further split would only add frames, completions and wake-ups for the same work.
         """
-        return max(1, workers - self.out[op])
+        return max(1, workers - self.in_flight[op])
 
     def plan(self, job: Job, workers: int) -> Plan:
         """Split ``job`` over ``workers`` and encode its frames; raises ValueError (a frame overflow) changing nothing."""
@@ -102,7 +102,7 @@ class Ledger:
 
     def commit(self, plan: Plan) -> None:
         self.tasks.update(plan.refs)
-        self.out[plan.job.op] += len(plan.refs)
+        self.in_flight[plan.job.op] += len(plan.refs)
         plan.job.tasks_left = len(plan.refs)
         self._next_seq += len(plan.refs)
         if plan.job.job_id is not None:
@@ -114,7 +114,7 @@ class Ledger:
         if ref is None:
             return None
         job = ref.job
-        self.out[job.op] -= 1
+        self.in_flight[job.op] -= 1
         job.nbytes += completion.nbytes
         if completion.failed:
             job.failed.extend(ref.first + i for i in completion.failed)
