@@ -78,11 +78,13 @@ class Ledger:
         self._next_seq = 0  # seqs are never reused within a tier
 
     def spread(self, op: Op, workers: int) -> int:
-        """How many tasks a new job of ``op`` is split over: the workers of its group that tasks of its kind
-        do not keep busy already, at least one.
+        """How many tasks a new job of ``op`` is split over: the workers of its group less the tasks of its
+        kind in the ledger, at least one.
 
         A lone job is shared by every worker of its group, so it finishes soonest; once each of them has a
-        task, a further split would only add frames, completions and wake-ups for the same work.
+        task, a further split would only add frames, completions and wake-ups for the same work. A task
+        counts until its completion is read, so a host that submits without polling in between (vLLM's
+        scheduler polls every step) may send a job whole to a worker that has just become free.
         """
         return max(1, workers - self.in_flight[op])
 
