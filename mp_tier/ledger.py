@@ -74,7 +74,7 @@ class Ledger:
     def __init__(self) -> None:
         self.jobs: dict[int, Job] = {}  # engine jobs by id, until their result is produced
         self.tasks: dict[int, TaskRef] = {}  # tasks by seq, until their completion (or failure) is folded in
-        self.in_flight: dict[Op, int] = dict.fromkeys(Op, 0)  # tasks of each kind in the ledger: queued or being worked on
+        self.in_flight: dict[Op, int] = dict.fromkeys(Op, 0)  # tasks of each kind in the ledger, until their completion is read
         self._next_seq = 0  # seqs are never reused within a tier
 
     def spread(self, op: Op, workers: int) -> int:
