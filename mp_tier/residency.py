@@ -18,7 +18,7 @@ from .jobs import TierEvent
 
 
 def _pin(counts: dict[bytes, int], keys: list[bytes]) -> None:
-    """Count ``keys`` in. Every submit runs this: the usual case (none of them pinned yet) is one C call."""
+    """Count ``keys`` in. Every submit runs this: the usual case (none of them pinned yet) stays in C calls."""
     fresh = dict.fromkeys(keys, 1)
     if len(fresh) == len(keys) and counts.keys().isdisjoint(fresh):
         counts.update(fresh)

@@ -43,6 +43,11 @@ FIGURES = ("hot", "cold", "completions")
 
 
 def _cpu_ticks(pids: list[int]) -> int:
+    """utime + stime of ``pids``, as ``mp_tier.bench.tier_runs.worker_cpu_seconds`` reads them.
+
+    Not that function itself: this runs in a child that imports another checkout's mp_tier, which may
+    predate ``mp_tier.bench``.
+    """
     total = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
