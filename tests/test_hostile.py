@@ -1,4 +1,4 @@
-"""Every bad input from the README's table gets its clear error and leaves the tier working."""
+"""Every bad input from docs/errors.md's table gets its clear error and leaves the tier working."""
 
 from __future__ import annotations
 

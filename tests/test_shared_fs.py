@@ -33,8 +33,7 @@ from mp_tier.layout import host_tag
 pytestmark = [pytest.mark.glusterfs, pytest.mark.timeout(120)]
 
 AGENT = str(Path(__file__).with_name("shared_fs_node.py"))
-# The volume runs with the settings the README recommends ("Sharing one root between
-# nodes"), each for a failure measured here with GlusterFS 10.3's defaults:
+# The volume runs with the settings docs/shared-fs.md recommends, each for a failure measured here with GlusterFS 10.3's defaults:
 # - open-behind defers a file's open to its first read, and md-cache (stat-prefetch) serves
 #   a name's old inode after another client renamed a file over it: loads of whole blocks
 #   failed with ESTALE, and a block opened before another node deleted it stopped reading.
