@@ -1,4 +1,8 @@
-"""Shared fixtures: real caches, real tiers, and a leak check after every test."""
+"""Shared fixtures: real caches, real tiers, and a leak check after every test.
+
+tests/unit overrides ``no_leaks`` with a check that nothing there starts a process, so the janitor
+(which the leak check here needs running) never starts for the unit layer.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from helpers import BLOCK, child_processes, open_fds, shm_segments, wait_exit, w
 from mp_tier import FileSystemTierManager, PrimaryCache
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(scope="session")
 def janitor_started() -> None:
     """The first segment starts this process's janitor, which holds a pipe for the whole run."""
     PrimaryCache.create(1, 4096).close()
