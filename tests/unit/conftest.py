@@ -14,6 +14,8 @@ from typing import NoReturn
 
 import pytest
 
+from mp_tier.shared_cache import SEGMENT_PREFIX
+
 
 def _refused(*args: object, **kwargs: object) -> NoReturn:
     raise AssertionError("a unit test started a process; it belongs outside tests/unit")
@@ -28,7 +30,8 @@ def _children() -> set[int]:
 
 
 def _segments() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+    """This process's segments (other test runs share /dev/shm)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"{SEGMENT_PREFIX}{os.getpid()}_")}
 
 
 @pytest.fixture(autouse=True)
@@ -40,4 +43,4 @@ def no_leaks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     children, segments = _children(), _segments()
     yield
     assert _children() <= children, "a unit test left a child process"
-    assert {s for s in _segments() - segments if s.startswith("mp_tier")} == set(), "a unit test made a shared-memory segment"
+    assert _segments() - segments == set(), "a unit test made a shared-memory segment"
