@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .codes import ErrorCode
 from .messages import Task
 
 MAX_STARTUP_DEATHS = 5  # in a row, and
@@ -95,6 +96,6 @@ class Recovery:
         self.retried.discard(seq)
         self.timed_out.discard(seq)
 
-    def failure_code(self, seq: int) -> str:
+    def failure_code(self, seq: int) -> ErrorCode:
         """Why a task lost twice failed: its deadline passed, or its worker died."""
         return "ETIMEDOUT" if seq in self.timed_out else "EOWNERDEAD"

@@ -231,6 +231,8 @@ class MpFileSystemTierManager(SecondaryTierManager):
                         self._loading[key] = left
                     else:
                         del self._loading[key]
+            if not result.success:  # vLLM's JobResult has no field for the code: its log carries it
+                log.warning("tier %s: job %d failed (%s): %s", self.tier_type, job.job_id, result.error_code, result.error)
             successful_keys = self._loaded_prefix(job, result.successful_keys) if loading else None
             stored = self._store_job_keys.pop(job.job_id, None)
             if stored is not None and result.success and self.events is not None:
