@@ -12,6 +12,7 @@ import pytest
 from helpers import BLOCK, child_processes, open_fds, shm_segments, wait_exit, worker_threads
 
 from mp_tier import FileSystemTierManager, PrimaryCache
+from mp_tier.layout import TEMP_SUFFIX
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,7 @@ def no_leaks(tmp_path: Path, janitor_started: None):
     segments, fds, children = shm_segments(), open_fds(), child_processes()
     yield
     assert shm_segments() - segments == set(), "a shared-memory segment leaked"
-    assert [p for p in tmp_path.rglob("*.tmp")] == [], "a temp file leaked"
+    assert [p for p in tmp_path.rglob(f"*{TEMP_SUFFIX}")] == [], "a temp file leaked"
     assert worker_threads() == [], "a worker thread outlived its tier"
     assert {fd: what for fd, what in open_fds().items() if fds.get(fd) != what} == {}, "an fd leaked"
     assert child_processes() - children == set(), "a child process outlived its test"

@@ -10,7 +10,7 @@ from bad_input import BAD_JOBS, KEY
 from helpers import BLOCK, make_keys, run_job
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
-from mp_tier.layout import MAX_KEY_BYTES
+from mp_tier.layout import CONFIG_FILE, MAX_KEY_BYTES
 
 
 def still_works(tier) -> None:
@@ -82,7 +82,7 @@ def test_root_dir_that_cannot_be_created(cache):
 
 def test_namespace_written_by_another_block_size_is_refused(make_tier, tmp_path):
     tier = make_tier()
-    config = os.path.join(tier.layout.base, "config.json")
+    config = os.path.join(tier.layout.base, CONFIG_FILE)
     tier.shutdown()
     with open(config) as f:
         run = json.load(f)

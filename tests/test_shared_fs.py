@@ -28,7 +28,7 @@ from typing import Any
 import glusterfs_nodes as gl
 import pytest
 
-from mp_tier.layout import host_tag
+from mp_tier.layout import BLOCK_SUFFIX, CONFIG_FILE, LAYOUT_VERSION, VERSION_KEY, host_tag, is_temp
 
 pytestmark = [pytest.mark.glusterfs, pytest.mark.timeout(120)]
 
@@ -236,12 +236,12 @@ def temps(directory: str, host: str | None = None) -> list[str]:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if n.endswith(".tmp") and (host is None or n.rsplit(".", 4)[1] == host_tag(host)))
+    return sorted(n for n in names if is_temp(n) and (host is None or n.rsplit(".", 4)[1] == host_tag(host)))
 
 
 def blocks_in(directory: str) -> list[str]:
     try:
-        return sorted(n for n in os.listdir(directory) if n.endswith(".bin"))
+        return sorted(n for n in os.listdir(directory) if n.endswith(BLOCK_SUFFIX))
     except FileNotFoundError:
         return []
 
@@ -344,17 +344,17 @@ def test_first_writer_of_config_json_wins_when_nodes_start_at_once(volume, nodes
         infos = [node.result() for node in group]
         assert len({info["host"] for info in infos}) == 3
         base = group[0].namespace()
-        with open(observer(volume, os.path.join(base, "config.json"))) as f:
-            assert json.load(f) == {"block_bytes": 128 * KIB}
+        with open(observer(volume, os.path.join(base, CONFIG_FILE))) as f:
+            assert json.load(f) == {"block_bytes": 128 * KIB, VERSION_KEY: LAYOUT_VERSION}
             assert os.fstat(f.fileno()).st_nlink == 1  # every node unlinked its temp file, the winner's too
-        assert [n for n in os.listdir(observer(volume, base)) if n.startswith("config.json")] == ["config.json"]
+        assert [n for n in os.listdir(observer(volume, base)) if n.startswith(CONFIG_FILE)] == [CONFIG_FILE]
         for node in group:
             node.call("shutdown")
 
     # A namespace whose config.json records another run is refused on every other node
     a, b, c = group
     a.start("refused")
-    config = observer(volume, os.path.join(a.namespace(), "config.json"))
+    config = observer(volume, os.path.join(a.namespace(), CONFIG_FILE))
     a.call("shutdown")
     with open(config, "r+") as f:
         run = json.load(f)

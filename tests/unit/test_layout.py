@@ -16,14 +16,13 @@ from mp_tier.layout import (
     MIN_KEY_BYTES,
     NAME_MAX,
     BlockLayout,
-    is_layout_dir,
-    parse_block,
     temp_name,
     temp_target,
     temp_writer_pid,
 )
 
 LAYOUT = BlockLayout("/ns")
+is_layout_dir, parse_block = BlockLayout.is_layout_dir, BlockLayout.parse_block
 keys = st.binary(min_size=MIN_KEY_BYTES, max_size=MAX_KEY_BYTES)
 
 
