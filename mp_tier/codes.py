@@ -3,8 +3,9 @@
 A code is an errno name, so callers branch on it and never parse the message.
 The tier makes the first group itself; the second comes from the operating
 system, through a worker, for one block (the list names those the tier
-documents; any other errno name passes through the same way). The standard
-library only: the worker side imports this too.
+documents; any other errno name passes through the same way). A ``Literal``,
+not an enum: the codes stay plain strings on the wire and in ``JobResult``,
+and mypy still rejects a misspelt one where the tier names a code.
 """
 
 from __future__ import annotations

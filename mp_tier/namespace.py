@@ -2,12 +2,13 @@
 
     <root_dir>/<namespace>_r<rank>/config.json
 
-(every name is ``layout``'s). The namespace names everything that changes a block's bytes (block size,
+The namespace names everything that changes a block's bytes (block size,
 model, dtype, parallel layout), so runs that could not share blocks never
-see each other's files; ``config.json`` records it and the layout version, written once (first
-writer wins, through ``link``) and durably (the file and its directory are
-fsynced). A namespace another user could have filled is refused: a block
-planted there would load into the cache as KV data.
+see each other's files; ``config.json`` records it and the layout version,
+written once (first writer wins, through ``link``) and durably (the file and
+its directory are fsynced). Every name here is ``layout``'s. A namespace
+another user could have filled is refused: a block planted there would load
+into the cache as KV data.
 """
 
 from __future__ import annotations
