@@ -78,3 +78,4 @@ class TierStats(msgspec.Struct, frozen=True, kw_only=True):
     workers_alive: int
     workers_starting: int  # alive but not yet serving (mapping the cache, importing)
     tasks_by_worker: tuple[int, ...]  # job tasks each worker slot completed
+    spawns_failed: int  # worker spawns that failed (no fds or processes left, no interpreter) and were retried
