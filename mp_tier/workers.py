@@ -27,6 +27,7 @@ from . import interpreter
 
 log = logging.getLogger(__name__)
 
+
 def _named_limit(e: OSError, highest_fd: int) -> OSError:
     """A spawn's failure, naming the limit a shortage of fds or processes hit and how to raise it."""
     if e.errno == errno.EBADF and highest_fd >= (limit := resource.getrlimit(resource.RLIMIT_NOFILE)[0]):
