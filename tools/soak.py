@@ -380,7 +380,7 @@ class Soak:
                 if now >= next_report:
                     next_report = now + self.args.progress_every
                     self.report_progress(now - start)
-                starved_until = self.shortage.until or float("inf") if self.shortage else float("inf")
+                starved_until = (self.shortage.until or float("inf")) if self.shortage else float("inf")
                 times = (next_kill, next_stall, next_starve, starved_until, next_report, end, max(self.next_load, now))
                 self.tier.wait(min(*times, *self.stalled.values()) - now)
                 self.collect()
