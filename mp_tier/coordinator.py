@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import cast
 
 from . import block_io
 from .codes import ErrorCode
@@ -94,6 +95,7 @@ class Coordinator:
             foreign_entries=counts.foreign_entries,
             workers_restarted=counts.workers_restarted,
             tasks_timed_out=counts.tasks_timed_out,
+            spawns_failed=counts.spawns_failed,
             jobs_active=len(self.ledger.jobs),
             bytes_counted=self.residency.capacity.used_bytes,
             blocks_seen_elsewhere=len(self.residency.elsewhere),
@@ -224,7 +226,7 @@ class Coordinator:
             elif index in self.recovery.stalled_starts:
                 self.recovery.stalled_starts.discard(index)
                 reason += f"; the tier killed it for not starting within start_timeout {self.start_timeout:g} s"
-            delay = self.recovery.died(index, starting, now, reason)
+            delay = self.recovery.died(index, starting, now, reason, self.pool.serving())
             log.warning("%s%s; replacing it in %.2f s", reason, " while starting" if starting else "", delay)
             reasons.append(reason)
         if self.settling is not None:
@@ -281,14 +283,16 @@ class Coordinator:
                 pid = self.pool.start(index)
             except OSError as e:
                 reason = f"worker {index} could not start: {block_io.describe(e)[1]}"
-                delay = self.recovery.died(index, True, now, reason)
-                log.warning("%s; trying again in %.2f s", reason, delay)
+                delay = self.recovery.spawn_failed(index, e, now, reason, self.pool.serving())
+                self.counts.spawns_failed += 1
+                log.log(logging.DEBUG if self.recovery.failed_spawns > 1 else logging.WARNING, "%s; trying again in %.2f s", reason, delay)
                 if self.recovery.broken:
                     self.break_tier()
                     return
                 continue
+            failed = self.recovery.spawned()
             self.counts.workers_restarted += 1
-            log.warning("worker %d replaced: pid %s", index, pid)
+            log.warning("worker %d replaced: pid %s%s", index, pid, f", after {failed} spawns failed for lack of a resource" if failed else "")
 
     def _enforce_deadlines(self, now: float) -> None:
         """Kill the workers that hold a task past task_timeout, or are still starting past start_timeout."""
@@ -297,6 +301,11 @@ class Coordinator:
         task_overdue = now_ns - int(self.task_timeout * 1e9) if self.task_timeout else None
         start_overdue = now_ns - int(self.start_timeout * 1e9)
         recovery = self.recovery
+        if (shortage := recovery.unserved(now, bool(self.pool.live()), self.start_timeout)) and self.settling is None:
+            code, why = block_io.describe(shortage)  # a SHORTAGES errno: listed in codes
+            for task in self.pool.reclaim():  # no worker process: every task is in a pipe
+                self._fail_task(task.seq, cast(ErrorCode, code), f"no worker could be started for {self.start_timeout:g} s (start_timeout): {why}")
+            self.pool.resume()
         for index in self.pool.live():
             if index in recovery.overdue_kills or index in recovery.stalled_starts:
                 continue  # killed already; a process in uninterruptible I/O dies when the I/O returns

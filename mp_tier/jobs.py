@@ -78,6 +78,7 @@ class TierStats(msgspec.Struct, frozen=True, kw_only=True):
     workers_alive: int
     workers_starting: int  # alive but not yet serving (mapping the cache, importing)
     tasks_by_worker: tuple[int, ...]  # job tasks each worker slot completed
+    spawns_failed: int  # worker spawns that failed (no fds or processes left, no interpreter) and were retried
 
 
 class Counters(msgspec.Struct):
@@ -94,6 +95,7 @@ class Counters(msgspec.Struct):
     foreign_entries: int = 0
     workers_restarted: int = 0
     tasks_timed_out: int = 0
+    spawns_failed: int = 0
 
     def add_job(self, store: bool, success: bool, nbytes: int) -> None:
         """A finished job: counted if it fully succeeded, its bytes whether or not."""
