@@ -25,13 +25,20 @@ libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 MAP_FIXED = 0x10  # <sys/mman.h> on Linux; Python's mmap module does not export it
 
-# For a host script: the pid of its janitor (its one child running mp_tier.janitor).
+# For a host script: the pid of its janitor (its one child running mp_tier.janitor; a child just spawned
+# may show an empty command line for a moment).
 JANITOR_PID = """
-import os
+import os, time
 from pathlib import Path
 def janitor_pid():
-    children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
-    return [int(p) for p in children if b"mp_tier.janitor" in Path(f"/proc/{p}/cmdline").read_bytes()][0]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+        found = [int(p) for p in children if b"mp_tier.janitor" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        if found:
+            return found[0]
+        time.sleep(0.01)
+    raise AssertionError("no janitor among the children")
 """
 
 HANDLER_CLOSES = JANITOR_PID + textwrap.dedent(
@@ -89,6 +96,35 @@ def test_a_signal_handler_closing_caches_at_any_instant_never_hangs(tmp_path):
     assert info["left"] == []
     assert wait_exit(info["janitor"], 10)
     assert not os.path.exists(f"/dev/shm/{info['last']}")
+
+
+REPLACED_JANITOR = JANITOR_PID + textwrap.dedent(
+    """
+    import json, select, signal
+    from mp_tier import PrimaryCache
+    first = PrimaryCache.create(1, 4096)
+    killed = janitor_pid()
+    death = os.pidfd_open(killed)
+    os.kill(killed, signal.SIGKILL)
+    select.select([death], [], [])
+    second = PrimaryCache.create(1, 4096)  # finds the janitor dead: starts another, told both names
+    successor = janitor_pid()
+    gone = not os.path.exists(f"/proc/{killed}")  # collected, not left a zombie
+    print(json.dumps({"names": [first.name, second.name], "janitor": successor, "collected": gone and successor != killed}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_a_killed_janitor_is_replaced_and_its_successor_knows_every_segment():
+    """The janitor SIGKILLed: the next create() collects it and starts a successor told every live name,
+    which unlinks both segments once the host is SIGKILLed too."""
+    done = subprocess.run([sys.executable, "-c", REPLACED_JANITOR], capture_output=True, text=True, timeout=30)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    info = json.loads(done.stdout)
+    assert info["collected"]
+    assert wait_exit(info["janitor"], 10)
+    assert [name for name in info["names"] if os.path.exists(f"/dev/shm/{name}")] == []
 
 
 def test_a_dropped_cache_releases_its_fd_and_segment(tmp_path):
