@@ -14,6 +14,10 @@ own is replaced when the creator next creates or closes a segment. A forked chil
 closes its copy at once (``os.register_at_fork``), so a child that outlives
 its parent never keeps the parent's segments alive, and it never unlinks
 anything itself.
+
+A signal handler may close a cache at any instant, also while its thread is
+inside ``guard`` or ``release`` (creating or closing another): as with the
+tier (``reentry``), it never waits for the lock its own thread holds.
 """
 
 from __future__ import annotations
@@ -57,7 +61,11 @@ class _Janitor:
             self.pidfd = -1  # reaped already (a host that ignores SIGCHLD): it died at once
 
     def alive(self) -> bool:
-        return self.pidfd >= 0 and not select.select([self.pidfd], [], [], 0)[0]
+        if self.pidfd < 0:
+            return False
+        exited = select.poll()  # not select(): a host with a thousand fds gives fd numbers past FD_SETSIZE
+        exited.register(self.pidfd, select.POLLIN)
+        return not exited.poll(0)
 
     def write(self, text: str) -> bool:
         """Tell it ``text``; False if it has died."""
@@ -83,7 +91,7 @@ class _Janitor:
 _lock = threading.RLock()
 _janitor: _Janitor | None = None  # this process's janitor, started with its first segment
 _names: set[str] = set()  # segments it guards, to tell a replacement janitor after a restart
-_pending: collections.deque[str] = collections.deque()  # lines not yet told; a signal handler's wait here
+_pending: collections.deque[str] = collections.deque()  # lines not yet told (a handler's wait here for the call it interrupted)
 
 
 def _tell(line: str) -> None:
@@ -92,7 +100,7 @@ def _tell(line: str) -> None:
     A signal handler (or a finalizer run by the garbage collector) that
     interrupted this very function on the same thread must not wait for the
     lock its own thread holds: it leaves the line for the interrupted call,
-    which tells it before returning. Nothing else here ever waits.
+    which tells it before returning. Only another thread ever waits here.
     """
     _pending.append(line)
     if inside_a_call(_lock):
@@ -105,6 +113,7 @@ def _tell(line: str) -> None:
 
 
 def _flush() -> None:
+    """Tell the janitor every pending line; one that died (or none yet) gives way to a new one told every name."""
     global _janitor
     told = []
     while _pending:
