@@ -271,3 +271,11 @@ def test_an_exit_under_warnings_as_errors_prints_nothing(tmp_path, flags, ending
     info = json.loads(done.stdout)
     assert [pid for pid in [info["janitor"], *info["workers"]] if not wait_exit(pid, 10)] == []
     assert not os.path.exists(f"/dev/shm/{info['segment']}")
+
+
+def test_a_closed_cache_is_refused_as_primary_memory(tmp_path):
+    """Its fd is closed (the number may be another file's by now): refused, naming the cache."""
+    cache = PrimaryCache.create(4, BLOCK)
+    cache.close()
+    with pytest.raises(ValueError, match=r"primary_kv_view is a closed PrimaryCache: PrimaryCache\(name="):
+        FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "blocks"), n_read_workers=1, n_write_workers=1)
