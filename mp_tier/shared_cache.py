@@ -165,7 +165,8 @@ class PrimaryCache:
 
 
 def _let_go(name: str, fd: int, creator_pid: int | None) -> None:
-    """A cache's end: the creator unlinks the segment (and tells its janitor) first, then the fd is closed."""
+    """A cache's end: the creator unlinks the segment, the fd is closed, and last the creator's janitor is told
+    (a janitor that cannot be restarted then leaves nothing open)."""
     owner = creator_pid == os.getpid()
     if owner:
         try:
