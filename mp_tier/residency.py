@@ -10,11 +10,17 @@ rather than raced by the unlink.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 from .capacity import Admission, CapacityIndex
 from .errors import Refused
 from .jobs import TierEvent
+
+# Keys background probes may be out for at once. A lookup answer is a hint: keys past the bound are answered
+# from memory and probed by a later lookup, so a lookup of 200,000 unknown keys queues about a dozen tasks
+# ahead of the jobs, not thousands.
+PROBES_IN_FLIGHT = 256
 
 
 def _pin(counts: dict[bytes, int], keys: list[bytes]) -> None:
@@ -127,14 +133,12 @@ class Residency:
     # -- lookups, probes, touches ----------------------------------------------
 
     def lookup_many(self, keys: list[bytes]) -> tuple[list[bool | None], list[bytes]]:
-        """Answers from memory, and the keys answered False that no probe is out for yet."""
+        """Answers from memory, and keys answered False that no probe is out for yet, as many as may be probed."""
         storing, index, elsewhere, probing = self.storing, self.capacity, self.elsewhere, self.probing
         answers: list[bool | None] = [None if k in storing else (k in index or k in elsewhere) for k in keys]
         # a block being evicted is known to be going: a probe could still see its file
-        unknown = list(
-            dict.fromkeys(k for k, answer in zip(keys, answers) if answer is False and k not in probing and k not in self.evicting)
-        )
-        return answers, unknown
+        unknown = dict.fromkeys(k for k, answer in zip(keys, answers) if answer is False and k not in probing and k not in self.evicting)
+        return answers, list(itertools.islice(unknown, max(0, PROBES_IN_FLIGHT - len(probing))))
 
     def probe_sent(self, keys: list[bytes]) -> None:
         self.probing.update(dict.fromkeys(keys, True))

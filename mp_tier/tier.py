@@ -129,7 +129,7 @@ class FileSystemTierManager:
                 return
             try:
                 limit = self.config.max_queued_tasks
-                if limit and core.pool.backlog(op) >= limit:
+                if limit and core.pool.backlog(op) - (op == Op.STORE) * core.ledger.in_flight[Op.PROBE] >= limit:  # probes: a bounded few
                     raise Refused("EAGAIN", f"EAGAIN: {limit} tasks already wait on the host (max_queued_tasks)")
                 admission = core.residency.prepare_store(keys) if op == Op.STORE else None
             except Refused as refused:
@@ -256,9 +256,10 @@ class FileSystemTierManager:
 
         True for blocks this tier stored, found at start, or learned of; None
         for blocks with a store in flight; False otherwise. Keys it answers
-        False are also probed on disk by a worker in the background, so a block
-        another instance sharing the root wrote is answered True once that
-        probe's completion has been read (by any later ``get_finished``,
+        False are also probed on disk by a worker in the background (up to 256
+        keys at a time, besides the jobs' ``max_queued_tasks``; the rest by a
+        later call), so a block another instance sharing the root wrote is
+        answered True once that probe's completion has been read (by any later ``get_finished``,
         ``wait`` or ``drain``). A block another instance deleted is forgotten
         when a load of it fails. ``probe=False`` is for a caller that looks on
         disk itself (``lookup``) for the keys it is told are False.
