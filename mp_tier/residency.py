@@ -47,7 +47,8 @@ def _release(counts: dict[bytes, int], keys: Iterable[bytes]) -> None:
 class Residency:
     """Pins, evictions in flight, probes, the byte budget, blocks seen elsewhere, and the events they produce."""
 
-    def __init__(self, capacity: CapacityIndex, events: bool):
+    def __init__(self, capacity: CapacityIndex, events: bool, namespace: tuple[int, int]):
+        self.namespace = namespace  # the namespace directory the counted blocks are in: (device, inode)
         self.capacity = capacity  # the blocks this tier counts against max_bytes, in LRU order
         self.storing: dict[bytes, int] = {}  # keys of stores in flight -> how many
         self.loading: dict[bytes, int] = {}  # keys of loads in flight -> how many
@@ -159,6 +160,20 @@ class Residency:
         counted = [k for k in keys if k in self.capacity]
         self.capacity.refresh(counted)
         return counted
+
+    def renewed(self, namespace: tuple[int, int]) -> bool:
+        """A worker found the namespace directory removed or replaced and made it again: forget the blocks
+        counted or seen elsewhere (their files are gone, or in a directory the tier no longer uses) and the
+        probes out, all but the stores in flight, which land in the new one. False if it is known already."""
+        if namespace == self.namespace:
+            return False
+        self.namespace = namespace
+        gone = self.capacity.retain(self.storing)
+        self.elsewhere.clear()
+        self.probing = dict.fromkeys(self.probing, False)
+        if self.events is not None and gone:
+            self.events.append(TierEvent("removed", tuple(gone)))
+        return True
 
     # -- the start-up scan ---------------------------------------------------------
 
