@@ -134,13 +134,14 @@ def identity(fd: int) -> tuple[int, int]:
 
 def replaced(fd: int, base: str) -> bool:
     """Whether ``base`` no longer names the directory ``fd`` holds (removed, or renamed away and another made)."""
-    if os.fstat(fd).st_nlink == 0:
-        return True
     try:
+        held = os.fstat(fd)
         st = os.stat(base, follow_symlinks=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    return (st.st_dev, st.st_ino) != identity(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):  # ESTALE: a network file system's removed directory
+            return True
+        raise
+    return held.st_nlink == 0 or (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
 
 
 def renew(fd: int, base: str, run: dict[str, Any], modes: tuple[int, int], owners: Owners) -> tuple[int, int] | None:

@@ -284,11 +284,11 @@ class FileSystemTierManager:
 
         True for blocks this tier stored, found at start, or learned of; None
         for blocks with a store in flight; False otherwise. Keys it answers
-        False are also probed on disk by a worker in the background (up to 256
-        keys at a time, besides the jobs' ``max_queued_tasks``; the rest by a
-        later call), so a block another instance sharing the root wrote is
-        answered True once that probe's completion has been read (by any later ``get_finished``,
-        ``wait`` or ``drain``). A block another instance deleted is forgotten
+        False are also probed on disk by a worker in the background (at most
+        256 keys at a time, the rest by a later call; probes do not count in
+        ``max_queued_tasks``), so a block another instance sharing the root
+        wrote is answered True once that probe's completion has been read (by
+        any later ``get_finished``, ``wait`` or ``drain``). A block another instance deleted is forgotten
         when a load of it fails. ``probe=False`` is for a caller that looks on
         disk itself (``lookup``) for the keys it is told are False.
         """
