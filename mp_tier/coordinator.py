@@ -137,7 +137,6 @@ class Coordinator:
 
     def on_completion(self, completion: Completion) -> None:
         if completion.namespace is not None and self.residency.renewed(completion.namespace):
-            log.warning("the namespace directory %s was removed or replaced: made again, and what it held forgotten", self.layout.base)
             self.housekeeping(Op.SCAN, [])  # what the directory now there holds (one put back, say)
         if completion.more:
             if completion.seq in self.ledger.tasks:
@@ -359,8 +358,7 @@ class Coordinator:
 
         Workers killed at the deadline may have left temp files beside the
         blocks they were storing, and a sweep for dead writers' files may not
-        have run; with no worker left, the host removes them (``sweep_leftovers``,
-        outside the tier's lock).
+        have run; with no worker left, the host removes them (``sweep_leftovers``).
         """
         self.stopping = True
         self.settling = None
@@ -368,14 +366,13 @@ class Coordinator:
         for why in self.pool.stop(timeout, self.on_completion):
             log.warning("%s at stop", why)
         cut_short = [seq for seq in self.pool.held_at_stop() if seq in self.ledger.tasks]  # only these can have begun
-        stores = set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ())
-        self.leftovers = [self.layout.locate(key) for key in stores]
+        self.leftovers = [self.layout.locate(key) for key in set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ())]
         for seq in list(self.ledger.tasks):
             self._fail_task(seq, code, reason)
         self.pool.close()
 
     def sweep_leftovers(self) -> None:
-        """Once, after ``stop``: remove the temp files that stores it cut short may have left."""
+        """Once, after ``stop`` and outside the tier's lock: remove the temp files of the stores it cut short."""
         beside, self.leftovers = self.leftovers, []
         if beside:
             try:

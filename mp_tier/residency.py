@@ -11,11 +11,14 @@ rather than raced by the unlink.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable, Sequence
 
 from .capacity import Admission, CapacityIndex
 from .errors import Refused
 from .jobs import TierEvent
+
+log = logging.getLogger(__name__)
 
 # Keys background probes may be out for at once. A lookup answer is a hint: keys past the bound are answered
 # from memory and probed by a later lookup, so a lookup of 200,000 unknown keys queues about a dozen tasks
@@ -173,6 +176,7 @@ class Residency:
         self.probing = dict.fromkeys(self.probing, False)
         if self.events is not None and gone:
             self.events.append(TierEvent("removed", tuple(gone)))
+        log.warning("the namespace directory was removed or replaced: a worker made it again; %d blocks forgotten", len(gone))
         return True
 
     # -- the start-up scan ---------------------------------------------------------
