@@ -23,10 +23,9 @@ from typing import cast
 from . import block_io
 from .codes import ErrorCode
 from .jobs import Counters, JobResult, TierStats
-from .layout import BlockLayout
+from .layout import BlockLayout, BlockPath
 from .ledger import Job, Ledger, Plan
 from .messages import Completion, Op
-from .namespace import Owners
 from .pool import WorkerPool
 from .recovery import BOOT_SECONDS, BOOTING_AT_ONCE, CLAIM_SETTLE_SECONDS, RESTART_RECHECK_SECONDS, Recovery, Settling
 from .residency import Residency
@@ -43,7 +42,6 @@ class Coordinator:
         residency: Residency,
         layout: BlockLayout,
         root: int,
-        owners: Owners,
         group_sizes: dict[Op, int],
         task_timeout: float,
         start_timeout: float,
@@ -54,7 +52,7 @@ class Coordinator:
         self.recovery = Recovery()
         self.layout = layout
         self.root = root  # the namespace directory's fd, for the host's own sweep at stop
-        self.owners = owners  # whose block files count, for what a task that never ran left on disk
+        self.leftovers: list[BlockPath] = []  # after stop: blocks beside which stores cut short may have left temp files
         self.group_sizes = group_sizes  # workers a job of each kind is split over
         self.task_timeout = task_timeout  # seconds a worker may hold a task; 0 = no deadline
         self.start_timeout = start_timeout  # seconds a worker may take to become ready
@@ -140,6 +138,8 @@ class Coordinator:
         return min((t for t in times if t is not None), default=None)
 
     def on_completion(self, completion: Completion) -> None:
+        if completion.namespace is not None and self.residency.renewed(completion.namespace):
+            self.housekeeping(Op.SCAN, [])  # what the directory now there holds (one put back, say)
         if completion.more:
             if completion.seq in self.ledger.tasks:
                 self.residency.scanned(completion.found)
@@ -206,8 +206,8 @@ class Coordinator:
         ref = self.ledger.tasks.get(seq)
         if ref is not None:
             ref.job.error, ref.job.code = reason, code  # why the task never ran outranks any block error
-            victims = ref.job.evict[ref.first : ref.first + ref.blocks]  # it may have deleted some before it died
-            kept = [i for i, key in enumerate(victims) if block_io.may_remain(self.root, self.layout.locate(key), self.owners)]
+            # it may have deleted some victims before it died: they stay counted (no look on disk under the lock)
+            kept = list(range(len(ref.job.evict[ref.first : ref.first + ref.blocks])))
             self.on_completion(Completion(seq, -1, 0, list(range(ref.blocks)), reason, code, kept=kept))
 
     # -- deaths ------------------------------------------------------------------
@@ -364,7 +364,7 @@ class Coordinator:
 
         Workers killed at the deadline may have left temp files beside the
         blocks they were storing, and a sweep for dead writers' files may not
-        have run; with no worker left, the host removes them.
+        have run; with no worker left, the host removes them (``sweep_leftovers``).
         """
         self.stopping = True
         self.settling = None
@@ -372,12 +372,16 @@ class Coordinator:
         for why in self.pool.stop(timeout, self.on_completion):
             log.warning("%s at stop", why)
         cut_short = [seq for seq in self.pool.held_at_stop() if seq in self.ledger.tasks]  # only these can have begun
-        if stores := set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ()):
-            beside = [self.layout.locate(key) for key in stores]
+        self.leftovers = [self.layout.locate(key) for key in set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ())]
+        for seq in list(self.ledger.tasks):
+            self._fail_task(seq, code, reason)
+        self.pool.close()
+
+    def sweep_leftovers(self) -> None:
+        """Once, after ``stop`` and outside the tier's lock: remove the temp files of the stores it cut short."""
+        beside, self.leftovers = self.leftovers, []
+        if beside:
             try:
                 self.counts.files_removed += block_io.remove_stale_temps(self.root, beside)[0]
             except OSError as e:
                 log.warning("sweeping temp files at stop failed: %s", block_io.describe(e)[1])
-        for seq in list(self.ledger.tasks):
-            self._fail_task(seq, code, reason)
-        self.pool.close()

@@ -128,6 +128,52 @@ def prepare_namespace(
     return BlockLayout(base), fd
 
 
+def identity(fd: int) -> tuple[int, int]:
+    """The directory an fd holds, as (device, inode): how a namespace renamed away or made again is told apart."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def replaced(fd: int, base: str) -> bool:
+    """Whether ``base`` no longer names the directory ``fd`` holds (removed, or renamed away and another made)."""
+    try:
+        held = os.fstat(fd)
+        st = os.stat(base, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):  # ESTALE: a network file system's removed directory
+            return True
+        raise
+    return held.st_nlink == 0 or (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
+
+
+def renew(fd: int, base: str, run: dict[str, Any], modes: tuple[int, int], owners: Owners) -> tuple[int, int] | None:
+    """If ``base`` is no longer the directory ``fd`` holds, make or check it again as at start and put it in
+    place of ``fd`` (the number stays; a rotated directory is never followed); return its identity, else None.
+
+    Raises as ``prepare_namespace`` does when the directory now there fails its checks.
+    """
+    if not replaced(fd, base):
+        return None
+    fresh = prepare_namespace(os.path.dirname(base), os.path.basename(base), run, modes, owners)[1]
+    try:
+        os.dup2(fresh, fd, inheritable=False)
+    finally:
+        os.close(fresh)
+    return identity(fd)
+
+
+def reopen(base: str, expected: tuple[int, int]) -> int | None:
+    """An fd of the directory at ``base`` if it is the one a worker made or checked (``expected``), else None."""
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if identity(fd) == expected:
+        return fd
+    os.close(fd)
+    return None
+
+
 def _unusable(root_dir: str, e: OSError) -> OSError:
     if e.errno in (errno.EMFILE, errno.ENFILE):
         why = f"too many open files ({errno.errorcode[e.errno]}) while opening root_dir {root_dir!r}: raise the limit (ulimit -n)"

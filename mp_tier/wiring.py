@@ -19,7 +19,7 @@ from .coordinator import Coordinator
 from .layout import BlockLayout, namespace_name
 from .memory import buffer_address
 from .messages import Op
-from .namespace import Owners, describe_run, owners_for, prepare_namespace
+from .namespace import Owners, describe_run, identity, owners_for, prepare_namespace
 from .pool import WorkerPool
 from .residency import Residency
 from .shared_cache import primary_memory
@@ -85,6 +85,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
                 nice=config.worker_nice,
                 cpus=tuple(config.worker_cpus),
                 sched=config.worker_sched,
+                run=run,
             )
             for index in range(config.n_read_workers + config.n_write_workers)
         ]
@@ -103,7 +104,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
             os.close(fd)
         raise
     groups = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}
-    core = Coordinator(pool, Residency(capacity, config.events), layout, root, owners, groups, config.task_timeout, config.start_timeout)
+    core = Coordinator(pool, Residency(capacity, config.events, identity(root)), layout, root, groups, config.task_timeout, config.start_timeout)
     log.debug("tier up: %s, %d+%d %s, direct=%s", layout.base, config.n_read_workers, config.n_write_workers, config.engine, direct)
     return Parts(core, layout, root, owners, direct, primary.num_blocks, primary.block_bytes, primary.release, fds, wake)
 

@@ -378,7 +378,7 @@ def test_a_block_a_load_finds_missing_stops_counting_but_not_others(make_tier, t
 def test_a_store_that_lands_while_a_load_misses_keeps_counting():
     """Completions of different workers arrive in any order: a load's ENOENT that a store has since
     made stale must not uncount the new file (else the budget under-counts the disk)."""
-    residency = Residency(CapacityIndex(BLOCK, 8 * BLOCK, evict=True), events=False)
+    residency = Residency(CapacityIndex(BLOCK, 8 * BLOCK, evict=True), events=False, namespace=(0, 0))
     key = make_keys(1)[0]
     residency.commit_load([key])  # the load runs first and finds no file...
     residency.commit_store([key], residency.prepare_store([key]))
@@ -403,7 +403,7 @@ def test_a_probe_that_crossed_a_deletion_is_not_believed():
     """A probe sees a block's file; before its answer is read this tier evicts the block. The stale answer
     must not make lookups say True, no second probe of the key goes out meanwhile, and after the stale
     one is read a new probe may go out; a probe that finds the file gone clears the key."""
-    residency = Residency(CapacityIndex(BLOCK, 2 * BLOCK, evict=True), events=True)
+    residency = Residency(CapacityIndex(BLOCK, 2 * BLOCK, evict=True), events=True, namespace=(0, 0))
     key, a, b = make_keys(3)
     residency.commit_store([key], residency.prepare_store([key]))
     residency.store_done([key], [])
