@@ -74,6 +74,12 @@ def namespace_name(run: dict[str, Any], rank: int) -> str:
     return "_".join([*parts, f"bs{run['block_bytes']}", f"r{rank}"])
 
 
+def namespace_rank(name: str) -> int | None:
+    """The rank ``namespace_name`` wrote into ``name``, or None if it is not such a name."""
+    found = re.fullmatch(r"(?:.*_)?bs[0-9]+_r([0-9]{1,9})", name, re.ASCII)
+    return int(found[1]) if found else None
+
+
 def owners_for(group: bool) -> Owners:
     """The owners this process trusts: itself, plus its groups when files are shared with the group."""
     return Owners(os.geteuid(), frozenset({os.getegid(), *os.getgroups()}) if group else frozenset())
@@ -124,6 +130,16 @@ def prepare_namespace(
         os.close(fd)
         raise ValueError(f"{base}/{CONFIG_FILE} describes another run: recorded {recorded}, this run {run}")
     return BlockLayout(base), fd
+
+
+def check_namespace(ns_fd: int, base: str, owners: Owners) -> Any:
+    """The run recorded in an existing namespace, after the same trust check a tier makes.
+
+    PermissionError if the tier would refuse the directory, ValueError if its
+    ``config.json`` is no run description, FileNotFoundError if it has none.
+    """
+    _check_trusted(base, os.fstat(ns_fd), owners)
+    return _read_config(ns_fd, f"{base}/{CONFIG_FILE}")
 
 
 def _unusable(root_dir: str, e: OSError) -> OSError:

@@ -1,0 +1,47 @@
+"""The operator commands' options, added to ``mp-tier``'s parser; each command module is imported when run."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import sys
+from typing import Any
+
+from ..bench.units import parse_size
+from .tree import UsageError, shown
+
+
+def _runner(command: str, *fields: str) -> Any:
+    """A ``run`` for argparse: the command's exit status, or 2 with one line on a usage error, never a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        module = importlib.import_module(f"mp_tier.ops.{command}")
+        try:
+            status: int = module.run(args.root, *(getattr(args, f) for f in fields))
+            return status
+        except UsageError as e:
+            print(f"mp-tier {command}: error: {e}", file=sys.stderr)
+        except OSError as e:
+            where = f": {shown(str(e.filename))}" if e.filename else ""
+            print(f"mp-tier {command}: error: {errno.errorcode.get(e.errno or 0, 'EIO')}: {e.strerror}{where}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(f"mp-tier {command}: interrupted", file=sys.stderr)
+            return 130
+        return 2
+
+    return run
+
+
+def add_commands(commands: Any) -> None:
+    """``du``, ``verify``, ``clean`` and ``tune`` under ``commands`` (an argparse subparsers object)."""
+    du = commands.add_parser("du", help="what each namespace under ROOT holds (read-only)")
+    du.add_argument("root", metavar="ROOT")
+    du.add_argument("--json", action="store_true", help="print JSON instead of text")
+    du.set_defaults(run=_runner("du", "json"))
+
+    verify = commands.add_parser("verify", help="read every block; exit 0 if all would load, 1 if not, 2 on a usage error")
+    verify.add_argument("root", metavar="ROOT")
+    verify.add_argument("--fix", action="store_true", help="remove the corrupt blocks, exactly those a load would remove")
+    verify.add_argument("--json", action="store_true", help="print JSON instead of text")
+    verify.set_defaults(run=_runner("verify", "fix", "json"))
