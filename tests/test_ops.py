@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def stored(tmp_path: Path, cache: PrimaryCache) -> tuple[Path, FileSystemTierMan
     """A tier with checksums on that stored 6 blocks of group 0 and 2 of group 1 under tmp_path/root."""
     keys = make_keys(6) + make_keys(2, seed=1, group=1)
     fill_random(cache, range(len(keys)))
-    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "root"), n_read_workers=1, n_write_workers=1, config=TierConfig(checksum=True))
+    config = TierConfig(checksum=True)
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "root"), n_read_workers=1, n_write_workers=1, config=config)
     try:
         assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=list(range(len(keys))))).success
         yield tmp_path / "root", tier, keys
@@ -78,7 +80,7 @@ def leaf_of(root: Path) -> Path:
 
 
 def test_du_counts_what_the_tier_wrote_and_every_odd_file_beside_it(stored, writers, capsys):
-    root, tier, keys = stored
+    root, _, _ = stored
     leaf = leaf_of(root)
     live, dead = Writer(leaf, "a.bin"), Writer(leaf, "b.bin")
     writers += [live, dead]
@@ -101,7 +103,7 @@ def test_du_counts_what_the_tier_wrote_and_every_odd_file_beside_it(stored, writ
 
 
 def test_du_reports_a_refused_block_file(stored, capsys):
-    root, tier, keys = stored
+    root, _, _ = stored
     block = next(root.glob("*/*/*/*.bin"))
     target = block.with_name(block.name + ".elsewhere")
     block.rename(target)
@@ -156,3 +158,80 @@ def test_verify_exit_status_two_on_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["verify", str(tmp_path), "--frobnicate"])
     assert e.value.code == 2
+
+
+OLD = 2 * 3600  # seconds: older than the sweep's grace (STALE_TEMP_SECONDS)
+
+
+def age(path: Path, seconds: float) -> None:
+    old = os.stat(path).st_mtime - seconds
+    os.utime(path, (old, old))
+
+
+def test_clean_removes_stale_temps_and_old_empty_dirs_never_a_live_writers_file(stored, writers, tmp_path, capsys):
+    root, _, keys = stored
+    leaf = leaf_of(root)
+    ns = leaf.parent.parent
+    live, dead = Writer(leaf, "a.bin"), Writer(leaf, "b.bin")
+    writers += [live, dead]
+    dead.end()
+    old_empty, fresh_empty = ns / "fff" / "ff_g0", ns / "eee" / "ee_g0"
+    for d in (old_empty, fresh_empty):
+        d.mkdir(parents=True)
+    age(old_empty, OLD)
+    age(old_empty.parent, OLD)
+    stranger = ns / "keep-me"  # not the layout's: never entered, never removed
+    stranger.mkdir()
+    age(stranger, OLD)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / dead.path.name).write_bytes(b"not under ROOT")
+    (leaf / "aaa").symlink_to(outside)
+    before = sorted(p for p in root.rglob("*"))
+    status, out, _ = mp_tier(capsys, "clean", str(root), "--dry-run")
+    assert status == 0 and f"would remove stale temp {ns.name}/{leaf.parent.name}/{leaf.name}/{dead.path.name}" in out
+    assert "would remove empty directory" in out and sorted(root.rglob("*")) == before
+    done = as_json(capsys, "clean", str(root))
+    assert (done["stale_temps"], done["dirs"], done["evicted"]) == (1, 2, 0)
+    assert not dead.path.exists() and not old_empty.exists() and not old_empty.parent.exists()
+    assert live.path.exists() and fresh_empty.exists() and stranger.exists() and (outside / dead.path.name).exists()
+    assert len(list(root.glob("*/*/*/*.bin"))) == len(keys)
+    (outside / dead.path.name).unlink()
+
+
+def test_clean_max_bytes_evicts_least_recently_used_blocks_first(stored, capsys):
+    root, _, _ = stored
+    by_age = sorted(root.glob("*/*/*/*.bin"))
+    for i, path in enumerate(by_age):
+        age(path, 1000 - i)  # the first is the least recently used
+    done = as_json(capsys, "clean", str(root), "--max-bytes", str(3 * BLOCK))
+    assert done["evicted"] == 5 and done["block_bytes_left"] == 3 * BLOCK
+    assert sorted(root.glob("*/*/*/*.bin")) == by_age[5:]
+
+
+def test_clean_beside_a_live_tier_that_keeps_storing(stored, writers, capsys):
+    """Clean runs in a thread while the tier stores: every store succeeds, the newest blocks stay loadable,
+    and the live writer's temp file survives; old planted blocks go to meet the budget."""
+    root, tier, _ = stored
+    leaf = leaf_of(root)
+    live = Writer(leaf, "a.bin")
+    writers.append(live)
+    for key in make_keys(2000, seed=7):
+        path = Path(tier.block_path(key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        age(path, OLD)
+    result: list[int] = []
+    cleaner = threading.Thread(target=lambda: result.append(main(["clean", str(root), "--max-bytes", str(16 * BLOCK)])))
+    cleaner.start()
+    job, during = 10, 0
+    while cleaner.is_alive() or job == 10:
+        fresh = make_keys(4, seed=job)
+        assert run_job(tier, "store", JobMetadata(job_id=job, keys=fresh, block_ids=[0, 1, 2, 3])).success
+        during += cleaner.is_alive()
+        job += 1
+    cleaner.join()
+    capsys.readouterr()
+    assert result == [0] and during >= 1 and live.path.exists()
+    assert run_job(tier, "load", JobMetadata(job_id=job, keys=fresh, block_ids=[4, 5, 6, 7])).success
+    assert sum(p.stat().st_size for p in root.glob("*/*/*/*.bin")) <= 16 * BLOCK + (job - 10) * 4 * BLOCK

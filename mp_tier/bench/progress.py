@@ -37,5 +37,6 @@ def make_bar(enabled: bool, desc: str, total: int | None, unit: str = "B") -> Ba
         tqdm = importlib.import_module("tqdm").tqdm
     except ImportError:
         return NoBar()
-    bar: Bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000, delay=1.0, leave=False, file=sys.stderr)
+    divisor = 1024 if unit == "B" else 1000
+    bar: Bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=divisor, delay=1.0, leave=False, file=sys.stderr)
     return bar

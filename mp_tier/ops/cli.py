@@ -45,3 +45,12 @@ def add_commands(commands: Any) -> None:
     verify.add_argument("--fix", action="store_true", help="remove the corrupt blocks, exactly those a load would remove")
     verify.add_argument("--json", action="store_true", help="print JSON instead of text")
     verify.set_defaults(run=_runner("verify", "fix", "json"))
+
+    clean = commands.add_parser("clean", help="remove stale temp files and old empty directories by the tier's own rules")
+    clean.add_argument("root", metavar="ROOT")
+    clean.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    clean.add_argument(
+        "--max-bytes", type=parse_size, metavar="N", help="also evict least recently used blocks until ROOT holds at most N bytes of them (e.g. 50g)"
+    )
+    clean.add_argument("--json", action="store_true", help="print JSON instead of text")
+    clean.set_defaults(run=_runner("clean", "dry_run", "max_bytes", "json"))

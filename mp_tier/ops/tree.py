@@ -122,13 +122,21 @@ class Entry(NamedTuple):
         return int.from_bytes(self.key[-GROUP_BYTES:], "big")
 
 
+class LayoutDir(NamedTuple):
+    """A directory of the layout: its path in the namespace, its mtime before anything in it was handled, its entries."""
+
+    path: str
+    mtime: float
+    entries: int
+
+
 @dataclass
 class Walk:
     """Directories seen and passed over during a walk, and the top-level directories for a progress bar."""
 
     foreign_dirs: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
-    layout_dirs: list[tuple[str, float]] = field(default_factory=list)  # (path, mtime), deepest first
+    layout_dirs: list[LayoutDir] = field(default_factory=list)  # each after the directories inside it
 
 
 def walk(ns: Namespace, seen: Walk, now: float | None = None, on_top: Any = None) -> Iterator[Entry]:
@@ -141,11 +149,14 @@ def walk(ns: Namespace, seen: Walk, now: float | None = None, on_top: Any = None
 def _walk_dir(dirfd: int, parents: list[str], ns: Namespace, seen: Walk, now: float, on_top: Any) -> Iterator[Entry]:
     where = "/".join(parents)
     try:
+        mtime = os.fstat(dirfd).st_mtime
         with os.scandir(dirfd) as it:
             entries = list(it)
     except OSError as e:
         seen.unreadable.append(f"{shown(where)}: {errno.errorcode.get(e.errno or 0, '?')}")
         return
+    if parents:
+        seen.layout_dirs.append(LayoutDir(where, mtime, len(entries)))
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             if not is_layout_dir(parents, entry.name):
@@ -157,9 +168,7 @@ def _walk_dir(dirfd: int, parents: list[str], ns: Namespace, seen: Walk, now: fl
                 seen.unreadable.append(f"{shown(where)}/{shown(entry.name)}: {errno.errorcode.get(e.errno or 0, '?')}")
                 continue
             try:
-                mtime = os.fstat(child).st_mtime
                 yield from _walk_dir(child, [*parents, entry.name], ns, seen, now, on_top)
-                seen.layout_dirs.append(("/".join([*parents, entry.name]), mtime))
             finally:
                 os.close(child)
             if not parents and on_top is not None:
