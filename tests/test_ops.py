@@ -16,6 +16,7 @@ from helpers import BLOCK, fill_random, make_keys, run_job
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
 from mp_tier.__main__ import main
+from mp_tier.ops import tune
 
 WRITER = "import sys; from mp_tier.layout import temp_name; print(temp_name(sys.argv[1]), flush=True); sys.stdin.read()"
 
@@ -235,3 +236,23 @@ def test_clean_beside_a_live_tier_that_keeps_storing(stored, writers, capsys):
     assert result == [0] and during >= 1 and live.path.exists()
     assert run_job(tier, "load", JobMetadata(job_id=job, keys=fresh, block_ids=[4, 5, 6, 7])).success
     assert sum(p.stat().st_size for p in root.glob("*/*/*/*.bin")) <= 16 * BLOCK + (job - 10) * 4 * BLOCK
+
+
+def test_tune_writes_a_preset_tierconfig_loads_with_the_table_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """One point of a real sweep (the default sweep takes a minute or more; tools and the notes run it)."""
+    monkeypatch.setattr(tune, "SWEEP", [("workers", (1,))])
+    root, out = tmp_path / "cache", tmp_path / "preset.toml"
+    root.mkdir()
+    status, stdout, err = mp_tier(capsys, "tune", str(root), "--block-size", "64k", "--seconds", "0.2", "--out", str(out))
+    assert status == 0, err
+    assert list(root.iterdir()) == [], "tune left something behind"
+    config = TierConfig.from_toml(out)
+    assert (config.n_read_workers, config.n_write_workers, config.o_direct) == (1, 1, "off")
+    text = out.read_text()
+    assert "# workers=1 o_direct=off" in text and "(raw)" in text and "busy/idle >= 0.9" in text
+    assert "workers=1 o_direct=off" in stdout
+
+
+def test_tune_refuses_bad_seconds_in_one_line(tmp_path, capsys):
+    status, out, err = mp_tier(capsys, "tune", str(tmp_path), "--seconds", "0")
+    assert status == 2 and err.count("\n") == 1 and "--seconds 0.0" in err and list(tmp_path.iterdir()) == []

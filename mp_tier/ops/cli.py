@@ -54,3 +54,10 @@ def add_commands(commands: Any) -> None:
     )
     clean.add_argument("--json", action="store_true", help="print JSON instead of text")
     clean.set_defaults(run=_runner("clean", "dry_run", "max_bytes", "json"))
+
+    tune = commands.add_parser("tune", help="short store and cold-load sweeps on ROOT's file system; writes the best as a TOML preset")
+    tune.add_argument("root", metavar="ROOT")
+    tune.add_argument("--block-size", type=parse_size, default=2 << 20, metavar="B", help="bytes per block (default 2m)")
+    tune.add_argument("--seconds", type=float, default=1.0, metavar="S", help="seconds each measured phase runs at most (default 1)")
+    tune.add_argument("--out", metavar="PRESET", help="write the preset here (default: print it)")
+    tune.set_defaults(run=_runner("tune", "block_size", "seconds", "out"))
