@@ -187,8 +187,9 @@ def block_problem(root: int, path: BlockPath, block: memoryview, owners: Owners,
     fd = open_beneath(root, path.rel, _READ)
     try:
         st = os.fstat(fd)
-        why = refusal(st, owners)
-        if why is not None:
+        if not stat.S_ISREG(st.st_mode):
+            return f"EINVAL: {_kind(st.st_mode)}, not a block file"
+        if (why := refusal(st, owners)) is not None:
             return f"EPERM: {why}"
         if st.st_size != len(block):
             return f"EBADMSG: holds {st.st_size} of {len(block)} bytes"

@@ -3,16 +3,21 @@ files planted beside them, temp files of live and dead writer processes, and hos
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import BLOCK, fill_random, make_keys, run_job
+from test_security import NOBODY, as_user
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
 from mp_tier.__main__ import main
@@ -254,5 +259,144 @@ def test_tune_writes_a_preset_tierconfig_loads_with_the_table_and_leaves_nothing
 
 
 def test_tune_refuses_bad_seconds_in_one_line(tmp_path, capsys):
-    status, out, err = mp_tier(capsys, "tune", str(tmp_path), "--seconds", "0")
+    status, _, err = mp_tier(capsys, "tune", str(tmp_path), "--seconds", "0")
     assert status == 2 and err.count("\n") == 1 and "--seconds 0.0" in err and list(tmp_path.iterdir()) == []
+
+
+COMMANDS = [["du"], ["verify"], ["clean"], ["clean", "--max-bytes", "1k"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
+@pytest.mark.parametrize("kind", ["missing", "file", "symlink"])
+def test_a_bad_root_is_one_line_and_exit_status_two(tmp_path, capsys, command, kind):
+    target = tmp_path / "root"
+    if kind == "file":
+        target.write_text("not a directory")
+    elif kind == "symlink":
+        (tmp_path / "real").mkdir()
+        target.symlink_to(tmp_path / "real")
+    status, out, err = mp_tier(capsys, command[0], str(target), *command[1:])
+    assert status == 2 and out == "" and err.count("\n") == 1 and str(target) in err
+    assert {"missing": "ENOENT", "file": "not a directory", "symlink": "is a symlink"}[kind] in err
+
+
+def hostile(root: Path, ns: Path, plant_chain) -> None:
+    """A FIFO with a stale temp file's name, one at a block name, a 1,500-deep stranger's tree, names that
+    are not UTF-8, and a namespace that is a symlink to a directory outside ROOT."""
+    leaf = leaf_of(root)
+    block = next(leaf.glob("*.bin"))
+    os.mkfifo(leaf / (block.name + ".00000000.1.0.tmp"))  # another host's temp name: stale by age
+    age(leaf / (block.name + ".00000000.1.0.tmp"), OLD)
+    block.unlink()
+    os.mkfifo(block)
+    plant_chain(ns, 1500)
+    plant_chain(leaf, 1500)
+    (ns / os.fsdecode(b"\xff\xfe")).mkdir()
+    (leaf / os.fsdecode(b"\xff.bin")).write_bytes(b"")
+    (root / os.fsdecode(b"ns-\xff")).mkdir()
+
+
+@pytest.fixture
+def plant_chain():
+    """``plant_chain(base, depth)`` nests directories ``depth`` deep (past PATH_MAX); removed afterwards."""
+    planted: list[Path] = []
+
+    def plant(base: Path, depth: int) -> None:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        planted.append(base)
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(fd)
+
+    yield plant
+    for base in planted:
+        subprocess.run(["rm", "-rf", str(base / "d")], check=True)
+
+
+def test_hostile_trees_are_reported_and_skipped_never_a_traceback_nothing_outside_touched(stored, tmp_path, capsys, plant_chain):
+    root, _, _ = stored
+    ns = leaf_of(root).parent.parent
+    outside = tmp_path / "outside"
+    (outside / "000" / "00_g0").mkdir(parents=True)
+    (outside / "config.json").write_text('{"block_bytes": 65536}')
+    stale = outside / "000" / "00_g0" / ("0" * 64 + ".bin.00000000.1.0.tmp")
+    stale.write_bytes(b"")
+    age(stale, OLD)
+    (root / "elsewhere").symlink_to(outside)
+    hostile(root, ns, plant_chain)
+    snapshot = sorted(os.walk(outside))
+    for command in (["du"], ["verify"], ["verify", "--fix"], ["clean"], ["clean", "--max-bytes", "1k"], ["du", "--json"]):
+        status, out, err = mp_tier(capsys, command[0], str(root), *command[1:])
+        assert status == (1 if command[0] == "verify" else 0), (command, err)
+        assert "Traceback" not in err and err == "", command
+    ns_du = as_json(capsys, "du", str(root))
+    [usage] = [u for u in ns_du["namespaces"] if u["run"]]
+    assert usage["refused"] == 1 and usage["foreign"] >= 4  # the FIFOs, the chain, the non-UTF-8 names
+    assert any("a FIFO" in e for e in usage["examples"]["refused"])
+    assert sorted(os.walk(outside)) == snapshot and stale.exists(), "something outside ROOT was touched"
+    assert os.path.exists(ns / "d") and (ns / os.fsdecode(b"\xff\xfe")).exists()
+    fifo_temp = next(leaf_of(root).glob("*.00000000.1.0.tmp"))
+    assert fifo_temp.is_fifo(), "clean removes only regular temp files"
+    fifo_temp.unlink()
+    stale.unlink()
+    status, out, _ = mp_tier(capsys, "du", str(root))
+    assert "namespace ns-\\xff: skipped: no config.json" in out and "namespace elsewhere: skipped: a symlink, never followed" in out
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory like /tmp (mode 1777) where a second user can make things."""
+    path = Path(tempfile.mkdtemp(prefix="mp_tier_ops_", dir="/tmp"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path)
+
+
+def quietly(argv: list[str]) -> tuple[int, str, str]:
+    """``mp-tier ARGV`` with its output kept, for a forked child of another uid (capsys stays in the parent)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_a_root_another_user_owns_is_one_line_for_them(shared_dir):
+    root = shared_dir / "root"
+    root.mkdir(mode=0o700)
+
+    def as_nobody() -> None:
+        for command in (["du"], ["verify"], ["clean"]):
+            status, out, err = quietly([command[0], str(root)])
+            assert status == 2 and out == "" and err.count("\n") == 1 and "EACCES" in err, (command, err)
+
+    as_user(NOBODY, [NOBODY], as_nobody)
+
+
+def test_files_another_user_owns_are_reported_never_removed_nor_loaded(stored, capsys):
+    """Run as root: a namespace another uid made, holding a stale temp file, is skipped whole; a block file
+    of that uid inside the tier's namespace is refused by du, reported by verify and kept by --fix and clean."""
+    root, _, _ = stored
+    leaf = leaf_of(root)
+    theirs = root / "theirs"
+    planted_block = leaf / (leaf.parent.name + leaf.name[:2] + "f" * 59 + ".bin")
+    stale = theirs / "abc" / "de_g0" / ("abcde" + "0" * 59 + ".bin.00000000.1.0.tmp")
+    stale.parent.mkdir(parents=True)
+    (theirs / "config.json").write_text(json.dumps({"block_bytes": BLOCK}))
+    stale.write_bytes(b"")
+    os.utime(stale, (1, 1))
+    planted_block.write_bytes(bytes(BLOCK))
+    for path in (planted_block, theirs, stale.parent.parent, stale.parent, stale, theirs / "config.json"):
+        os.chown(path, NOBODY, NOBODY)
+    usage = {u["namespace"]: u for u in as_json(capsys, "du", str(root))["namespaces"]}
+    assert f"owned by uid {NOBODY}" in usage["theirs"]["skipped"]
+    [ours] = [u for u in usage.values() if u["run"]]
+    assert ours["refused"] == 1 and f"owned by uid {NOBODY}" in ours["examples"]["refused"][0]
+    report = as_json(capsys, "verify", str(root), "--fix")
+    assert [(p["problem"].split(":")[0], p["removed"]) for p in report["problems"]] == [("EPERM", False)]
+    assert as_json(capsys, "clean", str(root), "--max-bytes", "1k")["stale_temps"] == 0
+    assert planted_block.exists() and stale.exists()
+    planted_block.unlink()
+    stale.unlink()

@@ -20,7 +20,6 @@ import tempfile
 import time
 
 from mp_tier.config import FILE_MODES
-from mp_tier.layout import BlockLayout
 from mp_tier.namespace import owners_for, prepare_namespace
 
 

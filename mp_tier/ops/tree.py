@@ -40,8 +40,12 @@ def open_root(path: str) -> int:
     try:
         return os.open(path, _DIR)
     except OSError as e:
-        why = {errno.ENOTDIR: "is not a directory", errno.ELOOP: "is a symlink (give the directory it points to)"}
-        reason = why.get(e.errno or 0, f"cannot be opened: {errno.errorcode.get(e.errno or 0, '?')}: {e.strerror}")
+        if os.path.islink(path):
+            reason = f"is a symlink, which is never followed (give {shown(os.path.realpath(path))!r})"
+        elif e.errno == errno.ENOTDIR:
+            reason = "is not a directory"
+        else:
+            reason = f"cannot be opened: {errno.errorcode.get(e.errno or 0, '?')}: {e.strerror}"
         raise UsageError(f"ROOT {shown(path)!r} {reason}") from None
 
 
@@ -83,9 +87,9 @@ def namespaces(root_fd: int, root: str) -> Iterator[Namespace]:
         try:
             fd = os.open(name, _DIR, dir_fd=root_fd)
         except OSError as e:
-            if e.errno in (errno.ENOTDIR, errno.ELOOP):
-                continue  # a file or a symlink beside the namespaces: the tier makes neither, and follows neither
-            ns.problem = f"cannot be opened: {errno.errorcode.get(e.errno or 0, '?')}: {e.strerror}"
+            if e.errno == errno.ENOTDIR and not os.path.islink(f"{root}/{name}"):
+                continue  # a file beside the namespaces (a README): not the tier's
+            ns.problem = "a symlink, never followed" if e.errno in (errno.ENOTDIR, errno.ELOOP) else f"cannot be opened: {e.strerror}"
             yield ns
             continue
         # Group mode makes directories readable by the group: then the group's files are the tier's too.

@@ -96,6 +96,10 @@ def _pick(records: list[RunRecord], engine: str, workload: str, phase: str) -> R
     return next((r for r in records if (r.engine, r.workload, r.phase) == (engine, workload, phase)), None)
 
 
+def _gbps(record: RunRecord | None) -> float | None:
+    return record.gbps if record else None
+
+
 def measure(point: Point, base: argparse.Namespace, work_dir: str, spin_chunk: int) -> None:
     case = _case(base, point.values, work_dir, spin_chunk)
     try:
@@ -108,9 +112,10 @@ def measure(point: Point, base: argparse.Namespace, work_dir: str, spin_chunk: i
         shutil.rmtree(case.root, ignore_errors=True)
     tier_store, tier_cold = _pick(records, "processes", "store", "fresh"), _pick(records, "processes", "load", "cold")
     raw_store, raw_cold = _pick(records, "raw", "store", "fresh"), _pick(records, "raw", "load", "cold")
-    point.store, point.cold = tier_store and tier_store.gbps, tier_cold and tier_cold.gbps
-    point.raw_store, point.raw_cold = raw_store and raw_store.gbps, raw_cold and raw_cold.gbps
-    point.store_busy, point.cold_busy = tier_store and tier_store.busy_idle, tier_cold and tier_cold.busy_idle
+    point.store, point.cold = _gbps(tier_store), _gbps(tier_cold)
+    point.raw_store, point.raw_cold = _gbps(raw_store), _gbps(raw_cold)
+    point.store_busy = tier_store.busy_idle if tier_store else None
+    point.cold_busy = tier_cold.busy_idle if tier_cold else None
     errors = [e for r in records for e in r.errors]
     point.error = errors[0] if errors else ""
 

@@ -33,14 +33,10 @@ class Problem:
 
 
 def _blocks(ns: Namespace, problems: list[Problem]) -> list[Entry]:
-    """The namespace's block files (refused ones are problems already), listed before any is read."""
+    """The namespace's files at block names, listed before any is read; refused ones too, which a load
+    reports as it opens them (ELOOP, EACCES, EPERM)."""
     seen = Walk()
-    found = []
-    for entry in walk(ns, seen):
-        if entry.kind == BLOCK:
-            found.append(entry._replace(dirfd=-1))  # the walk closes its directories
-        elif entry.kind == REFUSED:
-            problems.append(Problem(shown(ns.name), shown(entry.path.rel), f"EPERM: {entry.why}"))
+    found = [entry._replace(dirfd=-1) for entry in walk(ns, seen) if entry.kind in (BLOCK, REFUSED)]  # the walk closes its dirs
     problems += [Problem(shown(ns.name), where, "unreadable directory") for where in seen.unreadable]
     return found
 
