@@ -21,7 +21,6 @@ from test_security import NOBODY, as_user
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
 from mp_tier.__main__ import main
-from mp_tier.ops import tune
 
 WRITER = "import sys; from mp_tier.layout import temp_name; print(temp_name(sys.argv[1]), flush=True); sys.stdin.read()"
 
@@ -243,19 +242,27 @@ def test_clean_beside_a_live_tier_that_keeps_storing(stored, writers, capsys):
     assert sum(p.stat().st_size for p in root.glob("*/*/*/*.bin")) <= 16 * BLOCK + (job - 10) * 4 * BLOCK
 
 
-def test_tune_writes_a_preset_tierconfig_loads_with_the_table_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    """One point of a real sweep (the default sweep takes a minute or more; tools and the notes run it)."""
-    monkeypatch.setattr(tune, "SWEEP", [("workers", (1,))])
+ONE_POINT = (
+    "import sys; from mp_tier.ops import tune; tune.SWEEP[:] = [('workers', (1,))]; "
+    "from mp_tier.__main__ import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.timeout(120)  # a real point: tiers and raw loops, each after an os.sync, which a busy host makes slow
+def test_tune_writes_a_preset_tierconfig_loads_with_the_table_and_leaves_nothing(tmp_path):
+    """One point of a real sweep, in a process of its own (the raw loops' forkserver goes with it); the default
+    sweep takes a minute or more, and the notes show one."""
     root, out = tmp_path / "cache", tmp_path / "preset.toml"
     root.mkdir()
-    status, stdout, err = mp_tier(capsys, "tune", str(root), "--block-size", "64k", "--seconds", "0.2", "--out", str(out))
-    assert status == 0, err
+    argv = ["tune", str(root), "--block-size", "64k", "--seconds", "0.2", "--out", str(out)]
+    done = subprocess.run([sys.executable, "-c", ONE_POINT, *argv], capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr
     assert list(root.iterdir()) == [], "tune left something behind"
     config = TierConfig.from_toml(out)
     assert (config.n_read_workers, config.n_write_workers, config.o_direct) == (1, 1, "off")
     text = out.read_text()
     assert "# workers=1 o_direct=off" in text and "(raw)" in text and "busy/idle >= 0.9" in text
-    assert "workers=1 o_direct=off" in stdout
+    assert "workers=1 o_direct=off" in done.stdout
 
 
 def test_tune_refuses_bad_seconds_in_one_line(tmp_path, capsys):
