@@ -78,7 +78,7 @@ def _clean_namespace(ns: Namespace, victims: set[tuple[str, str, int]], done: Cl
                 if done.dry_run or remove_block(ns.fd, entry.path):
                     done.evicted += 1
                     done.evicted_bytes += st.st_size
-                    done.removed.append(f"evicted {where}")
+                    done.removed.append(f"least recently used block {where}")
                     gone[entry.path.dir] = gone.get(entry.path.dir, 0) + 1
                 continue
             done.block_bytes_left += st.st_size
