@@ -407,3 +407,19 @@ def test_files_another_user_owns_are_reported_never_removed_nor_loaded(stored, c
     assert planted_block.exists() and stale.exists()
     planted_block.unlink()
     stale.unlink()
+
+
+def test_a_namespace_of_another_layout_version_is_skipped_whole(stored, capsys):
+    """Its names may mean something else: du reports it, and clean and verify never enter it."""
+    root, _, _ = stored
+    other = root / "bs65536_r1"
+    stale = other / "abc" / "de_g0" / ("abcde" + "0" * 59 + ".bin.00000000.1.0.tmp")
+    stale.parent.mkdir(parents=True, mode=0o700)
+    other.chmod(0o700)
+    (other / "config.json").write_text(json.dumps({"block_bytes": BLOCK, "layout_version": 2}))
+    stale.write_bytes(b"")
+    os.utime(stale, (1, 1))
+    usage = {u["namespace"]: u for u in as_json(capsys, "du", str(root))["namespaces"]}
+    assert usage["bs65536_r1"]["skipped"] == "layout version 2: this mp_tier reads layout version 1 only"
+    assert as_json(capsys, "clean", str(root))["stale_temps"] == 0 and stale.exists()
+    stale.unlink()

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..bench.progress import make_bar
-from ..namespace import namespace_rank
+from ..layout import VERSION_KEY, rank_of_dir
 from .tree import BLOCK, FOREIGN, LIVE_TEMP, REFUSED, STALE_TEMP, Namespace, Walk, namespaces, open_root, shown, walk
 
 EXAMPLES = 5  # names shown of each kind of odd file; the counts are complete
@@ -46,7 +46,7 @@ class Usage:
 
 def survey(ns: Namespace, bar_update: Any = None) -> Usage:
     """Count what ``ns`` holds; ``bar_update(n)`` is told the files seen after each top-level directory."""
-    usage = Usage(shown(ns.name), ns.run, namespace_rank(ns.name), ns.problem)
+    usage = Usage(shown(ns.name), ns.run, rank_of_dir(ns.name), ns.problem)
     if ns.problem:
         return usage
     seen = Walk()
@@ -107,7 +107,7 @@ def describe(u: Usage) -> list[str]:
     run = u.run or {}
     facts = [f"{k}={run[k]}" for k in ("model", "dtype", "tp", "pp") if k in run]
     facts += [f"rank {u.rank if u.rank is not None else '-'}", f"block {size(run['block_bytes']) if 'block_bytes' in run else '-'}"]
-    facts.append(f"layout {run.get('layout', '-')}")
+    facts.append(f"layout version {run.get(VERSION_KEY, 1)}")  # a config.json without one is of version 1
     lines = [f"namespace {u.namespace}  ({', '.join(facts)})"]
     for group, (blocks, nbytes) in sorted(u.groups.items()):
         lines.append(f"  group {group:<6} {blocks:>12,} blocks {size(nbytes):>12}")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..block_io import refusal, temp_is_stale
-from ..layout import GROUP_BYTES, BlockPath, is_layout_dir, parse_block, temp_target
-from ..namespace import CONFIG_FILE, Owners, check_namespace, owners_for
+from ..layout import CONFIG_FILE, GROUP_BYTES, LAYOUT_VERSION, VERSION_KEY, BlockLayout, BlockPath, temp_target
+from ..namespace import Owners, check_namespace, owners_for
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 BLOCK, REFUSED, LIVE_TEMP, STALE_TEMP, CONFIG, FOREIGN = "block", "refused", "live temp", "stale temp", "config", "foreign"
@@ -98,6 +98,8 @@ def namespaces(root_fd: int, root: str) -> Iterator[Namespace]:
             recorded = check_namespace(fd, f"{root}/{name}", ns.owners)
             if not isinstance(recorded, dict):
                 raise ValueError("config.json is not a JSON object")
+            if (version := recorded.get(VERSION_KEY, 1)) != LAYOUT_VERSION:  # its names may mean something else
+                raise ValueError(f"layout version {version!r}: this mp_tier reads layout version {LAYOUT_VERSION} only")
             ns.run, ns.fd = recorded, fd
         except FileNotFoundError:
             ns.problem = "no config.json: not a namespace of the tier"
@@ -163,7 +165,7 @@ def _walk_dir(dirfd: int, parents: list[str], ns: Namespace, seen: Walk, now: fl
         seen.layout_dirs.append(LayoutDir(where, mtime, len(entries)))
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            if not is_layout_dir(parents, entry.name):
+            if not BlockLayout.is_layout_dir(parents, entry.name):
                 seen.foreign_dirs.append(shown(f"{where}/{entry.name}".lstrip("/")))
                 continue
             try:
@@ -187,7 +189,7 @@ def _judge(entry: os.DirEntry[str], parents: list[str], dirfd: int, owners: Owne
     """The kind of one file, by the layout's names, the block I/O code's refusals and the sweep's rule."""
     name = entry.name
     path = BlockPath("/".join(parents), name)
-    key = parse_block(parents, name)
+    key = BlockLayout.parse_block(parents, name)
     if key is None and temp_target(name) is None:
         return Entry(CONFIG if not parents and name == CONFIG_FILE else FOREIGN, path, dirfd, None)
     try:
