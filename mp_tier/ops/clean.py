@@ -86,7 +86,7 @@ def _clean_namespace(ns: Namespace, victims: set[tuple[str, str, int]], done: Cl
         else:
             continue
         gone[entry.path.dir] = gone.get(entry.path.dir, 0) + 1
-    for d in reversed(seen.layout_dirs):  # each directory after the ones inside it
+    for d in reversed(seen.layout_dirs):  # so each directory comes after the ones inside it
         if d.entries > gone.get(d.path, 0) or now - d.mtime <= STALE_TEMP_SECONDS:
             continue
         parent, _, name = d.path.rpartition("/")

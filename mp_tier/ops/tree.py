@@ -117,7 +117,7 @@ class Entry(NamedTuple):
     """One file of a namespace, judged as the tier judges it."""
 
     kind: str
-    path: BlockPath  # relative to the namespace directory ("" for its own top level)
+    path: BlockPath  # relative to the namespace directory (dir "" for its own top level)
     dirfd: int  # its directory, open while the entry is being handled
     st: os.stat_result | None  # for blocks, refused blocks and temp files
     why: str = ""
@@ -138,11 +138,11 @@ class LayoutDir(NamedTuple):
 
 @dataclass
 class Walk:
-    """Directories seen and passed over during a walk, and the top-level directories for a progress bar."""
+    """The directories a walk passed over (foreign, unreadable) and the layout's directories it entered."""
 
     foreign_dirs: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
-    layout_dirs: list[LayoutDir] = field(default_factory=list)  # each after the directories inside it
+    layout_dirs: list[LayoutDir] = field(default_factory=list)  # each before the directories inside it
 
 
 def walk(ns: Namespace, seen: Walk, now: float | None = None, on_top: Any = None) -> Iterator[Entry]:
