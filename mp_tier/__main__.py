@@ -7,6 +7,7 @@ import os
 import sys
 
 from .config import ConfigError, TierConfig
+from .ops.cli import add_commands
 
 
 def _show_config(args: argparse.Namespace) -> None:
@@ -42,17 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     show.add_argument("path", nargs="?", help="a TOML config file, e.g. configs/nvme.toml")
     show.set_defaults(run=_show_config)
+    add_commands(commands)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _bench(parser.prog, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        args.run(args)
+        status: int | None = args.run(args)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -159,16 +159,50 @@ def load_block(
 
 
 def _verify(fd: int, root: int, path: BlockPath, block: memoryview) -> None:
+    problem = _crc_problem(fd, block)
+    if problem is not None:
+        remove_block(root, path)
+        raise CorruptBlock(errno.EBADMSG, f"{problem}, removed", path.rel)
+
+
+def _crc_problem(fd: int, block: memoryview) -> str | None:
+    """None if the block matches its recorded CRC or has none, else how it differs."""
     try:
         recorded = int.from_bytes(os.getxattr(fd, CRC_XATTR), "big")
     except OSError as e:
         if e.errno == errno.ENODATA:
-            return
+            return None
         raise
     actual = zlib.crc32(block)
-    if actual != recorded:
-        remove_block(root, path)
-        raise CorruptBlock(errno.EBADMSG, f"CRC32 {actual:08x} does not match recorded {recorded:08x}, removed", path.rel)
+    return None if actual == recorded else f"CRC32 {actual:08x} does not match recorded {recorded:08x}"
+
+
+def block_problem(root: int, path: BlockPath, block: memoryview, owners: Owners, *, checksum: bool) -> str | None:
+    """What ``load_block`` would find wrong with this block, changing nothing: None if it would load.
+
+    ``block`` is a buffer of the block's size. A load removes a block of
+    the wrong size or CRC (the message then starts with EBADMSG); an error
+    it raises (an unreadable file) comes as the OSError itself.
+    """
+    fd = open_beneath(root, path.rel, _READ)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return f"EINVAL: {_kind(st.st_mode)}, not a block file"
+        if (why := refusal(st, owners)) is not None:
+            return f"EPERM: {why}"
+        if st.st_size != len(block):
+            return f"EBADMSG: holds {st.st_size} of {len(block)} bytes"
+        done = 0
+        while done < len(block):
+            got = os.preadv(fd, [block[done:]], done)
+            if got == 0:
+                return f"EBADMSG: ended after {done} of {len(block)} bytes"
+            done += got
+        problem = _crc_problem(fd, block) if checksum else None
+    finally:
+        os.close(fd)
+    return None if problem is None else f"EBADMSG: {problem}"
 
 
 def remove_block(root: int, path: BlockPath) -> bool:
@@ -307,12 +341,28 @@ def _sweep_dir(dirfd: int, names: list[str], now: float) -> tuple[int, int]:
             continue
         try:
             st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode) and (_writer_is_gone(name) or now - st.st_mtime > STALE_TEMP_SECONDS):
+            if stat.S_ISREG(st.st_mode) and temp_is_stale(name, st.st_mtime, now):
                 os.unlink(name, dir_fd=dirfd)
                 removed += 1
         except OSError:
             pass  # its writer finished or another sweeper got it, or it is not ours to remove
     return removed, foreign
+
+
+def temp_is_stale(name: str, mtime: float, now: float) -> bool:
+    """The sweep's rule for a temp file: its writer on this host is gone, or it is STALE_TEMP_SECONDS old."""
+    return _writer_is_gone(name) or now - mtime > STALE_TEMP_SECONDS
+
+
+def refusal(st: os.stat_result, owners: Owners) -> str | None:
+    """Why a load would refuse the file at a block's name (and a store replace it), or None for a block to keep."""
+    if not stat.S_ISREG(st.st_mode):
+        return _kind(st.st_mode)
+    if not owners.allow(st):
+        return f"owned by uid {st.st_uid} gid {st.st_gid}"
+    if not _readable(st):
+        return f"mode {stat.S_IMODE(st.st_mode):o}, unreadable"
+    return None
 
 
 def _writer_is_gone(name: str) -> bool:

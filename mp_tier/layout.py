@@ -159,6 +159,12 @@ def rank_dir(base: str, rank: int) -> str:
     return f"{base}_r{rank}"
 
 
+def rank_of_dir(name: str) -> int | None:
+    """The rank ``rank_dir`` wrote into a namespace directory's name, or None if it is not such a name."""
+    base, sep, rank = name.rpartition("_r")
+    return int(rank) if sep and base and _is_decimal(rank) and len(rank) <= 9 else None
+
+
 def namespace_name(run: dict[str, Any], rank: int) -> str:
     """The namespace directory of a run described by ``namespace.describe_run``."""
     parts = [run[k] if k in ("model", "dtype") else f"{k}{run[k]}" for k in ("model", "dtype", "tp", "pp") if k in run]

@@ -174,6 +174,16 @@ def reopen(base: str, expected: tuple[int, int]) -> int | None:
     return None
 
 
+def check_namespace(ns_fd: int, base: str, owners: Owners) -> Any:
+    """The run recorded in an existing namespace, after the same trust check a tier makes.
+
+    PermissionError if the tier would refuse the directory, ValueError if its
+    ``config.json`` is no run description, FileNotFoundError if it has none.
+    """
+    _check_trusted(base, os.fstat(ns_fd), owners)
+    return _read_config(ns_fd, f"{base}/{CONFIG_FILE}")
+
+
 def _unusable(root_dir: str, e: OSError) -> OSError:
     if e.errno in (errno.EMFILE, errno.ENFILE):
         why = f"too many open files ({errno.errorcode[e.errno]}) while opening root_dir {root_dir!r}: raise the limit (ulimit -n)"

@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -539,3 +540,31 @@ def test_a_restart_sweeps_temp_files_of_dead_writers_not_yet_reaped(volume, node
     finally:
         os.kill(a.proc.pid, signal.SIGKILL)
         a.proc.wait(10)
+
+
+def test_mp_tier_clean_on_another_node_spares_live_temp_files_while_a_node_stores(volume, nodes):
+    """``mp-tier clean --max-bytes`` run as node C while node A stores: another host's fresh temp file (a live
+    writer there) stays, an hour-old one goes, least recently used blocks are evicted, and every store succeeds."""
+    (a,) = nodes("A")
+    a.start("ops", block_kib=128, read=1, write=2, num_blocks=16)
+    keys = keys_for("ops", 64)
+    directory = a.directory(keys[0])
+    a.call("store", keys=hexes(keys[:16]), tag=TAG_A)
+    there = observer(volume, directory)
+    block = f"{keys[0][:-4].hex()}.bin"
+    live, stale = (f"{block}.{host_tag(gl.hostname('B'))}.{pid}.0.tmp" for pid in (7, 8))
+    for name in (live, stale):
+        Path(there, name).write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    os.utime(os.path.join(there, stale), (old, old))
+    a.send("store", keys=hexes(keys[16:]), tag=TAG_A, per_job=2, inflight=2)
+    root = os.path.join(volume.mount("C"), "ops")
+    clean = gl.popen_as("C", [sys.executable, "-m", "mp_tier", "clean", root, "--max-bytes", "1m"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = clean.communicate(timeout=60)
+    stored = a.result()
+    assert clean.returncode == 0, err
+    assert b"removed: 1 stale temp files" in out and b"blocks evicted" in out
+    assert stored["failed"] == 0, stored["errors"]
+    on_brick = brick(volume, directory)  # the observer's mount may still cache the name C removed
+    assert os.path.exists(os.path.join(on_brick, live)) and not os.path.exists(os.path.join(on_brick, stale))
+    os.unlink(os.path.join(there, live))

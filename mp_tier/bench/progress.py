@@ -25,8 +25,8 @@ class NoBar:
         pass
 
 
-def make_bar(enabled: bool, desc: str, total: int) -> Bar:
-    """A byte progress bar on stderr that shows up only after a second.
+def make_bar(enabled: bool, desc: str, total: int | None, unit: str = "B") -> Bar:
+    """A progress bar on stderr (of bytes unless ``unit`` says) that shows up only after a second.
 
     tqdm is imported by name when a bar is wanted: it is an optional extra
     (the run just has no bar without it) and ships no type hints.
@@ -37,5 +37,6 @@ def make_bar(enabled: bool, desc: str, total: int) -> Bar:
         tqdm = importlib.import_module("tqdm").tqdm
     except ImportError:
         return NoBar()
-    bar: Bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, delay=1.0, leave=False, file=sys.stderr)
+    divisor = 1024 if unit == "B" else 1000
+    bar: Bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=divisor, delay=1.0, leave=False, file=sys.stderr)
     return bar
