@@ -9,8 +9,7 @@ or, with mp_tier installed as a package, by the name ``"mp_fs"`` that its
 ``vllm.general_plugins`` entry point registers. Every other key of the entry
 is a setting: vLLM's FS-tier names (``n_read_threads``, ``n_write_threads``,
 ``enable_kv_events``, ``locality``), any ``TierConfig`` field (``max_bytes``,
-``checksum``, ``o_direct``, ``engine``, ...; ``n_read_workers`` and ``events``
-are the same settings as ``n_read_threads`` and ``enable_kv_events``: give one),
+``checksum``, ``o_direct``, ``engine``, ...; ``events`` is ``enable_kv_events``),
 or ``config_file``, a TOML preset; ``MP_TIER_*`` variables apply too. A bad
 value is refused naming the key the entry wrote, before anything is created.
 
@@ -22,9 +21,8 @@ What vLLM hands a tier, and what it gets back:
   the reason, unless ``"engine": "threads"`` opts into the thread engine.
 * Disk: vLLM's ``FileMapper`` names the namespace directory and vLLM's
   ``config.json`` sits beside it, so a root written by vLLM's FS tier is read
-  by this one and the other way round. That name leaves out the chunk's byte
-  size: an engine with another chunk size than the one whose blocks the
-  directory holds uses ``<base>_bs<bytes>_r<rank>`` beside it instead.
+  by this one and the other way round. That name leaves out the chunk size: an
+  engine whose size is not the one recorded there uses ``<base>_bs<bytes>_r<rank>``.
 * Lookups: the tier's memory first (``lookup_many``): a block it stored, found
   or learned of is a HIT at once, and a store still in flight is RETRY ("being
   transferred"; a secondary tier's HIT_PENDING would read as MISS in vLLM's
@@ -134,7 +132,7 @@ class MpFileSystemTierManager(SecondaryTierManager):
             if offloading_spec.kv_events_config.enable_kv_cache_events:
                 self.events = []
             else:
-                log.warning("enable_kv_events is set on tier %r but KV cache events are off globally: no events", tier_type)
+                log.warning("events are asked for on tier %r but KV cache events are off globally: no events", tier_type)
         self.file_mapper = FileMapper.from_offloading_spec(
             root_dir=root_dir, offloading_spec=offloading_spec, blocks_per_file=offloading_spec.blocks_per_chunk, parallel_agnostic=True
         )
@@ -159,8 +157,7 @@ class MpFileSystemTierManager(SecondaryTierManager):
         except OtherRun as e:
             if set(e.recorded) != {"block_bytes"}:  # not a run of this kind: refused, as any other
                 raise
-        sized = f"{name}_bs{self.block_size_bytes}_r{rank}"
-        return FileSystemTierManager(primary_kv_view=primary_kv_view, config=config, namespace=sized)
+        return FileSystemTierManager(primary_kv_view=primary_kv_view, config=config, namespace=f"{name}_bs{self.block_size_bytes}_r{rank}")
 
     # -- lookups ------------------------------------------------------------------
 
