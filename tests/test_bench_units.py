@@ -34,7 +34,7 @@ def test_more_size_spellings(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "0k", "-1m", "2x", "m", "", "1.5.2g"])
+@pytest.mark.parametrize("text", ["0", "0k", "0.5", "-1m", "2x", "m", "", "1.5.2g", "٣k"])
 def test_bad_sizes_name_the_text(text):
     with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
         parse_size(text)

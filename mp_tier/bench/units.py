@@ -24,7 +24,7 @@ _DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]*)?|\.[0-9]+")
 def parse_size(text: str) -> int:
     """'256k', '2m', '1.5g', '4096' -> bytes (binary units)."""
     m = re.fullmatch(r"([0-9]{1,15}(?:\.[0-9]+)?)([kmgt]?)(?:i?b)?", text.strip().lower())
-    if not m or float(m[1]) <= 0:
+    if not m or int(float(m[1]) * _UNITS[m[2]]) <= 0:  # '0.5' is less than a byte
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (expected e.g. 256k, 2m, 1g)")
     return int(float(m[1]) * _UNITS[m[2]])
 
