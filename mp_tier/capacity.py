@@ -131,6 +131,6 @@ class CapacityIndex:
 
     def _full(self, new: int, why: str) -> str:
         return (
-            f"ENOSPC: {new} more blocks of {self.block_bytes} bytes exceed max_bytes {self.max_bytes} "
+            f"{new} more blocks of {self.block_bytes} bytes exceed max_bytes {self.max_bytes} "
             f"({self.used_bytes} in use; {why})"
         )

@@ -59,7 +59,7 @@ class Residency:
         """What makes room for ``keys``; raises Refused (EBUSY, ENOSPC), changing nothing."""
         if self.evicting and (busy := next((k for k in keys if k in self.evicting), None)):
             # its old file may still be unlinked after a new one is written: refuse rather than lose it
-            raise Refused("EBUSY", f"EBUSY: block {busy.hex()} is being evicted; store it again later")
+            raise Refused("EBUSY", f"block {busy.hex()} is being evicted; store it again later")
         return self.capacity.admission(keys, (self.loading, self.storing))
 
     def commit_store(self, keys: list[bytes], admission: Admission) -> None:

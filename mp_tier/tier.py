@@ -124,13 +124,13 @@ class FileSystemTierManager:
             if job_id in core.ledger.jobs:
                 raise ValueError(f"job_id {job_id} is still active")
             if not keys:
-                core.stats["jobs_stored" if op == Op.STORE else "jobs_loaded"] += 1
+                core.counts.add_job(op == Op.STORE, True, 0)
                 self._deliver(JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0))
                 return
             try:
                 limit = self.config.max_queued_tasks
                 if limit and core.pool.backlog(op) >= limit:
-                    raise Refused("EAGAIN", f"EAGAIN: {limit} tasks already wait on the host (max_queued_tasks)")
+                    raise Refused("EAGAIN", f"{limit} tasks already wait on the host (max_queued_tasks)")
                 admission = core.residency.prepare_store(keys) if op == Op.STORE else None
             except Refused as refused:
                 self._deliver(

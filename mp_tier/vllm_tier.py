@@ -71,6 +71,7 @@ from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
 
 from .config import FILE_MODES, TierConfig, check
 from .jobs import JobMetadata
+from .layout import rank_dir
 from .namespace import OtherRun, write_once
 from .tier import FileSystemTierManager
 
@@ -153,11 +154,11 @@ class MpFileSystemTierManager(SecondaryTierManager):
         """The tier in vLLM's directory for this rank, or beside it if that one holds blocks of another size."""
         name, rank = os.path.basename(self.file_mapper.base_path), self.file_mapper.rank
         try:
-            return FileSystemTierManager(primary_kv_view=primary_kv_view, config=config, namespace=f"{name}_r{rank}")
+            return FileSystemTierManager(primary_kv_view=primary_kv_view, config=config, namespace=rank_dir(name, rank))
         except OtherRun as e:
             if set(e.recorded) != {"block_bytes"}:  # not a run of this kind: refused, as any other
                 raise
-        return FileSystemTierManager(primary_kv_view=primary_kv_view, config=config, namespace=f"{name}_bs{self.block_size_bytes}_r{rank}")
+        return FileSystemTierManager(primary_kv_view=primary_kv_view, config=config, namespace=rank_dir(f"{name}_bs{self.block_size_bytes}", rank))
 
     # -- lookups ------------------------------------------------------------------
 
@@ -232,6 +233,8 @@ class MpFileSystemTierManager(SecondaryTierManager):
                         self._loading[key] = left
                     else:
                         del self._loading[key]
+            if not result.success:  # vLLM's JobResult has no field for the code: its log carries it
+                log.warning("tier %s: job %d failed (%s): %s", self.tier_type, job.job_id, result.error_code, result.error)
             successful_keys = self._loaded_prefix(job, result.successful_keys) if loading else None
             stored = self._store_job_keys.pop(job.job_id, None)
             if stored is not None and result.success and self.events is not None:

@@ -16,10 +16,10 @@ from . import block_io
 from .capacity import CapacityIndex
 from .config import FILE_MODES, TierConfig
 from .coordinator import Coordinator
-from .layout import BlockLayout
+from .layout import BlockLayout, namespace_name
 from .memory import buffer_address
 from .messages import Op
-from .namespace import Owners, describe_run, namespace_name, owners_for, prepare_namespace
+from .namespace import Owners, describe_run, owners_for, prepare_namespace
 from .pool import WorkerPool
 from .residency import Residency
 from .shared_cache import primary_memory
