@@ -7,6 +7,7 @@ import importlib.metadata
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -379,4 +380,35 @@ def test_engines_with_other_chunk_sizes_share_a_root_each_in_its_own_directory(t
         rows.clear()
         for primary, tier in made:
             tier.shutdown()
+            primary.shutdown()
+
+
+def test_engines_with_other_chunk_sizes_starting_at_once_on_an_empty_root_both_start(tmp_path: Path) -> None:
+    """Whichever links vLLM's directory's config.json first keeps that directory; the other moves beside it."""
+    primaries = [
+        CPUPrimaryTierOffloadingManager(num_chunks=4, mmap_region=SharedOffloadRegion(f"mptier-{uuid.uuid4().hex[:8]}", 4, None, chunk, 4096))
+        for chunk in (CHUNK, 2 * CHUNK)
+    ]
+    views = [primary.get_kv_memoryview() for primary in primaries]
+    start = threading.Barrier(2)
+    tiers: list[MpFileSystemTierManager] = []
+
+    def engine(view: memoryview) -> None:
+        start.wait(10)
+        tiers.append(MpFileSystemTierManager(spec(), view, "mp", root_dir=str(tmp_path), n_read_threads=1, n_write_threads=1))
+
+    threads = [threading.Thread(target=engine, args=(view,)) for view in views]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(tiers) == 2, "an engine failed to start"
+        base = os.path.basename(tiers[0].file_mapper.base_path)
+        beside = set(os.listdir(tmp_path)) - {base, f"{base}_r0"}  # vLLM's config.json directory, and its rank directory
+        assert beside in ({f"{base}_bs{CHUNK}_r0"}, {f"{base}_bs{2 * CHUNK}_r0"})
+    finally:
+        for tier in tiers:
+            tier.shutdown()
+        for primary in primaries:
             primary.shutdown()
