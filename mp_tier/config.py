@@ -9,8 +9,12 @@ the same one-line message.
 
 from __future__ import annotations
 
+import difflib
+import errno
 import json
 import os
+import re
+import stat
 import sys
 import typing
 from typing import Annotated, Any, Literal
@@ -39,6 +43,11 @@ SchedPolicy = Literal["normal", "batch", "idle"]
 FILE_MODES = {"private": (0o600, 0o700), "group": (0o640, 0o750)}
 
 ENV_PREFIX = "MP_TIER_"
+# Variables the project reads that are not settings: a test hook of the workers, the shared-FS tests' switch.
+ENV_NOT_SETTINGS = frozenset({"MP_TIER_TEST_PAUSE", "MP_TIER_GLUSTERFS"})
+# Numbers as a setting takes them: ASCII digits only (int() and float() also take '٣' and '1_0').
+_INT = re.compile(r"[+-]?[0-9]{1,100}")  # int() refuses over 4300 digits
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.IGNORECASE)
 _TRUE_WORDS = ("true", "1", "yes")
 _FALSE_WORDS = ("false", "0", "no")
 _KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -121,10 +130,11 @@ def describe(type_: Any) -> str:
 
 def _load_file(cls: type[TierConfig], path: str | os.PathLike[str]) -> TierConfig:
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(_read_regular(path).decode())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     types = {f.name: f.type for f in msgspec.structs.fields(cls)}
@@ -139,8 +149,23 @@ def _load_file(cls: type[TierConfig], path: str | os.PathLike[str]) -> TierConfi
     return cls(**values)
 
 
+def _read_regular(path: str | os.PathLike[str]) -> bytes:
+    """The file's bytes; opened without blocking and refused unless a regular file, so a FIFO cannot hang us."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else f"mode {mode:o}"
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def _apply_env(config: TierConfig) -> TierConfig:
     """Override one field at a time, so a bad value is blamed on the variable that set it."""
+    _refuse_unknown_env(config)
     for field in msgspec.structs.fields(config):
         var = ENV_PREFIX + field.name.upper()
         text = os.environ.get(var)
@@ -154,23 +179,31 @@ def _apply_env(config: TierConfig) -> TierConfig:
     return config
 
 
+def _refuse_unknown_env(config: TierConfig) -> None:
+    """A misspelt variable would silently change nothing: name the first one, and the setting it is closest to."""
+    names = [f.name.upper() for f in msgspec.structs.fields(config)]
+    for var in sorted(os.environ):
+        if var.startswith(ENV_PREFIX) and var[len(ENV_PREFIX) :] not in names and var not in ENV_NOT_SETTINGS:
+            close = difflib.get_close_matches(var[len(ENV_PREFIX) :], names, n=1)  # the shared prefix would match anything
+            known = [ENV_PREFIX + name for name in close or names]
+            hint = f"did you mean {known[0]}?" if close else f"the settings are {', '.join(known)}"
+            raise ConfigError(f"env {var}: not a setting; {hint}")
+
+
 def _parse_env(text: str, type_: Any) -> Any:
     """Environment values are strings: the field's kind read from one, or the text as given for ``check`` to refuse."""
     kind = typing.get_args(type_)[0] if typing.get_origin(type_) is Annotated else type_
     word = text.strip()
     if typing.get_origin(kind) is list:  # "0,1": a list of integers
         items = [item.strip() for item in word.split(",") if item.strip()]
-        return [int(item) if item.lstrip("+-").isdigit() else item for item in items]
+        return [int(item) if _INT.fullmatch(item) else item for item in items]
     if kind is bool:
         lowered = word.lower()
         return lowered in _TRUE_WORDS if lowered in _TRUE_WORDS + _FALSE_WORDS else text
     if kind is int:
-        return int(word) if word.lstrip("+-").isdigit() else text
-    if kind is float:
-        try:
-            return float(word)  # inf and nan too: the field's range refuses them by name
-        except ValueError:
-            return text
+        return int(word) if _INT.fullmatch(word) else text
+    if kind is float:  # inf and nan too: the field's range refuses them by name
+        return float(word) if _FLOAT.fullmatch(word) else text
     return text
 
 

@@ -27,6 +27,14 @@ from .layout import CONFIG_FILE, LAYOUT_VERSION, VERSION_KEY, BlockLayout, temp_
 _CONFIG_MAX_BYTES = 1 << 16
 
 
+class OtherRun(ValueError):
+    """A namespace whose ``config.json`` records another run (``recorded``), so its blocks are not this run's."""
+
+    def __init__(self, message: str, recorded: dict[str, Any]):
+        super().__init__(message)
+        self.recorded = recorded
+
+
 class Owners(msgspec.Struct, frozen=True):
     """Who may have written a block file the tier loads: its own uid, and in group mode its groups."""
 
@@ -124,7 +132,7 @@ def prepare_namespace(
         )
     if recorded != run:
         os.close(fd)
-        raise ValueError(f"{base}/{CONFIG_FILE} describes another run: recorded {recorded}, this run {run}")
+        raise OtherRun(f"{base}/{CONFIG_FILE} describes another run: recorded {recorded}, this run {run}", recorded)
     return BlockLayout(base), fd
 
 

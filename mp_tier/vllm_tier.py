@@ -9,8 +9,9 @@ or, with mp_tier installed as a package, by the name ``"mp_fs"`` that its
 ``vllm.general_plugins`` entry point registers. Every other key of the entry
 is a setting: vLLM's FS-tier names (``n_read_threads``, ``n_write_threads``,
 ``enable_kv_events``, ``locality``), any ``TierConfig`` field (``max_bytes``,
-``checksum``, ``o_direct``, ``engine``, ...), or ``config_file``, a TOML
-preset; ``MP_TIER_*`` variables apply too.
+``checksum``, ``o_direct``, ``engine``, ...; ``events`` is ``enable_kv_events``),
+or ``config_file``, a TOML preset; ``MP_TIER_*`` variables apply too. A bad
+value is refused naming the key the entry wrote, before anything is created.
 
 What vLLM hands a tier, and what it gets back:
 
@@ -20,7 +21,8 @@ What vLLM hands a tier, and what it gets back:
   the reason, unless ``"engine": "threads"`` opts into the thread engine.
 * Disk: vLLM's ``FileMapper`` names the namespace directory and vLLM's
   ``config.json`` sits beside it, so a root written by vLLM's FS tier is read
-  by this one and the other way round.
+  by this one and the other way round. That name leaves out the chunk size: an
+  engine whose size is not the one recorded there uses ``<base>_bs<bytes>_r<rank>``.
 * Lookups: the tier's memory first (``lookup_many``): a block it stored, found
   or learned of is a HIT at once, and a store still in flight is RETRY ("being
   transferred"; a secondary tier's HIT_PENDING would read as MISS in vLLM's
@@ -67,10 +69,10 @@ from vllm.v1.kv_offload.tiering.base import (
 )
 from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
 
-from .config import FILE_MODES, TierConfig
+from .config import FILE_MODES, TierConfig, check
 from .jobs import JobMetadata
 from .layout import rank_dir
-from .namespace import write_once
+from .namespace import OtherRun, write_once
 from .tier import FileSystemTierManager
 
 if TYPE_CHECKING:
@@ -92,6 +94,7 @@ _GAUGES = {
     "mp_tier_tasks_queued": ("tasks_queued", "mp_tier tasks held on the host because a pipe was full."),
 }
 _CONFIG_INFO = ("engine", "read_workers", "write_workers", "o_direct", "max_bytes", "checksum")
+_VLLM_NAMES = {"n_read_threads": "n_read_workers", "n_write_threads": "n_write_workers", "enable_kv_events": "events"}
 
 
 class _DiskLookups(AsyncLookupManager):
@@ -118,37 +121,25 @@ class MpFileSystemTierManager(SecondaryTierManager):
         backpressure_detector: BackpressureDetector | None = None,
         *,
         root_dir: str,
-        n_read_threads: int | None = None,
-        n_write_threads: int | None = None,
-        enable_kv_events: bool = False,
         locality: str | None = None,
         config_file: str | None = None,
         **settings: Any,
     ):
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
         self.locality = Locality(locality) if locality is not None else None
+        config = _with_settings(TierConfig.from_toml(config_file) if config_file else TierConfig.from_env(), settings, tier_type)
         self.events: list[OffloadingEvent] | None = None  # None: events are off
-        if enable_kv_events:
+        if config.events:
             if offloading_spec.kv_events_config.enable_kv_cache_events:
                 self.events = []
             else:
-                log.warning("enable_kv_events is set on tier %r but KV cache events are off globally: no events", tier_type)
+                log.warning("events are asked for on tier %r but KV cache events are off globally: no events", tier_type)
         self.file_mapper = FileMapper.from_offloading_spec(
             root_dir=root_dir, offloading_spec=offloading_spec, blocks_per_file=offloading_spec.blocks_per_chunk, parallel_agnostic=True
         )
-        namespace = rank_dir(self.file_mapper.base_path, self.file_mapper.rank)
-        base = TierConfig.from_toml(config_file) if config_file else TierConfig.from_env()
-        if unknown := sorted(set(settings) - {f.name for f in msgspec.structs.fields(TierConfig)}):
-            raise TypeError(f"unknown settings for tier {tier_type!r}: {', '.join(unknown)} (neither vLLM's nor TierConfig's)")
-        config = msgspec.structs.replace(base, **settings, root_dir=os.path.dirname(namespace), events=self.events is not None)
+        config = msgspec.structs.replace(config, root_dir=os.path.dirname(self.file_mapper.base_path), events=self.events is not None)
         _publish_run_config(self.file_mapper, config)
-        self._tier = FileSystemTierManager(
-            primary_kv_view=primary_kv_view,
-            config=config,
-            n_read_workers=n_read_threads,
-            n_write_workers=n_write_threads,
-            namespace=os.path.basename(namespace),
-        )
+        self._tier = self._open_tier(primary_kv_view, config)
         self._lookup_manager = _DiskLookups(self._tier, tier_type)
         self._jobs: dict[int, tuple[TransferJob, bool]] = {}  # submitted (and whether a load), result not yet handed to vLLM
         self._store_job_keys: dict[int, list[OffloadKey]] = {}  # store jobs whose success becomes an event
@@ -158,6 +149,16 @@ class MpFileSystemTierManager(SecondaryTierManager):
         self._asked: dict[str, set[OffloadKey]] = {}  # the same, by request, to forget them when it finishes
         self._missed: dict[str, set[OffloadKey]] = {}  # per request: keys a failed promotion made misses for it
         self._reported = self._tier.stats()  # counters as last reported to get_stats()
+
+    def _open_tier(self, primary_kv_view: memoryview, config: TierConfig) -> FileSystemTierManager:
+        """The tier in vLLM's directory for this rank, or beside it if that one holds blocks of another size."""
+        name, rank = os.path.basename(self.file_mapper.base_path), self.file_mapper.rank
+        try:
+            return FileSystemTierManager(primary_kv_view=primary_kv_view, config=config, namespace=rank_dir(name, rank))
+        except OtherRun as e:
+            if set(e.recorded) != {"block_bytes"}:  # not a run of this kind: refused, as any other
+                raise
+        return FileSystemTierManager(primary_kv_view=primary_kv_view, config=config, namespace=rank_dir(f"{name}_bs{self.block_size_bytes}", rank))
 
     # -- lookups ------------------------------------------------------------------
 
@@ -314,6 +315,22 @@ class MpFileSystemTierManager(SecondaryTierManager):
                 strict=True,
             )
         )
+
+
+def _with_settings(base: TierConfig, settings: dict[str, Any], tier_type: str) -> TierConfig:
+    """``base`` with the entry's settings, each checked under the key the entry wrote (vLLM's name or TierConfig's)."""
+    types = {f.name: f.type for f in msgspec.structs.fields(TierConfig)}
+    if unknown := sorted(name for name in settings if _VLLM_NAMES.get(name, name) not in types):
+        raise TypeError(f"unknown settings for tier {tier_type!r}: {', '.join(unknown)} (neither vLLM's nor TierConfig's)")
+    values: dict[str, Any] = {}
+    keys: dict[str, str] = {}  # field -> the key that set it
+    for name, value in sorted(settings.items()):
+        field = _VLLM_NAMES.get(name, name)
+        if field in keys:
+            raise TypeError(f"{keys[field]} and {name} name one setting: give one")
+        keys[field] = name
+        values[field] = check(name, value, types[field])
+    return msgspec.structs.replace(base, **values)
 
 
 def _publish_run_config(file_mapper: FileMapper, config: TierConfig) -> None:

@@ -34,7 +34,7 @@ def test_more_size_spellings(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "0k", "-1m", "2x", "m", "", "1.5.2g"])
+@pytest.mark.parametrize("text", ["0", "0k", "0.5", "-1m", "2x", "m", "", "1.5.2g", "٣k"])
 def test_bad_sizes_name_the_text(text):
     with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
         parse_size(text)
@@ -143,3 +143,9 @@ def test_the_schema_reference_names_every_record_field():
     for name in (f.name for f in dataclasses.fields(RunRecord)):
         assert name in (report.__doc__ or ""), name
     assert report.SCHEMA in (report.__doc__ or "")
+
+
+@pytest.mark.parametrize("text", ["300", "2+257", "²", "1+٣", pytest.param("9" * 5000, id="5000-digits")])
+def test_worker_counts_beyond_the_tiers_bounds_are_refused_when_parsed(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"each an integer >= 1 and <= 256"):
+        parse_workers(text)

@@ -247,3 +247,72 @@ def test_env_lists_of_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MP_TIER_WORKER_CPUS", "0,x")
     with pytest.raises(ConfigError, match=r"worker_cpus = \[0, 'x'\]: expected a list of integers >= 0 and <= 4095"):
         TierConfig.from_env()
+
+
+@pytest.mark.parametrize(
+    ("var", "text", "expected"),
+    [
+        ("MP_TIER_N_READ_WORKERS", "²", "n_read_workers = '²': expected an integer >= 1 and <= 256"),
+        ("MP_TIER_N_READ_WORKERS", "--5", "n_read_workers = '--5': expected an integer >= 1 and <= 256"),
+        ("MP_TIER_N_READ_WORKERS", "+-3", "n_read_workers = '+-3': expected an integer >= 1 and <= 256"),
+        ("MP_TIER_N_READ_WORKERS", "٣", "n_read_workers = '٣': expected an integer >= 1 and <= 256"),
+        ("MP_TIER_WORKER_CPUS", "0,²", "worker_cpus = [0, '²']: expected a list of integers >= 0 and <= 4095"),
+        ("MP_TIER_WORKER_CPUS", "--1", "worker_cpus = ['--1']: expected a list of integers >= 0 and <= 4095"),
+        ("MP_TIER_WORKER_CPUS", "٠", "worker_cpus = ['٠']: expected a list of integers >= 0 and <= 4095"),
+        ("MP_TIER_STOP_TIMEOUT", "٣", "stop_timeout = '٣': expected a number > 0 and <= 86400"),
+        ("MP_TIER_STOP_TIMEOUT", "1_0", "stop_timeout = '1_0': expected a number > 0 and <= 86400"),
+        ("MP_TIER_MAX_BYTES", "9" * 5000, f"max_bytes = '{'9' * 5000}': expected an integer >= 0 and <= 9223372036854775807"),
+    ],
+)
+def test_env_numbers_are_ascii_digits_only(monkeypatch: pytest.MonkeyPatch, var: str, text: str, expected: str) -> None:
+    """Python's int() and float() read other scripts' digits and underscores; a setting takes 0-9 only."""
+    monkeypatch.setenv(var, text)
+    with pytest.raises(ConfigError) as info:
+        TierConfig.from_env()
+    assert str(info.value) == f"env {var}: {expected}"
+
+
+def test_cli_bad_env_number_exits_2_with_one_line() -> None:
+    result = run_cli("config", "show", env={"MP_TIER_N_READ_WORKERS": "--5"})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "env MP_TIER_N_READ_WORKERS: n_read_workers = '--5': expected an integer >= 1 and <= 256\n"
+
+
+def test_misspelt_env_variable_is_named_with_the_closest_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_TIER_N_READ_WORKER", "16")
+    with pytest.raises(ConfigError) as info:
+        TierConfig.from_env()
+    assert str(info.value) == "env MP_TIER_N_READ_WORKER: not a setting; did you mean MP_TIER_N_READ_WORKERS?"
+    monkeypatch.setenv("MP_TIER_N_READ_WORKER", "16")
+    monkeypatch.setenv("MP_TIER_ZZZ", "1")
+    with pytest.raises(ConfigError, match=r"^env MP_TIER_N_READ_WORKER: "):  # the first, by name
+        TierConfig.from_env()
+    monkeypatch.delenv("MP_TIER_N_READ_WORKER")
+    with pytest.raises(ConfigError, match=r"^env MP_TIER_ZZZ: not a setting; the settings are MP_TIER_ROOT_DIR, "):
+        TierConfig.from_env()
+
+
+def test_cli_misspelt_env_variable_exits_2_and_prints_no_settings() -> None:
+    result = run_cli("config", "show", env={"MP_TIER_N_READ_WORKER": "16"})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "env MP_TIER_N_READ_WORKER: not a setting; did you mean MP_TIER_N_READ_WORKERS?\n"
+
+
+def test_the_projects_own_variables_that_are_not_settings_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("MP_TIER_TEST_PAUSE", "MP_TIER_GLUSTERFS"):
+        monkeypatch.setenv(var, "x")
+    assert TierConfig.from_env() == TierConfig()
+
+
+def test_cli_show_of_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "tier.toml"
+    os.mkfifo(fifo)
+    result = run_cli("config", "show", str(fifo))  # run_cli's timeout fails the test if it blocks
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"{fifo}: cannot read: not a regular file (a FIFO)\n"
+
+
+def test_a_file_that_is_not_utf8_gives_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "tier.toml"
+    path.write_bytes(b"n_read_workers = 4\n\xff\n")
+    assert load_error(path) == f"{path}: invalid TOML: not UTF-8 (invalid start byte at byte 19)"

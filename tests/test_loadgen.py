@@ -183,6 +183,37 @@ def test_every_entry_point_offers_the_same_options(entry):
         assert option in done.stdout
 
 
+WORKER_COUNT = "(expected N or R+W, e.g. 2 or 3+1, each an integer >= 1 and <= 256)"
+BLOCK_SIZE = "not a multiple of 4096 bytes (e.g. 64k, 256k, 2m)"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--workers", "300", f"not a worker count: '300' {WORKER_COUNT}"),
+        ("--workers", "2+257", f"not a worker count: '2+257' {WORKER_COUNT}"),
+        ("--workers", "²", f"not a worker count: '²' {WORKER_COUNT}"),
+        ("--sweep", "workers=1,300", f"not a worker count: '300' {WORKER_COUNT}"),
+        ("--seconds", "-1", "expected a number of seconds > 0, got '-1'"),
+        ("--seconds", "0", "expected a number of seconds > 0, got '0'"),
+        ("--seconds", "nan", "expected a number of seconds > 0, got 'nan'"),
+        ("--spin-us", "-1", "expected a whole number >= 0, got '-1'"),
+        ("--block-size", "3", f"not a block size: '3' is 3 bytes, {BLOCK_SIZE}"),
+        ("--block-size", "6000", f"not a block size: '6000' is 6000 bytes, {BLOCK_SIZE}"),
+        ("--sweep", "block_size=64k,3", f"not a block size: '3' is 3 bytes, {BLOCK_SIZE}"),
+        ("--idle-seconds", "-1", "expected a number >= 0, got '-1'"),
+        ("--load-gap-ms", "inf", "expected a number >= 0, got 'inf'"),
+        ("--zipf", "nan", "expected a number >= 0, got 'nan'"),
+    ],
+)
+def test_a_bad_option_is_a_usage_error_naming_the_value_that_changes_nothing(tmp_path, option, value, message):
+    root = tmp_path / "root"
+    done = run_loadgen(*TINY, "--seconds", "1", option, value, "--root", str(root))  # tiny, should it run after all
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == f"python -m mp_tier bench: error: argument {option}: {message}"
+    assert done.stdout == "" and not root.exists()
+
+
 def test_console_script_keeps_config_show_and_its_exit_status(tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MP_TIER_")}
     shown = subprocess.run([str(MP_TIER), "config", "show"], env=clean, check=False, capture_output=True, text=True, timeout=30)

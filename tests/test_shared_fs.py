@@ -367,7 +367,7 @@ def test_first_writer_of_config_json_wins_when_nodes_start_at_once(volume, nodes
         os.fsync(f.fileno())  # past the writer's write-behind, to the bricks
     b.send_start("refused")
     error = b.reply()["error"]
-    assert error.startswith("ValueError: ") and "config.json describes another run" in error and b.mount in error, error
+    assert error.startswith("OtherRun: ") and "config.json describes another run" in error and b.mount in error, error  # a ValueError
     # while a node with another block size gets a namespace of its own beside it
     c.start("refused", block_kib=256)
     assert os.path.basename(c.namespace()) == "bs262144_r0"

@@ -7,6 +7,7 @@ import importlib.metadata
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
 from vllm.v1.kv_offload.tiering.fs.manager import FileSystemTierManager as VllmFsTier
 from vllm.v1.kv_offload.tiering.manager import CPUPrimaryTierOffloadingManager, TieringOffloadingManager
 
+from mp_tier.config import ConfigError
 from mp_tier.vllm_tier import PLUGIN_NAME, MpFileSystemTierManager, register
 
 CHUNK = 256 << 10  # bytes per primary chunk (a row of vLLM's view; page-aligned)
@@ -294,3 +296,119 @@ def test_metrics_through_vllms_hooks(engine_stack) -> None:
     counters = tier.get_stats().reduce()
     assert counters["mp_tier_blocks_evicted"] == 1 and counters["mp_tier_bytes_counted"] == 2 * CHUNK
     assert "mp_tier_blocks_evicted" not in tier.get_stats().reduce()  # counters report increments once
+
+
+def test_events_is_a_setting_under_either_name(tmp_path: Path) -> None:
+    """``events`` is TierConfig's name for vLLM's ``enable_kv_events``: either turns store events on (where vLLM's
+    are on globally); both at once, or a value that is not a bool, is refused naming the key."""
+    region = SharedOffloadRegion(f"mptier-{uuid.uuid4().hex[:8]}", CHUNKS, None, CHUNK, 4096)
+    primary = CPUPrimaryTierOffloadingManager(num_chunks=CHUNKS, mmap_region=region)
+    view = primary.get_kv_memoryview()
+    tier = MpFileSystemTierManager(spec(events=True), view, "mp", root_dir=str(tmp_path), n_read_threads=1, n_write_threads=1, events=True)
+    try:
+        tier.submit_store(job(1, [key(1)], [0]))
+        drain(tier)
+        (event,) = tier.take_events()
+        assert event.keys == [key(1)] and not event.removed
+        with pytest.raises(TypeError, match=r"^enable_kv_events and events name one setting: give one$"):
+            MpFileSystemTierManager(spec(events=True), view, "mp", root_dir=str(tmp_path / "x"), events=True, enable_kv_events=True)
+        with pytest.raises(ConfigError, match=r"^events = 'yes': expected true or false$"):
+            MpFileSystemTierManager(spec(events=True), view, "mp", root_dir=str(tmp_path / "x"), events="yes")
+        assert not (tmp_path / "x").exists()
+    finally:
+        tier.shutdown()
+        primary.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "message"),
+    [
+        ({"n_read_threads": 0}, ConfigError, "n_read_threads = 0: expected an integer >= 1 and <= 256"),
+        ({"n_write_threads": "2"}, ConfigError, "n_write_threads = '2': expected an integer >= 1 and <= 256"),
+        ({"n_read_workers": 300}, ConfigError, "n_read_workers = 300: expected an integer >= 1 and <= 256"),
+        ({"n_read_threads": 2, "n_read_workers": 2}, TypeError, "n_read_threads and n_read_workers name one setting: give one"),
+        ({"max_bytes": "10G"}, ConfigError, "max_bytes = '10G': expected an integer >= 0 and <= 9223372036854775807"),
+    ],
+)
+def test_a_bad_setting_is_blamed_on_the_key_the_entry_wrote_and_changes_nothing(
+    tmp_path: Path, settings: dict[str, object], error: type[Exception], message: str
+) -> None:
+    region = SharedOffloadRegion(f"mptier-{uuid.uuid4().hex[:8]}", CHUNKS, None, CHUNK, 4096)
+    primary = CPUPrimaryTierOffloadingManager(num_chunks=CHUNKS, mmap_region=region)
+    try:
+        with pytest.raises(error) as info:
+            MpFileSystemTierManager(spec(), primary.get_kv_memoryview(), "mp", root_dir=str(tmp_path / "kv"), **settings)
+        assert str(info.value) == message
+        assert not (tmp_path / "kv").exists()
+    finally:
+        primary.shutdown()
+
+
+def test_engines_with_other_chunk_sizes_share_a_root_each_in_its_own_directory(tmp_path: Path) -> None:
+    """vLLM's FileMapper path leaves the chunk's byte size out. The first engine on a root takes that directory (so
+    vLLM's FS tier reads it); an engine with another chunk size gets ``<base>_bs<bytes>_r<rank>`` beside it, finds
+    its own blocks there after a restart, and never loads a block of the other size."""
+    made: list[tuple[CPUPrimaryTierOffloadingManager, MpFileSystemTierManager]] = []
+    rows: list[np.ndarray] = []  # views of vLLM's regions, let go of before their cleanup
+
+    def engine(chunk: int) -> MpFileSystemTierManager:
+        region = SharedOffloadRegion(f"mptier-{uuid.uuid4().hex[:8]}", 4, None, chunk, 4096)
+        primary = CPUPrimaryTierOffloadingManager(num_chunks=4, mmap_region=region)
+        view = primary.get_kv_memoryview()
+        made.append((primary, MpFileSystemTierManager(spec(), view, "mp", root_dir=str(tmp_path), n_read_threads=1, n_write_threads=1)))
+        rows.append(np.frombuffer(view, dtype=np.uint8).reshape(4, chunk))
+        return made[-1][1]
+
+    k = key(7)
+    try:
+        small, big = engine(CHUNK), engine(2 * CHUNK)
+        small_path = small.file_mapper.get_file_name(k)
+        base = small.file_mapper.base_path
+        big_path = f"{base}_bs{2 * CHUNK}_r0/{os.path.relpath(small_path, f'{base}_r0')}"
+        rows[0][0], rows[1][0] = 1, 2
+        small.submit_store(job(1, [k], [0]))
+        big.submit_store(job(2, [k], [0]))  # the same key: each engine's own bytes, in its own file
+        assert [r.success for r in drain(small) + drain(big)] == [True, True]
+        assert (os.path.getsize(small_path), os.path.getsize(big_path)) == (CHUNK, 2 * CHUNK)
+        big.shutdown()
+        again = engine(2 * CHUNK)  # a restart finds the same directory, and its block
+        again.submit_load(job(3, [k], [1], promotion=True))
+        small.submit_load(job(4, [k], [1], promotion=True))
+        assert [r.success for r in drain(again) + drain(small)] == [True, True]
+        assert (rows[2][1] == 2).all() and (rows[0][1] == 1).all()
+    finally:
+        rows.clear()
+        for primary, tier in made:
+            tier.shutdown()
+            primary.shutdown()
+
+
+def test_engines_with_other_chunk_sizes_starting_at_once_on_an_empty_root_both_start(tmp_path: Path) -> None:
+    """Whichever links vLLM's directory's config.json first keeps that directory; the other moves beside it."""
+    primaries = [
+        CPUPrimaryTierOffloadingManager(num_chunks=4, mmap_region=SharedOffloadRegion(f"mptier-{uuid.uuid4().hex[:8]}", 4, None, chunk, 4096))
+        for chunk in (CHUNK, 2 * CHUNK)
+    ]
+    views = [primary.get_kv_memoryview() for primary in primaries]
+    start = threading.Barrier(2)
+    tiers: list[MpFileSystemTierManager] = []
+
+    def engine(view: memoryview) -> None:
+        start.wait(10)
+        tiers.append(MpFileSystemTierManager(spec(), view, "mp", root_dir=str(tmp_path), n_read_threads=1, n_write_threads=1))
+
+    threads = [threading.Thread(target=engine, args=(view,)) for view in views]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(tiers) == 2, "an engine failed to start"
+        base = os.path.basename(tiers[0].file_mapper.base_path)
+        beside = set(os.listdir(tmp_path)) - {base, f"{base}_r0"}  # vLLM's config.json directory, and its rank directory
+        assert beside in ({f"{base}_bs{CHUNK}_r0"}, {f"{base}_bs{2 * CHUNK}_r0"})
+    finally:
+        for tier in tiers:
+            tier.shutdown()
+        for primary in primaries:
+            primary.shutdown()

@@ -19,10 +19,14 @@ from .root_dir import cleanup, fs_type, prepare_root
 from .tier_runs import learn_layout
 from .units import (
     SWEEP_KEYS,
+    parse_block_size,
     parse_list,
+    parse_non_negative,
     parse_positive,
+    parse_seconds,
     parse_size,
     parse_sweep,
+    parse_whole,
     parse_workers,
 )
 from .workloads import WORKLOAD_RUNNERS, WORKLOADS
@@ -39,12 +43,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--workload", type=parse_list(WORKLOADS), default=list(WORKLOADS), help="comma list of store, load, mixed, trace, or all (default: all)"
     )
-    p.add_argument("--block-size", type=parse_size, default=2 << 20, help="bytes per block (default 2m)")
+    p.add_argument("--block-size", type=parse_block_size, default=2 << 20, help="bytes per block (default 2m)")
     p.add_argument("--blocks-per-job", type=parse_positive, default=16, help="blocks per job, except in trace (default 16)")
     p.add_argument("--workers", type=parse_workers, default=(2, 2), help="N (N read + N write workers) or R+W (default 2)")
     p.add_argument("--inflight", type=parse_positive, default=4, help="jobs (trace: requests) kept in flight (default 4)")
     p.add_argument("--total", type=parse_size, default=1 << 30, help="bytes each phase moves (default 1g)")
-    p.add_argument("--seconds", type=float, default=None, help="also stop submitting after this many seconds per phase")
+    p.add_argument("--seconds", type=parse_seconds, default=None, help="also stop submitting after this many seconds per phase")
     p.add_argument(
         "--compare",
         type=parse_list(COMPARES),
@@ -54,14 +58,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--o-direct", choices=("auto", "on", "off"), default="auto", help="the tier's o_direct setting; raw follows the tier (default auto)"
     )
-    p.add_argument("--spin-us", type=int, default=1000, help="host busy-loop slice between polls, microseconds; 0 = block in wait() (default 1000)")
+    p.add_argument(
+        "--spin-us", type=parse_whole, default=1000, help="host busy-loop slice between polls, microseconds; 0 = block in wait() (default 1000)"
+    )
     p.add_argument("--repeat", type=parse_positive, default=1, help="run every engine this many times, interleaved (default 1)")
     p.add_argument(
-        "--idle-seconds", type=float, default=0.3, help="busy-loop idle speed is measured this long before and after each run (default 0.3)"
+        "--idle-seconds",
+        type=parse_non_negative,
+        default=0.3,
+        help="busy-loop idle speed is measured this long before and after each run (default 0.3)",
     )
-    p.add_argument("--load-gap-ms", type=float, default=10.0, help="mixed: pause between one load's end and the next (default 10)")
+    p.add_argument("--load-gap-ms", type=parse_non_negative, default=10.0, help="mixed: pause between one load's end and the next (default 10)")
     p.add_argument("--conversations", type=parse_positive, default=32, help="trace: conversations (default 32)")
-    p.add_argument("--zipf", type=float, default=1.1, help="trace: Zipf exponent of conversation popularity (default 1.1)")
+    p.add_argument("--zipf", type=parse_non_negative, default=1.1, help="trace: Zipf exponent of conversation popularity (default 1.1)")
     p.add_argument("--turn-blocks", type=parse_positive, default=4, help="trace: blocks a turn adds to its conversation (default 4)")
     p.add_argument("--max-turns", type=parse_positive, default=8, help="trace: turns before a conversation starts over (default 8)")
     p.add_argument("--seed", type=int, default=0, help="trace: request sequence seed (default 0)")

@@ -11,16 +11,30 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mp_tier.block_io import DIRECT_ALIGN
+from mp_tier.config import ConfigError, Workers, check, describe
+
 SWEEP_KEYS = ("workers", "block_size", "blocks_per_job", "inflight")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# ASCII digits only (int() and float() also take '٣' and '1_0'), and few enough that int() and float() stay exact.
+_WHOLE = re.compile(r"[0-9]{1,15}")
+_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]*)?|\.[0-9]+")
 
 
 def parse_size(text: str) -> int:
     """'256k', '2m', '1.5g', '4096' -> bytes (binary units)."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]?)(?:i?b)?", text.strip().lower())
-    if not m or float(m[1]) <= 0:
+    m = re.fullmatch(r"([0-9]{1,15}(?:\.[0-9]+)?)([kmgt]?)(?:i?b)?", text.strip().lower())
+    if not m or int(float(m[1]) * _UNITS[m[2]]) <= 0:  # '0.5' is less than a byte
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (expected e.g. 256k, 2m, 1g)")
     return int(float(m[1]) * _UNITS[m[2]])
+
+
+def parse_block_size(text: str) -> int:
+    """A size in whole pages (O_DIRECT's unit): a 3-byte block would only measure the cost of a file."""
+    size = parse_size(text)
+    if size % DIRECT_ALIGN:
+        raise argparse.ArgumentTypeError(f"not a block size: {text!r} is {size} bytes, not a multiple of {DIRECT_ALIGN} bytes (e.g. 64k, 256k, 2m)")
+    return size
 
 
 def size_label(n: int) -> str:
@@ -32,19 +46,48 @@ def size_label(n: int) -> str:
 
 
 def parse_workers(text: str) -> tuple[int, int]:
-    """'2' -> 2 read-priority + 2 write-priority workers; '3+1' -> 3 + 1."""
-    parts = text.split("+")
-    if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"not a worker count: {text!r} (expected N or R+W, e.g. 2 or 3+1)")
-    read = int(parts[0])
-    return read, int(parts[-1])
+    """'2' -> 2 read-priority + 2 write-priority workers; '3+1' -> 3 + 1; each within the tier's bounds."""
+    parts = [p.strip() for p in text.split("+")]
+    counts = [int(p) for p in parts if _WHOLE.fullmatch(p)]
+    if len(parts) > 2 or len(counts) != len(parts) or not all(_fits(count, Workers) for count in counts):
+        raise argparse.ArgumentTypeError(f"not a worker count: {text!r} (expected N or R+W, e.g. 2 or 3+1, each {describe(Workers)})")
+    return counts[0], counts[-1]
+
+
+def _fits(value: Any, type_: Any) -> bool:
+    try:
+        check("value", value, type_)
+    except ConfigError:
+        return False
+    return True
 
 
 def parse_positive(text: str) -> int:
     """A count that must be at least 1 (jobs, blocks, rounds)."""
-    if not text.strip().isdigit() or int(text) <= 0:
+    if not _WHOLE.fullmatch(text.strip()) or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def parse_whole(text: str) -> int:
+    """A whole number that may be 0 (--spin-us 0 means no busy loop)."""
+    if not _WHOLE.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def parse_seconds(text: str) -> float:
+    """A time limit: a plain decimal above 0 (0, a sign, inf or nan would stop at once or never)."""
+    if not _DECIMAL.fullmatch(text.strip()) or float(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return float(text)
+
+
+def parse_non_negative(text: str) -> float:
+    """A plain decimal, 0 or more: a pause, an idle window, an exponent (no sign, inf or nan)."""
+    if not _DECIMAL.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return float(text)
 
 
 def parse_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -64,7 +107,7 @@ def parse_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
 
 SWEEP_PARSERS: dict[str, Callable[[str], Any]] = {
     "workers": parse_workers,
-    "block_size": parse_size,
+    "block_size": parse_block_size,
     "blocks_per_job": parse_positive,
     "inflight": parse_positive,
 }
