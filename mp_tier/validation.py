@@ -32,15 +32,16 @@ def _ordered(what: str, value: Any) -> list[Any]:
     return list(value)
 
 
-def _is_key(key: object) -> bool:
+def is_key(key: object) -> bool:
+    """Whether ``key`` is one the tier can store: a key that is not names no file, so it is never on disk."""
     return type(key) is bytes and MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES
 
 
 def checked_keys(keys: Any) -> list[bytes]:
     """``keys`` as a list, or ValueError naming the first that is not a key."""
     checked: list[bytes] = _ordered("keys", keys)
-    if not all(map(_is_key, checked)):
-        bad = next(k for k in checked if not _is_key(k))
+    if not all(map(is_key, checked)):
+        bad = next(k for k in checked if not is_key(k))
         raise ValueError(f"key {bad!r:.120} is not {KEY_RULE}")
     return checked
 

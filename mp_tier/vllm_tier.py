@@ -74,6 +74,7 @@ from .jobs import JobMetadata
 from .layout import rank_dir
 from .namespace import OtherRun, write_once
 from .tier import FileSystemTierManager
+from .validation import KEY_RULE, is_key
 
 if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec
@@ -163,6 +164,9 @@ class MpFileSystemTierManager(SecondaryTierManager):
     # -- lookups ------------------------------------------------------------------
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        if not is_key(key):  # vLLM's own tier finds no file for such a key: a miss, never an exception in its step
+            log.warning("lookup of %.80r, which is not %s: a miss", key, KEY_RULE)
+            return LookupResult.MISS
         if key in self._missed.get(req_context.req_id, ()):
             return LookupResult.MISS
         known = self._tier.lookup_many([key], probe=False)[0]
@@ -176,7 +180,8 @@ class MpFileSystemTierManager(SecondaryTierManager):
         return LookupResult.RETRY if verdict is None else LookupResult.HIT if verdict else LookupResult.MISS
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        self._tier.touch(list(keys))
+        """Keys that are not the tier's are left out, as vLLM's own tier has no file of theirs to touch."""
+        self._tier.touch([key for key in keys if is_key(key)])
 
     def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
         return RequestOffloadingContext()

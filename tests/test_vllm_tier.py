@@ -412,3 +412,18 @@ def test_engines_with_other_chunk_sizes_starting_at_once_on_an_empty_root_both_s
             tier.shutdown()
         for primary in primaries:
             primary.shutdown()
+
+
+def test_a_malformed_key_is_a_miss_to_lookup_and_left_out_of_touch(engine_stack, caplog) -> None:
+    """vLLM's scheduler step calls these; a key the tier cannot hold names no file, so it is a miss, never an exception."""
+    caplog.set_level(logging.WARNING, logger="mp_tier.vllm_tier")
+    _, tier = engine_stack()
+    ctx = ReqContext(req_id="odd")
+    for odd in (b"abc", b"\x01" * 200, "abcdefgh" * 4):
+        assert tier.lookup(odd, ctx) is LookupResult.MISS
+    assert "which is not bytes of at least 8" in caplog.text
+    good = key(7)
+    tier.submit_store(job(1, [good], [0]))
+    assert [r.success for r in drain(tier)] == [True]
+    tier.touch([b"abc", good], ctx)  # the good key is still touched
+    assert tier.lookup(good, ctx) is LookupResult.HIT
