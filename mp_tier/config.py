@@ -27,6 +27,7 @@ Bytes = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 OptionalSeconds = Annotated[float, msgspec.Meta(ge=0, le=86400)]
 StartSeconds = Annotated[float, msgspec.Meta(ge=1, le=86400)]  # a worker's start takes 0.1-0.6 s
+IoDepth = Annotated[int, msgspec.Meta(ge=1, le=64)]
 Niceness = Annotated[int, msgspec.Meta(ge=0, le=19)]
 Cpus = list[Annotated[int, msgspec.Meta(ge=0, le=4095)]]
 Engine = Literal["processes", "threads"]
@@ -69,6 +70,7 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     worker_nice: Niceness = 0
     worker_cpus: Cpus = msgspec.field(default_factory=list)
     worker_sched: SchedPolicy = "normal"
+    io_depth: IoDepth = 4
 
     def __post_init__(self) -> None:
         self.validate()

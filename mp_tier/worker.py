@@ -49,6 +49,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     nice: int = 0  # added to a worker process's niceness: the host keeps its CPU
     cpus: tuple[int, ...] = ()  # the CPUs a worker process may run on (empty: any)
     sched: str = "normal"  # a worker process's scheduling policy: batch and idle never preempt the host on wake-up
+    io_depth: int = 1  # lanes of a worker process: tasks it serves at once, so the disk sees several I/Os in flight
 
 
 def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None = None) -> Iterator[Completion]:
@@ -152,26 +153,29 @@ def run_worker(
     ends: WorkerEnds,
     slots: Slots,
     pause: Callable[[Task, bool], None] | None = None,
+    lane: int = 0,
 ) -> None:
-    """Serve tasks until the host closes both task pipes.
+    """Serve tasks until the host closes both task pipes, naming them in ``lane``'s slots.
 
-    ``pause(task, named)`` runs between reading a task and naming it
+    A worker process runs one of these per lane, each in its own thread with
+    its own epoll; the blocking system calls release the GIL, so the lanes'
+    I/O overlaps. ``pause(task, named)`` runs between reading a task and naming it
     (``named`` False) and right after naming it (True): tests hold a worker
     in the claim window, or on a task, with it.
     """
     me = spec.index
 
     def claim(fd: int, slot: int) -> Task | None:
-        slots.set(me, slot, CLAIMING)
+        slots.set(me, slot, CLAIMING, lane)
         try:
             task = take_task(fd)
         except EndOfTasks:
-            slots.set(me, slot, IDLE)
+            slots.set(me, slot, IDLE, lane)
             raise
         # Any other failure leaves CLAIMING: the worker dies of it, and the host counts the frame as its.
         if task is not None and pause is not None:
             pause(task, False)
-        slots.set(me, slot, IDLE if task is None else task.seq)
+        slots.set(me, slot, IDLE if task is None else task.seq, lane)
         if task is not None and pause is not None:
             pause(task, True)
         return task
@@ -180,7 +184,7 @@ def run_worker(
         between = loads_first if spec.read_priority and task.op == Op.STORE else None
         for completion in handle(spec, root, cache, task, between):
             send_completion(ends.results, completion)
-        slots.set(me, slot, IDLE)
+        slots.set(me, slot, IDLE, lane)
 
     def loads_first() -> None:
         """Inside a store task: a load that arrives waits one block, not the whole task."""
@@ -194,7 +198,7 @@ def run_worker(
     sleeper = select.epoll()
     for fd in (*order, ends.bell_read):
         sleeper.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-    slots.set(me, MAIN, IDLE)  # ready
+    slots.set(me, MAIN, IDLE, lane)  # lane 0: the worker is ready
     try:
         while order:
             task = None
