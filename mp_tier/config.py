@@ -46,6 +46,16 @@ _KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or f
 _BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
+def machine_workers() -> int:
+    """Default worker processes of each kind: half the CPUs this process may use, at least 2, at most 8.
+
+    With ``io_depth`` lanes each, 2 + 2 already keep 8 reads and 8 writes in
+    flight, and more processes than CPUs only take the host's time slices;
+    a machine with many CPUs gets more processes for the CPU a block costs.
+    """
+    return max(2, min(8, len(os.sched_getaffinity(0)) // 2))
+
+
 class ConfigError(ValueError):
     """A setting with a bad value; the message names where it came from."""
 
@@ -54,8 +64,8 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Every tunable of a tier. Explicit constructor arguments override these."""
 
     root_dir: str = ""
-    n_read_workers: Workers = 4
-    n_write_workers: Workers = 4
+    n_read_workers: Workers = msgspec.field(default_factory=machine_workers)
+    n_write_workers: Workers = msgspec.field(default_factory=machine_workers)
     engine: Engine = "processes"
     o_direct: ODirect = "auto"
     file_mode: FileMode = "private"
