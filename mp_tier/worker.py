@@ -1,7 +1,8 @@
 """The worker loop: take a task, move its blocks, report a completion.
 
-The same loop runs in a worker process (``worker_process``) or a thread of
-the host (the ``threads`` engine). A read-priority worker tries the load pipe
+The same loop runs in a worker process (``worker_process``), once per lane
+(``io_depth`` threads, so one process keeps several blocks in flight), or in
+a thread of the host (the ``threads`` engine, one lane). A read-priority worker tries the load pipe
 before the store pipe and a write-priority worker the reverse; when both are
 empty it sleeps in epoll on both (EPOLLEXCLUSIVE, so a write wakes one
 worker, not all), and neither kind of work starves.

@@ -104,6 +104,8 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
             pytest.param("start_method = \"fork\"\n", "unknown key 'start_method'", id="removed-key"),
         pytest.param("n_read_workers = 0\n", "n_read_workers = 0: expected an integer >= 1", id="zero-workers"),
         pytest.param("n_write_workers = -1\n", "n_write_workers = -1: expected an integer >= 1", id="negative"),
+        pytest.param("io_depth = 0\n", "io_depth = 0: expected an integer >= 1 and <= 64", id="zero-io-depth"),
+        pytest.param("io_depth = 65\n", "io_depth = 65: expected an integer >= 1 and <= 64", id="deep-io-depth"),
         pytest.param('o_direct = "sometimes"\n', "o_direct = 'sometimes': expected one of auto, on, off", id="word"),
         pytest.param("n_read_workers = \n", "invalid TOML: ", id="bad-syntax"),
     ],
