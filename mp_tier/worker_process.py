@@ -109,7 +109,8 @@ def _serve(boot: Boot, view: memoryview, slots: Slots) -> None:
     """Run ``io_depth`` lanes, the calling thread as lane 0, until the host closes the task pipes.
 
     A lane that fails takes the whole process down at once, as a one-lane
-    worker's failure always did: the host then settles every task the
+    worker's failure always did (a lane that finds the host gone just ends,
+    so its siblings' stores finish or remove their temp files): the host then settles every task the
     process named, and no lane is left serving with a claim that never ends.
     """
     pause = _test_pause()
@@ -118,7 +119,7 @@ def _serve(boot: Boot, view: memoryview, slots: Slots) -> None:
         try:
             run_worker(boot.spec, boot.root, view, boot.ends, slots, pause, index)
         except BrokenPipeError:
-            os._exit(0)  # the host is gone; nobody is left to tell
+            pass  # the host is gone; nobody is left to tell. The other lanes end their blocks (no temp file left) and see it too
         except BaseException:
             traceback.print_exc()
             os._exit(1)
