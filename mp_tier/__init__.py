@@ -1,18 +1,6 @@
 """mp_tier: a file-system KV-cache tier whose block I/O runs in worker processes.
 
-Data flow, one module per step::
-
-    host process                                          worker processes
-    ------------                                          ----------------
-    tier.FileSystemTierManager  (the API, one lock)
-      validation -> ledger.plan -> residency.prepare_*
-      coordinator: commit, send -> pool -> channels.TaskPipe  -> worker.run_worker
-                                                               block_io (beneath, layout)
-                                            memory.SharedRegion <-> shared_cache / the engine's mapping
-      coordinator.pump: channels.ResultReader <- result pipe <- messages.Completion
-        -> ledger.complete -> residency.*_done -> jobs.JobResult
-      recovery: what a worker death means; workers: processes and their pidfds; slots: who holds what
-    config.TierConfig sets it all; namespace checks the directory it all lives in.
+The data flow and the module table: docs/architecture.md.
 
 Names are imported lazily, so a worker process (``worker_process``) starts
 without numpy or the host's side of the package.

@@ -23,8 +23,8 @@ import time
 import zlib
 
 from .beneath import open_beneath, open_dir
-from .layout import BlockPath, is_layout_dir, parse_block, temp_name, temp_target, temp_writer_pid
-from .namespace import CONFIG_FILE, Owners
+from .layout import DIRECT_PROBE, XATTR_PROBE, BlockLayout, BlockPath, is_temp, temp_name, temp_target, temp_writer_pid
+from .namespace import Owners
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 DIRECT_ALIGN = 4096
@@ -240,14 +240,13 @@ def scan_blocks(root: int, owners: Owners) -> tuple[list[bytes], int]:
     foreign = 0
     for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=root, follow_symlinks=False):
         parents = dirpath.split("/")[1:]
-        layout_dirs = [name for name in dirnames if is_layout_dir(parents, name)]
+        layout_dirs = [name for name in dirnames if BlockLayout.is_layout_dir(parents, name)]
         foreign += len(dirnames) - len(layout_dirs)
         dirnames[:] = layout_dirs
         for name in filenames:
-            key = parse_block(parents, name)
+            key = BlockLayout.parse_block(parents, name)
             if key is None:
-                ours = temp_target(name) is not None or (not parents and name == CONFIG_FILE)
-                foreign += not ours
+                foreign += not BlockLayout.is_ours(parents, name)
                 continue
             try:
                 st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
@@ -277,7 +276,7 @@ def remove_stale_temps(root: int, beside: list[BlockPath] | None = None) -> tupl
     if beside is None:
         for dirpath, dirnames, names, dirfd in os.fwalk(".", dir_fd=root, follow_symlinks=False):
             parents = dirpath.split("/")[1:]
-            dirnames[:] = [name for name in dirnames if is_layout_dir(parents, name)]
+            dirnames[:] = [name for name in dirnames if BlockLayout.is_layout_dir(parents, name)]
             gone, odd = _sweep_dir(dirfd, names, now)
             removed += gone
             foreign += odd
@@ -301,7 +300,7 @@ def remove_stale_temps(root: int, beside: list[BlockPath] | None = None) -> tupl
 def _sweep_dir(dirfd: int, names: list[str], now: float) -> tuple[int, int]:
     removed = foreign = 0
     for name in names:
-        if not name.endswith(".tmp"):
+        if not is_temp(name):
             continue
         if temp_target(name) is None:
             foreign += 1
@@ -330,7 +329,7 @@ def _writer_is_gone(name: str) -> bool:
 
 def probe_xattr(root: int) -> str | None:
     """None if the namespace keeps user xattrs (where checksums live), else why not."""
-    name = temp_name(".xattr-probe")
+    name = temp_name(XATTR_PROBE)
     try:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=root)
         try:
@@ -352,7 +351,7 @@ def probe_direct(root: int) -> str | None:
     if not O_DIRECT:
         return "this platform has no O_DIRECT"
     buf = mmap.mmap(-1, DIRECT_ALIGN)  # page aligned
-    name = temp_name(".direct-probe")
+    name = temp_name(DIRECT_PROBE)
     try:
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | O_DIRECT, 0o600, dir_fd=root)
         try:

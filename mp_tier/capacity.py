@@ -112,6 +112,12 @@ class CapacityIndex:
             else:
                 cold.pop(key, None)
 
+    def retain(self, keys: Collection[bytes]) -> list[bytes]:
+        """Stop counting every block but ``keys``; return the ones dropped."""
+        dropped = [k for order in (self._cold, self._warm) for k in order if k not in keys]
+        self.discard(dropped)
+        return dropped
+
     def adopt(self, keys: Iterable[bytes]) -> None:
         """Blocks found on disk, oldest first, all older than this run's blocks."""
         cold, warm = self._cold, self._warm
@@ -131,6 +137,6 @@ class CapacityIndex:
 
     def _full(self, new: int, why: str) -> str:
         return (
-            f"ENOSPC: {new} more blocks of {self.block_bytes} bytes exceed max_bytes {self.max_bytes} "
+            f"{new} more blocks of {self.block_bytes} bytes exceed max_bytes {self.max_bytes} "
             f"({self.used_bytes} in use; {why})"
         )

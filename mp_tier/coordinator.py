@@ -16,16 +16,16 @@ live worker, complete, or was the dead one's. Those are sent again once
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
+from typing import cast
 
 from . import block_io
-from .jobs import JobResult, TierStats
-from .layout import BlockLayout
+from .codes import ErrorCode
+from .jobs import Counters, JobResult, TierStats
+from .layout import BlockLayout, BlockPath
 from .ledger import Job, Ledger, Plan
 from .messages import Completion, Op
-from .namespace import Owners
 from .pool import WorkerPool
 from .recovery import BOOT_SECONDS, BOOTING_AT_ONCE, CLAIM_SETTLE_SECONDS, RESTART_RECHECK_SECONDS, Recovery, Settling
 from .residency import Residency
@@ -42,7 +42,6 @@ class Coordinator:
         residency: Residency,
         layout: BlockLayout,
         root: int,
-        owners: Owners,
         group_sizes: dict[Op, int],
         task_timeout: float,
         start_timeout: float,
@@ -53,13 +52,13 @@ class Coordinator:
         self.recovery = Recovery()
         self.layout = layout
         self.root = root  # the namespace directory's fd, for the host's own sweep at stop
-        self.owners = owners  # whose block files count, for what a task that never ran left on disk
+        self.leftovers: list[BlockPath] = []  # after stop: blocks beside which stores cut short may have left temp files
         self.group_sizes = group_sizes  # workers a job of each kind is split over
         self.task_timeout = task_timeout  # seconds a worker may hold a task; 0 = no deadline
         self.start_timeout = start_timeout  # seconds a worker may take to become ready
         self._deadline_every = min(1.0, start_timeout / 4, task_timeout / 4 if task_timeout else 1.0)  # seconds between checks
         self.finished: list[JobResult] = []  # results not yet handed to get_finished()
-        self.stats: collections.Counter[str] = collections.Counter()
+        self.counts = Counters()
         self.tasks_by_worker = [0] * len(pool.specs)  # job tasks each worker slot completed
         self.settling: Settling | None = None  # a death being settled, if any
         self.stopping = False  # no new housekeeping once the workers are being stopped
@@ -81,19 +80,20 @@ class Coordinator:
 
     def snapshot(self, running: bool) -> TierStats:
         """The counters, and the state of the tier now (no worker counts once it stopped)."""
-        counts, pool = self.stats, self.pool
+        counts, pool = self.counts, self.pool
         return TierStats(
-            jobs_stored=counts["jobs_stored"],
-            jobs_loaded=counts["jobs_loaded"],
-            jobs_failed=counts["jobs_failed"],
-            bytes_stored=counts["bytes_stored"],
-            bytes_loaded=counts["bytes_loaded"],
-            blocks_skipped=counts["blocks_skipped"],
+            jobs_stored=counts.jobs_stored,
+            jobs_loaded=counts.jobs_loaded,
+            jobs_failed=counts.jobs_failed,
+            bytes_stored=counts.bytes_stored,
+            bytes_loaded=counts.bytes_loaded,
+            blocks_skipped=counts.blocks_skipped,
             blocks_evicted=self.residency.blocks_evicted,
-            files_removed=counts["files_removed"],
-            foreign_entries=counts["foreign_entries"],
-            workers_restarted=counts["workers_restarted"],
-            tasks_timed_out=counts["tasks_timed_out"],
+            files_removed=counts.files_removed,
+            foreign_entries=counts.foreign_entries,
+            workers_restarted=counts.workers_restarted,
+            tasks_timed_out=counts.tasks_timed_out,
+            spawns_failed=counts.spawns_failed,
             jobs_active=len(self.ledger.jobs),
             bytes_counted=self.residency.capacity.used_bytes,
             blocks_seen_elsewhere=len(self.residency.elsewhere),
@@ -105,7 +105,7 @@ class Coordinator:
 
     def deliver(self, result: JobResult) -> None:
         if not result.success:
-            self.stats["jobs_failed"] += 1
+            self.counts.jobs_failed += 1
         self.finished.append(result)
 
     # -- the pump ----------------------------------------------------------------
@@ -138,6 +138,8 @@ class Coordinator:
         return min((t for t in times if t is not None), default=None)
 
     def on_completion(self, completion: Completion) -> None:
+        if completion.namespace is not None and self.residency.renewed(completion.namespace):
+            self.housekeeping(Op.SCAN, [])  # what the directory now there holds (one put back, say)
         if completion.more:
             if completion.seq in self.ledger.tasks:
                 self.residency.scanned(completion.found)
@@ -159,10 +161,10 @@ class Coordinator:
             self.residency.evicted(victims, kept)
         if completion.worker >= 0 and job.job_id is not None:
             self.tasks_by_worker[completion.worker] += 1
-        stats = self.stats
-        stats["blocks_skipped"] += completion.skipped
-        stats["files_removed"] += completion.swept + len(completion.corrupt)
-        stats["foreign_entries"] += completion.foreign
+        counts = self.counts
+        counts.blocks_skipped += completion.skipped
+        counts.files_removed += completion.swept + len(completion.corrupt)
+        counts.foreign_entries += completion.foreign
         if completion.corrupt:
             self.residency.corrupt([job.keys[ref.first + i] for i in completion.corrupt])
         if completion.missing:
@@ -182,14 +184,11 @@ class Coordinator:
             residency.store_done(job.keys, job.failed, job.unsure)
         else:
             residency.load_done(job.keys)
-        kind = "stored" if job.op == Op.STORE else "loaded"
         successful_keys = None
         if job.failed:
             failed = set(job.failed)
             successful_keys = tuple(k for i, k in enumerate(job.keys) if i not in failed)
-        else:
-            self.stats[f"jobs_{kind}"] += 1
-        self.stats[f"bytes_{kind}"] += job.nbytes
+        self.counts.add_job(job.op == Op.STORE, not job.failed, job.nbytes)
         self.deliver(
             JobResult(
                 job_id=job.job_id,
@@ -202,13 +201,13 @@ class Coordinator:
             )
         )
 
-    def _fail_task(self, seq: int, code: str, reason: str) -> None:
+    def _fail_task(self, seq: int, code: ErrorCode, reason: str) -> None:
         """Complete a task that will never run: every block failed, for ``reason``."""
         ref = self.ledger.tasks.get(seq)
         if ref is not None:
             ref.job.error, ref.job.code = reason, code  # why the task never ran outranks any block error
-            victims = ref.job.evict[ref.first : ref.first + ref.blocks]  # it may have deleted some before it died
-            kept = [i for i, key in enumerate(victims) if block_io.may_remain(self.root, self.layout.locate(key), self.owners)]
+            # it may have deleted some victims before it died: they stay counted (no look on disk under the lock)
+            kept = list(range(len(ref.job.evict[ref.first : ref.first + ref.blocks])))
             self.on_completion(Completion(seq, -1, 0, list(range(ref.blocks)), reason, code, kept=kept))
 
     # -- deaths ------------------------------------------------------------------
@@ -227,7 +226,7 @@ class Coordinator:
             elif index in self.recovery.stalled_starts:
                 self.recovery.stalled_starts.discard(index)
                 reason += f"; the tier killed it for not starting within start_timeout {self.start_timeout:g} s"
-            delay = self.recovery.died(index, starting, now, reason)
+            delay = self.recovery.died(index, starting, now, reason, self.pool.serving())
             log.warning("%s%s; replacing it in %.2f s", reason, " while starting" if starting else "", delay)
             reasons.append(reason)
         if self.settling is not None:
@@ -284,14 +283,16 @@ class Coordinator:
                 pid = self.pool.start(index)
             except OSError as e:
                 reason = f"worker {index} could not start: {block_io.describe(e)[1]}"
-                delay = self.recovery.died(index, True, now, reason)
-                log.warning("%s; trying again in %.2f s", reason, delay)
+                delay = self.recovery.spawn_failed(index, e, now, reason, self.pool.serving())
+                self.counts.spawns_failed += 1
+                log.log(logging.DEBUG if self.recovery.failed_spawns > 1 else logging.WARNING, "%s; trying again in %.2f s", reason, delay)
                 if self.recovery.broken:
                     self.break_tier()
                     return
                 continue
-            self.stats["workers_restarted"] += 1
-            log.warning("worker %d replaced: pid %s", index, pid)
+            failed = self.recovery.spawned()
+            self.counts.workers_restarted += 1
+            log.warning("worker %d replaced: pid %s%s", index, pid, f", after {failed} spawns failed for lack of a resource" if failed else "")
 
     def _enforce_deadlines(self, now: float) -> None:
         """Kill the workers that hold a task past task_timeout, or are still starting past start_timeout."""
@@ -300,6 +301,11 @@ class Coordinator:
         task_overdue = now_ns - int(self.task_timeout * 1e9) if self.task_timeout else None
         start_overdue = now_ns - int(self.start_timeout * 1e9)
         recovery = self.recovery
+        if (shortage := recovery.unserved(now, bool(self.pool.live()), self.start_timeout)) and self.settling is None:
+            code, why = block_io.describe(shortage)  # a SHORTAGES errno: listed in codes
+            for task in self.pool.reclaim():  # no worker process: every task is in a pipe
+                self._fail_task(task.seq, cast(ErrorCode, code), f"no worker could be started for {self.start_timeout:g} s (start_timeout): {why}")
+            self.pool.resume()
         for index in self.pool.live():
             if index in recovery.overdue_kills or index in recovery.stalled_starts:
                 continue  # killed already; a process in uninterruptible I/O dies when the I/O returns
@@ -322,7 +328,7 @@ class Coordinator:
             if (late or stuck) and self.pool.kill(index):
                 recovery.timed_out.update(late)
                 recovery.overdue_kills.add(index)
-                self.stats["tasks_timed_out"] += len(late) or 1
+                self.counts.tasks_timed_out += len(late) or 1
                 log.warning(
                     "worker %d (pid %s) held %s for more than task_timeout %g s: killing it",
                     index,
@@ -353,12 +359,12 @@ class Coordinator:
             self._fail_task(task.seq, "ECANCELED", "cancelled: the tier shut down before the task started")
         self.stop(timeout, "ECANCELED", "cancelled: the worker stopped before finishing", unswept)
 
-    def stop(self, timeout: float, code: str, reason: str, unswept: list[bytes] | None = None) -> None:
+    def stop(self, timeout: float, code: ErrorCode, reason: str, unswept: list[bytes] | None = None) -> None:
         """Stop the pool, then fail every task it did not finish.
 
         Workers killed at the deadline may have left temp files beside the
         blocks they were storing, and a sweep for dead writers' files may not
-        have run; with no worker left, the host removes them.
+        have run; with no worker left, the host removes them (``sweep_leftovers``).
         """
         self.stopping = True
         self.settling = None
@@ -366,12 +372,16 @@ class Coordinator:
         for why in self.pool.stop(timeout, self.on_completion):
             log.warning("%s at stop", why)
         cut_short = [seq for seq in self.pool.held_at_stop() if seq in self.ledger.tasks]  # only these can have begun
-        if stores := set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ()):
-            beside = [self.layout.locate(key) for key in stores]
-            try:
-                self.stats["files_removed"] += block_io.remove_stale_temps(self.root, beside)[0]
-            except OSError as e:
-                log.warning("sweeping temp files at stop failed: %s", block_io.describe(e)[1])
+        self.leftovers = [self.layout.locate(key) for key in set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ())]
         for seq in list(self.ledger.tasks):
             self._fail_task(seq, code, reason)
         self.pool.close()
+
+    def sweep_leftovers(self) -> None:
+        """Once, after ``stop`` and outside the tier's lock: remove the temp files of the stores it cut short."""
+        beside, self.leftovers = self.leftovers, []
+        if beside:
+            try:
+                self.counts.files_removed += block_io.remove_stale_temps(self.root, beside)[0]
+            except OSError as e:
+                log.warning("sweeping temp files at stop failed: %s", block_io.describe(e)[1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .codes import ErrorCode
+
 
 class TierClosed(RuntimeError):
     """The tier was shut down, or belongs to another process (a forked child); it takes no work."""
@@ -16,20 +18,20 @@ class TierBroken(TierClosed):
 
 
 class Refused(Exception):
-    """A job the tier will not start; it fails at once with ``code`` (an errno name) and this message.
+    """A job the tier will not start; it fails at once with ``code`` and the message ``<code>: <detail>``.
 
     Raised by the residency and queue checks before anything changes, and
     turned into a failed ``JobResult`` by the tier, never into an exception
     for the caller: the job itself was valid.
     """
 
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+    def __init__(self, code: ErrorCode, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code: ErrorCode = code
 
 
 class CapacityFull(Refused):
     """A store that does not fit the byte budget."""
 
-    def __init__(self, message: str):
-        super().__init__("ENOSPC", message)
+    def __init__(self, detail: str):
+        super().__init__("ENOSPC", detail)

@@ -14,60 +14,118 @@ own is replaced when the creator next creates or closes a segment. A forked chil
 closes its copy at once (``os.register_at_fork``), so a child that outlives
 its parent never keeps the parent's segments alive, and it never unlinks
 anything itself.
+
+A signal handler may close a cache at any instant, also while its thread is
+inside ``guard`` or ``release`` (creating or closing another): as with the
+tier (``reentry``), it never waits for the lock its own thread holds.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import resource
+import select
 import signal
-import subprocess
 import sys
 import threading
 
 from . import interpreter
+from .reentry import inside_a_call
 
 SHM_DIR = "/dev/shm"
 
-_lock = threading.Lock()
-_janitor: subprocess.Popen[bytes] | None = None  # this process's janitor, started with its first segment
-_pipe = -1  # the write end of its stdin; only the process that started it holds it
+
+class _Janitor:
+    """The running janitor: our child, watched through a pidfd, told through the pipe on its stdin.
+
+    Spawned with ``posix_spawn``, not ``subprocess``: a Popen still running at
+    interpreter exit prints a ResourceWarning (a traceback under ``-W error``),
+    and this child must outlive the exit to do its work.
+    """
+
+    def __init__(self) -> None:
+        read, self.pipe = os.pipe2(os.O_CLOEXEC)
+        try:
+            # Its own session: a signal to the creator's process group (systemd's stop, a shell's kill) leaves it be.
+            argv = interpreter.command("mp_tier.janitor")
+            self.pid = os.posix_spawn(argv[0], argv, interpreter.environment(), file_actions=[(os.POSIX_SPAWN_DUP2, read, 0)], setsid=True)
+        except BaseException:
+            os.close(self.pipe)
+            raise
+        finally:
+            os.close(read)
+        try:
+            self.pidfd = os.pidfd_open(self.pid)  # our child, not yet waited for: the pid is still its own
+        except ProcessLookupError:
+            self.pidfd = -1  # reaped already (a host that ignores SIGCHLD): it died at once
+
+    def alive(self) -> bool:
+        if self.pidfd < 0:
+            return False
+        exited = select.poll()  # not select(): a host with a thousand fds gives fd numbers past FD_SETSIZE
+        exited.register(self.pidfd, select.POLLIN)
+        return not exited.poll(0)
+
+    def write(self, text: str) -> bool:
+        """Tell it ``text``; False if it has died."""
+        data = text.encode()
+        try:
+            while data and self.alive():
+                data = data[os.write(self.pipe, data) :]
+        except BrokenPipeError:
+            pass
+        return not data
+
+    def forget(self) -> None:
+        """Let go of a dead janitor (collecting it unless the host already did) or, in a forked child, the parent's."""
+        os.close(self.pipe)
+        if self.pidfd >= 0:
+            try:
+                os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                pass  # not ours to collect: the host reaped it, or this is a forked child of its creator
+            os.close(self.pidfd)
+
+
+_lock = threading.RLock()
+_janitor: _Janitor | None = None  # this process's janitor, started with its first segment
 _names: set[str] = set()  # segments it guards, to tell a replacement janitor after a restart
-
-
-def _start() -> None:
-    global _janitor, _pipe
-    read, write = os.pipe2(os.O_CLOEXEC)
-    try:
-        # Its own session: a signal to the creator's process group (systemd's stop, a shell's kill) leaves it be.
-        _janitor = subprocess.Popen(
-            interpreter.command("mp_tier.janitor"), stdin=read, close_fds=True, env=interpreter.environment(), start_new_session=True
-        )
-    except BaseException:
-        os.close(write)
-        raise
-    finally:
-        os.close(read)
-    _pipe = write
-    _write("".join(f"+{name}\n" for name in _names))
-
-
-def _write(text: str) -> None:
-    data = text.encode()
-    while data:
-        data = data[os.write(_pipe, data) :]
+_pending: collections.deque[str] = collections.deque()  # lines not yet told (a handler's wait here for the call it interrupted)
 
 
 def _tell(line: str) -> None:
-    global _janitor, _pipe
-    with _lock:
+    """Record ``line`` and tell the janitor (starting one if there is none or it died).
+
+    A signal handler (or a finalizer run by the garbage collector) that
+    interrupted this very function on the same thread must not wait for the
+    lock its own thread holds: it leaves the line for the interrupted call,
+    which tells it before returning. Only another thread ever waits here.
+    """
+    _pending.append(line)
+    if inside_a_call(_lock):
+        return
+    with _lock:  # taken even if another thread took the line meanwhile: it is told once this returns
+        _flush()
+    while _pending:  # left by a handler that ran as the lock was let go
+        with _lock:
+            _flush()
+
+
+def _flush() -> None:
+    """Tell the janitor every pending line; one that died (or none yet) gives way to a new one told every name."""
+    global _janitor
+    told = []
+    while _pending:
+        line = _pending.popleft()
         (_names.add if line.startswith("+") else _names.discard)(line[1:])
-        if _janitor is not None and _janitor.poll() is not None:  # it died: start another, told every name
-            os.close(_pipe)
-            _janitor = None
-        if _janitor is None:
-            _start()  # tells it every name, this one included
-        else:
-            _write(f"{line}\n")
+        told.append(f"{line}\n")
+    if _janitor is not None and _janitor.write("".join(told)):
+        return
+    if _janitor is not None:  # it died: start another, told every name
+        _janitor.forget()
+    _janitor = _Janitor()
+    _janitor.write("".join(f"+{name}\n" for name in _names))
 
 
 def guard(name: str) -> None:
@@ -82,13 +140,13 @@ def release(name: str) -> None:
 
 def _forget_in_child() -> None:
     """In a forked child: drop the parent's janitor pipe without a word, so only the parent holds it."""
-    global _janitor, _pipe, _lock
-    _lock = threading.Lock()  # a thread of the parent may have held it; no such thread exists here
+    global _janitor, _lock
+    _lock = threading.RLock()  # a thread of the parent may have held it; no such thread exists here
     if _janitor is not None:
-        os.close(_pipe)
-        _janitor.returncode = 0  # the parent's child, not ours: never wait for it
-    _janitor, _pipe = None, -1
+        _janitor.forget()  # the parent's child, not ours: never waited for here
+    _janitor = None
     _names.clear()
+    _pending.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
@@ -98,6 +156,7 @@ def main() -> None:
     """Read ``+name``/``-name`` lines until end-of-file, then unlink what is left."""
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # for the creator: this one cleans up after it
         signal.signal(stop, signal.SIG_IGN)
+    os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[1])  # the host's fds it left inheritable: not ours to hold
     names: set[str] = set()
     for raw in sys.stdin.buffer:
         line = raw.decode().rstrip("\n")

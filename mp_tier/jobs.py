@@ -78,3 +78,30 @@ class TierStats(msgspec.Struct, frozen=True, kw_only=True):
     workers_alive: int
     workers_starting: int  # alive but not yet serving (mapping the cache, importing)
     tasks_by_worker: tuple[int, ...]  # job tasks each worker slot completed
+    spawns_failed: int  # worker spawns that failed (no fds or processes left, no interpreter) and were retried
+
+
+class Counters(msgspec.Struct):
+    """The counters of ``TierStats`` as the coordinator adds to them, one typed field each (not a Counter
+    by key), so a misspelt counter is a type error. The rest of ``TierStats`` is read from the tier's state."""
+
+    jobs_stored: int = 0
+    jobs_loaded: int = 0
+    jobs_failed: int = 0
+    bytes_stored: int = 0
+    bytes_loaded: int = 0
+    blocks_skipped: int = 0
+    files_removed: int = 0
+    foreign_entries: int = 0
+    workers_restarted: int = 0
+    tasks_timed_out: int = 0
+    spawns_failed: int = 0
+
+    def add_job(self, store: bool, success: bool, nbytes: int) -> None:
+        """A finished job: counted if it fully succeeded, its bytes whether or not."""
+        if store:
+            self.jobs_stored += success
+            self.bytes_stored += nbytes
+        else:
+            self.jobs_loaded += success
+            self.bytes_loaded += nbytes

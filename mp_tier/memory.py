@@ -49,30 +49,42 @@ def buffer_address(view: memoryview) -> int:
 def find_backing(view: memoryview) -> tuple[str, int]:
     """The file mapped shared under ``view`` and the file offset of its first byte.
 
-    Read from /proc/self/maps. A file already unlinked (``(deleted)``) is
-    reached through an fd of this process that still holds it, or else
-    /proc/self/map_files (root only). Raises PrivateMemory naming the mapping
-    when no other process could see the same bytes.
+    Read from /proc/self/maps. One mapping may show as several lines (VMAs)
+    once part of it was madvise()d or mlock()ed: adjacent lines of the same
+    file (device and inode) at consecutive offsets are one run of it. A file
+    already unlinked (``(deleted)``) is reached through an fd of this process
+    that still holds it, or else /proc/self/map_files (root only). Raises
+    PrivateMemory naming the mapping when no other process could see the
+    same bytes.
     """
     address = buffer_address(view)
     end = address + view.nbytes
+    reached = address  # the buffer's bytes below this lie in the run found so far
+    run: tuple[str, str, int] | None = None  # device, inode, file offset minus address: the same on every line
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
             low, high = (int(x, 16) for x in fields[0].split("-"))
-            if not low <= address < high:
+            if high <= reached:
                 continue
+            if low > reached:
+                break  # a hole in the address space (the lines are in address order)
             perms, file_offset = fields[1], int(fields[2], 16)
             name = fields[5].rstrip("\n") if len(fields) > 5 else ""
             if perms[3] != "s" or not name.startswith("/") or "w" not in perms:
                 what = name or "anonymous memory"
                 raise PrivateMemory(f"the buffer lies in a {perms} mapping of {what}, which worker processes cannot map")
-            if end > high:
-                raise PrivateMemory(f"the buffer spans more than one mapping ({fields[0]} ends before it does)")
-            if name.endswith(" (deleted)"):
-                name = _open_copy(int(fields[4])) or f"/proc/self/map_files/{fields[0]}"
-            return name, file_offset + address - low
-    raise PrivateMemory(f"no mapping holds address {address:#x}")
+            if run is None:
+                run, first = (fields[3], fields[4], file_offset - low), (name, fields[0])
+            elif run != (fields[3], fields[4], file_offset - low):
+                raise PrivateMemory(f"the buffer spans more than one mapping ({first[1]} and {fields[0]} are not one run of a file)")
+            reached = high
+            if reached >= end:
+                path = first[0]
+                if path.endswith(" (deleted)"):
+                    path = _open_copy(int(run[1])) or f"/proc/self/map_files/{first[1]}"
+                return path, address + run[2]
+    raise PrivateMemory(f"no mapping holds address {reached:#x}")
 
 
 def _open_copy(inode: int) -> str | None:

@@ -53,7 +53,9 @@ class Completion(msgspec.Struct, array_like=True):
     ``evict`` of blocks whose files could not be deleted and are still
     there; ``swept`` the temp files a sweep deleted; ``foreign`` the names
     a scan or sweep skipped as not the tier's. A scan sends its ``found``
-    keys in several completions, all but the last with ``more``.
+    keys in several completions, all but the last with ``more``. ``namespace``
+    is set when the worker found the namespace directory removed or replaced
+    and made it again before the task: the new one's (device, inode).
     """
 
     seq: int
@@ -70,6 +72,7 @@ class Completion(msgspec.Struct, array_like=True):
     found: list[bytes] = []
     more: bool = False
     kept: list[int] = []
+    namespace: tuple[int, int] | None = None
 
 
 task_encoder = msgspec.msgpack.Encoder()

@@ -4,10 +4,11 @@
 
 The namespace names everything that changes a block's bytes (block size,
 model, dtype, parallel layout), so runs that could not share blocks never
-see each other's files; ``config.json`` records it, written once (first
-writer wins, through ``link``) and durably (the file and its directory are
-fsynced). A namespace another user could have filled is refused: a block
-planted there would load into the cache as KV data.
+see each other's files; ``config.json`` records it and the layout version,
+written once (first writer wins, through ``link``) and durably (the file and
+its directory are fsynced). Every name here is ``layout``'s. A namespace
+another user could have filled is refused: a block planted there would load
+into the cache as KV data.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from typing import Any
 
 import msgspec
 
-from .layout import BlockLayout, temp_name
+from .layout import CONFIG_FILE, LAYOUT_VERSION, VERSION_KEY, BlockLayout, temp_name
 
-CONFIG_FILE = "config.json"
 _CONFIG_MAX_BYTES = 1 << 16
 
 
@@ -69,11 +69,6 @@ def describe_run(block_bytes: int, offloading_spec: Any = None) -> tuple[dict[st
     return run, rank
 
 
-def namespace_name(run: dict[str, Any], rank: int) -> str:
-    parts = [run[k] if k in ("model", "dtype") else f"{k}{run[k]}" for k in ("model", "dtype", "tp", "pp") if k in run]
-    return "_".join([*parts, f"bs{run['block_bytes']}", f"r{rank}"])
-
-
 def owners_for(group: bool) -> Owners:
     """The owners this process trusts: itself, plus its groups when files are shared with the group."""
     return Owners(os.geteuid(), frozenset({os.getegid(), *os.getgroups()}) if group else frozenset())
@@ -89,7 +84,7 @@ def prepare_namespace(
     namespace that is a symlink, owned by another user, or writable by others
     (group-writable only with ``file_mode = "group"``). Refused (ValueError):
     a ``config.json`` that is not a small regular file of JSON describing
-    this run.
+    this run, or that records a layout version this code does not read.
     """
     file_mode, dir_mode = modes
     if not name or "/" in name or name in (".", ".."):
@@ -120,10 +115,63 @@ def prepare_namespace(
     except BaseException:
         os.close(fd)
         raise
+    version = recorded.pop(VERSION_KEY, 1)  # written before layouts had versions: the first
+    if version != LAYOUT_VERSION:
+        os.close(fd)
+        raise ValueError(
+            f"{base}/{CONFIG_FILE} records layout version {version!r}, and this mp_tier reads layout version {LAYOUT_VERSION} only: "
+            "use the mp_tier that wrote it, or another root_dir"
+        )
     if recorded != run:
         os.close(fd)
         raise ValueError(f"{base}/{CONFIG_FILE} describes another run: recorded {recorded}, this run {run}")
     return BlockLayout(base), fd
+
+
+def identity(fd: int) -> tuple[int, int]:
+    """The directory an fd holds, as (device, inode): how a namespace renamed away or made again is told apart."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def replaced(fd: int, base: str) -> bool:
+    """Whether ``base`` no longer names the directory ``fd`` holds (removed, or renamed away and another made)."""
+    try:
+        held = os.fstat(fd)
+        st = os.stat(base, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):  # ESTALE: a network file system's removed directory
+            return True
+        raise
+    return held.st_nlink == 0 or (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
+
+
+def renew(fd: int, base: str, run: dict[str, Any], modes: tuple[int, int], owners: Owners) -> tuple[int, int] | None:
+    """If ``base`` is no longer the directory ``fd`` holds, make or check it again as at start and put it in
+    place of ``fd`` (the number stays; a rotated directory is never followed); return its identity, else None.
+
+    Raises as ``prepare_namespace`` does when the directory now there fails its checks.
+    """
+    if not replaced(fd, base):
+        return None
+    fresh = prepare_namespace(os.path.dirname(base), os.path.basename(base), run, modes, owners)[1]
+    try:
+        os.dup2(fresh, fd, inheritable=False)
+    finally:
+        os.close(fresh)
+    return identity(fd)
+
+
+def reopen(base: str, expected: tuple[int, int]) -> int | None:
+    """An fd of the directory at ``base`` if it is the one a worker made or checked (``expected``), else None."""
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if identity(fd) == expected:
+        return fd
+    os.close(fd)
+    return None
 
 
 def _unusable(root_dir: str, e: OSError) -> OSError:
@@ -152,7 +200,7 @@ def _read_or_write_config(ns_fd: int, base: str, run: dict[str, Any], file_mode:
         return _read_config(ns_fd, where)
     except FileNotFoundError:
         pass
-    write_once(ns_fd, CONFIG_FILE, json.dumps(run, sort_keys=True).encode(), file_mode)
+    write_once(ns_fd, CONFIG_FILE, json.dumps({**run, VERSION_KEY: LAYOUT_VERSION}, sort_keys=True).encode(), file_mode)
     return _read_config(ns_fd, where)
 
 

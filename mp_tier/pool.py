@@ -159,6 +159,10 @@ class WorkerPool:
         """How many live workers, started after ``since_ns`` (monotonic), are not ready yet."""
         return sum((t := self.slots.starting_since(i)) is not None and t > since_ns for i in self.live())
 
+    def serving(self) -> bool:
+        """Whether a live worker is past its start (every worker serves both pipes)."""
+        return any(not self.slots.starting(i) for i in self.live())
+
     def is_up(self, index: int) -> bool:
         return self._workers[index] is not None
 

@@ -21,7 +21,7 @@ import threading
 
 
 def inside_a_call(lock: threading.RLock) -> bool:
-    """True on the thread that holds the tier's ``lock``: code running here interrupted a call."""
+    """True on the thread that holds ``lock`` (the tier's, or the janitor's): code running here interrupted a call."""
     owned: bool = lock._is_owned()  # type: ignore[attr-defined]  # what threading.Condition asks too
     return owned
 

@@ -10,11 +10,20 @@ rather than raced by the unlink.
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Iterable, Sequence
 
 from .capacity import Admission, CapacityIndex
 from .errors import Refused
 from .jobs import TierEvent
+
+log = logging.getLogger(__name__)
+
+# Keys background probes may be out for at once. A lookup answer is a hint: keys past the bound are answered
+# from memory and probed by a later lookup, so a lookup of 200,000 unknown keys queues about a dozen tasks
+# ahead of the jobs, not thousands.
+PROBES_IN_FLIGHT = 256
 
 
 def _pin(counts: dict[bytes, int], keys: list[bytes]) -> None:
@@ -41,7 +50,8 @@ def _release(counts: dict[bytes, int], keys: Iterable[bytes]) -> None:
 class Residency:
     """Pins, evictions in flight, probes, the byte budget, blocks seen elsewhere, and the events they produce."""
 
-    def __init__(self, capacity: CapacityIndex, events: bool):
+    def __init__(self, capacity: CapacityIndex, events: bool, namespace: tuple[int, int]):
+        self.namespace = namespace  # the namespace directory the counted blocks are in: (device, inode)
         self.capacity = capacity  # the blocks this tier counts against max_bytes, in LRU order
         self.storing: dict[bytes, int] = {}  # keys of stores in flight -> how many
         self.loading: dict[bytes, int] = {}  # keys of loads in flight -> how many
@@ -59,7 +69,7 @@ class Residency:
         """What makes room for ``keys``; raises Refused (EBUSY, ENOSPC), changing nothing."""
         if self.evicting and (busy := next((k for k in keys if k in self.evicting), None)):
             # its old file may still be unlinked after a new one is written: refuse rather than lose it
-            raise Refused("EBUSY", f"EBUSY: block {busy.hex()} is being evicted; store it again later")
+            raise Refused("EBUSY", f"block {busy.hex()} is being evicted; store it again later")
         return self.capacity.admission(keys, (self.loading, self.storing))
 
     def commit_store(self, keys: list[bytes], admission: Admission) -> None:
@@ -127,14 +137,12 @@ class Residency:
     # -- lookups, probes, touches ----------------------------------------------
 
     def lookup_many(self, keys: list[bytes]) -> tuple[list[bool | None], list[bytes]]:
-        """Answers from memory, and the keys answered False that no probe is out for yet."""
+        """Answers from memory, and keys answered False that no probe is out for yet, as many as may be probed."""
         storing, index, elsewhere, probing = self.storing, self.capacity, self.elsewhere, self.probing
         answers: list[bool | None] = [None if k in storing else (k in index or k in elsewhere) for k in keys]
         # a block being evicted is known to be going: a probe could still see its file
-        unknown = list(
-            dict.fromkeys(k for k, answer in zip(keys, answers) if answer is False and k not in probing and k not in self.evicting)
-        )
-        return answers, unknown
+        unknown = dict.fromkeys(k for k, answer in zip(keys, answers) if answer is False and k not in probing and k not in self.evicting)
+        return answers, list(itertools.islice(unknown, max(0, PROBES_IN_FLIGHT - len(probing))))
 
     def probe_sent(self, keys: list[bytes]) -> None:
         self.probing.update(dict.fromkeys(keys, True))
@@ -155,6 +163,21 @@ class Residency:
         counted = [k for k in keys if k in self.capacity]
         self.capacity.refresh(counted)
         return counted
+
+    def renewed(self, namespace: tuple[int, int]) -> bool:
+        """A worker found the namespace directory removed or replaced and made it again: forget the blocks
+        counted or seen elsewhere (their files are gone, or in a directory the tier no longer uses) and the
+        probes out, all but the stores in flight, which land in the new one. False if it is known already."""
+        if namespace == self.namespace:
+            return False
+        self.namespace = namespace
+        gone = self.capacity.retain(self.storing)
+        self.elsewhere.clear()
+        self.probing = dict.fromkeys(self.probing, False)
+        if self.events is not None and gone:
+            self.events.append(TierEvent("removed", tuple(gone)))
+        log.warning("the namespace directory was removed or replaced: a worker made it again; %d blocks forgotten", len(gone))
+        return True
 
     # -- the start-up scan ---------------------------------------------------------
 

@@ -54,6 +54,10 @@ class PrimaryCache:
         self.view: memoryview = memoryview(self._mmap)
         self.array: np.ndarray = np.ndarray((num_blocks, block_bytes), dtype=np.uint8, buffer=self.view)
         self._closed = False
+        self.address = buffer_address(self.view)
+        # Run once, by close() or when the mapping goes (this cache dropped, and any array or view of it):
+        # a dropped cache leaves no fd and no segment, and one whose array lives on stays until it goes.
+        self._finalizer = weakref.finalize(self._mmap, _let_go, name, fd, creator_pid)
         _by_address[self.address] = self
 
     @classmethod
@@ -102,10 +106,6 @@ class PrimaryCache:
         """True in the creating process only (not in its forked children)."""
         return self._creator_pid == os.getpid()
 
-    @property
-    def address(self) -> int:
-        return buffer_address(self.view)
-
     def region(self) -> SharedRegion:
         """Where a worker maps this cache: the whole file, through this cache's fd (valid until ``close``)."""
         return SharedRegion(self._fd, 0, self.num_blocks * self.block_bytes)
@@ -144,17 +144,10 @@ class PrimaryCache:
         unmaps it when it ends (by calling ``close`` again, which then only
         retries the unmap).
         """
-        if not self._closed:
-            self._closed = True
-            _by_address.pop(self.address, None)
-            if self.owner:
-                try:
-                    os.unlink(f"{SHM_DIR}/{self.name}")
-                except FileNotFoundError:
-                    pass  # someone removed it already
-                janitor.release(self.name)
-            os.close(self._fd)
-            del self.array
+        self._closed = True
+        self._finalizer()  # at most once, even when a signal handler's close() interrupted this one
+        _by_address.pop(self.address, None)
+        vars(self).pop("array", None)
         try:
             self.view.release()
             self._mmap.close()
@@ -169,6 +162,20 @@ class PrimaryCache:
 
     def __repr__(self) -> str:
         return f"PrimaryCache(name={self.name!r}, num_blocks={self.num_blocks}, block_bytes={self.block_bytes})"
+
+
+def _let_go(name: str, fd: int, creator_pid: int | None) -> None:
+    """A cache's end: the creator unlinks the segment, the fd is closed, and last the creator's janitor is told
+    (a janitor that cannot be restarted then leaves nothing open)."""
+    owner = creator_pid == os.getpid()
+    if owner:
+        try:
+            os.unlink(f"{SHM_DIR}/{name}")
+        except FileNotFoundError:
+            pass  # someone removed it already
+    os.close(fd)
+    if owner:
+        janitor.release(name)
 
 
 class Primary(NamedTuple):
@@ -192,6 +199,8 @@ def primary_memory(view: object, processes: bool) -> Primary:
     """
     cache = PrimaryCache.backing(view)
     if cache is not None:
+        if cache.closed:
+            raise ValueError(f"primary_kv_view is a closed PrimaryCache: {cache!r}")
         region = SharedRegion(os.dup(cache._fd), 0, cache.num_blocks * cache.block_bytes) if processes else None
         own = memoryview(cache.view)
 

@@ -32,6 +32,7 @@ from .errors import Refused, TierBroken, TierClosed
 from .jobs import JobMetadata, JobResult, TierEvent, TierStats
 from .ledger import Job
 from .messages import Op
+from .namespace import reopen, replaced
 from .pool import poll_ms
 from .reentry import entered, inside_a_call
 from .validation import checked_job, checked_keys, checked_timeout
@@ -90,6 +91,7 @@ class FileSystemTierManager:
         self.block_bytes = parts.block_bytes
         self._core = parts.core  # the coordinator: everything below it is its
         self._root = parts.root  # the namespace directory, for lookup()
+        self._root_id = parts.core.residency.namespace  # the directory it holds; the workers' may be newer
         self._owners = parts.owners  # whose block files count, for lookup()
         self._wake = parts.wake  # rung when a result is made outside a pump
         self._owned_fds = parts.fds  # closed at the end; in a forked child, at once
@@ -124,13 +126,13 @@ class FileSystemTierManager:
             if job_id in core.ledger.jobs:
                 raise ValueError(f"job_id {job_id} is still active")
             if not keys:
-                core.stats["jobs_stored" if op == Op.STORE else "jobs_loaded"] += 1
+                core.counts.add_job(op == Op.STORE, True, 0)
                 self._deliver(JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0))
                 return
             try:
                 limit = self.config.max_queued_tasks
-                if limit and core.pool.backlog(op) >= limit:
-                    raise Refused("EAGAIN", f"EAGAIN: {limit} tasks already wait on the host (max_queued_tasks)")
+                if limit and core.pool.backlog(op) - (op == Op.STORE) * core.ledger.in_flight[Op.PROBE] >= limit:  # probes: a bounded few
+                    raise Refused("EAGAIN", f"{limit} tasks already wait on the host (max_queued_tasks)")
                 admission = core.residency.prepare_store(keys) if op == Op.STORE else None
             except Refused as refused:
                 self._deliver(
@@ -243,23 +245,50 @@ class FileSystemTierManager:
     # -- queries ------------------------------------------------------------
 
     def lookup(self, key: bytes) -> bool | None:
-        """True if the block is on disk, False if not, None while a store of it is in flight."""
+        """True if the block is on disk, False if not, None while a store of it is in flight.
+
+        The path lookup runs outside the tier's lock, through a copy of the namespace directory's fd, so a
+        slow or hung mount holds up this call alone, never another thread's call of the tier. False while
+        the namespace directory is removed or replaced and no worker has made it again yet.
+        """
         checked_keys([key])
+        path = self.layout.locate(key)
         with entered(self._lock):
             self._check_open()
             if key in self._core.residency.storing:
                 return None
-            return block_io.has_block(self._root, self.layout.locate(key), self._owners)
+            root = os.dup(self._root)  # this call's own: a shutdown meanwhile closes the tier's
+            current = self._core.residency.namespace
+        try:
+            if current != self._root_id:
+                root = self._follow_namespace(root, current)
+            return not replaced(root, self.layout.base) and block_io.has_block(root, path, self._owners)
+        finally:
+            os.close(root)
+
+    def _follow_namespace(self, root: int, current: tuple[int, int]) -> int:
+        """The workers made the namespace directory again: the tier takes the same one for its own fd (opened
+        outside the lock, and only if it is the directory they checked); returns this lookup's fd."""
+        fresh = reopen(self.layout.base, current)
+        if fresh is None:
+            return root  # replaced once more: the workers' next task makes it again
+        with self._lock:
+            if not self._core.stopping:  # the tier's fds are open until it stops
+                os.dup2(fresh, self._root, inheritable=False)
+                self._root_id = current
+        os.close(root)
+        return fresh
 
     def lookup_many(self, keys: Sequence[bytes], *, probe: bool = True) -> list[bool | None]:
         """``lookup`` for many keys at once, from memory only: it never waits for a disk.
 
         True for blocks this tier stored, found at start, or learned of; None
         for blocks with a store in flight; False otherwise. Keys it answers
-        False are also probed on disk by a worker in the background, so a block
-        another instance sharing the root wrote is answered True once that
-        probe's completion has been read (by any later ``get_finished``,
-        ``wait`` or ``drain``). A block another instance deleted is forgotten
+        False are also probed on disk by a worker in the background (at most
+        256 keys at a time, the rest by a later call; probes do not count in
+        ``max_queued_tasks``), so a block another instance sharing the root
+        wrote is answered True once that probe's completion has been read (by
+        any later ``get_finished``, ``wait`` or ``drain``). A block another instance deleted is forgotten
         when a load of it fails. ``probe=False`` is for a caller that looks on
         disk itself (``lookup``) for the keys it is told are False.
         """
@@ -379,6 +408,7 @@ def _teardown(
     finally:
         if locked:
             lock.release()
+    core.sweep_leftovers()  # file-system work: outside the lock (calls meanwhile find the tier stopped)
     for fd in owned:
         os.close(fd)
     release()

@@ -69,6 +69,7 @@ from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
 
 from .config import FILE_MODES, TierConfig
 from .jobs import JobMetadata
+from .layout import rank_dir
 from .namespace import write_once
 from .tier import FileSystemTierManager
 
@@ -135,7 +136,7 @@ class MpFileSystemTierManager(SecondaryTierManager):
         self.file_mapper = FileMapper.from_offloading_spec(
             root_dir=root_dir, offloading_spec=offloading_spec, blocks_per_file=offloading_spec.blocks_per_chunk, parallel_agnostic=True
         )
-        namespace = f"{self.file_mapper.base_path}_r{self.file_mapper.rank}"
+        namespace = rank_dir(self.file_mapper.base_path, self.file_mapper.rank)
         base = TierConfig.from_toml(config_file) if config_file else TierConfig.from_env()
         if unknown := sorted(set(settings) - {f.name for f in msgspec.structs.fields(TierConfig)}):
             raise TypeError(f"unknown settings for tier {tier_type!r}: {', '.join(unknown)} (neither vLLM's nor TierConfig's)")
@@ -231,6 +232,8 @@ class MpFileSystemTierManager(SecondaryTierManager):
                         self._loading[key] = left
                     else:
                         del self._loading[key]
+            if not result.success:  # vLLM's JobResult has no field for the code: its log carries it
+                log.warning("tier %s: job %d failed (%s): %s", self.tier_type, job.job_id, result.error_code, result.error)
             successful_keys = self._loaded_prefix(job, result.successful_keys) if loading else None
             stored = self._store_job_keys.pop(job.job_id, None)
             if stored is not None and result.success and self.events is not None:

@@ -16,10 +16,10 @@ from . import block_io
 from .capacity import CapacityIndex
 from .config import FILE_MODES, TierConfig
 from .coordinator import Coordinator
-from .layout import BlockLayout
+from .layout import BlockLayout, namespace_name
 from .memory import buffer_address
 from .messages import Op
-from .namespace import Owners, describe_run, namespace_name, owners_for, prepare_namespace
+from .namespace import Owners, describe_run, identity, owners_for, prepare_namespace
 from .pool import WorkerPool
 from .residency import Residency
 from .shared_cache import primary_memory
@@ -86,6 +86,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
                 cpus=tuple(config.worker_cpus),
                 sched=config.worker_sched,
                 io_depth=config.io_depth if config.engine == "processes" else 1,
+                run=run,
             )
             for index in range(config.n_read_workers + config.n_write_workers)
         ]
@@ -104,7 +105,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
             os.close(fd)
         raise
     groups = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}
-    core = Coordinator(pool, Residency(capacity, config.events), layout, root, owners, groups, config.task_timeout, config.start_timeout)
+    core = Coordinator(pool, Residency(capacity, config.events, identity(root)), layout, root, groups, config.task_timeout, config.start_timeout)
     log.debug("tier up: %s, %d+%d %s, direct=%s", layout.base, config.n_read_workers, config.n_write_workers, config.engine, direct)
     return Parts(core, layout, root, owners, direct, primary.num_blocks, primary.block_bytes, primary.release, fds, wake)
 

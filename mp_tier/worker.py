@@ -27,7 +27,7 @@ from . import block_io
 from .channels import EndOfTasks, WorkerEnds, hush, ring, send_completion, take_task, waiting_bytes
 from .layout import BlockLayout
 from .messages import Completion, Op, Task
-from .namespace import Owners
+from .namespace import Owners, renew
 from .slots import CLAIMING, IDLE, MAIN, NESTED, Slots
 
 _MAX_ERROR_CHARS = 512
@@ -51,6 +51,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     cpus: tuple[int, ...] = ()  # the CPUs a worker process may run on (empty: any)
     sched: str = "normal"  # a worker process's scheduling policy: batch and idle never preempt the host on wake-up
     io_depth: int = 1  # lanes of a worker process: tasks it serves at once, so the disk sees several I/Os in flight
+    run: dict[str, str | int] = {}  # the run config.json records, to make the namespace again if it is removed
 
 
 def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None = None) -> Iterator[Completion]:
@@ -77,6 +78,25 @@ def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: 
     except Exception as e:
         code, error = block_io.describe(e)
         yield Completion(task.seq, spec.index, 0, [], error[:_MAX_ERROR_CHARS], code)
+
+
+def in_namespace(spec: WorkerSpec, root: int, task: Task, completions: Callable[[], Iterator[Completion]]) -> Iterator[Completion]:
+    """The task's completions, done in the namespace directory as it is now.
+
+    One removed or replaced since the last task is made (or checked) again
+    first, as at start, and the first completion names it; if that fails, the
+    task fails with why, and nothing lands in the old directory.
+    """
+    try:
+        renewed = renew(root, spec.layout.base, spec.run, (spec.file_mode, spec.dir_mode), spec.owners)
+    except (OSError, ValueError) as e:
+        code, error = block_io.describe(e)
+        failed = list(range(len(task.keys)))
+        yield Completion(task.seq, spec.index, 0, failed, error[:_MAX_ERROR_CHARS], code, kept=list(range(len(task.evict))))
+        return
+    for completion in completions():
+        completion.namespace, renewed = renewed, None
+        yield completion
 
 
 def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None) -> Completion:
@@ -183,7 +203,7 @@ def run_worker(
 
     def run(task: Task, slot: int) -> None:
         between = loads_first if spec.read_priority and task.op == Op.STORE else None
-        for completion in handle(spec, root, cache, task, between):
+        for completion in in_namespace(spec, root, task, lambda: handle(spec, root, cache, task, between)):
             send_completion(ends.results, completion)
         slots.set(me, slot, IDLE, lane)
 

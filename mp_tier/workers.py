@@ -4,14 +4,17 @@ A process worker is the host's own child, spawned as a fresh interpreter
 with ``posix_spawn`` (vfork+exec, so even a host of many GiB starts one
 cheaply, and no error pipe that a child forked meanwhile by another host
 thread could hold open: ``subprocess`` waits on one). Its liveness is judged
-by the process itself, through a pidfd opened while the child cannot yet
-have been reaped by anyone but us, never by a forkserver or a poll that a
-third process could answer wrongly. A thread worker signals its end by closing a pipe, so the host
+by the process itself, through a pidfd, never by a forkserver or a poll that a
+third process could answer wrongly. A host may reap its children itself
+(SIGCHLD set to SIG_IGN, or a handler that calls ``waitpid(-1)``): the
+pidfd still says when the worker ended, and a worker someone else reaped
+is simply gone, its exit status unknown. A thread worker signals its end by closing a pipe, so the host
 watches both kinds in the same ``poll`` set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -23,6 +26,24 @@ from collections.abc import Callable
 from . import interpreter
 
 log = logging.getLogger(__name__)
+
+
+def _named_limit(e: OSError, highest_fd: int) -> OSError:
+    """A spawn's failure, naming the limit a shortage of fds or processes hit and how to raise it."""
+    if e.errno == errno.EBADF and highest_fd >= (limit := resource.getrlimit(resource.RLIMIT_NOFILE)[0]):
+        # the child cannot have fds past the limit
+        return OSError(errno.EMFILE, f"too many open files: RLIMIT_NOFILE {limit} is below the worker's fds; raise it (ulimit -n)")
+    if e.errno == errno.EMFILE:
+        return OSError(e.errno, f"too many open files: RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}; raise it (ulimit -n)")
+    if e.errno == errno.EAGAIN:
+        limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        return OSError(
+            e.errno,
+            f"cannot start another process: this user's RLIMIT_NPROC is {'unlimited' if limit < 0 else limit} (raise it: "
+            "ulimit -u), or the system's or the cgroup's process limit is reached",
+        )
+    return e
+
 
 def _describe_exit(code: int) -> str:
     if code < 0:
@@ -49,16 +70,16 @@ class ProcessWorker:
         try:
             self.pid = os.posix_spawn(argv[0], argv, interpreter.environment(), file_actions=[*inherit, stdin])
         except OSError as e:
-            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            if e.errno == errno.EBADF and max(pass_fds) >= limit:  # the child cannot have fds past the limit
-                raise OSError(errno.EMFILE, f"too many open files: RLIMIT_NOFILE {limit} is below the worker's fds") from None
-            raise
+            raise _named_limit(e, max(pass_fds)) from None
         try:
-            # Our child: nobody else can reap it, so the pid cannot have been reused yet.
+            # A child reaped this soon was one that could not even start; its pid cannot be reused this soon.
             self.death_fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            raise OSError(errno.ESRCH, f"worker {index} (pid {self.pid}) exited at once, and the host reaped it") from None
         except OSError:
             os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
+            with contextlib.suppress(ChildProcessError):  # the host reaps its children itself
+                os.waitpid(self.pid, 0)
             raise
         log.debug("worker %d started: pid %d", index, self.pid)
 
@@ -69,10 +90,20 @@ class ProcessWorker:
             pass  # it has exited already
 
     def reap(self) -> str:
-        """Collect the exited worker; returns why it exited."""
-        _, status = os.waitpid(self.pid, 0)
-        os.close(self.death_fd)
-        return f"worker {self.index} (pid {self.pid}) died: {_describe_exit(os.waitstatus_to_exitcode(status))}"
+        """Collect the exited worker; returns why it exited.
+
+        Waits on the pidfd, not the pid: a pid another reaper freed may
+        already name another child of the host.
+        """
+        try:
+            info = os.waitid(os.P_PIDFD, self.death_fd, os.WEXITED)
+            assert info is not None  # without WNOHANG
+            why = _describe_exit(info.si_status if info.si_code == os.CLD_EXITED else -info.si_status)
+        except ChildProcessError:
+            why = "exit status unknown (the host reaped it: SIGCHLD ignored, or a handler that waits for every child)"
+        finally:
+            os.close(self.death_fd)
+        return f"worker {self.index} (pid {self.pid}) died: {why}"
 
     def abandon(self) -> None:
         """Forget the worker without touching it (a forked child of the host does this)."""

@@ -1,4 +1,8 @@
-"""Shared fixtures: real caches, real tiers, and a leak check after every test."""
+"""Shared fixtures: real caches, real tiers, and a leak check after every test.
+
+tests/unit overrides ``no_leaks`` with a check that nothing there starts a process, so the janitor
+(which the leak check here needs running) never starts for the unit layer.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ import pytest
 from helpers import BLOCK, child_processes, open_fds, shm_segments, wait_exit, worker_threads
 
 from mp_tier import FileSystemTierManager, PrimaryCache
+from mp_tier.layout import TEMP_SUFFIX
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(scope="session")
 def janitor_started() -> None:
     """The first segment starts this process's janitor, which holds a pipe for the whole run."""
     PrimaryCache.create(1, 4096).close()
@@ -22,7 +27,7 @@ def no_leaks(tmp_path: Path, janitor_started: None):
     segments, fds, children = shm_segments(), open_fds(), child_processes()
     yield
     assert shm_segments() - segments == set(), "a shared-memory segment leaked"
-    assert [p for p in tmp_path.rglob("*.tmp")] == [], "a temp file leaked"
+    assert [p for p in tmp_path.rglob(f"*{TEMP_SUFFIX}")] == [], "a temp file leaked"
     assert worker_threads() == [], "a worker thread outlived its tier"
     assert {fd: what for fd, what in open_fds().items() if fds.get(fd) != what} == {}, "an fd leaked"
     assert child_processes() - children == set(), "a child process outlived its test"

@@ -10,9 +10,11 @@ import numpy as np
 from glusterfs_nodes import wait_gone
 
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache
+from mp_tier.layout import namespace_name
 from mp_tier.shared_cache import SEGMENT_PREFIX
 
 BLOCK = 64 << 10
+NAMESPACE = namespace_name({"block_bytes": BLOCK}, 0)  # where a tier on a cache of BLOCK-byte blocks keeps them
 wait_exit = wait_gone  # True once a pid has exited (a pidfd: it need not be our child)
 
 

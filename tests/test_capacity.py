@@ -8,15 +8,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job
+from helpers import BLOCK, NAMESPACE, fill_random, make_keys, run_job
 
 from mp_tier import JobMetadata, TierConfig
 from mp_tier.capacity import CapacityIndex
 from mp_tier.jobs import TierEvent
+from mp_tier.layout import BLOCK_SUFFIX, TEMP_SUFFIX
 from mp_tier.residency import Residency
 
 
@@ -25,7 +25,7 @@ def disk_bytes(base: str) -> int:
     total = 0
     for parent, _, names in os.walk(base):
         for name in names:
-            if name.endswith((".bin", ".tmp")):
+            if name.endswith((BLOCK_SUFFIX, TEMP_SUFFIX)):
                 try:
                     total += os.stat(os.path.join(parent, name)).st_size
                 except FileNotFoundError:
@@ -336,18 +336,16 @@ def test_two_instances_with_budgets_share_a_root(tmp_path):
         subprocess.Popen([sys.executable, "-c", SHARER, root, str(n), str(b), "4"], stdout=subprocess.PIPE, text=True)
         for n, b in zip((1, 2), budgets)
     ]
-    base = None
+    base = os.path.join(root, NAMESPACE)
     peak = 0
     while any(p.poll() is None for p in procs):
-        base = base or next(Path(root).glob("bs*_r0"), None)
-        if base is not None:
-            peak = max(peak, disk_bytes(str(base)))
+        peak = max(peak, disk_bytes(base))  # nothing until the namespace exists
     outputs = [p.communicate(timeout=60)[0].split() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     for submitted, results, torn, _ in outputs:
         assert int(submitted) == int(results) > 0 and int(torn) == 0
     assert peak <= sum(budgets) + 2 * 8 * BLOCK
-    assert disk_bytes(str(base)) <= sum(budgets)
+    assert disk_bytes(base) <= sum(budgets)
 
 
 def test_a_store_of_a_block_being_evicted_is_refused_not_lost(make_tier):
@@ -380,7 +378,7 @@ def test_a_block_a_load_finds_missing_stops_counting_but_not_others(make_tier, t
 def test_a_store_that_lands_while_a_load_misses_keeps_counting():
     """Completions of different workers arrive in any order: a load's ENOENT that a store has since
     made stale must not uncount the new file (else the budget under-counts the disk)."""
-    residency = Residency(CapacityIndex(BLOCK, 8 * BLOCK, evict=True), events=False)
+    residency = Residency(CapacityIndex(BLOCK, 8 * BLOCK, evict=True), events=False, namespace=(0, 0))
     key = make_keys(1)[0]
     residency.commit_load([key])  # the load runs first and finds no file...
     residency.commit_store([key], residency.prepare_store([key]))
@@ -405,7 +403,7 @@ def test_a_probe_that_crossed_a_deletion_is_not_believed():
     """A probe sees a block's file; before its answer is read this tier evicts the block. The stale answer
     must not make lookups say True, no second probe of the key goes out meanwhile, and after the stale
     one is read a new probe may go out; a probe that finds the file gone clears the key."""
-    residency = Residency(CapacityIndex(BLOCK, 2 * BLOCK, evict=True), events=True)
+    residency = Residency(CapacityIndex(BLOCK, 2 * BLOCK, evict=True), events=True, namespace=(0, 0))
     key, a, b = make_keys(3)
     residency.commit_store([key], residency.prepare_store([key]))
     residency.store_done([key], [])

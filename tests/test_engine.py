@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -404,6 +405,61 @@ def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
     tier.drain(60)
     results = tier.get_finished()
     assert len(results) == job and all(r.success for r in results)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_background_probes_neither_fill_the_job_queue_nor_wait_for_it(make_tier, engine):
+    """A lookup_many of 30,000 unknown keys while the workers are stopped: its probes are bounded and do
+    not count as queued jobs, so the next store is queued, not refused with EAGAIN. Probes still go out
+    while stores fill max_queued_tasks, and a key the bound left out is probed by a later lookup_many."""
+    from mp_tier import TierConfig
+
+    tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=8))
+    tier.drain(30)  # its start-up scan is done
+    elsewhere = make_tier(n_read_workers=1, n_write_workers=1)  # another instance on the same root
+    planted = make_keys(2, seed=7)
+    assert run_job(elsewhere, "store", JobMetadata(job_id=1, keys=planted, block_ids=[0, 1])).success
+    pids = tier.worker_pids()
+
+    results = []
+
+    def stopped(step: Callable[[], None]) -> None:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            step()
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        tier.drain(60)
+
+    def probes_do_not_count() -> None:
+        assert tier.lookup_many(make_keys(30_000, seed=1) + planted[1:]) == [False] * 30_001
+        tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1, seed=2), block_ids=[0]))
+        refused = tier.get_finished()
+        assert refused == [], f"a store was refused although no job waits: {refused[0].error}"
+
+    jobs = 1
+
+    def jobs_do_not_hold_up_probes() -> None:
+        nonlocal jobs
+        while tier.stats().tasks_queued < 8:  # stores fill the job budget
+            jobs += 1
+            tier.submit_store(JobMetadata(job_id=jobs, keys=make_keys(1, seed=100 + jobs), block_ids=[jobs % 256]))
+        tier.submit_store(JobMetadata(job_id=0, keys=make_keys(1, seed=0), block_ids=[0]))
+        results.extend(tier.get_finished())
+        assert results.pop().error_code == "EAGAIN"
+        assert tier.lookup_many(planted[:1]) == [False]  # its probe goes out all the same
+
+    stopped(probes_do_not_count)
+    results.extend(tier.get_finished())
+    stopped(jobs_do_not_hold_up_probes)
+    results.extend(tier.get_finished())
+    assert sorted(r.job_id for r in results) == list(range(1, jobs + 1)) and all(r.success for r in results)
+    assert tier.lookup_many(planted, probe=False) == [True, False], "the bound left the second key out"
+    assert tier.lookup_many(planted[1:]) == [False]
+    tier.drain(60)
+    assert tier.lookup_many(planted[1:], probe=False) == [True]
 
 
 @pytest.mark.parametrize("engine", ["processes"])

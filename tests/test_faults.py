@@ -16,7 +16,7 @@ import pytest
 from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
 
 from mp_tier import JobMetadata, TierBroken, TierConfig
-from mp_tier.layout import HOST_TAG, temp_writer_pid
+from mp_tier.layout import HOST_TAG, TEMP_SUFFIX, is_temp, temp_writer_pid
 from mp_tier.recovery import BOOTING_AT_ONCE, STARTUP_WINDOW_SECONDS
 
 
@@ -211,14 +211,14 @@ def test_a_dead_writers_directory_swapped_for_something_else_is_passed_over(make
         deadline = time.monotonic() + 10
         while writing is None:  # no pump runs until the host calls the tier: the deaths wait for us
             assert time.monotonic() < deadline, "no store was seen in progress"
-            writing = next((d for d in leaves if os.path.isdir(d) and any(n.endswith(".tmp") for n in os.listdir(d))), None)
+            writing = next((d for d in leaves if os.path.isdir(d) and any(is_temp(n) for n in os.listdir(d))), None)
         workers = tier.worker_pids()
         for pid in workers:
             os.kill(pid, signal.SIGSTOP)
         os.rename(writing, writing + ".moved")
         outside = tmp_path / "outside"
         outside.mkdir()
-        bait = [outside / n for n in os.listdir(writing + ".moved") if n.endswith(".tmp")]
+        bait = [outside / n for n in os.listdir(writing + ".moved") if is_temp(n)]
         for path in bait:
             path.write_bytes(b"not the tier's")
         if swap == "symlink":
@@ -269,7 +269,7 @@ def test_a_store_lost_twice_still_counts_the_blocks_it_wrote(make_tier):
         while not results:
             assert time.monotonic() < deadline
             if any(os.path.exists(tier.block_path(k)) for k in keys):
-                writing = {temp_writer_pid(n) for d in leaves if os.path.isdir(d) for n in os.listdir(d) if n.endswith(".tmp")}
+                writing = {temp_writer_pid(n) for d in leaves if os.path.isdir(d) for n in os.listdir(d) if is_temp(n)}
                 for pid in writing - stopped - {None}:
                     os.kill(pid, signal.SIGSTOP)
                     stopped.add(pid)
@@ -315,7 +315,7 @@ def test_enospc_fails_the_store_cleanly_and_the_tier_recovers(make_tier, cache, 
             assert os.path.exists(path) == (key in stored)
             if key in stored:
                 assert os.path.getsize(path) == BLOCK  # never a partial block under a final name
-        assert list(target.rglob("*.tmp")) == []
+        assert list(target.rglob(f"*{TEMP_SUFFIX}")) == []
         for key in list(stored)[:20]:
             os.unlink(tier.block_path(key))
         retry = [k for k in keys if k not in stored][:10]

@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BLOCK, fill_random, make_keys, open_fds, run_job, wait_exit, wait_ready
+from helpers import BLOCK, NAMESPACE, fill_random, make_keys, open_fds, run_job, wait_exit, wait_ready
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierBroken, TierConfig
+from mp_tier.layout import BLOCK_SUFFIX, CONFIG_FILE, LAYOUT_VERSION, TEMP_SUFFIX, VERSION_KEY
 from mp_tier.worker_process import TEST_PAUSE
 
 
 def disk_blocks(base: str) -> int:
-    return sum(name.endswith(".bin") for _, _, names in os.walk(base) for name in names)
+    return sum(name.endswith(BLOCK_SUFFIX) for _, _, names in os.walk(base) for name in names)
 
 
 def test_victims_with_longer_keys_than_the_store_travel_in_frames_sized_for_them(make_tier, cache):
@@ -84,7 +85,7 @@ def test_a_dropped_tier_stops_its_workers_and_closes_its_fds(cache, tmp_path, en
 def test_a_constructor_that_fails_leaves_nothing(cache, tmp_path):
     """Refused after its pipes and memory fd were made (the namespace is a file): the leak check finds nothing."""
     (tmp_path / "root").mkdir()
-    (tmp_path / "root" / f"bs{BLOCK}_r0").write_text("not a directory")
+    (tmp_path / "root" / NAMESPACE).write_text("not a directory")
     with pytest.raises(OSError, match="not usable"):
         FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "root"))
 
@@ -295,7 +296,7 @@ def test_an_interpreter_exit_without_shutdown_leaves_no_worker_temp_file_or_segm
     assert done.stderr == ""
     info = json.loads(done.stdout)
     assert all(wait_exit(pid, 5) for pid in info["workers"])
-    assert list(root.rglob("*.tmp")) == []
+    assert list(root.rglob(f"*{TEMP_SUFFIX}")) == []
     deadline = time.monotonic() + 10
     while os.path.exists(f"/dev/shm/{info['shm']}"):
         assert time.monotonic() < deadline, "the segment outlived its creator"
@@ -305,9 +306,9 @@ def test_an_interpreter_exit_without_shutdown_leaves_no_worker_temp_file_or_segm
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", ["empty", "garbage", "a list", "a directory", "a FIFO"])
 def test_a_bad_config_json_is_named_and_never_hangs(cache, tmp_path, kind):
-    namespace = tmp_path / f"bs{BLOCK}_r0"
+    namespace = tmp_path / NAMESPACE
     namespace.mkdir(mode=0o700)
-    config = namespace / "config.json"
+    config = namespace / CONFIG_FILE
     if kind == "empty":
         config.write_bytes(b"")
     elif kind == "garbage":
@@ -324,8 +325,8 @@ def test_a_bad_config_json_is_named_and_never_hangs(cache, tmp_path, kind):
 
 def test_config_json_is_written_durably_and_once(make_tier, tmp_path):
     tier = make_tier()
-    config = Path(tier.layout.base) / "config.json"
-    assert json.loads(config.read_text()) == {"block_bytes": BLOCK}
+    config = Path(tier.layout.base) / CONFIG_FILE
+    assert json.loads(config.read_text()) == {"block_bytes": BLOCK, VERSION_KEY: LAYOUT_VERSION}
     first = config.stat().st_ino
     tier.shutdown()
     make_tier()

@@ -2,7 +2,7 @@
 
 Every workload runs on tiny sizes, the JSON keeps its schema, roots are
 guarded; the runs go through ``python -m mp_tier bench``, the ``mp-tier``
-console script and ``tools/loadgen.py`` alike.
+console script (the README's main command) alike.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ else:
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = [sys.executable, "-m", "mp_tier", "bench"]
-LOADGEN = [sys.executable, str(REPO / "tools" / "loadgen.py")]  # the README's main command
 MP_TIER = Path(sysconfig.get_path("scripts")) / "mp-tier"  # the console script pip installs
-ENTRIES = {"python -m mp_tier bench": BENCH, "tools/loadgen.py": LOADGEN, "mp-tier bench": [str(MP_TIER), "bench"]}
+MAIN = [str(MP_TIER), "bench"]  # the README's main command
+ENTRIES = {"python -m mp_tier bench": BENCH, "mp-tier bench": MAIN}
 
 # Tiny and quick: 64 KiB blocks, 2 MiB per phase, one worker of each kind.
 TINY = ["--block-size", "64k", "--total", "2m", "--workers", "1", "--inflight", "2", "--idle-seconds", "0.05", "--no-progress"]
@@ -117,7 +117,7 @@ def test_trace_reports_prefix_hits(tmp_path):
 
 def test_prints_a_table_and_ratios(tmp_path):
     done = run_loadgen(
-        *TINY, "--workload", "store", "--compare", "threads", "--root", str(tmp_path / "r"), *THREADS_UNSTARVED, entry=LOADGEN
+        *TINY, "--workload", "store", "--compare", "threads", "--root", str(tmp_path / "r"), *THREADS_UNSTARVED, entry=MAIN
     )
     assert done.returncode == 0, done.stderr
     assert "busy/idle" in done.stdout and "processes/threads store fresh" in done.stdout
@@ -127,7 +127,7 @@ def test_refuses_a_root_holding_foreign_files(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
     (root / "precious.txt").write_text("not loadgen's")
-    done = run_loadgen(*TINY, "--root", str(root), entry=LOADGEN)
+    done = run_loadgen(*TINY, "--root", str(root), entry=MAIN)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "refusing --root" in done.stderr and "precious.txt" in done.stderr
@@ -136,7 +136,7 @@ def test_refuses_a_root_holding_foreign_files(tmp_path):
 
 def test_keep_leaves_files_that_a_later_run_accepts(tmp_path):
     root = tmp_path / "kept"
-    first = run_loadgen(*TINY, "--workload", "store", "--root", str(root), "--keep", entry=LOADGEN)
+    first = run_loadgen(*TINY, "--workload", "store", "--root", str(root), "--keep", entry=MAIN)
     assert first.returncode == 0, first.stderr
     (run_dir,) = root.iterdir()
     assert (run_dir / MARKER).is_file() and any(p.suffix == ".bin" for p in run_dir.rglob("*"))
@@ -178,8 +178,7 @@ def test_plot_without_sweep_is_a_usage_error(tmp_path, entry):
 def test_every_entry_point_offers_the_same_options(entry):
     done = subprocess.run([*ENTRIES[entry], "--help"], check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    prog = "loadgen.py" if entry == "tools/loadgen.py" else entry  # as typed
-    assert done.stdout.startswith(f"usage: {prog} ")
+    assert done.stdout.startswith(f"usage: {entry} ")
     for option in ("--workload", "--compare", "--sweep", "--json", "--root", "--keep", "--no-progress"):
         assert option in done.stdout
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job
+from helpers import BLOCK, NAMESPACE, fill_random, make_keys, run_job
 
 from mp_tier import FileSystemTierManager, JobMetadata, TierConfig
-from mp_tier.layout import HOST_TAG, MAX_KEY_BYTES
+from mp_tier.layout import HOST_TAG, MAX_KEY_BYTES, BlockLayout
 
 NOBODY = 65534
 
@@ -80,7 +80,7 @@ def test_the_namespace_directory_as_a_symlink_is_refused(cache, tmp_path):
     root.mkdir()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    os.symlink(elsewhere, root / f"bs{BLOCK}_r0")
+    os.symlink(elsewhere, root / NAMESPACE)
     with pytest.raises(OSError, match="not usable"):
         FileSystemTierManager(primary_kv_view=cache, root_dir=str(root))
     assert list(elsewhere.iterdir()) == []
@@ -130,9 +130,9 @@ def run_as(uid: int, gid: int, namespace: Path, block: Path, mode: int) -> None:
 def test_a_namespace_another_user_prepared_is_refused(cache, shared_tmp):
     """Another user made the namespace first, world-writable, and planted a block in it: KV-cache poisoning
     through a shared /tmp. The tier refuses to use it, naming the owner, and reads nothing from it."""
-    namespace = shared_tmp / f"bs{BLOCK}_r0"
+    namespace = shared_tmp / NAMESPACE
     key = make_keys(1)[0]
-    block = Path(f"{namespace}/{key[:-4].hex()[:3]}/{key[:-4].hex()[3:5]}_g0/{key[:-4].hex()}.bin")
+    block = Path(BlockLayout(str(namespace)).path(key))
     run_as(NOBODY, NOBODY, namespace, block, 0o777)
     assert namespace.stat().st_uid == NOBODY
     with pytest.raises(PermissionError, match=f"owned by uid {NOBODY} .* another user could have planted blocks"):
@@ -143,9 +143,9 @@ def test_a_namespace_another_user_prepared_is_refused(cache, shared_tmp):
 def test_group_mode_admits_a_namespace_of_the_group(cache, shared_tmp, file_mode, admitted):
     """A namespace another user of this process's group made, group-writable: shared between nodes'
     service users in group mode, refused in private mode. Its planted block file belongs to the group."""
-    namespace = shared_tmp / f"bs{BLOCK}_r0"
+    namespace = shared_tmp / NAMESPACE
     key = make_keys(1)[0]
-    block = Path(f"{namespace}/{key[:-4].hex()[:3]}/{key[:-4].hex()[3:5]}_g0/{key[:-4].hex()}.bin")
+    block = Path(BlockLayout(str(namespace)).path(key))
     run_as(NOBODY, os.getegid(), namespace, block, 0o770)
     config = TierConfig(file_mode=file_mode, n_read_workers=1, n_write_workers=1)
     if not admitted:

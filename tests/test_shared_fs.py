@@ -28,13 +28,12 @@ from typing import Any
 import glusterfs_nodes as gl
 import pytest
 
-from mp_tier.layout import host_tag
+from mp_tier.layout import BLOCK_SUFFIX, CONFIG_FILE, LAYOUT_VERSION, VERSION_KEY, host_tag, is_temp
 
 pytestmark = [pytest.mark.glusterfs, pytest.mark.timeout(120)]
 
 AGENT = str(Path(__file__).with_name("shared_fs_node.py"))
-# The volume runs with the settings the README recommends ("Sharing one root between
-# nodes"), each for a failure measured here with GlusterFS 10.3's defaults:
+# The volume runs with the settings docs/shared-fs.md recommends, each for a failure measured here with GlusterFS 10.3's defaults:
 # - open-behind defers a file's open to its first read, and md-cache (stat-prefetch) serves
 #   a name's old inode after another client renamed a file over it: loads of whole blocks
 #   failed with ESTALE, and a block opened before another node deleted it stopped reading.
@@ -237,12 +236,12 @@ def temps(directory: str, host: str | None = None) -> list[str]:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if n.endswith(".tmp") and (host is None or n.rsplit(".", 4)[1] == host_tag(host)))
+    return sorted(n for n in names if is_temp(n) and (host is None or n.rsplit(".", 4)[1] == host_tag(host)))
 
 
 def blocks_in(directory: str) -> list[str]:
     try:
-        return sorted(n for n in os.listdir(directory) if n.endswith(".bin"))
+        return sorted(n for n in os.listdir(directory) if n.endswith(BLOCK_SUFFIX))
     except FileNotFoundError:
         return []
 
@@ -345,17 +344,17 @@ def test_first_writer_of_config_json_wins_when_nodes_start_at_once(volume, nodes
         infos = [node.result() for node in group]
         assert len({info["host"] for info in infos}) == 3
         base = group[0].namespace()
-        with open(observer(volume, os.path.join(base, "config.json"))) as f:
-            assert json.load(f) == {"block_bytes": 128 * KIB}
+        with open(observer(volume, os.path.join(base, CONFIG_FILE))) as f:
+            assert json.load(f) == {"block_bytes": 128 * KIB, VERSION_KEY: LAYOUT_VERSION}
             assert os.fstat(f.fileno()).st_nlink == 1  # every node unlinked its temp file, the winner's too
-        assert [n for n in os.listdir(observer(volume, base)) if n.startswith("config.json")] == ["config.json"]
+        assert [n for n in os.listdir(observer(volume, base)) if n.startswith(CONFIG_FILE)] == [CONFIG_FILE]
         for node in group:
             node.call("shutdown")
 
     # A namespace whose config.json records another run is refused on every other node
     a, b, c = group
     a.start("refused")
-    config = observer(volume, os.path.join(a.namespace(), "config.json"))
+    config = observer(volume, os.path.join(a.namespace(), CONFIG_FILE))
     a.call("shutdown")
     with open(config, "r+") as f:
         run = json.load(f)

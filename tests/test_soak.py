@@ -17,7 +17,11 @@ def numbers(line: str) -> list[int]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("chaos", [[], ["--stall-every", "0.5", "--kill-helpers"]], ids=["kills", "kills-stalls-helpers"])
+@pytest.mark.parametrize(
+    "chaos",
+    [[], ["--stall-every", "0.5", "--kill-helpers"], ["--sigchld", "ignore", "--starve-every", "1.5", "--starve", "1"]],
+    ids=["kills", "kills-stalls-helpers", "reaping-host-without-fds"],
+)
 def test_short_soak_with_kills_keeps_every_invariant(tmp_path: Path, chaos: list[str]) -> None:
     args = ["--seconds", "4", "--kill-every", "1", "--progress-every", "1", "--root-dir", str(tmp_path), *chaos]
     done = subprocess.run([sys.executable, str(SOAK), *args], check=False, capture_output=True, text=True, timeout=90)
@@ -34,6 +38,9 @@ def test_short_soak_with_kills_keeps_every_invariant(tmp_path: Path, chaos: list
     assert killed + by_tier >= restarted >= killed >= 2
     if not chaos:
         assert by_tier == 0 and restarted == killed
+    if "--starve-every" in chaos:
+        windows, _, spawns_failed = numbers(lines["starved"])
+        assert windows >= 2 and spawns_failed >= windows, lines["starved"]
     assert numbers(lines["temp"]) == [0]
     for name in ("open", "/dev/shm", "processes"):
         start, end = numbers(lines[name])[:2]

@@ -4,6 +4,7 @@ its factory, its FS tier. Runs where vLLM is installed (``.ci/vllm-compat`` buil
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import signal
 import time
@@ -223,7 +224,8 @@ def test_a_root_one_tier_wrote_is_read_by_the_other(tmp_path: Path, writer_kind:
         primary.shutdown()
 
 
-def test_vllms_semantics_for_bad_chunks_failed_prefixes_and_in_flight_stores(engine_stack) -> None:
+def test_vllms_semantics_for_bad_chunks_failed_prefixes_and_in_flight_stores(engine_stack, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="mp_tier.vllm_tier")
     _, tier = engine_stack()
     a, b, c = key(1), key(2), key(3)
     tier.submit_store(job(1, [a], [CHUNKS]))  # out of range: a failed result, not an exception
@@ -238,6 +240,7 @@ def test_vllms_semantics_for_bad_chunks_failed_prefixes_and_in_flight_stores(eng
     tier.submit_load(job(3, [a, b, c], [4, 5, 6], promotion=True))
     (result,) = drain(tier)
     assert not result.success and tuple(result.successful_keys) == (a,)  # the loaded prefix, as vLLM's FS tier
+    assert "job 3 failed (ENOENT): " in caplog.text  # the code vLLM's JobResult cannot carry reaches its log
     # from the failure on, misses for this request (c's file is fine, but vLLM reads a promotion as a prefix)
     assert [tier.lookup(k, ctx) for k in (a, b, c)] == [LookupResult.HIT, LookupResult.MISS, LookupResult.MISS]
     other = ReqContext(req_id="other")

@@ -10,11 +10,20 @@ random worker every few seconds, then checks what the run left behind.
     python tools/soak.py --seconds 600
     python tools/soak.py --seconds 600 --stall-every 2 --kill-helpers   # also stalls (SIGSTOP) and helper kills
     python tools/soak.py --seconds 60 --kill-every 1 --block-size 2m --read-workers 4 --write-workers 4
+    python tools/soak.py --seconds 600 --sigchld ignore --starve-every 20   # a host that reaps, and fd shortages
 
 With ``--stall-every`` a random worker is stopped for ``--stall`` seconds;
 one that holds a task past the tier's ``task_timeout`` is killed by the tier
 and its task sent again. ``--kill-helpers`` also kills every other child of
 the host (its segment janitor) with each worker kill.
+
+``--sigchld ignore`` makes the host set SIGCHLD to SIG_IGN (the kernel reaps
+every child at once), ``--sigchld reap`` installs a handler that waits for
+every child: the tier must reap nothing itself. ``--starve-every`` opens a
+window of ``--starve`` seconds in which the host has no free fd (its soft
+RLIMIT_NOFILE drops below every fd number it does not already use) and kills
+a worker at its start: the replacement cannot be spawned until the window
+closes, and the workers left serve meanwhile.
 
 Every block's bytes are a function of its key, so every loaded block is
 verified in full. The disk is bounded by the tier's own LRU budget
@@ -43,6 +52,7 @@ import collections
 import hashlib
 import os
 import random
+import resource
 import shutil
 import signal
 import sys
@@ -104,6 +114,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--kill-helpers", action="store_true", help="also SIGKILL the host's other children (the segment janitor) with each kill"
     )
+    parser.add_argument(
+        "--sigchld", choices=["default", "ignore", "reap"], default="default", help="the host's SIGCHLD: SIG_IGN, or a reaping handler"
+    )
+    parser.add_argument("--starve-every", type=float, default=0.0, help="seconds between windows without free fds; 0 = none")
+    parser.add_argument("--starve", type=positive(float), default=3.0, help="how long a window without free fds lasts")
     parser.add_argument("--block-size", type=parse_size, default="256k", help="bytes per block")
     parser.add_argument("--num-blocks", type=positive(int), default=256, help="blocks in the primary cache")
     parser.add_argument("--blocks-per-job", type=positive(int), default=4, help="blocks per store or load job")
@@ -124,6 +139,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--load-gap must be >= 0")
     if args.stall_every < 0:
         parser.error("--stall-every must be >= 0")
+    if args.starve_every < 0:
+        parser.error("--starve-every must be >= 0")
     if args.max_disk < 2 * args.num_blocks * args.block_size:
         parser.error("--max-disk must hold at least twice the cache, or stores would find nothing to evict")
     return args
@@ -237,6 +254,56 @@ def warm_up(args: argparse.Namespace, parent: str) -> None:
         shutil.rmtree(root)
 
 
+# -- what the host does to itself ---------------------------------------------------
+
+
+def reap_every_child(signum: int, frame: object) -> None:
+    """A SIGCHLD handler of the kind daemons install: it waits for every child, the tier's workers included."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def set_sigchld(mode: str) -> None:
+    if mode == "ignore":
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps every child as it exits
+    elif mode == "reap":
+        signal.signal(signal.SIGCHLD, reap_every_child)
+
+
+class FdShortage:
+    """Windows in which the host has no free fd.
+
+    The host first takes every fd number up to a floor (as its own sockets
+    would), so every fd the tier opens later lies above it. A window lowers
+    the soft RLIMIT_NOFILE to the floor: no new fd can be made, not even in
+    the number of one the tier has just closed.
+    """
+
+    def __init__(self, minimum: int):
+        highest = max(map(int, os.listdir("/proc/self/fd")))
+        self.held = [os.open(os.devnull, os.O_RDONLY)]
+        while self.held[-1] <= max(highest, minimum):  # a new fd takes the lowest free number: holes fill first
+            self.held.append(os.open(os.devnull, os.O_RDONLY))
+        self.floor = self.held[-1] + 1
+        self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.until = 0.0  # when the current window ends; 0 outside one
+
+    def begin(self, now: float, seconds: float) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.floor, self.limits[1]))
+        self.until = now + seconds
+
+    def end(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.limits)
+        self.until = 0.0
+
+    def close(self) -> None:
+        for fd in self.held:
+            os.close(fd)
+
+
 # -- the workload ----------------------------------------------------------------
 
 
@@ -254,6 +321,7 @@ class Counts:
     died: int = 0
     timed_out: int = 0
     stalled: int = 0
+    starved: int = 0
     helpers_killed: int = 0
     other_failures: list[str] = field(default_factory=list)
     worker_rss_max: int = 0
@@ -263,8 +331,9 @@ class Counts:
 class Soak:
     """Keeps 3/4 of the cache in store jobs and one load job into the rest in flight; kills workers on a timer."""
 
-    def __init__(self, tier: FileSystemTierManager, cache: PrimaryCache, args: argparse.Namespace):
+    def __init__(self, tier: FileSystemTierManager, cache: PrimaryCache, args: argparse.Namespace, shortage: FdShortage | None):
         self.tier = tier
+        self.shortage = shortage
         self.cache = cache
         self.args = args
         self.pattern = Pattern(cache.block_bytes)
@@ -287,23 +356,37 @@ class Soak:
         end = start + seconds
         next_kill = start + self.args.kill_every
         next_stall = start + self.args.stall_every if self.args.stall_every else float("inf")
+        next_starve = start + self.args.starve_every if self.shortage else float("inf")
         next_report = start + self.args.progress_every
-        while (now := time.monotonic()) < end:
-            self.submit_stores()
-            self.submit_load(now)
-            if now >= next_kill:
-                next_kill = now + self.args.kill_every
-                self.kill_one(now)
-            if now >= next_stall:
-                next_stall = now + self.args.stall_every
-                self.stall_one(now)
-            self.continue_stalled(now)
-            if now >= next_report:
-                next_report = now + self.args.progress_every
-                self.report_progress(now - start)
-            wake = min(next_kill, next_stall, next_report, end, max(self.next_load, now), *self.stalled.values())
-            self.tier.wait(wake - now)
-            self.collect()
+        try:
+            while (now := time.monotonic()) < end:
+                self.submit_stores()
+                self.submit_load(now)
+                if self.shortage and self.shortage.until and now >= self.shortage.until:
+                    self.shortage.end()
+                if self.shortage and now >= next_starve:  # no fd for a while, and a worker to replace meanwhile
+                    next_starve = now + self.args.starve_every
+                    self.shortage.begin(now, self.args.starve)
+                    self.counts.starved += 1
+                    next_report = max(next_report, self.shortage.until)  # a progress line needs fds
+                    self.kill_one(now)
+                if now >= next_kill:
+                    next_kill = now + self.args.kill_every
+                    self.kill_one(now)
+                if now >= next_stall:
+                    next_stall = now + self.args.stall_every
+                    self.stall_one(now)
+                self.continue_stalled(now)
+                if now >= next_report:
+                    next_report = now + self.args.progress_every
+                    self.report_progress(now - start)
+                starved_until = (self.shortage.until or float("inf")) if self.shortage else float("inf")
+                times = (next_kill, next_stall, next_starve, starved_until, next_report, end, max(self.next_load, now))
+                self.tier.wait(min(*times, *self.stalled.values()) - now)
+                self.collect()
+        finally:
+            if self.shortage and self.shortage.until:
+                self.shortage.end()
         self.continue_stalled(float("inf"))
         self.sample_workers()
 
@@ -388,7 +471,7 @@ class Soak:
             victim = self.rng.choice(victims)
             os.kill(victim, signal.SIGKILL)
             self.killed.add(victim)
-        if self.args.kill_helpers:
+        if self.args.kill_helpers and not (self.shortage and self.shortage.until):  # listing /proc needs fds
             for helper in descendants(os.getpid()) - set(pids):
                 os.kill(helper, signal.SIGKILL)
                 self.counts.helpers_killed += 1
@@ -500,6 +583,11 @@ def report(
     growth = after.rss - before.rss
     rss = f"start {before.rss / MIB:.1f} MiB, end {after.rss / MIB:.1f} MiB, growth {growth / MIB:+.1f} MiB"
     out.check("host RSS", growth <= args.max_rss_growth, f"{rss} (limit {args.max_rss_growth / MIB:.0f})")
+    if args.sigchld != "default":
+        out.note("SIGCHLD", {"ignore": "SIG_IGN: the kernel reaped every child", "reap": "a handler reaped every child"}[args.sigchld])
+    if args.starve_every:
+        spawns = f"{soak.tier.stats().spawns_failed} worker spawns failed and were retried"
+        out.note("starved", f"{c.starved} windows of {args.starve:g} s without a free fd; {spawns}")
     out.note("worker RSS", f"max {c.worker_rss_max / MIB:.1f} MiB anonymous, per worker at progress lines and the end")
     written = f"{c.stored_bytes / 1e9:.2f} GB written"
     out.note("throughput", f"stored {c.stored_blocks} blocks ({written}), loaded {c.loaded_blocks}")
@@ -507,7 +595,9 @@ def report(
 
 
 def run(args: argparse.Namespace) -> int:
+    set_sigchld(args.sigchld)
     warm_up(args, args.root_dir)
+    shortage = FdShortage(args.read_workers + args.write_workers + 16) if args.starve_every else None  # poll takes <= limit fds
     before = Snapshot.take()
     run_dir = tempfile.mkdtemp(prefix="mp_tier_soak_", dir=args.root_dir)
     started = time.monotonic()
@@ -522,17 +612,21 @@ def run(args: argparse.Namespace) -> int:
                 task_timeout=args.task_timeout,
             )
             with FileSystemTierManager(primary_kv_view=cache, config=config) as tier:
-                soak = Soak(tier, cache, args)
+                soak = Soak(tier, cache, args, shortage)
                 restarted, temps = drive(soak, args.seconds)
     finally:
         shutil.rmtree(run_dir)
     after = Snapshot.take()
+    if shortage:
+        shortage.close()
     header = (
         f"mp_tier soak: {args.seconds:g} s of load ({time.monotonic() - started:.1f} s with shutdown),"
         f" {args.block_size >> 10} KiB blocks, {args.read_workers} read + {args.write_workers} write workers,"
         f" a kill every {args.kill_every:g} s"
         + (f", a {args.stall:g} s stall every {args.stall_every:g} s" if args.stall_every else "")
         + (f", {soak.counts.helpers_killed} helpers killed" if args.kill_helpers else "")
+        + (f", SIGCHLD {args.sigchld}" if args.sigchld != "default" else "")
+        + (f", {args.starve:g} s without fds every {args.starve_every:g} s" if args.starve_every else "")
     )
     out = report(soak, restarted, temps, before, after, args)
     out.print(header)

@@ -7,7 +7,7 @@ optionally side by side with the same workload on the thread engine
 ``os.pwrite``/``os.preadv`` loops over the same kind of files with no tier
 (``--compare raw``: the disk's reachable ceiling)::
 
-    python tools/loadgen.py                      # the default run, about a minute
+    mp-tier bench                                # the default run, about a minute
     mp-tier bench --workload store,load --sweep block_size=256k,2m --compare threads,raw
     python -m mp_tier bench --sweep workers=1,2,4 --plot workers.png --json workers.json
 

@@ -1,4 +1,4 @@
-"""The load generator's command line: ``mp-tier bench``, ``python -m mp_tier bench`` and ``tools/loadgen.py``."""
+"""The load generator's command line: ``mp-tier bench`` and ``python -m mp_tier bench``."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache
+from mp_tier.layout import TEMP_SUFFIX
 
 BLOCK = 16 << 10
 NUM_BLOCKS = 32
@@ -282,7 +283,7 @@ class TierModel(RuleBasedStateMachine):
 
     @deferred
     def no_temp_files(self) -> None:
-        assert list(Path(self.root).rglob("*.tmp")) == [], "a temp file outlived drain"
+        assert list(Path(self.root).rglob(f"*{TEMP_SUFFIX}")) == [], "a temp file outlived drain"
 
     def release(self) -> None:
         """Shut down what the example made, even after a failure; then check that none of it is left."""

@@ -1,0 +1,106 @@
+"""What an operator may do to a root while a tier runs: clear it (`rm -rf <root>/*`), or rotate the namespace
+directory (`mv ns ns.old; mkdir ns`). The tier makes its namespace again with the checks of its start,
+forgets what it can no longer see, never follows the old directory, and keeps serving."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+from helpers import BLOCK, make_keys, run_job
+
+from mp_tier import FileSystemTierManager, JobMetadata, TierConfig
+
+
+def namespace_of(tier: FileSystemTierManager) -> str:
+    return tier.layout.base
+
+
+def blocks_under(directory: str) -> int:
+    return sum(name.endswith(".bin") for _, _, names in os.walk(directory) for name in names)
+
+
+def store(tier: FileSystemTierManager, job_id: int, keys: list[bytes], first: int = 0) -> None:
+    result = run_job(tier, "store", JobMetadata(job_id=job_id, keys=keys, block_ids=list(range(first, first + len(keys)))))
+    assert result.success, result.error
+
+
+def test_a_cleared_root_is_made_again_and_what_it_held_is_forgotten(make_tier, tmp_path):
+    tier = make_tier(config=TierConfig(events=True))
+    old, new = make_keys(4, seed=1), make_keys(4, seed=2)
+    store(tier, 1, old)
+    tier.take_events()
+    subprocess.run(f"rm -rf {tmp_path / 'blocks'}/*", shell=True, check=True)
+    store(tier, 2, new, first=4)  # the first store after the removal lands
+    assert all(os.path.isfile(tier.block_path(k)) for k in new)
+    assert os.path.isfile(os.path.join(namespace_of(tier), "config.json")), "the namespace was made again as at start"
+    tier.drain(30)  # the rescan of the new directory
+    assert tier.stats().bytes_counted == 4 * BLOCK
+    assert tier.lookup_many(old, probe=False) == [False] * 4
+    assert [tier.lookup(k) for k in old] == [False] * 4 and [tier.lookup(k) for k in new] == [True] * 4
+    removed = [k for event in tier.take_events() if event.kind == "removed" for k in event.keys]
+    assert sorted(removed) == sorted(old)
+    load = run_job(tier, "load", JobMetadata(job_id=3, keys=old, block_ids=[8, 9, 10, 11]))
+    assert not load.success and load.error_code == "ENOENT"
+    assert run_job(tier, "load", JobMetadata(job_id=4, keys=new, block_ids=[8, 9, 10, 11])).success
+
+
+def test_a_rotated_namespace_is_not_followed_and_one_put_back_is_read_again(make_tier):
+    tier = make_tier()
+    old, new = make_keys(4, seed=1), make_keys(4, seed=2)
+    store(tier, 1, old)
+    ns = namespace_of(tier)
+    subprocess.run(["mv", ns, f"{ns}.old"], check=True)
+    subprocess.run(["mkdir", "-m", "700", ns], check=True)
+    assert [tier.lookup(k) for k in old] == [False] * 4, "lookup() answered from the directory renamed away"
+    store(tier, 2, new, first=4)
+    assert all(os.path.isfile(tier.block_path(k)) for k in new), "a store landed in the directory renamed away"
+    assert blocks_under(f"{ns}.old") == 4
+    tier.drain(30)
+    assert tier.lookup_many(old, probe=False) == [False] * 4 and tier.stats().bytes_counted == 4 * BLOCK
+    assert [tier.lookup(k) for k in new] == [True] * 4
+    # the operator puts the old directory back: the next task finds it, and the rescan counts its blocks
+    subprocess.run(["mv", ns, f"{ns}.new"], check=True)
+    subprocess.run(["mv", f"{ns}.old", ns], check=True)
+    assert run_job(tier, "load", JobMetadata(job_id=3, keys=old, block_ids=[8, 9, 10, 11])).success
+    tier.drain(30)
+    assert tier.lookup_many(old, probe=False) == [True] * 4 and tier.lookup_many(new, probe=False) == [False] * 4
+    assert tier.stats().bytes_counted == 4 * BLOCK
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_namespace_put_back_open_to_others_is_refused_until_it_is_fixed(make_tier, tmp_path, engine):
+    tier = make_tier()
+    store(tier, 1, make_keys(2, seed=1))
+    ns = namespace_of(tier)
+    subprocess.run(["rm", "-rf", ns], check=True)
+    subprocess.run(["mkdir", "-m", "777", ns], check=True)
+    os.chmod(ns, 0o777)  # past the umask
+    keys = make_keys(2, seed=2)
+    refused = run_job(tier, "store", JobMetadata(job_id=2, keys=keys, block_ids=[0, 1]))
+    assert not refused.success and refused.error_code == "EPERM" and "another user could have planted blocks" in (refused.error or "")
+    assert os.listdir(ns) == [], "the tier wrote into a namespace it does not trust"
+    os.chmod(ns, 0o700)
+    store(tier, 3, keys)
+    assert all(os.path.isfile(tier.block_path(k)) for k in keys)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_every_job_gets_one_result_across_a_removal_and_the_jobs_after_it_succeed(make_tier, tmp_path, engine):
+    tier = make_tier()
+    tier.drain(30)
+    for job in range(20):
+        tier.submit_store(JobMetadata(job_id=job, keys=make_keys(2, seed=100 + job), block_ids=[2 * job, 2 * job + 1]))
+    # a store running meanwhile may make it fail (rm: directory not empty) or fail itself: each says so
+    deadline = time.monotonic() + 20
+    while subprocess.run(f"rm -rf {tmp_path / 'blocks'}/*", shell=True, stderr=subprocess.DEVNULL).returncode:
+        assert time.monotonic() < deadline, "rm -rf never got through"
+    for job in range(20, 40):
+        tier.submit_store(JobMetadata(job_id=job, keys=make_keys(2, seed=100 + job), block_ids=[2 * job, 2 * job + 1]))
+    tier.drain(60)
+    results = tier.get_finished()
+    assert sorted(r.job_id for r in results) == list(range(40))
+    assert all(r.success for r in results if r.job_id >= 20), [r.error for r in results if not r.success]
+    assert all(os.path.isfile(tier.block_path(k)) for job in range(20, 40) for k in make_keys(2, seed=100 + job))

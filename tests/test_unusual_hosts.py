@@ -1,0 +1,188 @@
+"""Hosts the tier does not control: ones that reap every child themselves, and ones that run out of fds or
+processes for a while. Each runs as a real host process (its SIGCHLD disposition and rlimits are its own),
+with real SIGKILLs of its workers; it prints a JSON report the test checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HOST_SETUP = textwrap.dedent(
+    """
+    import json, os, resource, signal, sys, time
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
+    root, mode = sys.argv[1], sys.argv[2]
+    report = {}
+
+    def until(what, seconds=20):
+        deadline = time.monotonic() + seconds
+        while not what():
+            assert time.monotonic() < deadline, "timed out waiting"
+            tier.wait(0.01)
+
+    def results(n):
+        got, deadline = [], time.monotonic() + 20
+        while len(got) < n:
+            assert time.monotonic() < deadline, "timed out waiting for results"
+            tier.wait(0.05)
+            got += tier.get_finished()
+        return got
+
+    def ready(n):
+        until(lambda: (s := tier.stats()).workers_alive == n and not s.workers_starting)
+
+    def store(job_id):
+        return JobMetadata(job_id=job_id, keys=[job_id.to_bytes(36, "big")], block_ids=[job_id % 16])
+    """
+)
+
+REAPING_HOST = HOST_SETUP + textwrap.dedent(
+    """
+    if mode == "ignore":
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps every child at once
+    else:
+        def reap_all(signum, frame):
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
+                pass
+        signal.signal(signal.SIGCHLD, reap_all)
+    cache = PrimaryCache.create(16, 1 << 20)
+    fds = len(os.listdir("/proc/self/fd"))
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=root, n_read_workers=1, n_write_workers=1,
+                                 config=TierConfig(o_direct="off"))
+    ready(2)
+    jobs = [JobMetadata(job_id=j, keys=[bytes([j, i]) * 18 for i in range(8)], block_ids=list(range(8))) for j in range(20)]
+    for job in jobs:
+        tier.submit_store(job)
+    victim = tier.worker_pids()[1]
+    os.kill(victim, signal.SIGKILL)
+    got = results(len(jobs))
+    report["results"] = sorted(r.job_id for r in got)
+    report["failed"] = [r.error for r in got if not r.success]
+    until(lambda: tier.stats().workers_restarted == 1)
+    ready(2)
+    tier.submit_store(store(100))
+    report["after"] = [(r.job_id, r.success) for r in results(1)]
+    pids = tier.worker_pids()
+    tier.shutdown()
+    tier.shutdown()
+    report["fds_left"] = len(os.listdir("/proc/self/fd")) - fds
+    report["workers_left"] = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+    cache.close()
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["ignore", "handler"])
+def test_a_host_that_reaps_its_children_gets_every_result_and_a_clean_shutdown(tmp_path, mode):
+    """SIGCHLD set to SIG_IGN, or a handler that waits for every child: a killed worker is replaced, each job
+    gets one result, and shutdown() (twice) leaves no worker and no fd."""
+    host = subprocess.run([sys.executable, "-c", REAPING_HOST, str(tmp_path), mode], capture_output=True, text=True, timeout=60)
+    assert host.returncode == 0, host.stderr
+    report = json.loads(host.stdout)
+    assert report["results"] == list(range(20)), "every job gets exactly one result"
+    assert all("died" in error for error in report["failed"]), report["failed"]
+    assert report["after"] == [[100, True]]
+    assert report["fds_left"] == 0 and report["workers_left"] == []
+    assert "ChildProcessError" not in host.stderr
+    if mode == "ignore":  # the kernel reaped the worker: its status is gone, and the tier says so
+        assert "died: exit status unknown (the host reaped it" in host.stderr
+
+
+STARVED_HOST = HOST_SETUP + textwrap.dedent(
+    """
+    cache = PrimaryCache.create(16, 65536)
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)
+    highest = max(map(int, os.listdir("/proc/self/fd")))
+    sockets = [os.open("/dev/null", os.O_RDONLY)]  # the host's own fds (sockets, say), every number below the tier's
+    while sockets[-1] <= max(highest, 12):  # a new fd takes the lowest free number: the holes fill first
+        sockets.append(os.open("/dev/null", os.O_RDONLY))
+    floor = sockets[-1] + 1  # every fd below is open, and the tier's fds will all be above
+
+    def starve():  # no new fd (every number below the limit is the host's), or no new process, for this host
+        if mode == "fds":
+            resource.setrlimit(resource.RLIMIT_NOFILE, (floor, nofile[1]))
+        else:
+            resource.setrlimit(resource.RLIMIT_NPROC, (1, nproc[1]))  # this uid runs more than one process already
+
+    def plenty():
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        resource.setrlimit(resource.RLIMIT_NPROC, nproc)
+
+    if mode == "nproc":  # at construction: the error names the limit, and nothing is left open
+        fds = len(os.listdir("/proc/self/fd"))
+        starve()
+        try:
+            FileSystemTierManager(primary_kv_view=cache, root_dir=root)
+        except OSError as e:
+            report["ctor"] = str(e)
+        plenty()
+        report["ctor_fds_left"] = len(os.listdir("/proc/self/fd")) - fds
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=root, n_read_workers=1, n_write_workers=2,
+                                 config=TierConfig(start_timeout=3))  # boots on a loaded machine take over 1 s
+    ready(3)
+    starve()
+    os.kill(tier.worker_pids()[0], signal.SIGKILL)
+    until(lambda: tier.stats().spawns_failed >= 7)  # the old rule broke the tier after 5 over 2 s
+    tier.submit_store(store(1))  # the two workers left serve it
+    report["served_while_short"] = [(r.job_id, r.success) for r in results(1)]
+    for pid in tier.worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    until(lambda: not tier.worker_pids())
+    tier.submit_store(store(2))  # no worker at all: it waits, up to start_timeout, then fails naming the shortage
+    report["no_worker"] = [(r.job_id, r.error_code, r.error) for r in results(1)]
+    report["alive_while_short"] = tier.stats().workers_alive
+    plenty()
+    ready(3)
+    tier.submit_store(store(3))
+    report["after"] = [(r.job_id, r.success) for r in results(1)]
+    report["stats"] = {k: getattr(tier.stats(), k) for k in ("workers_restarted", "spawns_failed")}
+    tier.shutdown()
+    cache.close()
+    print(json.dumps(report))
+    """
+)
+
+
+def _check_survived(host: subprocess.CompletedProcess[str], code: str) -> dict:
+    assert host.returncode == 0, host.stderr
+    report = json.loads(host.stdout)
+    assert report["served_while_short"] == [[1, True]]
+    [(job_id, error_code, error)] = report["no_worker"]
+    assert (job_id, error_code) == (2, code), error
+    assert error.startswith("no worker could be started for 3 s (start_timeout)")
+    assert report["alive_while_short"] == 0
+    assert report["after"] == [[3, True]]
+    assert report["stats"]["workers_restarted"] >= 3 and report["stats"]["spawns_failed"] >= 7
+    assert "TierBroken" not in host.stderr
+    return report
+
+
+def test_a_host_out_of_fds_for_a_while_keeps_serving_and_recovers(tmp_path):
+    """Every fd taken while workers die: replacements are retried, never counted as deaths at start, the
+    live workers serve, a job with no worker left fails with EMFILE at start_timeout, and the tier recovers."""
+    host = subprocess.run([sys.executable, "-c", STARVED_HOST, str(tmp_path), "fds"], capture_output=True, text=True, timeout=60)
+    _check_survived(host, "EMFILE")
+    assert "ulimit -n" in host.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="a second real uid needs root and setpriv")
+def test_a_host_out_of_processes_names_rlimit_nproc_and_survives_a_shortage(tmp_path):
+    """RLIMIT_NPROC binds a process whose real uid is not root and that lacks CAP_SYS_RESOURCE: the host runs
+    under a real uid of its own (no other process has it, so the count is exactly its own) with those
+    capabilities dropped; its effective uid stays root so it can still run this interpreter under /root."""
+    uid = 200_000 + os.getpid() % 100_000
+    drop = ["setpriv", f"--ruid={uid}", "--bounding-set=-sys_resource,-sys_admin"]
+    host = subprocess.run([*drop, sys.executable, "-c", STARVED_HOST, str(tmp_path), "nproc"], capture_output=True, text=True, timeout=60)
+    report = _check_survived(host, "EAGAIN")
+    assert "RLIMIT_NPROC is 1 (raise it: ulimit -u)" in report["ctor"] and report["ctor_fds_left"] == 0

@@ -1,0 +1,104 @@
+"""Channel framing over in-process pipes: frames round-trip, an overflow holds order, results reassemble."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+import pytest
+
+from mp_tier.channels import FRAME_BYTES, EndOfTasks, ResultReader, TaskPipe, decode_frame, encode_frames, send_completion, take_task
+from mp_tier.messages import Completion, Op, Task
+
+
+def task(seq: int, blocks: int = 2) -> Task:
+    return Task(seq, Op.STORE, list(range(blocks)), [bytes([seq % 256]) * 36] * blocks, [])
+
+
+def test_frames_are_fixed_size_and_round_trip():
+    tasks = [task(0), task(1, 20), Task(2, Op.SCAN, [], [])]
+    frames = encode_frames(tasks)
+    assert len(frames) == 3 * FRAME_BYTES
+    assert [decode_frame(bytes(frames[i : i + FRAME_BYTES])) for i in range(0, len(frames), FRAME_BYTES)] == tasks
+
+
+def test_a_task_over_one_frame_is_refused():
+    with pytest.raises(ValueError, match="over the 1024-byte frame"):
+        encode_frames([task(0, 30)])
+
+
+@pytest.fixture
+def pipe():
+    p = TaskPipe()
+    yield p
+    p.close()
+
+
+def test_a_pipe_hands_out_one_task_per_read_and_ends(pipe):
+    pipe.put(encode_frames([task(0), task(1)]))
+    assert take_task(pipe.read_fd) == task(0) and take_task(pipe.read_fd) == task(1)
+    assert take_task(pipe.read_fd) is None
+    pipe.close_writer()
+    with pytest.raises(EndOfTasks):
+        take_task(pipe.read_fd)
+
+
+def test_paused_frames_wait_on_the_host_in_order_and_reclaim_takes_them_all(pipe):
+    pipe.put(encode_frames([task(0)]))
+    pipe.paused = True
+    pipe.put(encode_frames([task(s) for s in range(1, 9)]))
+    pipe.put_front(encode_frames([task(99)]))
+    assert pipe.backlog == 9 and take_task(pipe.read_fd) == task(0) and take_task(pipe.read_fd) is None
+    pipe.paused = False
+    pipe.flush()
+    assert pipe.backlog == 0
+    assert [take_task(pipe.read_fd) for _ in range(9)] == [task(99), *(task(s) for s in range(1, 9))]
+    pipe.paused = True
+    pipe.put(encode_frames([task(10)]))
+    pipe.paused = False
+    pipe.put(encode_frames([task(11)]))
+    assert pipe.reclaim() == [task(10), task(11)] and pipe.backlog == 0
+
+
+def test_a_full_pipe_overflows_without_blocking_and_drains_in_order(pipe):
+    jobs = [encode_frames([task(s)]) for s in range(4096)]
+    for frames in jobs:
+        pipe.put(frames)
+    assert pipe.backlog > 0, "the pipe filled"
+    got = []
+    while pipe.backlog or (t := take_task(pipe.read_fd)) is not None:
+        if pipe.backlog:
+            got.append(take_task(pipe.read_fd))
+            pipe.flush()
+        else:
+            got.append(t)
+    got.extend(iter(lambda: take_task(pipe.read_fd), None))
+    assert [t.seq for t in got] == list(range(4096))
+
+
+def test_completions_reassemble_from_partial_writes():
+    reader = ResultReader()
+    try:
+        first = Completion(seq=1, worker=0, nbytes=10, failed=[])
+        second = Completion(seq=2, worker=1, nbytes=0, failed=[0], error="ENOENT: no such block", code="ENOENT", found=[b"k" * 36])
+        send_completion(reader.write_fd, first)
+        payload = msgspec.msgpack.encode(second)
+        message = len(payload).to_bytes(4, "big") + payload
+        os.write(reader.write_fd, message[:3])
+        assert reader.read() == [first]
+        os.write(reader.write_fd, message[3:10])
+        assert reader.read() == []
+        os.write(reader.write_fd, message[10:])
+        assert reader.read() == [second]
+    finally:
+        reader.close()
+
+
+def test_a_completion_over_pipe_buf_is_refused():
+    reader = ResultReader()
+    try:
+        with pytest.raises(ValueError, match="exceeds PIPE_BUF"):
+            send_completion(reader.write_fd, Completion(seq=1, worker=0, nbytes=0, failed=[], found=[bytes(64)] * 100))
+        assert reader.read() == []
+    finally:
+        reader.close()
