@@ -31,6 +31,7 @@ Bytes = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 OptionalSeconds = Annotated[float, msgspec.Meta(ge=0, le=86400)]
 StartSeconds = Annotated[float, msgspec.Meta(ge=1, le=86400)]  # a worker's start takes 0.1-0.6 s
+IoDepth = Annotated[int, msgspec.Meta(ge=1, le=64)]
 Niceness = Annotated[int, msgspec.Meta(ge=0, le=19)]
 Cpus = list[Annotated[int, msgspec.Meta(ge=0, le=4095)]]
 Engine = Literal["processes", "threads"]
@@ -54,6 +55,16 @@ _KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or f
 _BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
+def machine_workers() -> int:
+    """Default worker processes of each kind: half the CPUs this process may use, at least 2, at most 8.
+
+    With ``io_depth`` lanes each, 2 + 2 already keep 8 reads and 8 writes in
+    flight, and more processes than CPUs only take the host's time slices;
+    a machine with many CPUs gets more processes for the CPU a block costs.
+    """
+    return max(2, min(8, len(os.sched_getaffinity(0)) // 2))
+
+
 class ConfigError(ValueError):
     """A setting with a bad value; the message names where it came from."""
 
@@ -62,8 +73,8 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Every tunable of a tier. Explicit constructor arguments override these."""
 
     root_dir: str = ""
-    n_read_workers: Workers = 4
-    n_write_workers: Workers = 4
+    n_read_workers: Workers = msgspec.field(default_factory=machine_workers)
+    n_write_workers: Workers = msgspec.field(default_factory=machine_workers)
     engine: Engine = "processes"
     o_direct: ODirect = "auto"
     file_mode: FileMode = "private"
@@ -78,6 +89,7 @@ class TierConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     worker_nice: Niceness = 0
     worker_cpus: Cpus = msgspec.field(default_factory=list)
     worker_sched: SchedPolicy = "normal"
+    io_depth: IoDepth = 4
 
     def __post_init__(self) -> None:
         self.validate()

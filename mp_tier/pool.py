@@ -57,7 +57,7 @@ class WorkerPool:
             undo.callback(self.stores.close)
             self.results = ResultReader()  # completions from every worker
             undo.callback(self.results.close)
-            self.slots = Slots(len(specs))  # what each worker holds
+            self.slots = Slots(len(specs), max(spec.io_depth for spec in specs))  # what each worker's lanes hold
             undo.callback(self.slots.close)
             self._bell = make_pipe()  # a worker that sees more work rings it to wake another
             undo.pop_all()

@@ -1,7 +1,10 @@
 """What each worker holds: a small shared array the host reads when a worker dies.
 
-Per worker two slots: ``MAIN`` for the task its loop took, ``NESTED`` for a
-load it serves in the middle of a store. A slot holds a task's seq, or
+Per worker two slots for each of its lanes (a worker process runs
+``io_depth`` lanes, threads that each serve tasks, so several tasks' I/O is in
+flight at once): ``MAIN`` for the task the lane's loop took, ``NESTED`` for a
+load it serves in the middle of a store. Lane 0's ``MAIN`` slot also says
+whether the worker is ready. A slot holds a task's seq, or
 ``STARTING`` (the worker is not ready yet), ``IDLE``, or ``CLAIMING``; beside
 it, the CLOCK_MONOTONIC time (ns, the same clock in every process) at which
 the seq was named (or its claim began, or the host started the worker), for
@@ -29,16 +32,17 @@ STARTING = -2
 CLAIMING = -3
 MAIN = 0
 NESTED = 1
-_SLOTS = 2
+_PER_LANE = 2
 _FIELDS = 2  # seq, named-at ns
 _ITEM = 8
 
 
 class Slots:
-    """The slots of ``n_workers`` workers, in a memfd the workers map through ``fd``."""
+    """The slots of ``n_workers`` workers of ``lanes`` lanes each, in a memfd the workers map through ``fd``."""
 
-    def __init__(self, n_workers: int, fd: int | None = None):
-        size = n_workers * _SLOTS * _FIELDS * _ITEM
+    def __init__(self, n_workers: int, lanes: int = 1, fd: int | None = None):
+        self._per_worker = lanes * _PER_LANE
+        size = n_workers * self._per_worker * _FIELDS * _ITEM
         self.n_workers = n_workers
         self.fd = os.memfd_create("mp_tier-slots", os.MFD_CLOEXEC) if fd is None else fd
         try:
@@ -52,13 +56,16 @@ class Slots:
         self._words = memoryview(self._map).cast("q")
 
     def _at(self, worker: int, slot: int) -> int:
-        return (worker * _SLOTS + slot) * _FIELDS
+        return (worker * self._per_worker + slot) * _FIELDS
+
+    def _all(self, worker: int) -> list[int]:
+        return [self._at(worker, slot) for slot in range(self._per_worker)]
 
     # -- the worker's side ---------------------------------------------------
 
-    def set(self, worker: int, slot: int, value: int) -> None:
-        """Name ``value`` (a seq, IDLE, STARTING or CLAIMING) in a slot; all but IDLE also record when."""
-        at = self._at(worker, slot)
+    def set(self, worker: int, slot: int, value: int, lane: int = 0) -> None:
+        """Name ``value`` (a seq, IDLE, STARTING or CLAIMING) in a lane's slot; all but IDLE also record when."""
+        at = self._at(worker, lane * _PER_LANE + slot)
         if value != IDLE:
             self._words[at + 1] = time.monotonic_ns()
         self._words[at] = value
@@ -67,7 +74,8 @@ class Slots:
 
     def reset(self, worker: int) -> None:
         """A worker about to start: STARTING until it says it is ready."""
-        self.set(worker, NESTED, IDLE)
+        for at in self._all(worker):
+            self._words[at] = IDLE
         self.set(worker, MAIN, STARTING)
 
     def starting(self, worker: int) -> bool:
@@ -79,20 +87,16 @@ class Slots:
         return self._words[at + 1] if self._words[at] == STARTING else None
 
     def claiming(self, worker: int) -> bool:
-        return any(self._words[self._at(worker, slot)] == CLAIMING for slot in (MAIN, NESTED))
+        return any(self._words[at] == CLAIMING for at in self._all(worker))
 
     def claimed_since(self, worker: int) -> int | None:
         """When (monotonic ns) ``worker`` began the claim it is in, if it is in one."""
-        times = [self._words[at + 1] for at in (self._at(worker, slot) for slot in (MAIN, NESTED)) if self._words[at] == CLAIMING]
+        times = [self._words[at + 1] for at in self._all(worker) if self._words[at] == CLAIMING]
         return min(times, default=None)
 
     def held(self, worker: int) -> list[tuple[int, int]]:
         """(seq, named-at ns) of the tasks ``worker`` holds."""
-        return [
-            (self._words[at], self._words[at + 1])
-            for at in (self._at(worker, slot) for slot in (MAIN, NESTED))
-            if self._words[at] >= 0
-        ]
+        return [(self._words[at], self._words[at + 1]) for at in self._all(worker) if self._words[at] >= 0]
 
     def close(self) -> None:
         if self.fd < 0:

@@ -85,6 +85,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
                 nice=config.worker_nice,
                 cpus=tuple(config.worker_cpus),
                 sched=config.worker_sched,
+                io_depth=config.io_depth if config.engine == "processes" else 1,
                 run=run,
             )
             for index in range(config.n_read_workers + config.n_write_workers)

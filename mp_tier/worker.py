@@ -1,7 +1,8 @@
 """The worker loop: take a task, move its blocks, report a completion.
 
-The same loop runs in a worker process (``worker_process``) or a thread of
-the host (the ``threads`` engine). A read-priority worker tries the load pipe
+The same loop runs in a worker process (``worker_process``), once per lane
+(``io_depth`` threads, so one process keeps several blocks in flight), or in
+a thread of the host (the ``threads`` engine, one lane). A read-priority worker tries the load pipe
 before the store pipe and a write-priority worker the reverse; when both are
 empty it sleeps in epoll on both (EPOLLEXCLUSIVE, so a write wakes one
 worker, not all), and neither kind of work starves.
@@ -49,6 +50,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     nice: int = 0  # added to a worker process's niceness: the host keeps its CPU
     cpus: tuple[int, ...] = ()  # the CPUs a worker process may run on (empty: any)
     sched: str = "normal"  # a worker process's scheduling policy: batch and idle never preempt the host on wake-up
+    io_depth: int = 1  # lanes of a worker process: tasks it serves at once, so the disk sees several I/Os in flight
     run: dict[str, str | int] = {}  # the run config.json records, to make the namespace again if it is removed
 
 
@@ -172,26 +174,29 @@ def run_worker(
     ends: WorkerEnds,
     slots: Slots,
     pause: Callable[[Task, bool], None] | None = None,
+    lane: int = 0,
 ) -> None:
-    """Serve tasks until the host closes both task pipes.
+    """Serve tasks until the host closes both task pipes, naming them in ``lane``'s slots.
 
-    ``pause(task, named)`` runs between reading a task and naming it
+    A worker process runs one of these per lane, each in its own thread with
+    its own epoll; the blocking system calls release the GIL, so the lanes'
+    I/O overlaps. ``pause(task, named)`` runs between reading a task and naming it
     (``named`` False) and right after naming it (True): tests hold a worker
     in the claim window, or on a task, with it.
     """
     me = spec.index
 
     def claim(fd: int, slot: int) -> Task | None:
-        slots.set(me, slot, CLAIMING)
+        slots.set(me, slot, CLAIMING, lane)
         try:
             task = take_task(fd)
         except EndOfTasks:
-            slots.set(me, slot, IDLE)
+            slots.set(me, slot, IDLE, lane)
             raise
         # Any other failure leaves CLAIMING: the worker dies of it, and the host counts the frame as its.
         if task is not None and pause is not None:
             pause(task, False)
-        slots.set(me, slot, IDLE if task is None else task.seq)
+        slots.set(me, slot, IDLE if task is None else task.seq, lane)
         if task is not None and pause is not None:
             pause(task, True)
         return task
@@ -200,7 +205,7 @@ def run_worker(
         between = loads_first if spec.read_priority and task.op == Op.STORE else None
         for completion in in_namespace(spec, root, task, lambda: handle(spec, root, cache, task, between)):
             send_completion(ends.results, completion)
-        slots.set(me, slot, IDLE)
+        slots.set(me, slot, IDLE, lane)
 
     def loads_first() -> None:
         """Inside a store task: a load that arrives waits one block, not the whole task."""
@@ -214,7 +219,7 @@ def run_worker(
     sleeper = select.epoll()
     for fd in (*order, ends.bell_read):
         sleeper.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-    slots.set(me, MAIN, IDLE)  # ready
+    slots.set(me, MAIN, IDLE, lane)  # lane 0: the worker is ready
     try:
         while order:
             task = None

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 import msgspec
@@ -104,6 +105,33 @@ def _close_all_but(keep: set[int]) -> None:
                 pass  # the listing's own fd, closed already
 
 
+def _serve(boot: Boot, view: memoryview, slots: Slots) -> None:
+    """Run ``io_depth`` lanes, the calling thread as lane 0, until the host closes the task pipes.
+
+    A lane that fails takes the whole process down at once, as a one-lane
+    worker's failure always did (a lane that finds the host gone just ends,
+    so its siblings' stores finish or remove their temp files): the host then settles every task the
+    process named, and no lane is left serving with a claim that never ends.
+    """
+    pause = _test_pause()
+
+    def lane(index: int) -> None:
+        try:
+            run_worker(boot.spec, boot.root, view, boot.ends, slots, pause, index)
+        except BrokenPipeError:
+            pass  # the host is gone; nobody is left to tell. The other lanes end their blocks (no temp file left) and see it too
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+
+    others = [threading.Thread(target=lane, args=(index,), name=f"lane{index}") for index in range(1, boot.spec.io_depth)]
+    for thread in others:
+        thread.start()
+    lane(0)
+    for thread in others:
+        thread.join()
+
+
 def main() -> None:
     # Ctrl-C at a terminal reaches the whole process group: the host decides
     # what happens to its workers, which exit when it closes their pipes.
@@ -117,11 +145,9 @@ def main() -> None:
     if boot.spec.sched != "normal":
         os.sched_setscheduler(0, _POLICIES[boot.spec.sched], os.sched_param(0))
     mapping, view = map_region(boot.cache)
-    slots = Slots(boot.n_workers, boot.slots_fd)
+    slots = Slots(boot.n_workers, boot.spec.io_depth, boot.slots_fd)
     try:
-        run_worker(boot.spec, boot.root, view, boot.ends, slots, _test_pause())
-    except BrokenPipeError:
-        pass  # the host is gone; nobody is left to tell
+        _serve(boot, view, slots)
     finally:
         view.release()
         mapping.close()

@@ -9,12 +9,13 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from collections.abc import Callable
 
 import numpy as np
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job, wait_ready
+from helpers import BLOCK, fill_random, make_keys, run_job, wait_ready, worker_threads
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
 
@@ -509,6 +510,29 @@ def test_worker_niceness_cpus_and_policy_are_applied_to_the_processes(make_tier,
         assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
         assert os.sched_getscheduler(pid) == os.SCHED_BATCH
     assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
+
+
+def test_io_depth_gives_each_worker_process_that_many_lanes_and_the_thread_engine_one(make_tier, engine):
+    """A worker process runs io_depth threads, each with the niceness and policy asked for (both belong to a
+    thread on Linux); the threads engine keeps one host thread per worker."""
+    from mp_tier import TierConfig
+
+    processes = engine == "processes"
+    tier = make_tier(config=TierConfig(io_depth=3, **({"worker_nice": 7, "worker_sched": "batch"} if processes else {})))
+    wait_ready(tier)
+    if processes:
+        for pid in tier.worker_pids():
+            deadline = time.monotonic() + 10
+            while len(lanes := os.listdir(f"/proc/{pid}/task")) < 3:
+                assert time.monotonic() < deadline, f"worker {pid} runs {len(lanes)} threads, not 3"
+            assert len(lanes) == 3
+            for tid in map(int, lanes):
+                assert os.sched_getscheduler(tid) == os.SCHED_BATCH
+                assert os.getpriority(os.PRIO_PROCESS, tid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+    else:
+        assert len(worker_threads()) == 4
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
+    assert run_job(tier, "load", JobMetadata(job_id=2, keys=make_keys(1), block_ids=[1])).success
 
 
 def test_worker_cpus_the_host_cannot_use_are_refused(cache, tmp_path):

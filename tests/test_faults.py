@@ -326,3 +326,68 @@ def test_enospc_fails_the_store_cleanly_and_the_tier_recovers(make_tier, cache, 
         tier.shutdown()
     finally:
         subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def _temps_of(root: str, pid: int) -> list[str]:
+    """The temp files of writer ``pid`` anywhere under ``root``."""
+    return [name for _, _, names in os.walk(root) for name in names if name.endswith(".tmp") and temp_writer_pid(name) == pid]
+
+
+def test_a_writer_killed_with_several_stores_in_flight_leaves_one_result_per_job_and_no_torn_block(make_tier, tmp_path):
+    """A write worker with io_depth 4 is SIGKILLed (three times) while at least two of its lanes hold temp
+    files and the other writer's lanes hold stores of their own: every job gets exactly one result (a live
+    worker's lanes are never taken for the dead one's), every block file is whole and byte-exact, and no
+    temp file outlives the deaths."""
+    from mp_tier import PrimaryCache
+
+    big = PrimaryCache.create(16, 8 << 20)
+    try:
+        root = str(tmp_path / "blocks")
+        tier = make_tier(n_read_workers=1, n_write_workers=2, view=big, config=TierConfig(o_direct="off", io_depth=4))
+        wait_ready(tier)
+        fill_random(big, range(16), seed=5)
+        results: dict[int, list] = {}
+        keys_of: dict[int, bytes] = {}
+
+        def collect() -> None:
+            for r in tier.get_finished():
+                results.setdefault(r.job_id, []).append(r)
+
+        for _ in range(3):
+            deadline = time.monotonic() + 20
+            while True:
+                assert time.monotonic() < deadline, "never saw two stores of one writer in flight"
+                collect()
+                if len(results) == len(keys_of):  # all done: keep the writers busy
+                    for b in range(16):
+                        job = len(keys_of)
+                        keys_of[job] = make_keys(1, seed=1000 + job)[0]
+                        tier.submit_store(JobMetadata(job_id=job, keys=[keys_of[job]], block_ids=[b]))
+                writers = set(tier.worker_pids())
+                temps = {temp_writer_pid(n) for _, _, names in os.walk(root) for n in names if n.endswith(".tmp")} & writers
+                if not temps:
+                    continue
+                writer = temps.pop()
+                os.kill(writer, signal.SIGSTOP)
+                if len(_temps_of(root, writer)) >= 2:
+                    break
+                os.kill(writer, signal.SIGCONT)
+            os.kill(writer, signal.SIGKILL)
+            assert wait_exit(writer, 5)
+        tier.drain(60)
+        collect()
+        assert tier.stats().workers_restarted >= 3
+        assert sorted(results) == sorted(keys_of) and all(len(rs) == 1 for rs in results.values())
+        for job, (r,) in results.items():
+            path = tier.block_path(keys_of[job])
+            if r.success or os.path.exists(path):
+                with open(path, "rb") as f:
+                    assert f.read() == big.array[job % 16].tobytes(), f"block of job {job} is torn"
+        deadline = time.monotonic() + 10
+        while (left := [n for _, _, names in os.walk(root) for n in names if n.endswith(".tmp")]) != []:
+            assert time.monotonic() < deadline, f"temp files left behind: {left}"
+            tier.wait(0.1)
+            collect()
+        tier.shutdown()
+    finally:
+        big.close()
