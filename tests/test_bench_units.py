@@ -11,6 +11,7 @@ from mp_tier.bench import report
 from mp_tier.bench.records import Dist, RunRecord, compute_ratios, ratio
 from mp_tier.bench.report import median_range, table_row
 from mp_tier.bench.units import (
+    parse_io_depth,
     parse_list,
     parse_positive,
     parse_size,
@@ -57,6 +58,13 @@ def test_workers_and_sweep_parsing():
 def test_bad_worker_counts(text):
     with pytest.raises(argparse.ArgumentTypeError, match="not a worker count"):
         parse_workers(text)
+
+
+@pytest.mark.parametrize("text", ["0", "65", "x", "-1", "٣"])
+def test_bad_io_depths_are_refused_by_name(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="not an io_depth"):
+        parse_io_depth(text)
+    assert parse_io_depth("8") == 8
 
 
 def test_sweep_keys_take_dashes_and_parse_each_value_as_its_option_does():

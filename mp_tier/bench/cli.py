@@ -9,6 +9,7 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 
+from ..config import TierConfig
 from .case import Case, Settings
 from .driver import calibrate_spin
 from .errors import UsageError
@@ -20,6 +21,7 @@ from .tier_runs import learn_layout
 from .units import (
     SWEEP_KEYS,
     parse_block_size,
+    parse_io_depth,
     parse_list,
     parse_non_negative,
     parse_positive,
@@ -46,6 +48,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=parse_block_size, default=2 << 20, help="bytes per block (default 2m)")
     p.add_argument("--blocks-per-job", type=parse_positive, default=16, help="blocks per job, except in trace (default 16)")
     p.add_argument("--workers", type=parse_workers, default=(2, 2), help="N (N read + N write workers) or R+W (default 2)")
+    p.add_argument(
+        "--io-depth", type=parse_io_depth, default=TierConfig().io_depth, help="tasks each worker process serves at once (default: the tier's)"
+    )
     p.add_argument("--inflight", type=parse_positive, default=4, help="jobs (trace: requests) kept in flight (default 4)")
     p.add_argument("--total", type=parse_size, default=1 << 30, help="bytes each phase moves (default 1g)")
     p.add_argument("--seconds", type=parse_seconds, default=None, help="also stop submitting after this many seconds per phase")

@@ -39,7 +39,7 @@ def tier_session(case: Case, engine: str, num_blocks: int) -> Iterator[FileSyste
             n_read_workers=read,
             n_write_workers=write,
             engine="threads" if engine == "threads" else "processes",
-            config=TierConfig(o_direct=case.args.o_direct, checksum=engine == "checksum"),
+            config=TierConfig(o_direct=case.args.o_direct, checksum=engine == "checksum", io_depth=case.args.io_depth),
         )
         try:
             yield tier

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mp_tier.block_io import DIRECT_ALIGN
-from mp_tier.config import ConfigError, Workers, check, describe
+from mp_tier.config import ConfigError, IoDepth, Workers, check, describe
 
 SWEEP_KEYS = ("workers", "block_size", "blocks_per_job", "inflight")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -52,6 +52,13 @@ def parse_workers(text: str) -> tuple[int, int]:
     if len(parts) > 2 or len(counts) != len(parts) or not all(_fits(count, Workers) for count in counts):
         raise argparse.ArgumentTypeError(f"not a worker count: {text!r} (expected N or R+W, e.g. 2 or 3+1, each {describe(Workers)})")
     return counts[0], counts[-1]
+
+
+def parse_io_depth(text: str) -> int:
+    """Lanes per worker process, within the tier's bounds."""
+    if not _WHOLE.fullmatch(text.strip()) or not _fits(int(text), IoDepth):
+        raise argparse.ArgumentTypeError(f"not an io_depth: {text!r} (expected {describe(IoDepth)})")
+    return int(text)
 
 
 def _fits(value: Any, type_: Any) -> bool:

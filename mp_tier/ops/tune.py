@@ -46,8 +46,9 @@ from .tree import UsageError, open_root, shown
 SWEEP: list[tuple[str, tuple[Any, ...]]] = [
     ("workers", (1, 2, 4)),
     ("o_direct", ("off", "on")),
+    ("io_depth", (1, 4)),
 ]
-START = {"workers": 2, "o_direct": "off"}
+START = {"workers": 2, "o_direct": "off", "io_depth": 4}
 MIN_BUSY_IDLE = 0.9
 # No point starts after this many seconds of sweeping: with a point's own time (its phases, tier starts,
 # syncs) a default run ends in under 2 minutes on an idle host, and a busy one skips what it cannot fit.
