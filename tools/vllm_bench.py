@@ -35,7 +35,6 @@ restrict it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -47,246 +46,24 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mp_tier.bench.case import Case, Settings
 from mp_tier.bench.driver import Spinner, calibrate_spin
 from mp_tier.bench.errors import UsageError
 from mp_tier.bench.keys import Keys
-from mp_tier.bench.page_cache import drop_page_cache
-from mp_tier.bench.raw import raw_run
-from mp_tier.bench.records import GB, RunRecord
 from mp_tier.bench.root_dir import MARKER, fs_type
-from mp_tier.bench.tier_runs import settle
 from mp_tier.bench.units import parse_positive, parse_size, parse_workers, size_label
-from mp_tier.bench.vllm_peer import Column, Tier, VllmApi
-from mp_tier.bench.vllm_phase import Drive, Phase, limit_note, per_block_us, remove_blocks, run_phase
-from mp_tier.bench.vllm_table import Marks, fmt, header, rows, verdict_line
-from mp_tier.bench.vllm_targets import MP, RAW, VLLM_C, VLLM_PY, Cell, Figures, Verdict, evaluate, host_loss_per_gb
+from mp_tier.bench.vllm_matrix import CellRuns, Shape, measure
+from mp_tier.bench.vllm_peer import Column, VllmApi
+from mp_tier.bench.vllm_report import report, to_json
+from mp_tier.bench.vllm_targets import MP, RAW, VLLM_C, VLLM_PY
 
 SCHEMA = "mp_tier.vllm_bench/2"
 ROOTS = ("disk", "tmpfs")
-RAW_BATCH = 16  # blocks between a raw process's progress messages, whatever the job shape: its CPU is the loop's
 TIMEOUT = 120.0  # seconds any single wait may take before the run is declared stuck
-
-
-@dataclass(frozen=True)
-class Shape:
-    blocks_per_job: int
-    inflight: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.blocks_per_job}x{self.inflight}"
-
-
-@dataclass
-class CellRuns:
-    """Everything measured in one cell."""
-
-    cell: Cell
-    staged_blocks: int
-    tiers: list[dict[str, Any]] = field(default_factory=list)  # {round, column, direct, store: Phase, load: Phase}
-    raw: list[dict[str, Any]] = field(default_factory=list)  # {round, store: RunRecord, load: RunRecord}
-
-
-def schedule(columns: list[Column], rounds: int) -> list[tuple[int, Column | None]]:
-    """(round, column) pairs, None for the raw loops; every other round in reverse order."""
-    order: list[Column | None] = [*columns, None]
-    return [(r, c) for r in range(rounds) for c in (order if r % 2 == 0 else order[::-1])]
-
-
-def phase_blocks(args: argparse.Namespace, block: int) -> int:
-    """Blocks a phase moves at most: ``--total`` bytes and ``--max-blocks`` blocks (small blocks stay seconds)."""
-    return max(1, min(int(args.total) // block, args.max_blocks))
-
-
-def as_jobs(keys: list[bytes], shape: Shape) -> list[list[bytes]]:
-    n = shape.blocks_per_job
-    return [keys[i : i + n] for i in range(0, len(keys) - n + 1, n)]
-
-
-def stage(api: VllmApi, view: Any, root: str, n_blocks: int, slots: list[np.ndarray]) -> tuple[list[bytes], Tier]:
-    """Store the load phases' blocks with mp_tier, untimed; returns them and the (shut down) tier, whose layout the raw loops follow."""
-    keys = Keys().fresh(n_blocks)
-    per_job = len(slots[0])
-    jobs = [keys[i : i + per_job] for i in range(0, n_blocks, per_job)]
-    tier = api.open(Column(MP, MP), view, root)
-    ids = itertools.count(1)
-    failed = 0
-    try:
-        for first in range(0, len(jobs), len(slots)):
-            for batch, slot in zip(jobs[first : first + len(slots)], slots):
-                tier.submit_store(tier.make_job(next(ids), batch, slot[: len(batch)], False))
-            tier.drain()
-            failed += sum(not r.success for r in tier.poll())
-    finally:
-        tier.shutdown()
-    if failed:
-        raise RuntimeError(f"staging under {root}: {failed} store jobs failed")
-    return keys, tier
-
-
-def cold(paths: list[str], tmpfs: bool) -> str:
-    return "tmpfs: the files are memory" if tmpfs else drop_page_cache(paths)
-
-
-def measure(api: VllmApi, columns: list[Column], view: Any, root: str, kind: str, shapes: list[Shape], args: argparse.Namespace) -> list[CellRuns]:
-    """Every shape at one root and block size: staged once, then every column and the raw loops, ``--rounds`` times."""
-    block, tmpfs = args.block, kind == "tmpfs"
-    n_blocks = phase_blocks(args, block)
-    stage_slots = [np.arange(s * 16, (s + 1) * 16, dtype=np.int32) for s in range(8)]
-    staged, stager = stage(api, view, root, n_blocks, stage_slots)
-    staged_paths = [stager.path_of(k) for k in staged]
-    drive = Drive(args.spin_chunk, args.idle_seconds, args.seconds, block)
-    ids = itertools.count(1_000_000)  # job ids are never reused, as vLLM never reuses them
-    out = []
-    try:
-        for shape in shapes:
-            runs = CellRuns(Cell(kind, shape.label, block), len(staged_paths))
-            bpj = shape.blocks_per_job
-            slots = [np.arange(s * bpj, (s + 1) * bpj, dtype=np.int32) for s in range(shape.inflight)]
-            case = Case(
-                Settings(block, RAW_BATCH, stager.workers, shape.inflight),
-                argparse.Namespace(idle_seconds=args.idle_seconds, progress=False),
-                root,
-                None,
-                args.spin_chunk,
-                stager.path_of,
-                stager.direct,
-            )
-            loads = as_jobs(staged, shape)
-            for rnd, column in schedule(columns, args.rounds):
-                fresh = as_jobs(Keys().fresh(n_blocks), shape)
-                fresh_paths = case.paths(fresh)
-                os.sync()  # the previous run's dirty pages are not this run's work
-                where = f"{kind} {shape.label} {size_label(block)} round {rnd + 1}"
-                if column is None:
-                    try:
-                        store = raw_run(case, "store", "fresh", fresh_paths)
-                    finally:
-                        remove_blocks(fresh_paths)
-                    dropped = cold(staged_paths, tmpfs)
-                    load = raw_run(case, "load", "cold", staged_paths)
-                    load.cache_drop = dropped
-                    runs.raw.append({"round": rnd, "store": store, "load": load})
-                    note(args, f"{where} raw: store {store.gbps:.3f}, load {load.gbps:.3f} GB/s")
-                    continue
-                tier = api.open(column, view, root)
-                try:
-                    tier.drain()  # its start-up sweep and scan are not this run's work
-                    list(tier.poll())
-                    settle(tier.pids)
-                    store_phase = run_phase(tier, False, fresh, slots, ids, drive)
-                    remove_blocks(fresh_paths)
-                    dropped = cold(staged_paths, tmpfs)
-                    load_phase = run_phase(tier, True, loads, slots, ids, drive)
-                    load_phase.cache_drop = dropped
-                    runs.tiers.append({"round": rnd, "column": column.name, "direct": tier.direct, "store": store_phase, "load": load_phase})
-                finally:
-                    tier.shutdown()
-                    del tier
-                note(
-                    args,
-                    f"{where} {column.name}: store {store_phase.gbps:.3f} GB/s{limit_note(store_phase)}, "
-                    f"load {load_phase.gbps:.3f} GB/s{limit_note(load_phase)}, busy/idle {fmt(store_phase.busy_idle)}",
-                )
-            out.append(runs)
-    finally:
-        remove_blocks(staged_paths)
-    return out
-
-
-# -- from runs to figures ------------------------------------------------------------
-
-
-def tier_metrics(store: Phase, load: Phase) -> dict[str, float | None]:
-    return {
-        "store_gbps": store.gbps,
-        "load_gbps": load.gbps,
-        "busy_idle": store.busy_idle,
-        "loss_per_gb": host_loss_per_gb(store.busy_idle, store.gbps),
-        "submit_p50_us": store.submit_us.p50 if store.submit_us else None,
-        "submit_p99_us": store.submit_us.p99 if store.submit_us else None,
-        "store_cpu_us_per_block": per_block_us(store.worker_cpu_s, store.blocks),
-        "load_cpu_us_per_block": per_block_us(load.worker_cpu_s, load.blocks),
-        "host_cpu_us_per_block": per_block_us(store.host_cpu_s, store.blocks),
-    }
-
-
-def raw_metrics(store: RunRecord, load: RunRecord) -> dict[str, float | None]:
-    def cpu(r: RunRecord) -> float | None:
-        return r.worker_cpu_s_per_gb * r.block_bytes / GB * 1e6 if r.worker_cpu_s_per_gb is not None else None
-
-    return {
-        "store_gbps": store.gbps,
-        "load_gbps": load.gbps,
-        "busy_idle": store.busy_idle,
-        "loss_per_gb": host_loss_per_gb(store.busy_idle, store.gbps),
-        "store_cpu_us_per_block": cpu(store),
-        "load_cpu_us_per_block": cpu(load),
-    }
-
-
-def figures(runs: CellRuns, columns: list[Column]) -> tuple[Figures, Marks]:
-    """Per column and metric, one value per round; marks for time-limited phases and loads that were not cold."""
-    rounds = sorted({r["round"] for r in runs.tiers} | {r["round"] for r in runs.raw})
-    by = {(r["round"], r["column"]): r for r in runs.tiers} | {(r["round"], RAW): r for r in runs.raw}
-    out: Figures = {}
-    marks: Marks = {}
-    for name in [c.name for c in columns] + [RAW]:
-        per = [by.get((rnd, name)) for rnd in rounds]
-        metric = [(tier_metrics if name != RAW else raw_metrics)(r["store"], r["load"]) if r else {} for r in per]
-        out[name] = {m: [values.get(m) for values in metric] for m in set().union(*metric)}
-        for op in ("store", "load"):
-            phases = [r[op] for r in per if r]
-            if any(getattr(p, "time_limited", False) or getattr(p, "cut_short", False) for p in phases):
-                marks[(name, f"{op}_gbps")] = "*"
-            if any((p.cache_drop or "").startswith("NOT COLD") for p in phases if op == "load"):
-                marks[(name, "load_gbps")] = marks.get((name, "load_gbps"), "") + " NOT COLD"
-    return out, marks
-
-
-def report(all_runs: list[CellRuns], columns: list[Column], args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[Verdict]]:
-    names = [c.name for c in columns] + [RAW]
-    cells, verdicts = [], []
-    for kind, shape in itertools.product(args.roots, args.shapes):
-        group = [r for r in all_runs if r.cell.root == kind and r.cell.shape == shape.label]
-        if not group:
-            continue
-        print(f"\n{kind}, jobs of {shape.blocks_per_job} blocks, {shape.inflight} in flight:\n")
-        print("\n".join(header(names)))
-        for runs in group:
-            figs, marks = figures(runs, columns)
-            print("\n".join(rows(runs.cell, figs, names, marks)))
-            found = evaluate(runs.cell, figs)
-            verdicts += found
-            cells.append({"cell": to_json(runs.cell), "figures": figs, "verdicts": [verdict_json(v) for v in found]})
-    print(
-        f"\nMedians of {args.rounds} rounds (range); ratios: median of the per-round ratios (range). {RAW}: pwrite/preadv loops in as many "
-        f"processes as {MP} has workers, no tier. * = in some round the phase stopped submitting at the {args.seconds:g} s limit: it moved "
-        "less, at the rate shown. host loss per GB = (1 - busy/idle) ÷ GB/s. Worker CPU: mp_tier's worker processes and the raw loops, "
-        "from /proc; vLLM's threads are the host's (host CPU row). tmpfs loads read memory, not a cold disk."
-    )
-    print(f"\nTargets (issue 18), {MP} default ÷ the column named, {len(verdicts)} checks:")
-    for v in verdicts:
-        print("  " + verdict_line(v))
-    print(f"targets met: {sum(v.passed for v in verdicts)} of {len(verdicts)}")
-    return cells, verdicts
-
-
-def verdict_json(v: Verdict) -> dict[str, Any]:
-    t = v.target
-    return {"target": t.label, "metric": t.metric, "against": t.against, "ratio": v.ratio, "low": v.low, "high": v.high} | {
-        "bound": v.bound,
-        "higher_is_better": t.higher_is_better,
-        "passed": v.passed,
-        "note": v.note,
-    }
 
 
 def first_results(api: VllmApi, columns: list[Column], view: Any, run_dir: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -327,19 +104,12 @@ def check_columns(api: VllmApi, columns: list[Column], view: Any, run_dir: str) 
             shutil.rmtree(root, ignore_errors=True)
 
 
+START = time.monotonic()
+
+
 def note(args: argparse.Namespace, text: str) -> None:
     if not args.quiet:
-        print(text, file=sys.stderr, flush=True)
-
-
-def to_json(x: Any) -> Any:
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {k: to_json(v) for k, v in dataclasses.asdict(x).items()}
-    if isinstance(x, dict):
-        return {str(k): to_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [to_json(v) for v in x]
-    return x
+        print(f"[{time.monotonic() - START:4.0f} s] {text}", file=sys.stderr, flush=True)
 
 
 # -- the command line --------------------------------------------------------------------
@@ -403,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", type=parse_shapes, default=parse_shapes("16x8,1x16"), help="job shapes BLOCKSxINFLIGHT (default 16x8,1x16)")
     p.add_argument("--rounds", type=parse_positive, default=3, help="rounds per cell, column order reversed every other round (default 3)")
     p.add_argument("--total", type=parse_size, default=512 << 20, help="bytes each phase moves at most (default 512m)")
-    p.add_argument("--max-blocks", type=parse_positive, default=8192, help="blocks each phase moves at most (default 8192)")
+    p.add_argument("--max-blocks", type=parse_positive, default=4096, help="blocks each phase moves at most (default 4096)")
     p.add_argument("--seconds", type=float, default=1.5, help="a phase stops submitting after this long (default 1.5)")
     p.add_argument("--spin-us", type=int, default=1000, help="host busy-loop slice between polls, µs; 0 = sleep instead (default 1000)")
     p.add_argument("--idle-seconds", type=float, default=0.2, help="busy-loop idle speed measured this long before and after each phase")
@@ -438,7 +208,6 @@ def root_dirs(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace, dirs: dict[str, str]) -> dict[str, Any]:
-    t_start = time.monotonic()
     api = VllmApi(args.vllm_threads)
     columns = [Column(VLLM_C, VLLM_C), Column(VLLM_PY, VLLM_PY), Column(MP, MP), *args.variant]
     if len({c.name for c in columns}) != len(columns):
@@ -462,10 +231,7 @@ def run(args: argparse.Namespace, dirs: dict[str, str]) -> dict[str, Any]:
                 check_columns(api, columns, view, dirs[kind])
                 ttfr = first_results(api, columns, view, dirs[kind], args) if args.ttfr > 0 else {}
             root = os.path.join(dirs[kind], size_label(block))
-            runs = measure(api, columns, view, root, kind, args.shapes, args)
-            all_runs += runs
-            directs = {(r["column"], r["direct"]) for c in runs for r in c.tiers}
-            note(args, f"{kind} {size_label(block)}: O_DIRECT " + ", ".join(f"{c}={'on' if d else 'off'}" for c, d in sorted(directs)))
+            all_runs += measure(api, columns, view, root, kind, args, lambda text: note(args, text))
             shutil.rmtree(root, ignore_errors=True)
             del view  # the region unmaps only once no view of it is left
     cells, verdicts = report(all_runs, columns, args)
@@ -473,7 +239,7 @@ def run(args: argparse.Namespace, dirs: dict[str, str]) -> dict[str, Any]:
         print(f"\nTime to first result (constructor start -> the first 16-block store's result, host spinning; median of {args.ttfr}):")
         for name, t in ttfr.items():
             print(f"  {name}: {t['median_s']:.3f} s")
-    elapsed = time.monotonic() - t_start
+    elapsed = time.monotonic() - START
     print(f"\ncommand: {shlex.join(sys.orig_argv)}\nelapsed: {elapsed:.0f} s")
     return {
         "schema": SCHEMA,
