@@ -9,7 +9,8 @@ vLLM users run and the peer every target is against), the same tier forced
 onto its pure-Python fallback (``vLLM Python``, a labelled extra), mp_tier's
 adapter with its default config (``mp_tier``: no worker counts given), any
 ``--variant`` columns, and plain pwrite/preadv loops with no tier in as many
-processes as mp_tier has workers (``raw``, the ceiling). Every tier is driven
+processes as mp_tier has workers (``raw``, the ceiling; it has no jobs, so it
+runs in the first shape's rounds and serves both shapes). Every tier is driven
 through vLLM's own calls (``SharedOffloadRegion`` memory, ``TransferJob``,
 ``get_finished_jobs``) by a host that spins in Python between polls
 (:mod:`mp_tier.bench.vllm_phase`).

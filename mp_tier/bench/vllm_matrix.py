@@ -34,6 +34,8 @@ RAW_BATCH = 16  # blocks between a raw process's progress messages, whatever the
 
 @dataclass(frozen=True)
 class Shape:
+    """Jobs of ``blocks_per_job`` blocks, ``inflight`` of them kept in flight."""
+
     blocks_per_job: int
     inflight: int
 
@@ -94,7 +96,6 @@ class Bed:
     """What every run at one root and block size shares: the blocks staged for loads, and how the host drives."""
 
     kind: str
-    view: Any
     root: str
     staged: list[bytes]
     staged_paths: list[str]
@@ -121,7 +122,7 @@ def measure(
     staged, stager = stage(api, view, root, n_blocks, stage_slots)
     note(f"{kind} {size_label(block)}: staged {len(staged)} blocks for the load phases")
     drive = Drive(args.spin_chunk, args.idle_seconds, args.seconds, block)
-    bed = Bed(kind, view, root, staged, [stager.path_of(k) for k in staged], stager, drive, n_blocks, itertools.count(1_000_000))
+    bed = Bed(kind, root, staged, [stager.path_of(k) for k in staged], stager, drive, n_blocks, itertools.count(1_000_000))
     out: list[CellRuns] = []
     try:
         for shape in args.shapes:
