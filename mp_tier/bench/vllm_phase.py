@@ -59,24 +59,22 @@ def run_phase(tier: Tier, load: bool, jobs: Sequence[list[bytes]], slots: Sequen
     spinner = Spinner(drive.spin_chunk)
     spinner.measure_idle(tier.poll, drive.idle_seconds)
     submit = tier.submit_load if load else tier.submit_store
-    todo = iter(jobs)
+    done_submitting = 0  # jobs submitted so far
     free = list(range(len(slots)))
     pending: dict[int, tuple[int, int, int]] = {}  # job id -> slot, blocks, submit time (ns)
     submit_ns: list[int] = []
     latency_ns: list[int] = []
     blocks = failed = 0
-    exhausted = cut = limited = False
+    cut = limited = False
     cpu0, wcpu0 = time.process_time(), worker_cpu_seconds(tier.pids)
     t0 = time.perf_counter_ns()
     stop_submitting = t0 + int(drive.seconds * 1e9)
     give_up = stop_submitting + int(drive.seconds * 1e9)
     last = t0
     while True:
-        while free and not exhausted and time.perf_counter_ns() < stop_submitting:
-            keys = next(todo, None)
-            if keys is None:
-                exhausted = True
-                break
+        while free and done_submitting < len(jobs) and time.perf_counter_ns() < stop_submitting:
+            keys = jobs[done_submitting]
+            done_submitting += 1
             slot = free.pop()
             job = tier.make_job(next(ids), keys, slots[slot][: len(keys)], load)
             start = time.perf_counter_ns()
@@ -94,6 +92,7 @@ def run_phase(tier: Tier, load: bool, jobs: Sequence[list[bytes]], slots: Sequen
                 blocks += n
             else:
                 failed += 1
+        exhausted = done_submitting == len(jobs)
         if not exhausted and now >= stop_submitting:
             limited = True
         if not pending and (exhausted or limited):
