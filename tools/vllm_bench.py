@@ -28,9 +28,11 @@ beforehand; on disk their pages are dropped first and checked with mincore
 
 At the end it prints issue 18's targets for mp_tier's default, each PASS or
 FAIL (:mod:`mp_tier.bench.vllm_targets`). The default run (2 roots x 3 sizes
-x 2 shapes x 3 rounds x 4 columns, phases of at most --seconds 1.5) takes
-about 10-13 minutes on the 2-vCPU dev VM; --roots, --sizes and --shapes
-restrict it.
+x 2 shapes x 3 rounds x 4 columns; a phase stops at 1.5 s, 512 MiB or 2048
+blocks) took 17 minutes on the shared 2-vCPU dev VM at load average 13 with
+4096 blocks; most of it is the disk root's small blocks (staging, dropping
+the page cache, the raw loops, which are not time-limited). --roots, --sizes
+and --shapes restrict it.
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", type=parse_shapes, default=parse_shapes("16x8,1x16"), help="job shapes BLOCKSxINFLIGHT (default 16x8,1x16)")
     p.add_argument("--rounds", type=parse_positive, default=3, help="rounds per cell, column order reversed every other round (default 3)")
     p.add_argument("--total", type=parse_size, default=512 << 20, help="bytes each phase moves at most (default 512m)")
-    p.add_argument("--max-blocks", type=parse_positive, default=4096, help="blocks each phase moves at most (default 4096)")
+    p.add_argument("--max-blocks", type=parse_positive, default=2048, help="blocks each phase moves at most (default 2048)")
     p.add_argument("--seconds", type=float, default=1.5, help="a phase stops submitting after this long (default 1.5)")
     p.add_argument("--spin-us", type=int, default=1000, help="host busy-loop slice between polls, µs; 0 = sleep instead (default 1000)")
     p.add_argument("--idle-seconds", type=float, default=0.2, help="busy-loop idle speed measured this long before and after each phase")
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME:K=V,...",
         help="add an mp_tier column with these adapter settings (any TierConfig field, e.g. o_direct=off); repeatable; not judged",
     )
-    p.add_argument("--ttfr", type=int, default=3, help="constructions per column timed to the first result, first cell only (default 3; 0 skips)")
+    p.add_argument("--ttfr", type=int, default=1, help="constructions per column timed to the first result, first cell only (default 1; 0 skips)")
     p.add_argument("--json", metavar="FILE", help=f"write every figure as JSON (schema {SCHEMA})")
     p.add_argument("--quiet", action="store_true", help="no per-run lines on stderr")
     return p
