@@ -29,10 +29,10 @@ beforehand; on disk their pages are dropped first and checked with mincore
 At the end it prints issue 18's targets for mp_tier's default, each PASS or
 FAIL (:mod:`mp_tier.bench.vllm_targets`). The default run (2 roots x 3 sizes
 x 2 shapes x 3 rounds x 4 columns; a phase stops at 1.5 s, 512 MiB or 2048
-blocks) took 17 minutes on the shared 2-vCPU dev VM at load average 13 with
-4096 blocks; most of it is the disk root's small blocks (staging, dropping
-the page cache, the raw loops, which are not time-limited). --roots, --sizes
-and --shapes restrict it.
+blocks) took 7 minutes on the shared 2-vCPU dev VM at load average 2-5 (17
+with 4096 blocks at load average 13); most of it is the disk root's small
+blocks (staging, dropping the page cache, the raw loops, which are not
+time-limited). --roots, --sizes and --shapes restrict it.
 """
 
 from __future__ import annotations
