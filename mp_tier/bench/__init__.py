@@ -38,6 +38,16 @@ Modules, each depending only on those above it::
     report, plot the table, the JSON document, the figure
     cli          the command line
 
+tools/vllm_bench.py (vLLM 0.33's FS tier, C and Python I/O paths, against
+mp_tier's default config) uses these, in the same order::
+
+    vllm_targets issue 18's targets, judged from per-round figures (pure)
+    vllm_table   its Markdown rows and target lines (pure)
+    vllm_peer    the tiers opened through vLLM's own interface
+    vllm_phase   one measured phase, driven as vLLM's scheduler drives a tier
+    vllm_matrix  staging, the rounds of every column per job shape, the raw loops
+    vllm_report  runs -> figures -> the printed tables and the JSON parts
+
 ``import mp_tier`` does not import this package; tqdm (the ``bench`` extra)
 and matplotlib (the ``plot`` extra) are imported only when a bar or a plot is drawn.
 """
