@@ -1,7 +1,7 @@
 """What the tier believes is on disk, and what must not be disturbed while a worker uses it.
 
-Hooks around every transfer, as vLLM's FS evictor has: ``prepare_*``
-decides (and may refuse) without changing anything, ``commit_*`` records a
+Hooks around every transfer, as vLLM's FS evictor has: ``prepare``
+decides (and may refuse) without changing anything, ``commit`` records a
 job that is sure to go out, and ``*_done`` folds in its outcome. Keys of
 loads and stores in flight are pinned: they are never chosen as victims. A
 store of a block whose eviction is still in flight is refused (EBUSY)
@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from .capacity import Admission, CapacityIndex
 from .errors import Refused
 from .jobs import TierEvent
+from .messages import Op
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 # from memory and probed by a later lookup, so a lookup of 200,000 unknown keys queues about a dozen tasks
 # ahead of the jobs, not thousands.
 PROBES_IN_FLIGHT = 256
+_NOTHING = Admission([], False)  # what a load takes from the budget
 
 
 def _pin(counts: dict[bytes, int], keys: list[bytes]) -> None:
@@ -63,20 +65,30 @@ class Residency:
         self.events: list[TierEvent] | None = [] if events else None  # None: events are off
         self.blocks_evicted = 0
 
-    # -- stores --------------------------------------------------------------
+    # -- a job going out -------------------------------------------------------
 
-    def prepare_store(self, keys: list[bytes]) -> Admission:
-        """What makes room for ``keys``; raises Refused (EBUSY, ENOSPC), changing nothing."""
+    def prepare(self, op: Op, keys: list[bytes]) -> Admission:
+        """What a job of ``op`` takes: room for a store's ``keys`` (a load's need none); raises Refused
+        (EBUSY, ENOSPC), changing nothing."""
+        if op == Op.LOAD:
+            return _NOTHING
         if self.evicting and (busy := next((k for k in keys if k in self.evicting), None)):
             # its old file may still be unlinked after a new one is written: refuse rather than lose it
             raise Refused("EBUSY", f"block {busy.hex()} is being evicted; store it again later")
         return self.capacity.admission(keys, (self.loading, self.storing))
 
-    def commit_store(self, keys: list[bytes], admission: Admission) -> None:
+    def commit(self, op: Op, keys: list[bytes], admission: Admission) -> None:
+        """The job ``prepare`` took is sure to go out: count a store's blocks in, refresh a load's; pin them."""
+        if op == Op.LOAD:
+            self.capacity.refresh(keys)
+            _pin(self.loading, keys)
+            return
         self.capacity.admit(keys, admission)
         if admission.victims:
             self._removed(admission.victims)
         _pin(self.storing, keys)
+
+    # -- stores --------------------------------------------------------------
 
     def store_done(self, keys: list[bytes], failed: Sequence[int], unsure: Sequence[int] = ()) -> None:
         """Unpin; a block a worker failed to store stops counting, unless another store of it is in flight.
@@ -110,10 +122,6 @@ class Residency:
             self.events.append(TierEvent("removed", gone))
 
     # -- loads ---------------------------------------------------------------
-
-    def commit_load(self, keys: list[bytes]) -> None:
-        self.capacity.refresh(keys)
-        _pin(self.loading, keys)
 
     def missing(self, keys: list[bytes]) -> None:
         """A load found no file for these blocks (another instance deleted them, say): stop counting them,

@@ -16,10 +16,9 @@ from . import block_io
 from .capacity import CapacityIndex
 from .config import FILE_MODES, TierConfig
 from .coordinator import Coordinator
-from .layout import BlockLayout, namespace_name
+from .layout import namespace_name
 from .memory import buffer_address
-from .messages import Op
-from .namespace import Owners, describe_run, identity, owners_for, prepare_namespace
+from .namespace import describe_run, identity, owners_for, prepare_namespace
 from .pool import WorkerPool
 from .residency import Residency
 from .shared_cache import primary_memory
@@ -31,9 +30,6 @@ log = logging.getLogger(__name__)
 
 class Parts(NamedTuple):
     core: Coordinator
-    layout: BlockLayout
-    root: int  # the namespace directory's fd
-    owners: Owners  # whose block files count
     direct: bool  # O_DIRECT in use
     num_blocks: int
     block_bytes: int
@@ -103,10 +99,9 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
         for fd in fds:
             os.close(fd)
         raise
-    groups = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}
-    core = Coordinator(pool, Residency(capacity, config.events, identity(root)), layout, root, groups, config.task_timeout, config.start_timeout)
+    core = Coordinator(pool, Residency(capacity, config.events, identity(root)), layout, root, owners, config)
     log.debug("tier up: %s, %d+%d %s, direct=%s", layout.base, config.n_read_workers, config.n_write_workers, config.engine, direct)
-    return Parts(core, layout, root, owners, direct, primary.num_blocks, primary.block_bytes, primary.release, fds, wake)
+    return Parts(core, direct, primary.num_blocks, primary.block_bytes, primary.release, fds, wake)
 
 
 def choose_direct(mode: str, block_bytes: int, address: int, root: int, base: str) -> bool:
