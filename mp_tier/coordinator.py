@@ -15,10 +15,9 @@ run outside the lock (``lookup``, then ``on_disk``).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import AbstractContextManager
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import msgspec
 
@@ -26,53 +25,34 @@ from . import block_io
 from .codes import ErrorCode
 from .config import TierConfig
 from .errors import Refused
+from .host_root import HostRoot, Look
 from .jobs import Counters, JobResult, TierEvent, TierStats
-from .layout import BlockLayout, BlockPath
+from .layout import BlockPath
 from .ledger import Job, Ledger, Plan
 from .messages import Completion, Op
-from .namespace import Owners, reopen, replaced
 from .pool import WorkerPool, poll_ms
 from .recovery import RESTART_RECHECK_SECONDS, Recovery, Settling
 from .residency import Residency
-from .supervision import begin, kill_overdue, record_deaths, restart_due, still_claiming
+from .supervision import begin, kill_overdue, record_deaths, restart_due, settle, still_claiming
 
 log = logging.getLogger(__name__)
-
-
-class Look(NamedTuple):
-    """What a lookup needs to look on disk outside the lock."""
-
-    fd: int  # a copy of the namespace directory's fd, the lookup's own: a shutdown meanwhile closes the tier's
-    namespace: tuple[int, int]  # the directory the workers use now
 
 
 class Coordinator:
     """Jobs in, results out, workers kept alive; the tier's lock is held around every call."""
 
-    def __init__(
-        self,
-        pool: WorkerPool,
-        residency: Residency,
-        layout: BlockLayout,
-        root: int,
-        owners: Owners,
-        config: TierConfig,
-    ):
+    def __init__(self, pool: WorkerPool, residency: Residency, root: HostRoot, config: TierConfig):
         self.pool = pool
         self.ledger = Ledger()
         self.residency = residency
         self.recovery = Recovery()
-        self.layout = layout
-        self.root = root  # the namespace directory's fd, for lookups and the host's own sweep at stop
-        self.root_id = residency.namespace  # the directory ``root`` holds; the workers' may be newer
-        self.owners = owners  # whose block files count, for lookups
+        self.root = root  # the host's fd of the namespace directory, for lookups and the sweep at stop
         self.leftovers: list[BlockPath] = []  # after stop: blocks beside which stores cut short may have left temp files
         self.group_sizes = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}  # workers a job is split over
         self.max_queued_tasks = config.max_queued_tasks
-        task_timeout, start_timeout = config.task_timeout, config.start_timeout
-        self.task_timeout = task_timeout  # seconds a worker may hold a task; 0 = no deadline
-        self.start_timeout = start_timeout  # seconds a worker may take to become ready
-        self._deadline_every = min(1.0, start_timeout / 4, task_timeout / 4 if task_timeout else 1.0)  # seconds between checks
+        self.task_timeout = config.task_timeout  # seconds a worker may hold a task; 0 = no deadline
+        self.start_timeout = config.start_timeout  # seconds a worker may take to become ready
+        self._deadline_every = min(1.0, self.start_timeout / 4, self.task_timeout / 4 if self.task_timeout else 1.0)  # seconds between checks
         self.finished: list[JobResult] = []  # results not yet handed to get_finished()
         self.counts = Counters()
         self.tasks_by_worker = [0] * len(pool.specs)  # job tasks each worker slot completed
@@ -169,29 +149,11 @@ class Coordinator:
 
     def lookup(self, key: bytes) -> Look | None:
         """None while a store of ``key`` is in flight; else what ``on_disk`` needs, to call outside the lock."""
-        if key in self.residency.storing:
-            return None
-        return Look(os.dup(self.root), self.residency.namespace)
+        return None if key in self.residency.storing else self.root.look(self.residency.namespace)
 
     def on_disk(self, look: Look, key: bytes, lock: AbstractContextManager[Any]) -> bool:
-        """Outside the tier's lock: whether the block of ``key`` is on disk; closes ``look.fd``. False while the
-        namespace directory is removed or replaced and no worker has made it again yet.
-
-        The workers made the directory again: the tier takes the same one for its own fd (opened outside
-        ``lock``, and only if it is the directory they checked), taking ``lock`` only to swap it in.
-        """
-        root = look.fd
-        try:
-            if look.namespace != self.root_id and (fresh := reopen(self.layout.base, look.namespace)) is not None:
-                with lock:
-                    if not self.stopping:  # the tier's fds are open until it stops
-                        os.dup2(fresh, self.root, inheritable=False)
-                        self.root_id = look.namespace
-                os.close(root)
-                root = fresh
-            return not replaced(root, self.layout.base) and block_io.has_block(root, self.layout.locate(key), self.owners)
-        finally:
-            os.close(root)
+        """Outside the tier's lock (taken only to follow a namespace directory made again): is the block on disk."""
+        return self.root.has_block(look, key, lock, lambda: self.stopping)
 
     def lookup_many(self, keys: list[bytes], probe: bool) -> list[bool | None]:
         """Answers from memory; keys answered False are probed on disk by a worker in the background (``probe``)."""
@@ -260,10 +222,7 @@ class Coordinator:
             log.warning("housekeeping (%s) failed in worker %d: %s", job.op.name, completion.worker, completion.error)
         if job.evict:
             victims = job.evict[ref.first : ref.first + ref.blocks]
-            kept = [victims[i] for i in completion.kept]
-            if kept:
-                log.warning("%d evicted blocks were not deleted and stay counted: %s", len(kept), completion.error)
-            self.residency.evicted(victims, kept)
+            self.residency.evicted(victims, [victims[i] for i in completion.kept], completion.error)
         if completion.worker >= 0 and job.job_id is not None:
             self.tasks_by_worker[completion.worker] += 1
         counts = self.counts
@@ -285,14 +244,9 @@ class Coordinator:
             elif job.op == Op.PROBE:
                 residency.probed(job.keys, job.failed)
             return
-        if job.op == Op.STORE:
-            residency.store_done(job.keys, job.failed, job.unsure)
-        else:
-            residency.load_done(job.keys)
-        successful_keys = None
-        if job.failed:
-            failed = set(job.failed)
-            successful_keys = tuple(k for i, k in enumerate(job.keys) if i not in failed)
+        residency.done(job.op, job.keys, job.failed, job.unsure)
+        failed = set(job.failed)
+        successful_keys = tuple(k for i, k in enumerate(job.keys) if i not in failed) if failed else None
         self.counts.add_job(job.op == Op.STORE, not job.failed, job.nbytes)
         self.deliver(
             JobResult(
@@ -330,22 +284,8 @@ class Coordinator:
         assert settling is not None
         if still_claiming(self.pool, settling):
             return
-        held = self.pool.held()
-        for completion in self.pool.results.read():  # after the slots: a completion is written before its slot clears
-            self.on_completion(completion)
-        lost = sorted(seq for seq in settling.suspects if seq in self.ledger.tasks and seq not in held)
         self.settling = None
-        if all(settling.overdue):  # only workers killed for a deadline died: whatever they held timed out
-            self.recovery.timed_out.update(lost)
-        verdict = self.recovery.lost(lost)
-        self.recovery.timed_out.difference_update(verdict.retry)  # the loss that fails a task names its code
-        reason = "; ".join(settling.reasons)
-        stores = self.ledger.stored_keys(lost, Op.STORE)  # a lost sweep is sent again itself
-        retry = [self.ledger.task(seq) for seq in verdict.retry]
-        for seq in verdict.fail:
-            self._fail_task(seq, self.recovery.failure_code(seq), f"{reason}; the task had already been retried once")
-        if lost:
-            log.warning("%d tasks lost to a death: %d sent again, %d failed", len(lost), len(retry), len(verdict.fail))
+        stores, retry = settle(self.pool, self.ledger, self.recovery, settling, self.on_completion, self._fail_task)
         if stores:
             self.housekeeping(Op.SWEEP, stores)  # the temp files their writers left
         if self.recovery.broken:
@@ -399,7 +339,7 @@ class Coordinator:
         for why in self.pool.stop(timeout, self.on_completion):
             log.warning("%s at stop", why)
         cut_short = [seq for seq in self.pool.held_at_stop() if seq in self.ledger.tasks]  # only these can have begun
-        self.leftovers = [self.layout.locate(key) for key in set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ())]
+        self.leftovers = [self.root.layout.locate(key) for key in set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ())]
         for seq in list(self.ledger.tasks):
             self._fail_task(seq, code, reason)
         self.pool.close()
@@ -408,7 +348,4 @@ class Coordinator:
         """Once, after ``stop`` and outside the tier's lock: remove the temp files of the stores it cut short."""
         beside, self.leftovers = self.leftovers, []
         if beside:
-            try:
-                self.counts.files_removed += block_io.remove_stale_temps(self.root, beside)[0]
-            except OSError as e:
-                log.warning("sweeping temp files at stop failed: %s", block_io.describe(e)[1])
+            self.counts.files_removed += self.root.sweep(beside)

@@ -107,8 +107,8 @@ class Residency:
             if stored:
                 self.events.append(TierEvent("stored", stored))
 
-    def evicted(self, victims: list[bytes], kept: list[bytes]) -> None:
-        """The task that carried these unlinks has run; ``kept`` files could not be deleted.
+    def evicted(self, victims: list[bytes], kept: list[bytes], error: str | None) -> None:
+        """The task that carried these unlinks has run; ``kept`` files could not be deleted (for ``error``).
 
         Those count again, as just used, so the disk never holds more than is
         counted and the next stores make room among the other blocks; the
@@ -116,6 +116,7 @@ class Residency:
         """
         _release(self.evicting, victims)
         if kept:
+            log.warning("%d evicted blocks were not deleted and stay counted: %s", len(kept), error)
             self.capacity.touch(kept)
             self.blocks_evicted -= len(kept)
         if self.events is not None and (gone := tuple(k for k in victims if k not in kept)):
@@ -129,6 +130,13 @@ class Residency:
         gone = [k for k in keys if k not in self.restored]
         self.elsewhere.difference_update(gone)
         self._forget(gone)
+
+    def done(self, op: Op, keys: list[bytes], failed: Sequence[int], unsure: Sequence[int]) -> None:
+        """A job's outcome, whichever its op: ``store_done`` or ``load_done``."""
+        if op == Op.STORE:
+            self.store_done(keys, failed, unsure)
+        else:
+            self.load_done(keys)
 
     def load_done(self, keys: list[bytes]) -> None:
         _release(self.loading, keys)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from . import block_io
+from .codes import ErrorCode
 from .jobs import Counters
+from .ledger import Ledger
+from .messages import Completion, Op, Task
 from .pool import WorkerPool
 from .recovery import BOOT_SECONDS, BOOTING_AT_ONCE, CLAIM_SETTLE_SECONDS, Recovery, Settling
 
@@ -67,6 +70,37 @@ def still_claiming(pool: WorkerPool, settling: Settling) -> bool:
                     CLAIM_SETTLE_SECONDS,
                 )
     return bool(claiming)  # a killed worker's death arrives through poll, and settling goes on
+
+
+def settle(
+    pool: WorkerPool,
+    ledger: Ledger,
+    recovery: Recovery,
+    settling: Settling,
+    fold: Callable[[Completion], None],
+    fail: Callable[[int, ErrorCode, str], None],
+) -> tuple[list[bytes], list[Task]]:
+    """No live worker is claiming any more: fold in what was completed meanwhile, and find what the dead held.
+
+    Tasks lost for the second time ``fail``; returns the keys of the lost stores (whose writers may have left
+    temp files) and the tasks to send again, once.
+    """
+    held = pool.held()
+    for completion in pool.results.read():  # after the slots: a completion is written before its slot clears
+        fold(completion)
+    lost = sorted(seq for seq in settling.suspects if seq in ledger.tasks and seq not in held)
+    if all(settling.overdue):  # only workers killed for a deadline died: whatever they held timed out
+        recovery.timed_out.update(lost)
+    verdict = recovery.lost(lost)
+    recovery.timed_out.difference_update(verdict.retry)  # the loss that fails a task names its code
+    reason = "; ".join(settling.reasons)
+    stores = ledger.stored_keys(lost, Op.STORE)  # a lost sweep is sent again itself
+    retry = [ledger.task(seq) for seq in verdict.retry]
+    for seq in verdict.fail:
+        fail(seq, recovery.failure_code(seq), f"{reason}; the task had already been retried once")
+    if lost:
+        log.warning("%d tasks lost to a death: %d sent again, %d failed", len(lost), len(retry), len(verdict.fail))
+    return stores, retry
 
 
 def restart_due(pool: WorkerPool, recovery: Recovery, counts: Counters, now: float) -> bool:

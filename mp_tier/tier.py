@@ -23,16 +23,13 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgspec
-
 from .config import TierConfig
 from .errors import TierBroken, TierClosed
 from .jobs import JobMetadata, JobResult, TierEvent, TierStats
-from .layout import BlockLayout
 from .messages import Op
 from .reentry import entered, inside_a_call
 from .validation import checked_job, checked_keys, checked_timeout
-from .wiring import Parts, build
+from .wiring import build, configured, teardown
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +66,13 @@ class FileSystemTierManager:
         """``namespace`` names the directory under ``root_dir`` that holds the blocks; by default a name that
         describes the run (block size, and model, dtype and parallel layout from ``offloading_spec``)."""
         self._pid = os.getpid()  # the process the tier belongs to
-        overrides = {
-            "root_dir": root_dir,
-            "n_read_workers": n_read_workers if n_read_workers is not None else n_read_threads,
-            "n_write_workers": n_write_workers if n_write_workers is not None else n_write_threads,
-            "engine": engine,
-        }
-        config = msgspec.structs.replace(config or TierConfig(), **{k: v for k, v in overrides.items() if v is not None})
-        if not config.root_dir:
-            raise ValueError("root_dir is required (argument or TierConfig.root_dir)")
+        read_workers = n_read_workers if n_read_workers is not None else n_read_threads
+        write_workers = n_write_workers if n_write_workers is not None else n_write_threads
+        config = configured(config, root_dir=root_dir, n_read_workers=read_workers, n_write_workers=write_workers, engine=engine)
         parts = build(config, primary_kv_view, offloading_spec, namespace)
         self.config = config
         self.tier_type = tier_type
+        self.layout = parts.layout  # where blocks live (``block_path``): fixed for the tier's life
         self.direct = parts.direct  # O_DIRECT in use
         self.num_blocks = parts.num_blocks
         self.block_bytes = parts.block_bytes
@@ -90,15 +82,10 @@ class FileSystemTierManager:
         self._lock = threading.RLock()  # one caller at a time (waiters sleep without it); the finalizer takes it too
         self._shutdown_asked = False  # by a signal handler inside a call: the next call shuts the tier down
         self._waiters = 0  # threads asleep in wait()/drain()
-        self._finalizer = weakref.finalize(self, _teardown, parts, self._lock, config.stop_timeout, self._pid)
+        self._finalizer = weakref.finalize(self, teardown, parts, self._lock, config.stop_timeout, self._pid)
         _tiers.add(self)
         with self._lock:
             self._core.start()
-
-    @property
-    def layout(self) -> BlockLayout:
-        """Where blocks live (``block_path``)."""
-        return self._core.layout
 
     # -- submitting ---------------------------------------------------------
 
@@ -316,26 +303,3 @@ class FileSystemTierManager:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _teardown(parts: Parts, lock: threading.RLock, stop_timeout: float, pid: int) -> None:
-    """A tier's end, run once: by shutdown(), when the tier broke, or as the finalizer of a tier dropped (or
-    left at interpreter exit) without shutdown. Stops the workers, sweeps, closes the tier's fds.
-
-    It takes the tier's lock, so a thread still using the tier at interpreter exit is never cut off inside
-    a call; a thread that holds the lock past ``stop_timeout`` does not hold up the exit.
-    """
-    if os.getpid() != pid:
-        return
-    core = parts.core
-    locked = lock.acquire(timeout=stop_timeout)
-    try:
-        core.shutdown(stop_timeout)
-    finally:
-        if locked:
-            lock.release()
-    core.sweep_leftovers()  # file-system work: outside the lock (calls meanwhile find the tier stopped)
-    for fd in parts.fds:
-        os.close(fd)
-    parts.release()
-    log.debug("tier down: %s", core.layout.base)

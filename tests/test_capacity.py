@@ -415,7 +415,7 @@ def test_a_probe_that_crossed_a_deletion_is_not_believed():
     for other in (a, b):
         residency.commit(Op.STORE, [other], admission := residency.prepare(Op.STORE, [other]))
         residency.store_done([other], [])
-        residency.evicted(admission.victims, [])
+        residency.evicted(admission.victims, [], None)
     assert key not in residency.capacity and TierEvent("removed", (key,)) in residency.take_events()
     assert residency.lookup_many([key]) == ([False], [])  # the first probe is still out
     residency.probed([key], [])  # it saw the file before the eviction deleted it
