@@ -33,7 +33,7 @@ from .messages import Completion, Op
 from .pool import WorkerPool, poll_ms
 from .recovery import RESTART_RECHECK_SECONDS, Recovery, Settling
 from .residency import Residency
-from .supervision import begin, kill_overdue, record_deaths, restart_due, settle, still_claiming
+from .supervision import kill_overdue, record_deaths, restart_due, settle, still_claiming
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,9 @@ class Coordinator:
 
     # -- queries -----------------------------------------------------------------
 
-    def snapshot(self, running: bool) -> TierStats:
+    def snapshot(self) -> TierStats:
         """The counters, and the state of the tier now (no worker counts once it stopped)."""
-        pool, residency = self.pool, self.residency
+        pool, residency, running = self.pool, self.residency, not self.stopping
         return TierStats(
             **msgspec.structs.asdict(self.counts),
             blocks_evicted=residency.blocks_evicted,
@@ -272,12 +272,7 @@ class Coordinator:
     # -- deaths ------------------------------------------------------------------
 
     def _on_deaths(self, dead: list[int]) -> None:
-        deaths = record_deaths(self.pool, self.recovery, dead, self.task_timeout, self.start_timeout)
-        if self.settling is None:
-            self.settling = begin(self.pool, self.ledger.tasks, deaths)
-        else:
-            self.settling.reasons.extend(deaths.reasons)
-            self.settling.overdue.extend(deaths.overdue)
+        self.settling = record_deaths(self.pool, self.recovery, dead, self.settling, self.ledger.tasks, self.task_timeout, self.start_timeout)
 
     def _settle(self) -> None:
         settling = self.settling

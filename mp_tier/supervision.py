@@ -28,9 +28,18 @@ from .recovery import BOOT_SECONDS, BOOTING_AT_ONCE, CLAIM_SETTLE_SECONDS, Recov
 log = logging.getLogger(__name__)
 
 
-def record_deaths(pool: WorkerPool, recovery: Recovery, dead: list[int], task_timeout: float, start_timeout: float) -> Settling:
-    """Forget the dead workers and schedule their replacements; what settling them takes, if none is being settled
-    (its ``queued`` and ``suspects`` are filled in only then, by ``begin``)."""
+def record_deaths(
+    pool: WorkerPool,
+    recovery: Recovery,
+    dead: list[int],
+    settling: Settling | None,
+    tasks: Collection[int],
+    task_timeout: float,
+    start_timeout: float,
+) -> Settling:
+    """Forget the dead workers and schedule their replacements; returns the death being settled, ``settling``
+    with these deaths added, or a new one: the pipes held, and what they still held taken back (every other
+    task of ``tasks`` may have been a dead worker's)."""
     now = time.monotonic()
     reasons, overdue = [], []
     for index in dead:
@@ -47,14 +56,13 @@ def record_deaths(pool: WorkerPool, recovery: Recovery, dead: list[int], task_ti
         delay = recovery.died(index, starting, now, reason, pool.serving())
         log.warning("%s%s; replacing it in %.2f s", reason, " while starting" if starting else "", delay)
         reasons.append(reason)
-    return Settling([], set(), now + CLAIM_SETTLE_SECONDS, reasons, overdue)
-
-
-def begin(pool: WorkerPool, tasks: Collection[int], deaths: Settling) -> Settling:
-    """Hold the pipes: take back what they still hold; every other task in the ledger may have been the dead one's."""
+    if settling is not None:
+        settling.reasons.extend(reasons)
+        settling.overdue.extend(overdue)
+        return settling
     queued = pool.reclaim()
     taken = {task.seq for task in queued}
-    return deaths._replace(queued=queued, suspects={seq for seq in tasks if seq not in taken})
+    return Settling(queued, {seq for seq in tasks if seq not in taken}, now + CLAIM_SETTLE_SECONDS, reasons, overdue)
 
 
 def still_claiming(pool: WorkerPool, settling: Settling) -> bool:

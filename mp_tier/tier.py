@@ -125,10 +125,9 @@ class FileSystemTierManager:
             self._check_owner()
             if not self._core.stopping:
                 self._pump()
-            core = self._core
-            if (broken := core.broken()) and not core.finished:
+            if (broken := self._core.broken()) and not self._core.finished:
                 raise TierBroken(broken)
-            finished, core.finished = core.finished, []
+            finished, self._core.finished = self._core.finished, []
             return finished
 
     def _pump(self) -> None:
@@ -156,9 +155,8 @@ class FileSystemTierManager:
 
         It also waits for the tier's own housekeeping, so the workers are idle after it.
         """
-        core = self._core
-        if not self._block_until(core.idle, timeout):
-            raise TimeoutError(f"{core.jobs_active()} jobs still active after {timeout} s")
+        if not self._block_until(self._core.idle, timeout):
+            raise TimeoutError(f"{self._core.jobs_active()} jobs still active after {timeout} s")
 
     def _block_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         limit = checked_timeout(timeout)
@@ -206,15 +204,13 @@ class FileSystemTierManager:
     def lookup_many(self, keys: Sequence[bytes], *, probe: bool = True) -> list[bool | None]:
         """``lookup`` for many keys at once, from memory only: it never waits for a disk.
 
-        True for blocks this tier stored, found at start, or learned of; None
-        for blocks with a store in flight; False otherwise. Keys it answers
-        False are also probed on disk by a worker in the background (at most
-        256 keys at a time, the rest by a later call; probes do not count in
-        ``max_queued_tasks``), so a block another instance sharing the root
-        wrote is answered True once that probe's completion has been read (by
-        any later ``get_finished``, ``wait`` or ``drain``). A block another instance deleted is forgotten
-        when a load of it fails. ``probe=False`` is for a caller that looks on
-        disk itself (``lookup``) for the keys it is told are False.
+        True for blocks this tier stored, found at start, or learned of; None for blocks with a store in
+        flight; False otherwise. Keys it answers False are also probed on disk by a worker in the background
+        (at most 256 keys at a time, the rest by a later call; probes do not count in ``max_queued_tasks``),
+        so a block another instance sharing the root wrote is answered True once that probe's completion has
+        been read (by any later ``get_finished``, ``wait`` or ``drain``). A block another instance deleted is
+        forgotten when a load of it fails. ``probe=False`` is for a caller that looks on disk itself
+        (``lookup``) for the keys it is told are False.
         """
         keys = checked_keys(keys)
         with entered(self._lock):
@@ -244,10 +240,10 @@ class FileSystemTierManager:
     def stats(self) -> TierStats:
         """Counters since construction, and the tier's state now; also from a signal handler."""
         if inside_a_call(self._lock):  # a handler that interrupted a call: read, change nothing
-            return self._core.snapshot(running=not self._core.stopping)
+            return self._core.snapshot()
         with self._lock:
             self._check_owner()
-            return self._core.snapshot(running=not self._core.stopping)
+            return self._core.snapshot()
 
     def worker_pids(self, *, ready: bool = False) -> list[int]:
         """Pids of the live worker processes ([] for threads); ``ready``: only those past their start-up."""
@@ -275,10 +271,9 @@ class FileSystemTierManager:
     def shutdown(self) -> None:
         """Stop the workers; every unfinished job gets a ``cancelled`` result (ECANCELED).
 
-        Tasks no worker has taken are cancelled at once; tasks in progress get
-        ``stop_timeout`` seconds to finish. Idempotent, and a no-op in a forked child.
-        From a signal handler that interrupted another call of the tier, it only asks: the tier's next
-        call (or its finalizer) shuts it down.
+        Tasks no worker has taken are cancelled at once; tasks in progress get ``stop_timeout`` seconds to
+        finish. Idempotent, and a no-op in a forked child. From a signal handler that interrupted another
+        call of the tier, it only asks: the tier's next call (or its finalizer) shuts it down.
         """
         if os.getpid() != self._pid:
             return
