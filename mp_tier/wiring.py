@@ -1,4 +1,5 @@
-"""Building a tier's parts from its settings: the memory, the namespace, the I/O mode, the workers.
+"""Building a tier's parts from its settings (the memory, the namespace, the I/O mode, the workers), and
+taking them down at its end.
 
 Every step that can fail runs here, before the tier exists; a failure
 closes whatever fds the steps before it opened and starts no worker that
