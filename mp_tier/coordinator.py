@@ -5,30 +5,35 @@ has come due (completions, worker deaths, a death being settled, delayed
 restarts, task deadlines) and never blocks. Decisions come from plain
 objects: the ``ledger`` (jobs and tasks), ``residency`` (what is on disk and
 pinned) and ``recovery`` (what a death means); the coordinator applies them
-to the ``pool``.
+to the ``pool`` (deaths and deadlines through ``supervision``).
 
-A death is settled in steps across pumps, never by waiting: the pipes are
-emptied and held, and once no live worker is between reading a task and
-naming it (see ``slots``), every task that had left a pipe is named by a
-live worker, complete, or was the dead one's. Those are sent again once
-(a second loss fails the job), then the pipes flow again.
+It owns the submit path (check, prepare, plan, commit, send) and answers
+the tier's queries from memory; the one look on disk it leaves the tier to
+run outside the lock (``lookup``, then ``on_disk``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import cast
+from contextlib import AbstractContextManager
+from typing import Any, cast
+
+import msgspec
 
 from . import block_io
 from .codes import ErrorCode
-from .jobs import Counters, JobResult, TierStats
-from .layout import BlockLayout, BlockPath
+from .config import TierConfig
+from .errors import Refused
+from .host_root import HostRoot, Look
+from .jobs import Counters, JobResult, TierEvent, TierStats
+from .layout import BlockPath
 from .ledger import Job, Ledger, Plan
 from .messages import Completion, Op
-from .pool import WorkerPool
-from .recovery import BOOT_SECONDS, BOOTING_AT_ONCE, CLAIM_SETTLE_SECONDS, RESTART_RECHECK_SECONDS, Recovery, Settling
+from .pool import WorkerPool, poll_ms
+from .recovery import RESTART_RECHECK_SECONDS, Recovery, Settling
 from .residency import Residency
+from .supervision import kill_overdue, record_deaths, restart_due, settle, still_claiming
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +41,18 @@ log = logging.getLogger(__name__)
 class Coordinator:
     """Jobs in, results out, workers kept alive; the tier's lock is held around every call."""
 
-    def __init__(
-        self,
-        pool: WorkerPool,
-        residency: Residency,
-        layout: BlockLayout,
-        root: int,
-        group_sizes: dict[Op, int],
-        task_timeout: float,
-        start_timeout: float,
-    ):
+    def __init__(self, pool: WorkerPool, residency: Residency, root: HostRoot, config: TierConfig):
         self.pool = pool
         self.ledger = Ledger()
         self.residency = residency
         self.recovery = Recovery()
-        self.layout = layout
-        self.root = root  # the namespace directory's fd, for the host's own sweep at stop
+        self.root = root  # the host's fd of the namespace directory, for lookups and the sweep at stop
         self.leftovers: list[BlockPath] = []  # after stop: blocks beside which stores cut short may have left temp files
-        self.group_sizes = group_sizes  # workers a job of each kind is split over
-        self.task_timeout = task_timeout  # seconds a worker may hold a task; 0 = no deadline
-        self.start_timeout = start_timeout  # seconds a worker may take to become ready
-        self._deadline_every = min(1.0, start_timeout / 4, task_timeout / 4 if task_timeout else 1.0)  # seconds between checks
+        self.group_sizes = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}  # workers a job is split over
+        self.max_queued_tasks = config.max_queued_tasks
+        self.task_timeout = config.task_timeout  # seconds a worker may hold a task; 0 = no deadline
+        self.start_timeout = config.start_timeout  # seconds a worker may take to become ready
+        self._deadline_every = min(1.0, self.start_timeout / 4, self.task_timeout / 4 if self.task_timeout else 1.0)  # seconds between checks
         self.finished: list[JobResult] = []  # results not yet handed to get_finished()
         self.counts = Counters()
         self.tasks_by_worker = [0] * len(pool.specs)  # job tasks each worker slot completed
@@ -65,6 +61,35 @@ class Coordinator:
         self._next_deadline_check = time.monotonic()
 
     # -- sending -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """The first housekeeping: sweep what dead writers left, then count what the root holds."""
+        self.housekeeping(Op.SWEEP, [])
+        self.housekeeping(Op.SCAN, [])
+
+    def submit(self, op: Op, job_id: int, keys: list[bytes], block_ids: list[int]) -> JobResult | None:
+        """Send a checked job; a result made at once instead (a refusal, or a job with no blocks), else None.
+
+        Raises ValueError (the job id still active, a frame overflow) before anything changes.
+        """
+        if job_id in self.ledger.jobs:
+            raise ValueError(f"job_id {job_id} is still active")
+        if not keys:
+            self.counts.add_job(op == Op.STORE, True, 0)
+            return JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0)
+        try:
+            limit = self.max_queued_tasks
+            if limit and self.pool.backlog(op) - (op == Op.STORE) * self.ledger.in_flight[Op.PROBE] >= limit:  # probes: a bounded few
+                raise Refused("EAGAIN", f"{limit} tasks already wait on the host (max_queued_tasks)")
+            admission = self.residency.prepare(op, keys)
+        except Refused as refused:
+            return JobResult(
+                job_id=job_id, success=False, successful_keys=(), transfer_size=0, transfer_time=0.0, error=str(refused), error_code=refused.code
+            )
+        plan = self.ledger.plan(Job(job_id, op, keys, block_ids, admission.victims), self.ledger.spread(op, self.group_sizes[op]))
+        self.residency.commit(op, keys, admission)
+        self.send(plan)
+        return None
 
     def send(self, plan: Plan) -> None:
         """Commit a plan and queue its frames; cannot fail."""
@@ -78,30 +103,72 @@ class Coordinator:
         job = Job(None, op, keys, [], evict or [])
         self.send(self.ledger.plan(job, len(self.pool.specs)))
 
-    def snapshot(self, running: bool) -> TierStats:
+    # -- queries -----------------------------------------------------------------
+
+    def snapshot(self) -> TierStats:
         """The counters, and the state of the tier now (no worker counts once it stopped)."""
-        counts, pool = self.counts, self.pool
+        pool, residency, running = self.pool, self.residency, not self.stopping
         return TierStats(
-            jobs_stored=counts.jobs_stored,
-            jobs_loaded=counts.jobs_loaded,
-            jobs_failed=counts.jobs_failed,
-            bytes_stored=counts.bytes_stored,
-            bytes_loaded=counts.bytes_loaded,
-            blocks_skipped=counts.blocks_skipped,
-            blocks_evicted=self.residency.blocks_evicted,
-            files_removed=counts.files_removed,
-            foreign_entries=counts.foreign_entries,
-            workers_restarted=counts.workers_restarted,
-            tasks_timed_out=counts.tasks_timed_out,
-            spawns_failed=counts.spawns_failed,
+            **msgspec.structs.asdict(self.counts),
+            blocks_evicted=residency.blocks_evicted,
             jobs_active=len(self.ledger.jobs),
-            bytes_counted=self.residency.capacity.used_bytes,
-            blocks_seen_elsewhere=len(self.residency.elsewhere),
+            bytes_counted=residency.capacity.used_bytes,
+            blocks_seen_elsewhere=len(residency.elsewhere),
             tasks_queued=pool.backlog(Op.LOAD) + pool.backlog(Op.STORE),
             workers_alive=len(pool.live()) if running else 0,
             workers_starting=sum(map(pool.slots.starting, pool.live())) if running else 0,
             tasks_by_worker=tuple(self.tasks_by_worker),
         )
+
+    def jobs_active(self) -> int:
+        return len(self.ledger.jobs)
+
+    def idle(self) -> bool:
+        """No task out, the tier's own housekeeping included."""
+        return not self.ledger.tasks
+
+    def broken(self) -> str | None:
+        """Why the tier broke, once it has."""
+        return self.recovery.broken
+
+    def worker_pids(self, ready: bool) -> list[int]:
+        """Pids of the live worker processes; ``ready``: only those past their start-up."""
+        if self.stopping:
+            return []
+        pool = self.pool
+        return [pid for i in pool.live() if (pid := pool.pid_of(i)) is not None and not (ready and pool.slots.starting(i))]
+
+    def sleep(self, deadline: float | None) -> tuple[list[tuple[int, int]], int | None] | None:
+        """What a waiter sleeps on: the pool's fds, and the ms until ``deadline`` or the pump's next timed work
+        (None: no limit); None once ``deadline`` has passed."""
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return None
+        ends = [t for t in (deadline, self._next_wakeup()) if t is not None]
+        return self.pool.wait_fds(), poll_ms(min(ends) - now if ends else None)
+
+    def lookup(self, key: bytes) -> Look | None:
+        """None while a store of ``key`` is in flight; else what ``on_disk`` needs, to call outside the lock."""
+        return None if key in self.residency.storing else self.root.look(self.residency.namespace)
+
+    def on_disk(self, look: Look, key: bytes, lock: AbstractContextManager[Any]) -> bool:
+        """Outside the tier's lock (taken only to follow a namespace directory made again): is the block on disk."""
+        return self.root.has_block(look, key, lock, lambda: self.stopping)
+
+    def lookup_many(self, keys: list[bytes], probe: bool) -> list[bool | None]:
+        """Answers from memory; keys answered False are probed on disk by a worker in the background (``probe``)."""
+        answers, unknown = self.residency.lookup_many(keys)
+        if unknown and probe:
+            self.residency.probe_sent(unknown)
+            self.housekeeping(Op.PROBE, unknown)
+        return answers
+
+    def touch(self, keys: list[bytes]) -> None:
+        if counted := self.residency.touch(keys):
+            self.housekeeping(Op.TOUCH, counted)
+
+    def take_events(self) -> list[TierEvent]:
+        return self.residency.take_events()
 
     def deliver(self, result: JobResult) -> None:
         if not result.success:
@@ -122,12 +189,12 @@ class Coordinator:
         if self.settling is not None:
             self._settle()
         now = time.monotonic()
-        if self.recovery.restart_at and self.settling is None:
-            self._restart_due(now)
+        if self.recovery.restart_at and self.settling is None and restart_due(self.pool, self.recovery, self.counts, now):
+            self.break_tier()
         if now >= self._next_deadline_check:
             self._enforce_deadlines(now)
 
-    def next_wakeup(self) -> float | None:
+    def _next_wakeup(self) -> float | None:
         """When the pump has timed work to do (a settle deadline, a restart, a deadline check), or None."""
         restart = self.recovery.next_restart()
         # a restart still due after a pump waits for a boot to end, which nothing signals: look again soon
@@ -155,10 +222,7 @@ class Coordinator:
             log.warning("housekeeping (%s) failed in worker %d: %s", job.op.name, completion.worker, completion.error)
         if job.evict:
             victims = job.evict[ref.first : ref.first + ref.blocks]
-            kept = [victims[i] for i in completion.kept]
-            if kept:
-                log.warning("%d evicted blocks were not deleted and stay counted: %s", len(kept), completion.error)
-            self.residency.evicted(victims, kept)
+            self.residency.evicted(victims, [victims[i] for i in completion.kept], completion.error)
         if completion.worker >= 0 and job.job_id is not None:
             self.tasks_by_worker[completion.worker] += 1
         counts = self.counts
@@ -180,14 +244,9 @@ class Coordinator:
             elif job.op == Op.PROBE:
                 residency.probed(job.keys, job.failed)
             return
-        if job.op == Op.STORE:
-            residency.store_done(job.keys, job.failed, job.unsure)
-        else:
-            residency.load_done(job.keys)
-        successful_keys = None
-        if job.failed:
-            failed = set(job.failed)
-            successful_keys = tuple(k for i, k in enumerate(job.keys) if i not in failed)
+        residency.done(job.op, job.keys, job.failed, job.unsure)
+        failed = set(job.failed)
+        successful_keys = tuple(k for i, k in enumerate(job.keys) if i not in failed) if failed else None
         self.counts.add_job(job.op == Op.STORE, not job.failed, job.nbytes)
         self.deliver(
             JobResult(
@@ -213,61 +272,15 @@ class Coordinator:
     # -- deaths ------------------------------------------------------------------
 
     def _on_deaths(self, dead: list[int]) -> None:
-        now = time.monotonic()
-        reasons, overdue = [], []
-        for index in dead:
-            # killed for start_timeout as it became ready: still a death at start, and the kill was for a deadline
-            starting = self.pool.slots.starting(index) or index in self.recovery.stalled_starts
-            reason = self.pool.forget(index)
-            overdue.append(index in self.recovery.overdue_kills or index in self.recovery.stalled_starts)
-            if index in self.recovery.overdue_kills:
-                self.recovery.overdue_kills.discard(index)
-                reason += f"; the tier killed it for holding a task past task_timeout {self.task_timeout:g} s"
-            elif index in self.recovery.stalled_starts:
-                self.recovery.stalled_starts.discard(index)
-                reason += f"; the tier killed it for not starting within start_timeout {self.start_timeout:g} s"
-            delay = self.recovery.died(index, starting, now, reason, self.pool.serving())
-            log.warning("%s%s; replacing it in %.2f s", reason, " while starting" if starting else "", delay)
-            reasons.append(reason)
-        if self.settling is not None:
-            self.settling.reasons.extend(reasons)
-            self.settling.overdue.extend(overdue)
-            return
-        queued = self.pool.reclaim()
-        taken = {task.seq for task in queued}
-        suspects = {seq for seq in self.ledger.tasks if seq not in taken}
-        self.settling = Settling(queued, suspects, now + CLAIM_SETTLE_SECONDS, reasons, overdue)
+        self.settling = record_deaths(self.pool, self.recovery, dead, self.settling, self.ledger.tasks, self.task_timeout, self.start_timeout)
 
     def _settle(self) -> None:
         settling = self.settling
         assert settling is not None
-        if claiming := self.pool.claiming():
-            if time.monotonic() >= settling.deadline:
-                for index in claiming:
-                    if self.pool.kill(index):
-                        log.warning(
-                            "worker %d (pid %s) stayed between reading a task and naming it for %.1f s: killing it",
-                            index,
-                            self.pool.pid_of(index),
-                            CLAIM_SETTLE_SECONDS,
-                        )
-            return  # a killed worker's death arrives through poll, and settling goes on
-        held = self.pool.held()
-        for completion in self.pool.results.read():  # after the slots: a completion is written before its slot clears
-            self.on_completion(completion)
-        lost = sorted(seq for seq in settling.suspects if seq in self.ledger.tasks and seq not in held)
+        if still_claiming(self.pool, settling):
+            return
         self.settling = None
-        if all(settling.overdue):  # only workers killed for a deadline died: whatever they held timed out
-            self.recovery.timed_out.update(lost)
-        verdict = self.recovery.lost(lost)
-        self.recovery.timed_out.difference_update(verdict.retry)  # the loss that fails a task names its code
-        reason = "; ".join(settling.reasons)
-        stores = self.ledger.stored_keys(lost, Op.STORE)  # a lost sweep is sent again itself
-        retry = [self.ledger.task(seq) for seq in verdict.retry]
-        for seq in verdict.fail:
-            self._fail_task(seq, self.recovery.failure_code(seq), f"{reason}; the task had already been retried once")
-        if lost:
-            log.warning("%d tasks lost to a death: %d sent again, %d failed", len(lost), len(retry), len(verdict.fail))
+        stores, retry = settle(self.pool, self.ledger, self.recovery, settling, self.on_completion, self._fail_task)
         if stores:
             self.housekeeping(Op.SWEEP, stores)  # the temp files their writers left
         if self.recovery.broken:
@@ -276,66 +289,15 @@ class Coordinator:
         self.pool.requeue(retry + settling.queued)
         self.pool.resume()
 
-    def _restart_due(self, now: float) -> None:
-        room = BOOTING_AT_ONCE - self.pool.booting(time.monotonic_ns() - int(BOOT_SECONDS * 1e9))
-        for index in self.recovery.due(now, room):
-            try:
-                pid = self.pool.start(index)
-            except OSError as e:
-                reason = f"worker {index} could not start: {block_io.describe(e)[1]}"
-                delay = self.recovery.spawn_failed(index, e, now, reason, self.pool.serving())
-                self.counts.spawns_failed += 1
-                log.log(logging.DEBUG if self.recovery.failed_spawns > 1 else logging.WARNING, "%s; trying again in %.2f s", reason, delay)
-                if self.recovery.broken:
-                    self.break_tier()
-                    return
-                continue
-            failed = self.recovery.spawned()
-            self.counts.workers_restarted += 1
-            log.warning("worker %d replaced: pid %s%s", index, pid, f", after {failed} spawns failed for lack of a resource" if failed else "")
-
     def _enforce_deadlines(self, now: float) -> None:
-        """Kill the workers that hold a task past task_timeout, or are still starting past start_timeout."""
+        """Fail the waiting jobs if no worker could be started for start_timeout; kill the overdue workers."""
         self._next_deadline_check = now + self._deadline_every
-        now_ns = time.monotonic_ns()
-        task_overdue = now_ns - int(self.task_timeout * 1e9) if self.task_timeout else None
-        start_overdue = now_ns - int(self.start_timeout * 1e9)
-        recovery = self.recovery
-        if (shortage := recovery.unserved(now, bool(self.pool.live()), self.start_timeout)) and self.settling is None:
+        if (shortage := self.recovery.unserved(now, bool(self.pool.live()), self.start_timeout)) and self.settling is None:
             code, why = block_io.describe(shortage)  # a SHORTAGES errno: listed in codes
             for task in self.pool.reclaim():  # no worker process: every task is in a pipe
                 self._fail_task(task.seq, cast(ErrorCode, code), f"no worker could be started for {self.start_timeout:g} s (start_timeout): {why}")
             self.pool.resume()
-        for index in self.pool.live():
-            if index in recovery.overdue_kills or index in recovery.stalled_starts:
-                continue  # killed already; a process in uninterruptible I/O dies when the I/O returns
-            started = self.pool.slots.starting_since(index)
-            if started is not None:
-                if started < start_overdue and self.pool.kill(index):
-                    recovery.stalled_starts.add(index)
-                    log.warning(
-                        "worker %d (pid %s) did not start within start_timeout %g s: killing it",
-                        index,
-                        self.pool.pid_of(index),
-                        self.start_timeout,
-                    )
-                continue
-            if task_overdue is None:
-                continue
-            late = [seq for seq, named_at in self.pool.slots.held(index) if named_at < task_overdue and seq in self.ledger.tasks]
-            claimed = self.pool.slots.claimed_since(index)
-            stuck = claimed is not None and claimed < task_overdue  # stopped between reading a task and naming it
-            if (late or stuck) and self.pool.kill(index):
-                recovery.timed_out.update(late)
-                recovery.overdue_kills.add(index)
-                self.counts.tasks_timed_out += len(late) or 1
-                log.warning(
-                    "worker %d (pid %s) held %s for more than task_timeout %g s: killing it",
-                    index,
-                    self.pool.pid_of(index),
-                    f"task {late[0]}" if late else "a task it had not named yet",
-                    self.task_timeout,
-                )
+        kill_overdue(self.pool, self.recovery, self.ledger.tasks, self.counts, self.task_timeout, self.start_timeout)
 
     # -- the end -----------------------------------------------------------------
 
@@ -372,7 +334,7 @@ class Coordinator:
         for why in self.pool.stop(timeout, self.on_completion):
             log.warning("%s at stop", why)
         cut_short = [seq for seq in self.pool.held_at_stop() if seq in self.ledger.tasks]  # only these can have begun
-        self.leftovers = [self.layout.locate(key) for key in set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ())]
+        self.leftovers = [self.root.layout.locate(key) for key in set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ())]
         for seq in list(self.ledger.tasks):
             self._fail_task(seq, code, reason)
         self.pool.close()
@@ -381,7 +343,4 @@ class Coordinator:
         """Once, after ``stop`` and outside the tier's lock: remove the temp files of the stores it cut short."""
         beside, self.leftovers = self.leftovers, []
         if beside:
-            try:
-                self.counts.files_removed += block_io.remove_stale_temps(self.root, beside)[0]
-            except OSError as e:
-                log.warning("sweeping temp files at stop failed: %s", block_io.describe(e)[1])
+            self.counts.files_removed += self.root.sweep(beside)

@@ -1,7 +1,7 @@
 """What the tier believes is on disk, and what must not be disturbed while a worker uses it.
 
-Hooks around every transfer, as vLLM's FS evictor has: ``prepare_*``
-decides (and may refuse) without changing anything, ``commit_*`` records a
+Hooks around every transfer, as vLLM's FS evictor has: ``prepare``
+decides (and may refuse) without changing anything, ``commit`` records a
 job that is sure to go out, and ``*_done`` folds in its outcome. Keys of
 loads and stores in flight are pinned: they are never chosen as victims. A
 store of a block whose eviction is still in flight is refused (EBUSY)
@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from .capacity import Admission, CapacityIndex
 from .errors import Refused
 from .jobs import TierEvent
+from .messages import Op
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 # from memory and probed by a later lookup, so a lookup of 200,000 unknown keys queues about a dozen tasks
 # ahead of the jobs, not thousands.
 PROBES_IN_FLIGHT = 256
+_NOTHING = Admission([], False)  # what a load takes from the budget
 
 
 def _pin(counts: dict[bytes, int], keys: list[bytes]) -> None:
@@ -63,20 +65,30 @@ class Residency:
         self.events: list[TierEvent] | None = [] if events else None  # None: events are off
         self.blocks_evicted = 0
 
-    # -- stores --------------------------------------------------------------
+    # -- a job going out -------------------------------------------------------
 
-    def prepare_store(self, keys: list[bytes]) -> Admission:
-        """What makes room for ``keys``; raises Refused (EBUSY, ENOSPC), changing nothing."""
+    def prepare(self, op: Op, keys: list[bytes]) -> Admission:
+        """What a job of ``op`` takes: room for a store's ``keys`` (a load's need none); raises Refused
+        (EBUSY, ENOSPC), changing nothing."""
+        if op == Op.LOAD:
+            return _NOTHING
         if self.evicting and (busy := next((k for k in keys if k in self.evicting), None)):
             # its old file may still be unlinked after a new one is written: refuse rather than lose it
             raise Refused("EBUSY", f"block {busy.hex()} is being evicted; store it again later")
         return self.capacity.admission(keys, (self.loading, self.storing))
 
-    def commit_store(self, keys: list[bytes], admission: Admission) -> None:
+    def commit(self, op: Op, keys: list[bytes], admission: Admission) -> None:
+        """The job ``prepare`` took is sure to go out: count a store's blocks in, refresh a load's; pin them."""
+        if op == Op.LOAD:
+            self.capacity.refresh(keys)
+            _pin(self.loading, keys)
+            return
         self.capacity.admit(keys, admission)
         if admission.victims:
             self._removed(admission.victims)
         _pin(self.storing, keys)
+
+    # -- stores --------------------------------------------------------------
 
     def store_done(self, keys: list[bytes], failed: Sequence[int], unsure: Sequence[int] = ()) -> None:
         """Unpin; a block a worker failed to store stops counting, unless another store of it is in flight.
@@ -95,8 +107,8 @@ class Residency:
             if stored:
                 self.events.append(TierEvent("stored", stored))
 
-    def evicted(self, victims: list[bytes], kept: list[bytes]) -> None:
-        """The task that carried these unlinks has run; ``kept`` files could not be deleted.
+    def evicted(self, victims: list[bytes], kept: list[bytes], error: str | None) -> None:
+        """The task that carried these unlinks has run; ``kept`` files could not be deleted (for ``error``).
 
         Those count again, as just used, so the disk never holds more than is
         counted and the next stores make room among the other blocks; the
@@ -104,6 +116,7 @@ class Residency:
         """
         _release(self.evicting, victims)
         if kept:
+            log.warning("%d evicted blocks were not deleted and stay counted: %s", len(kept), error)
             self.capacity.touch(kept)
             self.blocks_evicted -= len(kept)
         if self.events is not None and (gone := tuple(k for k in victims if k not in kept)):
@@ -111,16 +124,19 @@ class Residency:
 
     # -- loads ---------------------------------------------------------------
 
-    def commit_load(self, keys: list[bytes]) -> None:
-        self.capacity.refresh(keys)
-        _pin(self.loading, keys)
-
     def missing(self, keys: list[bytes]) -> None:
         """A load found no file for these blocks (another instance deleted them, say): stop counting them,
         so lookups stop answering True, unless a store of them landed or is in flight since."""
         gone = [k for k in keys if k not in self.restored]
         self.elsewhere.difference_update(gone)
         self._forget(gone)
+
+    def done(self, op: Op, keys: list[bytes], failed: Sequence[int], unsure: Sequence[int]) -> None:
+        """A job's outcome, whichever its op: ``store_done`` or ``load_done``."""
+        if op == Op.STORE:
+            self.store_done(keys, failed, unsure)
+        else:
+            self.load_done(keys)
 
     def load_done(self, keys: list[bytes]) -> None:
         _release(self.loading, keys)

@@ -23,20 +23,13 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgspec
-
-from . import block_io
 from .config import TierConfig
-from .coordinator import Coordinator
-from .errors import Refused, TierBroken, TierClosed
+from .errors import TierBroken, TierClosed
 from .jobs import JobMetadata, JobResult, TierEvent, TierStats
-from .ledger import Job
 from .messages import Op
-from .namespace import reopen, replaced
-from .pool import poll_ms
 from .reentry import entered, inside_a_call
 from .validation import checked_job, checked_keys, checked_timeout
-from .wiring import build
+from .wiring import build, configured, teardown
 
 log = logging.getLogger(__name__)
 
@@ -73,39 +66,26 @@ class FileSystemTierManager:
         """``namespace`` names the directory under ``root_dir`` that holds the blocks; by default a name that
         describes the run (block size, and model, dtype and parallel layout from ``offloading_spec``)."""
         self._pid = os.getpid()  # the process the tier belongs to
-        overrides = {
-            "root_dir": root_dir,
-            "n_read_workers": n_read_workers if n_read_workers is not None else n_read_threads,
-            "n_write_workers": n_write_workers if n_write_workers is not None else n_write_threads,
-            "engine": engine,
-        }
-        config = msgspec.structs.replace(config or TierConfig(), **{k: v for k, v in overrides.items() if v is not None})
-        if not config.root_dir:
-            raise ValueError("root_dir is required (argument or TierConfig.root_dir)")
+        read_workers = n_read_workers if n_read_workers is not None else n_read_threads
+        write_workers = n_write_workers if n_write_workers is not None else n_write_threads
+        config = configured(config, root_dir=root_dir, n_read_workers=read_workers, n_write_workers=write_workers, engine=engine)
         parts = build(config, primary_kv_view, offloading_spec, namespace)
         self.config = config
         self.tier_type = tier_type
-        self.layout = parts.layout  # where blocks live (``block_path``)
+        self.layout = parts.layout  # where blocks live (``block_path``): fixed for the tier's life
         self.direct = parts.direct  # O_DIRECT in use
         self.num_blocks = parts.num_blocks
         self.block_bytes = parts.block_bytes
         self._core = parts.core  # the coordinator: everything below it is its
-        self._root = parts.root  # the namespace directory, for lookup()
-        self._root_id = parts.core.residency.namespace  # the directory it holds; the workers' may be newer
-        self._owners = parts.owners  # whose block files count, for lookup()
         self._wake = parts.wake  # rung when a result is made outside a pump
         self._owned_fds = parts.fds  # closed at the end; in a forked child, at once
         self._lock = threading.RLock()  # one caller at a time (waiters sleep without it); the finalizer takes it too
         self._shutdown_asked = False  # by a signal handler inside a call: the next call shuts the tier down
         self._waiters = 0  # threads asleep in wait()/drain()
-        self._broken: str | None = None  # why the tier broke, once it has
-        self._finalizer = weakref.finalize(
-            self, _teardown, parts.core, self._lock, config.stop_timeout, parts.fds, parts.release, self._pid
-        )
+        self._finalizer = weakref.finalize(self, teardown, parts, self._lock, config.stop_timeout, self._pid)
         _tiers.add(self)
         with self._lock:
-            self._core.housekeeping(Op.SWEEP, [])
-            self._core.housekeeping(Op.SCAN, [])
+            self._core.start()
 
     # -- submitting ---------------------------------------------------------
 
@@ -118,42 +98,12 @@ class FileSystemTierManager:
         self._submit(job, Op.LOAD)
 
     def _submit(self, job: JobMetadata, op: Op) -> None:
-        """Check everything and encode the tasks first; only then change state, so a raise changes nothing."""
+        """Check the input first, so a raise changes nothing; the coordinator does the rest."""
         job_id, keys, ids = checked_job(job, op == Op.LOAD, self.num_blocks)
         with entered(self._lock):
             self._check_open()
-            core = self._core
-            if job_id in core.ledger.jobs:
-                raise ValueError(f"job_id {job_id} is still active")
-            if not keys:
-                core.counts.add_job(op == Op.STORE, True, 0)
-                self._deliver(JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0))
-                return
-            try:
-                limit = self.config.max_queued_tasks
-                if limit and core.pool.backlog(op) - (op == Op.STORE) * core.ledger.in_flight[Op.PROBE] >= limit:  # probes: a bounded few
-                    raise Refused("EAGAIN", f"{limit} tasks already wait on the host (max_queued_tasks)")
-                admission = core.residency.prepare_store(keys) if op == Op.STORE else None
-            except Refused as refused:
-                self._deliver(
-                    JobResult(
-                        job_id=job_id,
-                        success=False,
-                        successful_keys=(),
-                        transfer_size=0,
-                        transfer_time=0.0,
-                        error=str(refused),
-                        error_code=refused.code,
-                    )
-                )
-                return
-            ledger = core.ledger
-            plan = ledger.plan(Job(job_id, op, keys, ids, admission.victims if admission else []), ledger.spread(op, core.group_sizes[op]))
-            if admission is not None:
-                core.residency.commit_store(keys, admission)
-            else:
-                core.residency.commit_load(keys)
-            core.send(plan)
+            if (result := self._core.submit(op, job_id, keys, ids)) is not None:
+                self._deliver(result)
 
     def _deliver(self, result: JobResult) -> None:
         """A result made outside a pump (lock held): also wake a thread asleep in wait()."""
@@ -175,16 +125,14 @@ class FileSystemTierManager:
             self._check_owner()
             if not self._core.stopping:
                 self._pump()
-            core = self._core
-            if self._broken and not core.finished:
-                raise TierBroken(self._broken)
-            finished, core.finished = core.finished, []
+            if (broken := self._core.broken()) and not self._core.finished:
+                raise TierBroken(broken)
+            finished, self._core.finished = self._core.finished, []
             return finished
 
     def _pump(self) -> None:
         self._core.pump()
-        if self._core.recovery.broken and self._broken is None:
-            self._broken = self._core.recovery.broken
+        if self._core.broken():
             self._finalizer()  # the workers are stopped already: this closes the tier's fds
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -196,7 +144,7 @@ class FileSystemTierManager:
         """
         core = self._core
         try:
-            return self._block_until(lambda: bool(core.finished) or not core.ledger.jobs, timeout) and bool(core.finished)
+            return self._block_until(lambda: bool(core.finished) or not core.jobs_active(), timeout) and bool(core.finished)
         except TierClosed:
             if core.finished and os.getpid() == self._pid:
                 return True
@@ -207,9 +155,8 @@ class FileSystemTierManager:
 
         It also waits for the tier's own housekeeping, so the workers are idle after it.
         """
-        core = self._core
-        if not self._block_until(lambda: not core.ledger.tasks, timeout):
-            raise TimeoutError(f"{len(core.ledger.jobs)} jobs still active after {timeout} s")
+        if not self._block_until(self._core.idle, timeout):
+            raise TimeoutError(f"{self._core.jobs_active()} jobs still active after {timeout} s")
 
     def _block_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         limit = checked_timeout(timeout)
@@ -220,18 +167,15 @@ class FileSystemTierManager:
                 self._pump()  # may break the tier: then every job has its result, and done() holds
                 if done():
                     return True
-                fds = [*self._core.pool.wait_fds(), (self._wake[0], select.POLLIN)]
-                wakeup = self._core.next_wakeup()
+                if (sleep := self._core.sleep(deadline)) is None:
+                    return False
+                fds, ms = sleep
                 self._waiters += 1
             try:
-                now = time.monotonic()
-                ends = [t for t in (deadline, wakeup) if t is not None]
-                if deadline is not None and now >= deadline:
-                    return False
                 sleeper = select.poll()
-                for fd, events in fds:
+                for fd, events in [*fds, (self._wake[0], select.POLLIN)]:
                     sleeper.register(fd, events)
-                if any(fd == self._wake[0] for fd, _ in sleeper.poll(poll_ms(min(ends) - now if ends else None))):
+                if any(fd == self._wake[0] for fd, _ in sleeper.poll(ms)):
                     with self._lock:  # a shutdown meanwhile (another thread's, a signal handler's) closed the fd
                         if not self._core.stopping:
                             try:
@@ -252,63 +196,33 @@ class FileSystemTierManager:
         the namespace directory is removed or replaced and no worker has made it again yet.
         """
         checked_keys([key])
-        path = self.layout.locate(key)
         with entered(self._lock):
             self._check_open()
-            if key in self._core.residency.storing:
-                return None
-            root = os.dup(self._root)  # this call's own: a shutdown meanwhile closes the tier's
-            current = self._core.residency.namespace
-        try:
-            if current != self._root_id:
-                root = self._follow_namespace(root, current)
-            return not replaced(root, self.layout.base) and block_io.has_block(root, path, self._owners)
-        finally:
-            os.close(root)
-
-    def _follow_namespace(self, root: int, current: tuple[int, int]) -> int:
-        """The workers made the namespace directory again: the tier takes the same one for its own fd (opened
-        outside the lock, and only if it is the directory they checked); returns this lookup's fd."""
-        fresh = reopen(self.layout.base, current)
-        if fresh is None:
-            return root  # replaced once more: the workers' next task makes it again
-        with self._lock:
-            if not self._core.stopping:  # the tier's fds are open until it stops
-                os.dup2(fresh, self._root, inheritable=False)
-                self._root_id = current
-        os.close(root)
-        return fresh
+            look = self._core.lookup(key)
+        return None if look is None else self._core.on_disk(look, key, self._lock)
 
     def lookup_many(self, keys: Sequence[bytes], *, probe: bool = True) -> list[bool | None]:
         """``lookup`` for many keys at once, from memory only: it never waits for a disk.
 
-        True for blocks this tier stored, found at start, or learned of; None
-        for blocks with a store in flight; False otherwise. Keys it answers
-        False are also probed on disk by a worker in the background (at most
-        256 keys at a time, the rest by a later call; probes do not count in
-        ``max_queued_tasks``), so a block another instance sharing the root
-        wrote is answered True once that probe's completion has been read (by
-        any later ``get_finished``, ``wait`` or ``drain``). A block another instance deleted is forgotten
-        when a load of it fails. ``probe=False`` is for a caller that looks on
-        disk itself (``lookup``) for the keys it is told are False.
+        True for blocks this tier stored, found at start, or learned of; None for blocks with a store in
+        flight; False otherwise. Keys it answers False are also probed on disk by a worker in the background
+        (at most 256 keys at a time, the rest by a later call; probes do not count in ``max_queued_tasks``),
+        so a block another instance sharing the root wrote is answered True once that probe's completion has
+        been read (by any later ``get_finished``, ``wait`` or ``drain``). A block another instance deleted is
+        forgotten when a load of it fails. ``probe=False`` is for a caller that looks on disk itself
+        (``lookup``) for the keys it is told are False.
         """
         keys = checked_keys(keys)
         with entered(self._lock):
             self._check_open()
-            residency = self._core.residency
-            answers, unknown = residency.lookup_many(keys)
-            if unknown and probe:
-                residency.probe_sent(unknown)
-                self._core.housekeeping(Op.PROBE, unknown)
-            return answers
+            return self._core.lookup_many(keys, probe)
 
     def touch(self, keys: Sequence[bytes]) -> None:
         """Mark blocks as just used, for LRU eviction; persisted in their files' mtime."""
         keys = checked_keys(keys)
         with entered(self._lock):
             self._check_open()
-            if counted := self._core.residency.touch(keys):
-                self._core.housekeeping(Op.TOUCH, counted)
+            self._core.touch(keys)
 
     def take_events(self) -> list[TierEvent]:
         """Events recorded since the last call (``events = true`` only)."""
@@ -316,7 +230,7 @@ class FileSystemTierManager:
             self._check_owner()
             if not self._core.stopping:
                 self._pump()
-            return self._core.residency.take_events()
+            return self._core.take_events()
 
     def block_path(self, key: bytes) -> str:
         """The file that holds (or would hold) the block of ``key``."""
@@ -326,19 +240,16 @@ class FileSystemTierManager:
     def stats(self) -> TierStats:
         """Counters since construction, and the tier's state now; also from a signal handler."""
         if inside_a_call(self._lock):  # a handler that interrupted a call: read, change nothing
-            return self._core.snapshot(running=not self._core.stopping)
+            return self._core.snapshot()
         with self._lock:
             self._check_owner()
-            return self._core.snapshot(running=not self._core.stopping)
+            return self._core.snapshot()
 
     def worker_pids(self, *, ready: bool = False) -> list[int]:
         """Pids of the live worker processes ([] for threads); ``ready``: only those past their start-up."""
         with entered(self._lock):
             self._check_owner()
-            if self._core.stopping:
-                return []
-            pool = self._core.pool
-            return [pid for i in pool.live() if (pid := pool.pid_of(i)) is not None and not (ready and pool.slots.starting(i))]
+            return self._core.worker_pids(ready)
 
     def _check_owner(self) -> None:
         """The tier belongs to this process; a shutdown a signal handler asked for happens here."""
@@ -349,10 +260,10 @@ class FileSystemTierManager:
             self._finalizer()
 
     def _check_open(self) -> None:
-        if self._broken or self._core.stopping or self._shutdown_asked or os.getpid() != self._pid:  # one test on the submit path
+        if self._core.stopping or self._shutdown_asked or os.getpid() != self._pid:  # one test on the submit path
             self._check_owner()
-            if self._broken:
-                raise TierBroken(self._broken)
+            if broken := self._core.broken():
+                raise TierBroken(broken)
             raise TierClosed("the tier is shut down")
 
     # -- shutdown -----------------------------------------------------------
@@ -360,10 +271,9 @@ class FileSystemTierManager:
     def shutdown(self) -> None:
         """Stop the workers; every unfinished job gets a ``cancelled`` result (ECANCELED).
 
-        Tasks no worker has taken are cancelled at once; tasks in progress get
-        ``stop_timeout`` seconds to finish. Idempotent, and a no-op in a forked child.
-        From a signal handler that interrupted another call of the tier, it only asks: the tier's next
-        call (or its finalizer) shuts it down.
+        Tasks no worker has taken are cancelled at once; tasks in progress get ``stop_timeout`` seconds to
+        finish. Idempotent, and a no-op in a forked child. From a signal handler that interrupted another
+        call of the tier, it only asks: the tier's next call (or its finalizer) shuts it down.
         """
         if os.getpid() != self._pid:
             return
@@ -373,7 +283,6 @@ class FileSystemTierManager:
             return
         with self._lock:
             self._finalizer()  # stops the workers and closes the tier's fds; a no-op once it has run
-
 
     def _abandon_in_child(self) -> None:
         """Right after a fork, in the child: drop every fd and worker of the parent's tier, touching none of them."""
@@ -389,27 +298,3 @@ class FileSystemTierManager:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _teardown(
-    core: Coordinator, lock: threading.RLock, stop_timeout: float, owned: list[int], release: Callable[[], None], pid: int
-) -> None:
-    """A tier's end, run once: by shutdown(), when the tier broke, or as the finalizer of a tier dropped (or
-    left at interpreter exit) without shutdown. Stops the workers, sweeps, closes the tier's fds.
-
-    It takes the tier's lock, so a thread still using the tier at interpreter exit is never cut off inside
-    a call; a thread that holds the lock past ``stop_timeout`` does not hold up the exit.
-    """
-    if os.getpid() != pid:
-        return
-    locked = lock.acquire(timeout=stop_timeout)
-    try:
-        core.shutdown(stop_timeout)
-    finally:
-        if locked:
-            lock.release()
-    core.sweep_leftovers()  # file-system work: outside the lock (calls meanwhile find the tier stopped)
-    for fd in owned:
-        os.close(fd)
-    release()
-    log.debug("tier down: %s", core.layout.base)

@@ -1,4 +1,5 @@
-"""Building a tier's parts from its settings: the memory, the namespace, the I/O mode, the workers.
+"""Building a tier's parts from its settings (the memory, the namespace, the I/O mode, the workers), and
+taking them down at its end.
 
 Every step that can fail runs here, before the tier exists; a failure
 closes whatever fds the steps before it opened and starts no worker that
@@ -9,17 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
+
+import msgspec
 
 from . import block_io
 from .capacity import CapacityIndex
 from .config import FILE_MODES, TierConfig
 from .coordinator import Coordinator
+from .host_root import HostRoot
 from .layout import BlockLayout, namespace_name
 from .memory import buffer_address
-from .messages import Op
-from .namespace import Owners, describe_run, identity, owners_for, prepare_namespace
+from .namespace import describe_run, identity, owners_for, prepare_namespace
 from .pool import WorkerPool
 from .residency import Residency
 from .shared_cache import primary_memory
@@ -31,15 +35,21 @@ log = logging.getLogger(__name__)
 
 class Parts(NamedTuple):
     core: Coordinator
-    layout: BlockLayout
-    root: int  # the namespace directory's fd
-    owners: Owners  # whose block files count
+    layout: BlockLayout  # where blocks live: fixed for the tier's life
     direct: bool  # O_DIRECT in use
     num_blocks: int
     block_bytes: int
     release: Callable[[], None]  # lets go of the cache at the tier's end
     fds: list[int]  # the tier's to close at its end: the namespace, the cache's file, the wake pipe
     wake: tuple[int, int]  # rung when a result is made outside a pump
+
+
+def configured(config: TierConfig | None, **overrides: Any) -> TierConfig:
+    """``config`` (or the defaults) with the constructor's arguments that are not None put over it."""
+    config = msgspec.structs.replace(config or TierConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    if not config.root_dir:
+        raise ValueError("root_dir is required (argument or TierConfig.root_dir)")
+    return config
 
 
 def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namespace: str | None) -> Parts:
@@ -104,10 +114,32 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
         for fd in fds:
             os.close(fd)
         raise
-    groups = {Op.LOAD: config.n_read_workers, Op.STORE: config.n_write_workers}
-    core = Coordinator(pool, Residency(capacity, config.events, identity(root)), layout, root, groups, config.task_timeout, config.start_timeout)
+    core = Coordinator(pool, Residency(capacity, config.events, identity(root)), HostRoot(root, layout, owners), config)
     log.debug("tier up: %s, %d+%d %s, direct=%s", layout.base, config.n_read_workers, config.n_write_workers, config.engine, direct)
-    return Parts(core, layout, root, owners, direct, primary.num_blocks, primary.block_bytes, primary.release, fds, wake)
+    return Parts(core, layout, direct, primary.num_blocks, primary.block_bytes, primary.release, fds, wake)
+
+
+def teardown(parts: Parts, lock: threading.RLock, stop_timeout: float, pid: int) -> None:
+    """A tier's end, run once: by shutdown(), when the tier broke, or as the finalizer of a tier dropped (or
+    left at interpreter exit) without shutdown. Stops the workers, sweeps, closes the tier's fds.
+
+    It takes the tier's lock, so a thread still using the tier at interpreter exit is never cut off inside
+    a call; a thread that holds the lock past ``stop_timeout`` does not hold up the exit.
+    """
+    if os.getpid() != pid:
+        return
+    core = parts.core
+    locked = lock.acquire(timeout=stop_timeout)
+    try:
+        core.shutdown(stop_timeout)
+    finally:
+        if locked:
+            lock.release()
+    core.sweep_leftovers()  # file-system work: outside the lock (calls meanwhile find the tier stopped)
+    for fd in parts.fds:
+        os.close(fd)
+    parts.release()
+    log.debug("tier down: %s", parts.layout.base)
 
 
 def choose_direct(mode: str, block_bytes: int, address: int, root: int, base: str) -> bool:

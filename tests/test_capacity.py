@@ -17,6 +17,7 @@ from mp_tier import JobMetadata, TierConfig
 from mp_tier.capacity import CapacityIndex
 from mp_tier.jobs import TierEvent
 from mp_tier.layout import BLOCK_SUFFIX, TEMP_SUFFIX
+from mp_tier.messages import Op
 from mp_tier.residency import Residency
 
 
@@ -380,19 +381,19 @@ def test_a_store_that_lands_while_a_load_misses_keeps_counting():
     made stale must not uncount the new file (else the budget under-counts the disk)."""
     residency = Residency(CapacityIndex(BLOCK, 8 * BLOCK, evict=True), events=False, namespace=(0, 0))
     key = make_keys(1)[0]
-    residency.commit_load([key])  # the load runs first and finds no file...
-    residency.commit_store([key], residency.prepare_store([key]))
+    residency.commit(Op.LOAD, [key], residency.prepare(Op.LOAD, [key]))  # the load runs first and finds no file...
+    residency.commit(Op.STORE, [key], residency.prepare(Op.STORE, [key]))
     residency.store_done([key], [])  # ...the store's completion arrives first
     residency.missing([key])
     residency.load_done([key])
     assert key in residency.capacity and not residency.restored
-    residency.commit_load([key])  # a later miss, with no store since, is believed
+    residency.commit(Op.LOAD, [key], residency.prepare(Op.LOAD, [key]))  # a later miss, with no store since, is believed
     residency.missing([key])
     residency.load_done([key])
     assert key not in residency.capacity
     residency.probed([key], [])  # another instance wrote it, a probe found it ...
-    residency.commit_load([key])
-    residency.commit_store([key], residency.prepare_store([key]))
+    residency.commit(Op.LOAD, [key], residency.prepare(Op.LOAD, [key]))
+    residency.commit(Op.STORE, [key], residency.prepare(Op.STORE, [key]))
     residency.store_done([key], [0])  # ... our store of it failed, landing nothing: the miss is believed
     residency.missing([key])
     residency.load_done([key])
@@ -405,16 +406,16 @@ def test_a_probe_that_crossed_a_deletion_is_not_believed():
     one is read a new probe may go out; a probe that finds the file gone clears the key."""
     residency = Residency(CapacityIndex(BLOCK, 2 * BLOCK, evict=True), events=True, namespace=(0, 0))
     key, a, b = make_keys(3)
-    residency.commit_store([key], residency.prepare_store([key]))
+    residency.commit(Op.STORE, [key], residency.prepare(Op.STORE, [key]))
     residency.store_done([key], [])
     residency.capacity.discard([key])  # counted by nobody now, as after a restart before the scan is read
     assert residency.lookup_many([key]) == ([False], [key])
     residency.probe_sent([key])
     residency.capacity.adopt([key])  # the scan's answer arrives: counted again
     for other in (a, b):
-        residency.commit_store([other], admission := residency.prepare_store([other]))
+        residency.commit(Op.STORE, [other], admission := residency.prepare(Op.STORE, [other]))
         residency.store_done([other], [])
-        residency.evicted(admission.victims, [])
+        residency.evicted(admission.victims, [], None)
     assert key not in residency.capacity and TierEvent("removed", (key,)) in residency.take_events()
     assert residency.lookup_many([key]) == ([False], [])  # the first probe is still out
     residency.probed([key], [])  # it saw the file before the eviction deleted it
