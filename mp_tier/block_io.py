@@ -1,4 +1,4 @@
-"""Moving one block between a buffer and its file, and the file housekeeping around it.
+"""Moving one block between a buffer and its file, and the checks of one block file around it.
 
 Plain functions of (root, path, buffer, offset): they run unchanged in a
 worker process or a worker thread. ``root`` is the namespace directory's fd
@@ -19,17 +19,14 @@ import errno
 import mmap
 import os
 import stat
-import time
 import zlib
 
 from .beneath import open_beneath, open_dir
-from .layout import DIRECT_PROBE, XATTR_PROBE, BlockLayout, BlockPath, is_temp, temp_name, temp_target, temp_writer_pid
+from .layout import DIRECT_PROBE, XATTR_PROBE, BlockPath, temp_name
 from .namespace import Owners
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 DIRECT_ALIGN = 4096
-# A store takes milliseconds; a temp file this old is dead on any host.
-STALE_TEMP_SECONDS = 3600
 # The block's CRC32 (4 bytes, big-endian), set on the temp file before the
 # rename so that it appears together with the block.
 CRC_XATTR = "user.mp_tier.crc32"
@@ -264,96 +261,6 @@ def may_remain(root: int, path: BlockPath, owners: Owners) -> bool:
         return True
 
 
-def scan_blocks(root: int, owners: Owners) -> tuple[list[bytes], int]:
-    """Keys of every block file below ``root``, least recently used (mtime) first, and how many names were not ours.
-
-    A name the layout does not give, or a block name on anything but a
-    regular file of an allowed owner, is skipped and counted, never trusted.
-    """
-    found: list[tuple[int, bytes]] = []
-    foreign = 0
-    for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=root, follow_symlinks=False):
-        parents = dirpath.split("/")[1:]
-        layout_dirs = [name for name in dirnames if BlockLayout.is_layout_dir(parents, name)]
-        foreign += len(dirnames) - len(layout_dirs)
-        dirnames[:] = layout_dirs
-        for name in filenames:
-            key = BlockLayout.parse_block(parents, name)
-            if key is None:
-                foreign += not BlockLayout.is_ours(parents, name)
-                continue
-            try:
-                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed meanwhile
-            if stat.S_ISREG(st.st_mode) and owners.allow(st):
-                found.append((st.st_mtime_ns, key))
-            else:
-                foreign += 1
-    found.sort()
-    return [key for _, key in found], foreign
-
-
-def remove_stale_temps(root: int, beside: list[BlockPath] | None = None) -> tuple[int, int]:
-    """Delete temp files of dead writers; return how many, and how many temp-like names were not ours.
-
-    Looks beside ``beside`` only when given (after a worker died holding
-    them), else under the layout's directories of the whole namespace (at
-    start). A writer on this host is dead when its pid is gone; a temp file
-    from another host (a shared file system) is only removed once it is
-    STALE_TEMP_SECONDS old (its mtime), so a live writer elsewhere never loses
-    its file. A place that is not a directory of the layout (a symlink, a
-    file, a stranger's tree) is passed over: nothing of ours can be in it.
-    """
-    removed = foreign = 0
-    now = time.time()
-    if beside is None:
-        for dirpath, dirnames, names, dirfd in os.fwalk(".", dir_fd=root, follow_symlinks=False):
-            parents = dirpath.split("/")[1:]
-            dirnames[:] = [name for name in dirnames if BlockLayout.is_layout_dir(parents, name)]
-            gone, odd = _sweep_dir(dirfd, names, now)
-            removed += gone
-            foreign += odd
-        return removed, foreign
-    blocks_by_dir: dict[str, set[str]] = {}
-    for path in beside:
-        blocks_by_dir.setdefault(path.dir, set()).add(path.name)
-    for directory, blocks in blocks_by_dir.items():
-        try:
-            dirfd = open_beneath(root, directory, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue  # gone, or not a directory of ours
-        try:
-            gone, _ = _sweep_dir(dirfd, [name for name in os.listdir(dirfd) if temp_target(name) in blocks], now)
-        finally:
-            os.close(dirfd)
-        removed += gone
-    return removed, foreign
-
-
-def _sweep_dir(dirfd: int, names: list[str], now: float) -> tuple[int, int]:
-    removed = foreign = 0
-    for name in names:
-        if not is_temp(name):
-            continue
-        if temp_target(name) is None:
-            foreign += 1
-            continue
-        try:
-            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode) and temp_is_stale(name, st.st_mtime, now):
-                os.unlink(name, dir_fd=dirfd)
-                removed += 1
-        except OSError:
-            pass  # its writer finished or another sweeper got it, or it is not ours to remove
-    return removed, foreign
-
-
-def temp_is_stale(name: str, mtime: float, now: float) -> bool:
-    """The sweep's rule for a temp file: its writer on this host is gone, or it is STALE_TEMP_SECONDS old."""
-    return _writer_is_gone(name) or now - mtime > STALE_TEMP_SECONDS
-
-
 def refusal(st: os.stat_result, owners: Owners) -> str | None:
     """Why a load would refuse the file at a block's name (and a store replace it), or None for a block to keep."""
     if not stat.S_ISREG(st.st_mode):
@@ -363,18 +270,6 @@ def refusal(st: os.stat_result, owners: Owners) -> str | None:
     if not _readable(st):
         return f"mode {stat.S_IMODE(st.st_mode):o}, unreadable"
     return None
-
-
-def _writer_is_gone(name: str) -> bool:
-    """True if a temp file's writer was a process of this host that no longer runs (a zombie runs no more)."""
-    pid = temp_writer_pid(name)
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except FileNotFoundError:
-        return True
 
 
 def probe_xattr(root: int) -> str | None:

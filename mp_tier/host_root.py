@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
-from . import block_io
+from . import block_io, housekeeping
 from .layout import BlockLayout, BlockPath
 from .namespace import Owners, identity, reopen, replaced
 
@@ -66,7 +66,7 @@ class HostRoot:
     def sweep(self, beside: list[BlockPath]) -> int:
         """After the workers stopped, outside the lock: remove the temp files beside these blocks; how many were."""
         try:
-            return block_io.remove_stale_temps(self.fd, beside)[0]
+            return housekeeping.remove_stale_temps(self.fd, beside)[0]
         except OSError as e:
             log.warning("sweeping temp files at stop failed: %s", block_io.describe(e)[1])
             return 0

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 import msgspec
 
-from . import block_io
+from . import block_io, housekeeping
 from .channels import EndOfTasks, WorkerEnds, hush, ring, send_completion, take_task, waiting_bytes
 from .layout import BlockLayout
 from .messages import Completion, Op, Task
@@ -66,14 +66,14 @@ def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: 
         return
     try:
         if task.op == Op.SCAN:
-            found, foreign = block_io.scan_blocks(root, spec.owners)
+            found, foreign = housekeeping.scan_blocks(root, spec.owners)
             step = _SCAN_BATCH_BYTES // (max(map(len, found), default=1) + 2)
             for first in range(0, len(found), step):
                 yield Completion(task.seq, spec.index, 0, [], found=found[first : first + step], more=True)
             yield Completion(task.seq, spec.index, 0, [], foreign=foreign)
         else:
             beside = [spec.layout.locate(key) for key in task.keys] if task.keys else None
-            swept, foreign = block_io.remove_stale_temps(root, beside)
+            swept, foreign = housekeeping.remove_stale_temps(root, beside)
             yield Completion(task.seq, spec.index, 0, [], swept=swept, foreign=foreign)
     except Exception as e:
         code, error = block_io.describe(e)

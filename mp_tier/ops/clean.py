@@ -23,7 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..beneath import open_dir
-from ..block_io import STALE_TEMP_SECONDS, remove_block
+from ..block_io import remove_block
+from ..housekeeping import STALE_TEMP_SECONDS
 from .tree import BLOCK, STALE_TEMP, Namespace, Walk, namespaces, open_root, shown, walk
 
 

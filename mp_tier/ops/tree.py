@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ..block_io import refusal, temp_is_stale
+from ..block_io import refusal
+from ..housekeeping import temp_is_stale
 from ..layout import CONFIG_FILE, GROUP_BYTES, LAYOUT_VERSION, VERSION_KEY, BlockLayout, BlockPath, temp_target
 from ..namespace import Owners, check_namespace, owners_for
 
