@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -83,3 +84,26 @@ def wait_ready(tier: FileSystemTierManager, timeout: float = 30) -> None:
     while (stats := tier.stats()).workers_alive < workers or stats.workers_starting:
         assert time.monotonic() < deadline, "workers did not become ready"
         tier.wait(0.01)
+
+
+def stop_processes(pids) -> None:
+    """SIGSTOP each process and wait until every one of its threads has stopped: the signal is delivered
+    asynchronously, and a worker's lane may finish a task meanwhile."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    for pid in pids:
+        while not _all_threads_stopped(pid):
+            assert time.monotonic() < deadline, f"process {pid} did not stop"
+            time.sleep(0.001)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t", "Z", "X"):
+                    return False
+    except FileNotFoundError:
+        pass  # gone: nothing of it runs
+    return True

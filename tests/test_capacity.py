@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import BLOCK, NAMESPACE, fill_random, make_keys, run_job
+from helpers import BLOCK, NAMESPACE, fill_random, make_keys, run_job, stop_processes
 
 from mp_tier import JobMetadata, TierConfig
 from mp_tier.capacity import CapacityIndex
@@ -213,9 +212,7 @@ def test_evictions_of_a_task_that_never_ran_stay_counted_and_unreported(make_tie
     store_one_by_one(tier, keys[:4])
     age_in_order(tier, keys[:4])
     tier.take_events()
-    stopped = tier.worker_pids()
-    for pid in stopped:
-        os.kill(pid, signal.SIGSTOP)
+    stop_processes(tier.worker_pids())
     tier.submit_store(JobMetadata(job_id=9, keys=keys[4:], block_ids=[4, 5]))
     tier.shutdown()  # kills the stopped workers after stop_timeout
     assert [(r.job_id, r.error_code) for r in tier.get_finished()] == [(9, "ECANCELED")]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job, wait_ready, worker_threads
+from helpers import BLOCK, fill_random, make_keys, run_job, stop_processes, wait_ready, worker_threads
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
 
@@ -390,8 +390,7 @@ def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
     tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=10))
     tier.drain(30)
     pids = tier.worker_pids()
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    stop_processes(pids)
     try:
         job = 0
         while tier.stats().tasks_queued < 10:
@@ -425,8 +424,7 @@ def test_background_probes_neither_fill_the_job_queue_nor_wait_for_it(make_tier,
     results = []
 
     def stopped(step: Callable[[], None]) -> None:
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
+        stop_processes(pids)
         try:
             step()
         finally:
@@ -480,8 +478,7 @@ def test_a_job_is_split_only_over_the_workers_that_have_no_task_of_its_kind(make
     tier.drain(30)
     before = sum(tier.stats().tasks_by_worker)
     pids = tier.worker_pids()
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)  # nothing completes between the submits
+    stop_processes(pids)  # nothing completes between the submits
     try:
         for j, job_keys in enumerate(keys):
             getattr(tier, f"submit_{kind}")(JobMetadata(job_id=10 + j, keys=job_keys, block_ids=list(range(4 * j, 4 * j + 4))))
