@@ -6,6 +6,8 @@ tests/unit overrides ``no_leaks`` with a check that nothing there starts a proce
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,25 @@ def make_tier(cache, tmp_path, engine):
 @pytest.fixture
 def tier(make_tier):
     return make_tier()
+
+
+@pytest.fixture
+def plant_chain():
+    """``plant_chain(base, depth)`` nests directories ``depth`` deep: far past what a recursive walk
+    survives, and past PATH_MAX; removed after the test."""
+    planted: list[Path] = []
+
+    def plant(base: Path, depth: int) -> None:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        for made in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            if not made:
+                planted.append(base)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(fd)
+
+    yield plant
+    for base in planted:
+        subprocess.run(["rm", "-rf", str(base / "d")], check=True)  # rm walks any depth; shutil.rmtree recurses

@@ -303,25 +303,6 @@ def hostile(root: Path, ns: Path, plant_chain) -> None:
     (root / os.fsdecode(b"ns-\xff")).mkdir()
 
 
-@pytest.fixture
-def plant_chain():
-    """``plant_chain(base, depth)`` nests directories ``depth`` deep (past PATH_MAX); removed afterwards."""
-    planted: list[Path] = []
-
-    def plant(base: Path, depth: int) -> None:
-        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
-        planted.append(base)
-        for _ in range(depth):
-            os.mkdir("d", dir_fd=fd)
-            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-        os.close(fd)
-
-    yield plant
-    for base in planted:
-        subprocess.run(["rm", "-rf", str(base / "d")], check=True)
-
 
 def test_hostile_trees_are_reported_and_skipped_never_a_traceback_nothing_outside_touched(stored, tmp_path, capsys, plant_chain):
     root, _, _ = stored

@@ -298,27 +298,6 @@ def plant_hostile_names(base: Path) -> None:
     os.symlink(base / "abc" / "de_g0" / "notes.txt", base / "abc" / "de_g0" / f"{'abcde' + '1' * 59}.bin")
 
 
-@pytest.fixture
-def plant_chain():
-    """``plant_chain(base, depth)`` nests directories ``depth`` deep: far past what a recursive walk
-    survives, and past PATH_MAX; removed after the test."""
-    planted: list[Path] = []
-
-    def plant(base: Path, depth: int) -> None:
-        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
-        for made in range(depth):
-            os.mkdir("d", dir_fd=fd)
-            if not made:
-                planted.append(base)
-            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-        os.close(fd)
-
-    yield plant
-    for base in planted:
-        subprocess.run(["rm", "-rf", str(base / "d")], check=True)  # rm walks any depth; shutil.rmtree recurses
-
 
 def test_hostile_names_are_skipped_and_counted_never_fatal(make_tier, cache, plant_chain):
     """The start-up scan and sweep meet names that are not the tier's, and a stranger's tree 1500
