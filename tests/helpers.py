@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 
+import glusterfs_nodes as gl
 import numpy as np
+import pytest
 from glusterfs_nodes import wait_gone
 
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache
@@ -107,3 +111,28 @@ def _all_threads_stopped(pid: int) -> bool:
     except FileNotFoundError:
         pass  # gone: nothing of it runs
     return True
+
+
+@contextlib.contextmanager
+def gluster_volume(cluster: gl.Cluster, log: Callable[[str], None]) -> Iterator[gl.Cluster]:
+    """``cluster``'s volume, set up afresh (after whatever an interrupted run left) and torn down after.
+
+    Where GlusterFS cannot run the test skips with the reason, or fails if MP_TIER_GLUSTERFS=required
+    (CI: a machine that cannot run the volume must not pass by skipping).
+    """
+    why = gl.why_unusable()
+    if why is None:
+        gl.teardown(cluster, log)
+        try:
+            gl.setup(cluster, log)
+        except gl.GlusterUnavailable as e:
+            why = str(e)
+            gl.teardown(cluster, log)
+    if why is not None:
+        if os.environ.get("MP_TIER_GLUSTERFS") == "required":
+            pytest.fail(f"GlusterFS required but unusable: {why}")
+        pytest.skip(f"GlusterFS cannot run on this machine: {why}")
+    try:
+        yield cluster
+    finally:
+        gl.teardown(cluster, log)

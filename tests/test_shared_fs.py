@@ -22,12 +22,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import glusterfs_nodes as gl
 import pytest
+from helpers import gluster_volume
 
 from mp_tier.layout import BLOCK_SUFFIX, CONFIG_FILE, LAYOUT_VERSION, VERSION_KEY, host_tag, is_temp
 
@@ -58,25 +59,10 @@ def timed_log() -> Callable[[str], None]:
 
 
 @pytest.fixture(scope="module")
-def volume() -> gl.Cluster:
+def volume() -> Iterator[gl.Cluster]:
     """The volume for the whole module: set up once (about 4 s), torn down at the end."""
-    why = gl.why_unusable()
-    if why is None:
-        log = timed_log()
-        gl.teardown(CLUSTER, log)  # whatever an interrupted run left
-        try:
-            gl.setup(CLUSTER, log)
-        except gl.GlusterUnavailable as e:
-            why = str(e)
-            gl.teardown(CLUSTER, log)
-    if why is not None:
-        if os.environ.get("MP_TIER_GLUSTERFS") == "required":
-            pytest.fail(f"GlusterFS required but unusable: {why}")
-        pytest.skip(f"GlusterFS cannot run on this machine: {why}")
-    try:
-        yield CLUSTER
-    finally:
-        gl.teardown(CLUSTER, timed_log())
+    with gluster_volume(CLUSTER, timed_log()) as cluster:
+        yield cluster
 
 
 def keys_for(name: str, n: int) -> list[bytes]:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import glusterfs_nodes as gl
 import pytest
-from helpers import make_keys
+from helpers import gluster_volume, make_keys
 
 from mp_tier import FileSystemTierManager, JobMetadata
 
@@ -30,22 +30,8 @@ FILE_SYSCALLS = {"4", "5", "6", "257", "262", "332", "437"}
 @pytest.fixture(scope="module")
 def mount() -> Iterator[str]:
     """The volume's one mount, for the whole module (about 4 s to set up)."""
-    why = gl.why_unusable()
-    if why is None:
-        gl.teardown(CLUSTER, lambda message: None)  # whatever an interrupted run left
-        try:
-            gl.setup(CLUSTER, print)
-        except gl.GlusterUnavailable as e:
-            why = str(e)
-            gl.teardown(CLUSTER, print)
-    if why is not None:
-        if os.environ.get("MP_TIER_GLUSTERFS") == "required":
-            pytest.fail(f"GlusterFS required but unusable: {why}")
-        pytest.skip(f"GlusterFS cannot run on this machine: {why}")
-    try:
+    with gluster_volume(CLUSTER, print):
         yield CLUSTER.mount("host")
-    finally:
-        gl.teardown(CLUSTER, print)
 
 
 def fuse_client(point: str) -> int:
