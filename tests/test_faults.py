@@ -125,8 +125,10 @@ def test_a_mass_death_is_replaced_a_few_boots_at_a_time(make_tier):
 
 HOST = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, signal, sys
     from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    for name in ("SIGHUP", "SIGTERM"):  # a runner under nohup passes SIGHUP on ignored: this host dies of them
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
     cache = PrimaryCache.create(16, 65536)
     tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=2)
     for j in range(200):
@@ -157,7 +159,7 @@ def test_workers_and_segment_do_not_outlive_a_killed_host(tmp_path, how):
             host.kill()
         else:
             os.killpg(host.pid, signal.Signals[how.split()[0]])
-        host.wait()
+        host.wait(timeout=10)
     for pid in info["pids"]:
         assert wait_exit(pid, 2.0), f"worker {pid} outlived its host by 2 s"
     assert wait_exit(info["janitor"], 10)
