@@ -123,6 +123,24 @@ def check(name: str, value: Any, type_: Any) -> Any:
         raise ConfigError(f"{name} = {value!r}: expected {describe(type_)}") from None
 
 
+def with_settings(base: TierConfig, settings: dict[str, Any], aliases: dict[str, str], owner: str, alias_kind: str) -> TierConfig:
+    """``base`` with ``settings``, each checked under the key the caller wrote: a field's name or its alias
+    (an engine's own name for it), so an error names what the user typed. Two keys for one field, or a key
+    that names none, is a TypeError, as an unknown keyword argument is."""
+    types = {f.name: f.type for f in msgspec.structs.fields(TierConfig)}
+    if unknown := sorted(name for name in settings if aliases.get(name, name) not in types):
+        raise TypeError(f"unknown settings for {owner!r}: {', '.join(unknown)} (neither {alias_kind} nor TierConfig's)")
+    values: dict[str, Any] = {}
+    keys: dict[str, str] = {}  # field -> the key that set it
+    for name, value in sorted(settings.items()):
+        field = aliases.get(name, name)
+        if field in keys:
+            raise TypeError(f"{keys[field]} and {name} name one setting: give one")
+        keys[field] = name
+        values[field] = check(name, value, types[field])
+    return msgspec.structs.replace(base, **values)
+
+
 def describe(type_: Any) -> str:
     """What a field accepts, in words: ``an integer >= 1 and <= 256``, ``one of auto, on, off``."""
     bounds: list[str] = []

@@ -69,7 +69,7 @@ from vllm.v1.kv_offload.tiering.base import (
 )
 from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
 
-from .config import FILE_MODES, TierConfig, check
+from .config import FILE_MODES, TierConfig, with_settings
 from .jobs import JobMetadata
 from .layout import rank_dir
 from .namespace import OtherRun, write_once
@@ -95,7 +95,7 @@ _GAUGES = {
     "mp_tier_tasks_queued": ("tasks_queued", "mp_tier tasks held on the host because a pipe was full."),
 }
 _CONFIG_INFO = ("engine", "read_workers", "write_workers", "o_direct", "max_bytes", "checksum")
-_VLLM_NAMES = {"n_read_threads": "n_read_workers", "n_write_threads": "n_write_workers", "enable_kv_events": "events"}
+_VLLM_KEYS = {"n_read_threads": "n_read_workers", "n_write_threads": "n_write_workers", "enable_kv_events": "events"}
 
 
 class _DiskLookups(AsyncLookupManager):
@@ -128,7 +128,7 @@ class MpFileSystemTierManager(SecondaryTierManager):
     ):
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
         self.locality = Locality(locality) if locality is not None else None
-        config = _with_settings(TierConfig.from_toml(config_file) if config_file else TierConfig.from_env(), settings, tier_type)
+        config = with_settings(TierConfig.from_toml(config_file) if config_file else TierConfig.from_env(), settings, _VLLM_KEYS, tier_type, "vLLM's")
         self.events: list[OffloadingEvent] | None = None  # None: events are off
         if config.events:
             if offloading_spec.kv_events_config.enable_kv_cache_events:
@@ -320,22 +320,6 @@ class MpFileSystemTierManager(SecondaryTierManager):
                 strict=True,
             )
         )
-
-
-def _with_settings(base: TierConfig, settings: dict[str, Any], tier_type: str) -> TierConfig:
-    """``base`` with the entry's settings, each checked under the key the entry wrote (vLLM's name or TierConfig's)."""
-    types = {f.name: f.type for f in msgspec.structs.fields(TierConfig)}
-    if unknown := sorted(name for name in settings if _VLLM_NAMES.get(name, name) not in types):
-        raise TypeError(f"unknown settings for tier {tier_type!r}: {', '.join(unknown)} (neither vLLM's nor TierConfig's)")
-    values: dict[str, Any] = {}
-    keys: dict[str, str] = {}  # field -> the key that set it
-    for name, value in sorted(settings.items()):
-        field = _VLLM_NAMES.get(name, name)
-        if field in keys:
-            raise TypeError(f"{keys[field]} and {name} name one setting: give one")
-        keys[field] = name
-        values[field] = check(name, value, types[field])
-    return msgspec.structs.replace(base, **values)
 
 
 def _publish_run_config(file_mapper: FileMapper, config: TierConfig) -> None:

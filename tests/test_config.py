@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from mp_tier.config import ConfigError, TierConfig
+from mp_tier.config import ConfigError, TierConfig, with_settings
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = sorted(CONFIGS.glob("*.toml"))
@@ -320,3 +320,15 @@ def test_a_file_that_is_not_utf8_gives_one_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "tier.toml"
     path.write_bytes(b"n_read_workers = 4\n\xff\n")
     assert load_error(path) == f"{path}: invalid TOML: not UTF-8 (invalid start byte at byte 19)"
+
+
+def test_settings_under_an_engines_names_are_checked_under_the_key_the_user_wrote():
+    aliases = {"n_read_threads": "n_read_workers"}
+    config = with_settings(TierConfig(), {"n_read_threads": 3, "checksum": True}, aliases, "t", "the engine's")
+    assert (config.n_read_workers, config.checksum) == (3, True)
+    with pytest.raises(ConfigError, match=r"^n_read_threads = 0: expected an integer >= 1"):
+        with_settings(TierConfig(), {"n_read_threads": 0}, aliases, "t", "the engine's")
+    with pytest.raises(TypeError, match=r"^n_read_threads and n_read_workers name one setting: give one$"):
+        with_settings(TierConfig(), {"n_read_threads": 2, "n_read_workers": 2}, aliases, "t", "the engine's")
+    with pytest.raises(TypeError, match=r"^unknown settings for 't': bogus \(neither the engine's nor TierConfig's\)$"):
+        with_settings(TierConfig(), {"bogus": 1}, aliases, "t", "the engine's")
