@@ -141,18 +141,25 @@ def load_block(
             remove_block(root, path)
             raise CorruptBlock(errno.EBADMSG, f"block file holds {st.st_size} of {nbytes} bytes, removed", path.rel)
         block = buffer[offset : offset + nbytes]
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [block[done:]], done)
-            if got == 0:
-                remove_block(root, path)
-                raise CorruptBlock(errno.EBADMSG, f"block file ended after {done} of {nbytes} bytes, removed", path.rel)
-            done += got
+        if (done := _read_into(fd, block)) < nbytes:
+            remove_block(root, path)
+            raise CorruptBlock(errno.EBADMSG, f"block file ended after {done} of {nbytes} bytes, removed", path.rel)
         if checksum:
             _verify(fd, root, path, block)
     finally:
         os.close(fd)
     return nbytes
+
+
+def _read_into(fd: int, block: memoryview) -> int:
+    """Read the file from its start into ``block``; the bytes read: all of them, or fewer where the file ended."""
+    done = 0
+    while done < len(block):
+        got = os.preadv(fd, [block[done:]], done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def _verify(fd: int, root: int, path: BlockPath, block: memoryview) -> None:
@@ -190,12 +197,8 @@ def block_problem(root: int, path: BlockPath, block: memoryview, owners: Owners,
             return f"EPERM: {why}"
         if st.st_size != len(block):
             return f"EBADMSG: holds {st.st_size} of {len(block)} bytes"
-        done = 0
-        while done < len(block):
-            got = os.preadv(fd, [block[done:]], done)
-            if got == 0:
-                return f"EBADMSG: ended after {done} of {len(block)} bytes"
-            done += got
+        if (done := _read_into(fd, block)) < len(block):
+            return f"EBADMSG: ended after {done} of {len(block)} bytes"
         problem = _crc_problem(fd, block) if checksum else None
     finally:
         os.close(fd)
