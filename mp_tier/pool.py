@@ -163,9 +163,6 @@ class WorkerPool:
         """Whether a live worker is past its start (every worker serves both pipes)."""
         return any(not self.slots.starting(i) for i in self.live())
 
-    def is_up(self, index: int) -> bool:
-        return self._workers[index] is not None
-
     def held(self) -> set[int]:
         """Seqs of the tasks live workers hold right now."""
         return {seq for i in self.live() for seq, _ in self.slots.held(i)}
