@@ -17,6 +17,7 @@ tell which tasks a dead worker held.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import select
 from collections.abc import Callable, Iterator
@@ -27,11 +28,12 @@ from . import block_io, housekeeping
 from .channels import EndOfTasks, WorkerEnds, hush, ring, send_completion, take_task, waiting_bytes
 from .layout import BlockLayout
 from .messages import Completion, Op, Task
-from .namespace import Owners, renew
+from .namespace import Owners, held, renew
 from .slots import CLAIMING, IDLE, MAIN, NESTED, Slots
 
 _MAX_ERROR_CHARS = 512
 _SCAN_BATCH_BYTES = 3000  # keys per scan completion, well under PIPE_BUF with their framing
+_PLACING = frozenset({Op.STORE, Op.PROBE})  # ops whose completion says which blocks are at their paths
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -85,18 +87,45 @@ def in_namespace(spec: WorkerSpec, root: int, task: Task, completions: Callable[
 
     One removed or replaced since the last task is made (or checked) again
     first, as at start, and the first completion names it; if that fails, the
-    task fails with why, and nothing lands in the old directory.
+    task fails with why, and nothing lands in the old directory. A store or a
+    probe says where blocks are, so it is checked again when it ends: moved
+    meanwhile (an operator's ``mv``, or another lane that made it again),
+    some blocks went to the old directory, and the task is done once more in
+    the one now at the path (its bytes are still in the cache). Moved again
+    by then, the task fails (ESTALE).
     """
+    base = spec.layout.base
+
+    def again() -> tuple[tuple[int, int], bool]:
+        return renew(root, base, spec.run, (spec.file_mode, spec.dir_mode), spec.owners)
+
     try:
-        renewed = renew(root, spec.layout.base, spec.run, (spec.file_mode, spec.dir_mode), spec.owners)
+        now, made = again()
     except (OSError, ValueError) as e:
-        code, error = block_io.describe(e)
-        failed = list(range(len(task.keys)))
-        yield Completion(task.seq, spec.index, 0, failed, error[:_MAX_ERROR_CHARS], code, kept=list(range(len(task.evict))))
+        yield _failed(spec, task, e, list(range(len(task.evict))))
         return
-    for completion in completions():
-        completion.namespace, renewed = renewed, None
-        yield completion
+    if task.op not in _PLACING:
+        for completion in completions():
+            completion.namespace, made = now if made else None, False
+            yield completion
+        return
+    [completion] = completions()
+    try:
+        if held(root, base) != now:
+            now, made = again()[0], True
+            [completion] = completions()
+            if held(root, base) != now:
+                raise OSError(errno.ESTALE, "the namespace directory was replaced twice while the task ran: its blocks are not at their paths", base)
+    except (OSError, ValueError) as e:
+        completion = _failed(spec, task, e, completion.kept)
+    completion.namespace = now if made else None
+    yield completion
+
+
+def _failed(spec: WorkerSpec, task: Task, e: Exception, kept: list[int]) -> Completion:
+    """Every block of ``task`` failed for ``e``; ``kept``: the victims whose files may remain."""
+    code, error = block_io.describe(e)
+    return Completion(task.seq, spec.index, 0, list(range(len(task.keys))), error[:_MAX_ERROR_CHARS], code, kept=kept)
 
 
 def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None) -> Completion:
