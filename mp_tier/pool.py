@@ -81,7 +81,7 @@ class WorkerPool:
             worker = ThreadWorker(index, serve, f"mp_tier-{'r' if spec.read_priority else 'w'}{index}")
         else:
             assert self._region is not None
-            boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs))
+            boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs), os.getpid())
             fds = (*ends, self._root, self._region.fd, self.slots.fd)
             worker = ProcessWorker(index, interpreter.command("mp_tier.worker_process", encode_boot(boot)), fds)
         self._workers[index] = worker

@@ -8,7 +8,8 @@ empty it sleeps in epoll on both (EPOLLEXCLUSIVE, so a write wakes one
 worker, not all), and neither kind of work starves.
 
 A worker exits when the host closes both task pipes (end-of-file), which is
-also what the kernel does for the host if it dies, so workers never outlive it.
+also what the kernel does for the host if it dies, so workers never outlive it;
+a worker process whose host dies mid-task ends after the block it is on.
 
 Every task a worker takes is named in its slot (``slots``) from the moment
 it leaves the pipe until its completion is written, so the host can always
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import select
 from collections.abc import Callable, Iterator
 
@@ -204,6 +206,7 @@ def run_worker(
     slots: Slots,
     pause: Callable[[Task, bool], None] | None = None,
     lane: int = 0,
+    host: int | None = None,
 ) -> None:
     """Serve tasks until the host closes both task pipes, naming them in ``lane``'s slots.
 
@@ -211,7 +214,9 @@ def run_worker(
     its own epoll; the blocking system calls release the GIL, so the lanes'
     I/O overlaps. ``pause(task, named)`` runs between reading a task and naming it
     (``named`` False) and right after naming it (True): tests hold a worker
-    in the claim window, or on a task, with it.
+    in the claim window, or on a task, with it. ``host``: a worker process's parent, the host; one that is no
+    longer its parent has died, and the lane ends after the block it is on (BrokenPipeError, as when it
+    writes a completion the host is not there to read) rather than finish the task for nobody.
     """
     me = spec.index
 
@@ -231,19 +236,26 @@ def run_worker(
         return task
 
     def run(task: Task, slot: int) -> None:
-        between = loads_first if spec.read_priority and task.op == Op.STORE else None
+        between = loads_first if spec.read_priority and task.op == Op.STORE else watch
         for completion in in_namespace(spec, root, task, lambda: handle(spec, root, cache, task, between)):
             send_completion(ends.results, completion)
         slots.set(me, slot, IDLE, lane)
 
+    def still_served() -> None:
+        """Between two blocks: a getppid, no I/O (a parent that died leaves its children to another)."""
+        if host is not None and os.getppid() != host:
+            raise BrokenPipeError(errno.EPIPE, f"the host (pid {host}) is gone")
+
     def loads_first() -> None:
         """Inside a store task: a load that arrives waits one block, not the whole task."""
+        still_served()
         try:
             while waiting_bytes(ends.loads) and (task := claim(ends.loads, NESTED)) is not None:
                 run(task, NESTED)
         except EndOfTasks:
             pass  # the main loop sees it too
 
+    watch = None if host is None else still_served
     order = [ends.loads, ends.stores] if spec.read_priority else [ends.stores, ends.loads]
     sleeper = select.epoll()
     for fd in (*order, ends.bell_read):
