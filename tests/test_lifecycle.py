@@ -268,6 +268,7 @@ def test_workers_that_never_start_break_the_tier_naming_why(make_tier, tmp_path,
     with pytest.raises(TierBroken, match="died while starting"):
         tier.get_finished()
     assert tier.worker_pids() == []
+    assert tier.stats().bytes_counted == 0, "a store no worker ever started is still counted"
 
 EXITING_HOST = textwrap.dedent(
     """
