@@ -79,7 +79,7 @@ class Coordinator:
             return JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0)
         try:
             limit = self.max_queued_tasks
-            if limit and self.pool.backlog(op) - (op == Op.STORE) * self.ledger.in_flight[Op.PROBE] >= limit:  # probes: a bounded few
+            if limit and self.pool.jobs_waiting(op) >= limit:
                 raise Refused("EAGAIN", f"{limit} tasks already wait on the host (max_queued_tasks)")
             admission = self.residency.prepare(op, keys)
         except Refused as refused:
