@@ -342,7 +342,7 @@ class Coordinator:
             log.warning("%s at stop", why)
         cut_short = [seq for seq in self.pool.held_at_stop() if seq in self.ledger.tasks]  # only these can have begun
         self.leftovers = [self.root.layout.locate(key) for key in set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ())]
-        begun = self.recovery.retried.union(cut_short)  # a retried task was begun by the worker that died holding it
+        begun = self.recovery.retried.union(cut_short)  # and a task sent again: the worker that died holding it may have begun it
         for seq in list(self.ledger.tasks):
             self._fail_task(seq, code, reason, seq in begun)
         self.pool.close()

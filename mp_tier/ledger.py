@@ -37,7 +37,7 @@ class Job:
         self.tasks_left = 0  # set by commit; the job is done at zero
         self.nbytes = 0  # bytes moved so far
         self.failed: list[int] = []  # indices (into keys) of blocks that did not move
-        self.unsure: list[int] = []  # ... of those, the ones whose task a worker may have begun, unfinished (a store's may be on disk)
+        self.unsure: list[int] = []  # ... of those, the ones a worker may have begun before their task failed (a store's may be on disk)
         self.error: str | None = None  # the first failure's message
         self.code: str | None = None  # ... and its errno name
         self.start = time.perf_counter()
