@@ -29,7 +29,7 @@ import termios
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .messages import Completion, Task, completion_decoder, completion_encoder, task_decoder, task_encoder
+from .messages import Completion, Op, Task, completion_decoder, completion_encoder, task_decoder, task_encoder
 
 FRAME_BYTES = 1024
 PIPE_BUF = select.PIPE_BUF
@@ -139,33 +139,44 @@ class TaskPipe:
     """The host's end of one task pipe, with an overflow that never blocks.
 
     Frames that do not fit wait in ``_overflow`` in order and go out on the
-    next ``flush``; the host flushes on every call it already makes.
+    next ``flush``; the host flushes on every call it already makes. It
+    counts the probes among them: max_queued_tasks bounds the jobs waiting
+    on the host, and background probes are not jobs.
     """
 
     def __init__(self) -> None:
         self.read_fd, self.write_fd = make_pipe()
-        self._overflow: collections.deque[bytes] = collections.deque()  # whole frames, at most PIPE_BUF per item
+        # whole frames, at most PIPE_BUF per item, and how many of them are probes
+        self._overflow: collections.deque[tuple[bytes, int]] = collections.deque()
         self.backlog = 0  # frames held on the host side
+        self.probes = 0  # ... of which probes
         self.paused = False  # while a death is settled, nothing new may reach a worker
 
-    def put(self, frames: bytearray) -> None:
-        """Queue ``frames`` behind everything held back; a job that fits one atomic write goes straight in."""
+    def put(self, frames: bytearray, probes: bool = False) -> None:
+        """Queue ``frames`` (``probes``: all of probe tasks) behind everything held back; a job that fits one
+        atomic write goes straight in."""
         if len(frames) <= PIPE_BUF and not self._overflow and not self.paused:
             try:
                 os.write(self.write_fd, frames)  # all of it or nothing: at most PIPE_BUF bytes
                 return
             except BlockingIOError:
                 pass
-        for start in range(0, len(frames), PIPE_BUF):
-            self._overflow.append(bytes(frames[start : start + PIPE_BUF]))
-        self.backlog += len(frames) // FRAME_BYTES
-        self.flush()
+        self._hold(frames, [probes] * (len(frames) // FRAME_BYTES), front=False)
 
-    def put_front(self, frames: bytearray) -> None:
-        """Queue ``frames`` ahead of everything held back (tasks taken back after a death go first)."""
-        starts = range(0, len(frames), PIPE_BUF)
-        self._overflow.extendleft(bytes(frames[start : start + PIPE_BUF]) for start in reversed(starts))
-        self.backlog += len(frames) // FRAME_BYTES
+    def put_front(self, tasks: Sequence[Task]) -> None:
+        """Queue ``tasks`` ahead of everything held back (tasks taken back after a death go first)."""
+        self._hold(encode_frames(tasks), [task.op == Op.PROBE for task in tasks], front=True)
+
+    def _hold(self, frames: bytearray, probe: list[bool], front: bool) -> None:
+        """Hold ``frames`` on the host side (``probe[i]``: frame i is a probe's), then flush what fits."""
+        step = _FRAMES_PER_WRITE
+        items = [(bytes(frames[i * FRAME_BYTES : (i + step) * FRAME_BYTES]), sum(probe[i : i + step])) for i in range(0, len(probe), step)]
+        if front:
+            self._overflow.extendleft(reversed(items))
+        else:
+            self._overflow.extend(items)
+        self.backlog += len(probe)
+        self.probes += sum(probe)
         self.flush()
 
     def flush(self) -> None:
@@ -173,20 +184,22 @@ class TaskPipe:
         overflow = self._overflow
         while overflow and not self.paused:
             try:
-                os.write(self.write_fd, overflow[0])
+                os.write(self.write_fd, overflow[0][0])
             except BlockingIOError:
                 return
-            self.backlog -= len(overflow.popleft()) // FRAME_BYTES
+            chunk, probes = overflow.popleft()
+            self.backlog -= len(chunk) // FRAME_BYTES
+            self.probes -= probes
 
     def reclaim(self) -> list[Task]:
         """Take back every task no worker has started: the pipe's and the overflow's."""
         tasks = []
         while (task := take_task(self.read_fd)) is not None:
             tasks.append(task)
-        for chunk in self._overflow:
+        for chunk, _ in self._overflow:
             tasks.extend(decode_frame(chunk[i : i + FRAME_BYTES]) for i in range(0, len(chunk), FRAME_BYTES))
         self._overflow.clear()
-        self.backlog = 0
+        self.backlog = self.probes = 0
         return tasks
 
     def close_writer(self) -> None:

@@ -40,7 +40,8 @@ MEANINGS: dict[ErrorCode, str] = {
     "EEXIST": "a store found something that is not a block file at its path, and did not claim success",
     "EACCES": "the tier may not read or write that path (another user's file or directory)",
     "EPERM": "the file system refused the operation (an immutable file, a directory another user made read-only)",
-    "ESTALE": "a shared file system's handle went stale: another node replaced or removed the file",
+    "ESTALE": "a shared file system's handle went stale: another node replaced or removed the file; or the namespace directory"
+    " was moved away twice while one store ran",
     "EDQUOT": "the user's disk quota is used up",
 }
 

@@ -79,7 +79,7 @@ class Coordinator:
             return JobResult(job_id=job_id, success=True, successful_keys=None, transfer_size=0, transfer_time=0.0)
         try:
             limit = self.max_queued_tasks
-            if limit and self.pool.backlog(op) - (op == Op.STORE) * self.ledger.in_flight[Op.PROBE] >= limit:  # probes: a bounded few
+            if limit and self.pool.jobs_waiting(op) >= limit:
                 raise Refused("EAGAIN", f"{limit} tasks already wait on the host (max_queued_tasks)")
             admission = self.residency.prepare(op, keys)
         except Refused as refused:
@@ -204,14 +204,15 @@ class Coordinator:
         times.append(self._next_deadline_check)
         return min((t for t in times if t is not None), default=None)
 
-    def on_completion(self, completion: Completion) -> None:
+    def on_completion(self, completion: Completion, unsure: bool = False) -> None:
+        """Fold in a worker's completion, or the host's for a task that fails (``unsure``: as ``Ledger.complete``)."""
         if completion.namespace is not None and self.residency.renewed(completion.namespace):
             self.housekeeping(Op.SCAN, [])  # what the directory now there holds (one put back, say)
         if completion.more:
             if completion.seq in self.ledger.tasks:
                 self.residency.scanned(completion.found)
             return
-        ref = self.ledger.complete(completion)
+        ref = self.ledger.complete(completion, unsure)
         if ref is None:
             return
         recovery = self.recovery
@@ -260,14 +261,22 @@ class Coordinator:
             )
         )
 
-    def _fail_task(self, seq: int, code: ErrorCode, reason: str) -> None:
-        """Complete a task that will never run: every block failed, for ``reason``."""
+    def _fail_task(self, seq: int, code: ErrorCode, reason: str, begun: bool) -> None:
+        """Complete a task that will never run (again): every block failed, for ``reason``.
+
+        ``begun``: a worker may have begun it, so a store's blocks may be on disk and stay counted (and its
+        victims, some perhaps deleted); one no worker ever took is surely not on disk, and is forgotten.
+        """
         ref = self.ledger.tasks.get(seq)
         if ref is not None:
             ref.job.error, ref.job.code = reason, code  # why the task never ran outranks any block error
-            # it may have deleted some victims before it died: they stay counted (no look on disk under the lock)
-            kept = list(range(len(ref.job.evict[ref.first : ref.first + ref.blocks])))
-            self.on_completion(Completion(seq, -1, 0, list(range(ref.blocks)), reason, code, kept=kept))
+            kept = list(range(len(ref.job.evict[ref.first : ref.first + ref.blocks])))  # no look on disk under the lock
+            self.on_completion(Completion(seq, -1, 0, list(range(ref.blocks)), reason, code, kept=kept), begun)
+
+    def _fail_unstarted(self, code: ErrorCode, reason: str) -> None:
+        """Fail every task still in the pipes: none was begun, unless a worker that died held it before (a retry)."""
+        for task in self.pool.reclaim():
+            self._fail_task(task.seq, code, reason, task.seq in self.recovery.retried)
 
     # -- deaths ------------------------------------------------------------------
 
@@ -294,8 +303,8 @@ class Coordinator:
         self._next_deadline_check = now + self._deadline_every
         if (shortage := self.recovery.unserved(now, bool(self.pool.live()), self.start_timeout)) and self.settling is None:
             code, why = block_io.describe(shortage)  # a SHORTAGES errno: listed in codes
-            for task in self.pool.reclaim():  # no worker process: every task is in a pipe
-                self._fail_task(task.seq, cast(ErrorCode, code), f"no worker could be started for {self.start_timeout:g} s (start_timeout): {why}")
+            # no worker process: every task is in a pipe
+            self._fail_unstarted(cast(ErrorCode, code), f"no worker could be started for {self.start_timeout:g} s (start_timeout): {why}")
             self.pool.resume()
         kill_overdue(self.pool, self.recovery, self.ledger.tasks, self.counts, self.task_timeout, self.start_timeout)
 
@@ -313,12 +322,10 @@ class Coordinator:
         """
         if self.stopping:
             return
-        pool = self.pool
-        for completion in pool.results.read():
+        for completion in self.pool.results.read():
             self.on_completion(completion)
         unswept = self.ledger.stored_keys(list(self.ledger.tasks), Op.SWEEP)  # a sweep cancelled here is the host's to do
-        for task in pool.reclaim():
-            self._fail_task(task.seq, "ECANCELED", "cancelled: the tier shut down before the task started")
+        self._fail_unstarted("ECANCELED", "cancelled: the tier shut down before the task started")
         self.stop(timeout, "ECANCELED", "cancelled: the worker stopped before finishing", unswept)
 
     def stop(self, timeout: float, code: ErrorCode, reason: str, unswept: list[bytes] | None = None) -> None:
@@ -335,8 +342,9 @@ class Coordinator:
             log.warning("%s at stop", why)
         cut_short = [seq for seq in self.pool.held_at_stop() if seq in self.ledger.tasks]  # only these can have begun
         self.leftovers = [self.root.layout.locate(key) for key in set(self.ledger.stored_keys(cut_short, Op.STORE)).union(unswept or ())]
+        begun = self.recovery.retried.union(cut_short)  # and a task sent again: the worker that died holding it may have begun it
         for seq in list(self.ledger.tasks):
-            self._fail_task(seq, code, reason)
+            self._fail_task(seq, code, reason, seq in begun)
         self.pool.close()
 
     def sweep_leftovers(self) -> None:

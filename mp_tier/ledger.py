@@ -37,7 +37,7 @@ class Job:
         self.tasks_left = 0  # set by commit; the job is done at zero
         self.nbytes = 0  # bytes moved so far
         self.failed: list[int] = []  # indices (into keys) of blocks that did not move
-        self.unsure: list[int] = []  # ... of those, the ones whose task no worker finished (a store's may be on disk)
+        self.unsure: list[int] = []  # ... of those, the ones a worker may have begun before their task failed (a store's may be on disk)
         self.error: str | None = None  # the first failure's message
         self.code: str | None = None  # ... and its errno name
         self.start = time.perf_counter()
@@ -110,8 +110,11 @@ class Ledger:
         if plan.job.job_id is not None:
             self.jobs[plan.job.job_id] = plan.job
 
-    def complete(self, completion: Completion) -> TaskRef | None:
-        """Fold a final completion into its job; None if the task is unknown (failed already)."""
+    def complete(self, completion: Completion, unsure: bool = False) -> TaskRef | None:
+        """Fold a final completion into its job; None if the task is unknown (failed already).
+
+        ``unsure``: the host failed the task, and a worker may have begun it: its failed blocks may be on disk.
+        """
         ref = self.tasks.pop(completion.seq, None)
         if ref is None:
             return None
@@ -120,7 +123,7 @@ class Ledger:
         job.nbytes += completion.nbytes
         if completion.failed:
             job.failed.extend(ref.first + i for i in completion.failed)
-            if completion.worker < 0:  # failed by the host, not by a worker that tried each block
+            if unsure:
                 job.unsure.extend(ref.first + i for i in completion.failed)
             if job.error is None:
                 job.error, job.code = completion.error, completion.code

@@ -142,32 +142,40 @@ def identity(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def replaced(fd: int, base: str) -> bool:
-    """Whether ``base`` no longer names the directory ``fd`` holds (removed, or renamed away and another made)."""
+def held(fd: int, base: str) -> tuple[int, int] | None:
+    """The directory ``fd`` holds, as (device, inode), if ``base`` still names it; None if it was removed, or
+    renamed away and another made."""
     try:
-        held = os.fstat(fd)
-        st = os.stat(base, follow_symlinks=False)
+        st = os.fstat(fd)
+        at = os.stat(base, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):  # ESTALE: a network file system's removed directory
-            return True
+            return None
         raise
-    return held.st_nlink == 0 or (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
+    here = st.st_dev, st.st_ino
+    return here if st.st_nlink and (at.st_dev, at.st_ino) == here else None
 
 
-def renew(fd: int, base: str, run: dict[str, Any], modes: tuple[int, int], owners: Owners) -> tuple[int, int] | None:
-    """If ``base`` is no longer the directory ``fd`` holds, make or check it again as at start and put it in
-    place of ``fd`` (the number stays; a rotated directory is never followed); return its identity, else None.
+def replaced(fd: int, base: str) -> bool:
+    """Whether ``base`` no longer names the directory ``fd`` holds (removed, or renamed away and another made)."""
+    return held(fd, base) is None
+
+
+def renew(fd: int, base: str, run: dict[str, Any], modes: tuple[int, int], owners: Owners) -> tuple[tuple[int, int], bool]:
+    """The directory at ``base`` as (device, inode), which ``fd`` holds on return, and whether it had to be put
+    in place of ``fd``: one that is no longer the directory ``fd`` held is made or checked again as at start
+    (the fd's number stays; a rotated directory is never followed).
 
     Raises as ``prepare_namespace`` does when the directory now there fails its checks.
     """
-    if not replaced(fd, base):
-        return None
+    if (now := held(fd, base)) is not None:
+        return now, False
     fresh = prepare_namespace(os.path.dirname(base), os.path.basename(base), run, modes, owners)[1]
     try:
         os.dup2(fresh, fd, inheritable=False)
     finally:
         os.close(fresh)
-    return identity(fd)
+    return identity(fd), True
 
 
 def reopen(base: str, expected: tuple[int, int]) -> int | None:

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable
 
 from . import interpreter
-from .channels import ResultReader, TaskPipe, WorkerEnds, encode_frames, make_pipe
+from .channels import ResultReader, TaskPipe, WorkerEnds, make_pipe
 from .memory import SharedRegion
 from .messages import READ_OPS, Completion, Op, Task
 from .slots import Slots
@@ -81,7 +81,7 @@ class WorkerPool:
             worker = ThreadWorker(index, serve, f"mp_tier-{'r' if spec.read_priority else 'w'}{index}")
         else:
             assert self._region is not None
-            boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs))
+            boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs), os.getpid())
             fds = (*ends, self._root, self._region.fd, self.slots.fd)
             worker = ProcessWorker(index, interpreter.command("mp_tier.worker_process", encode_boot(boot)), fds)
         self._workers[index] = worker
@@ -108,17 +108,22 @@ class WorkerPool:
         return self.loads if op in READ_OPS else self.stores
 
     def submit(self, op: Op, frames: bytearray) -> None:
-        self._pipe_for(op).put(frames)
+        self._pipe_for(op).put(frames, op == Op.PROBE)
 
     def requeue(self, tasks: list[Task]) -> None:
         """Put taken-back tasks in front of anything queued since, in their order."""
         for pipe in (self.loads, self.stores):
             if mine := [task for task in tasks if self._pipe_for(task.op) is pipe]:
-                pipe.put_front(encode_frames(mine))
+                pipe.put_front(mine)
 
     def backlog(self, op: Op) -> int:
         """Tasks of ``op``'s pipe held on the host side."""
         return self._pipe_for(op).backlog
+
+    def jobs_waiting(self, op: Op) -> int:
+        """The job tasks among them, which max_queued_tasks bounds: all but the background probes."""
+        pipe = self._pipe_for(op)
+        return pipe.backlog - pipe.probes
 
     def flush(self) -> None:
         """Push held-back frames into the pipes, as far as they fit."""

@@ -86,7 +86,7 @@ def settle(
     recovery: Recovery,
     settling: Settling,
     fold: Callable[[Completion], None],
-    fail: Callable[[int, ErrorCode, str], None],
+    fail: Callable[[int, ErrorCode, str, bool], None],
 ) -> tuple[list[bytes], list[Task]]:
     """No live worker is claiming any more: fold in what was completed meanwhile, and find what the dead held.
 
@@ -105,7 +105,7 @@ def settle(
     stores = ledger.stored_keys(lost, Op.STORE)  # a lost sweep is sent again itself
     retry = [ledger.task(seq) for seq in verdict.retry]
     for seq in verdict.fail:
-        fail(seq, recovery.failure_code(seq), f"{reason}; the task had already been retried once")
+        fail(seq, recovery.failure_code(seq), f"{reason}; the task had already been retried once", True)  # a dead worker held it
     if lost:
         log.warning("%d tasks lost to a death: %d sent again, %d failed", len(lost), len(retry), len(verdict.fail))
     return stores, retry

@@ -8,7 +8,8 @@ empty it sleeps in epoll on both (EPOLLEXCLUSIVE, so a write wakes one
 worker, not all), and neither kind of work starves.
 
 A worker exits when the host closes both task pipes (end-of-file), which is
-also what the kernel does for the host if it dies, so workers never outlive it.
+also what the kernel does for the host if it dies, so workers never outlive it;
+a worker process whose host dies mid-task ends after the block it is on.
 
 Every task a worker takes is named in its slot (``slots``) from the moment
 it leaves the pipe until its completion is written, so the host can always
@@ -17,7 +18,9 @@ tell which tasks a dead worker held.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import select
 from collections.abc import Callable, Iterator
 
@@ -27,11 +30,12 @@ from . import block_io, housekeeping
 from .channels import EndOfTasks, WorkerEnds, hush, ring, send_completion, take_task, waiting_bytes
 from .layout import BlockLayout
 from .messages import Completion, Op, Task
-from .namespace import Owners, renew
+from .namespace import Owners, held, renew
 from .slots import CLAIMING, IDLE, MAIN, NESTED, Slots
 
 _MAX_ERROR_CHARS = 512
 _SCAN_BATCH_BYTES = 3000  # keys per scan completion, well under PIPE_BUF with their framing
+_PLACING = frozenset({Op.STORE, Op.PROBE})  # ops whose completion says which blocks are at their paths
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -85,18 +89,45 @@ def in_namespace(spec: WorkerSpec, root: int, task: Task, completions: Callable[
 
     One removed or replaced since the last task is made (or checked) again
     first, as at start, and the first completion names it; if that fails, the
-    task fails with why, and nothing lands in the old directory.
+    task fails with why, and nothing lands in the old directory. A store or a
+    probe says where blocks are, so it is checked again when it ends: moved
+    meanwhile (an operator's ``mv``, or another lane that made it again),
+    some blocks went to the old directory, and the task is done once more in
+    the one now at the path (its bytes are still in the cache). Moved again
+    by then, the task fails (ESTALE).
     """
+    base = spec.layout.base
+
+    def again() -> tuple[tuple[int, int], bool]:
+        return renew(root, base, spec.run, (spec.file_mode, spec.dir_mode), spec.owners)
+
     try:
-        renewed = renew(root, spec.layout.base, spec.run, (spec.file_mode, spec.dir_mode), spec.owners)
+        now, made = again()
     except (OSError, ValueError) as e:
-        code, error = block_io.describe(e)
-        failed = list(range(len(task.keys)))
-        yield Completion(task.seq, spec.index, 0, failed, error[:_MAX_ERROR_CHARS], code, kept=list(range(len(task.evict))))
+        yield _failed(spec, task, e, list(range(len(task.evict))))
         return
-    for completion in completions():
-        completion.namespace, renewed = renewed, None
-        yield completion
+    if task.op not in _PLACING:
+        for completion in completions():
+            completion.namespace, made = now if made else None, False
+            yield completion
+        return
+    [completion] = completions()
+    try:
+        if held(root, base) != now:
+            now, made = again()[0], True
+            [completion] = completions()
+            if held(root, base) != now:
+                raise OSError(errno.ESTALE, "the namespace directory was replaced twice while the task ran: its blocks are not at their paths", base)
+    except (OSError, ValueError) as e:
+        completion = _failed(spec, task, e, completion.kept)
+    completion.namespace = now if made else None
+    yield completion
+
+
+def _failed(spec: WorkerSpec, task: Task, e: Exception, kept: list[int]) -> Completion:
+    """Every block of ``task`` failed for ``e``; ``kept``: the victims whose files may remain."""
+    code, error = block_io.describe(e)
+    return Completion(task.seq, spec.index, 0, list(range(len(task.keys))), error[:_MAX_ERROR_CHARS], code, kept=kept)
 
 
 def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None) -> Completion:
@@ -175,6 +206,7 @@ def run_worker(
     slots: Slots,
     pause: Callable[[Task, bool], None] | None = None,
     lane: int = 0,
+    host: int | None = None,
 ) -> None:
     """Serve tasks until the host closes both task pipes, naming them in ``lane``'s slots.
 
@@ -182,7 +214,9 @@ def run_worker(
     its own epoll; the blocking system calls release the GIL, so the lanes'
     I/O overlaps. ``pause(task, named)`` runs between reading a task and naming it
     (``named`` False) and right after naming it (True): tests hold a worker
-    in the claim window, or on a task, with it.
+    in the claim window, or on a task, with it. ``host``: a worker process's parent, the host; one that is no
+    longer its parent has died, and the lane ends after the block it is on (BrokenPipeError, as when it
+    writes a completion the host is not there to read) rather than finish the task for nobody.
     """
     me = spec.index
 
@@ -202,19 +236,26 @@ def run_worker(
         return task
 
     def run(task: Task, slot: int) -> None:
-        between = loads_first if spec.read_priority and task.op == Op.STORE else None
+        between = loads_first if spec.read_priority and task.op == Op.STORE else watch
         for completion in in_namespace(spec, root, task, lambda: handle(spec, root, cache, task, between)):
             send_completion(ends.results, completion)
         slots.set(me, slot, IDLE, lane)
 
+    def still_served() -> None:
+        """Between two blocks: a getppid, no I/O (a parent that died leaves its children to another)."""
+        if host is not None and os.getppid() != host:
+            raise BrokenPipeError(errno.EPIPE, f"the host (pid {host}) is gone")
+
     def loads_first() -> None:
         """Inside a store task: a load that arrives waits one block, not the whole task."""
+        still_served()
         try:
             while waiting_bytes(ends.loads) and (task := claim(ends.loads, NESTED)) is not None:
                 run(task, NESTED)
         except EndOfTasks:
             pass  # the main loop sees it too
 
+    watch = None if host is None else still_served
     order = [ends.loads, ends.stores] if spec.read_priority else [ends.stores, ends.loads]
     sleeper = select.epoll()
     for fd in (*order, ends.bell_read):

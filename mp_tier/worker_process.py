@@ -67,6 +67,7 @@ class Boot(msgspec.Struct, array_like=True):
     ends: WorkerEnds
     slots_fd: int
     n_workers: int
+    host: int  # the host's pid: the worker's parent while the host lives
 
 
 def encode_boot(boot: Boot) -> str:
@@ -117,7 +118,7 @@ def _serve(boot: Boot, view: memoryview, slots: Slots) -> None:
 
     def lane(index: int) -> None:
         try:
-            run_worker(boot.spec, boot.root, view, boot.ends, slots, pause, index)
+            run_worker(boot.spec, boot.root, view, boot.ends, slots, pause, index, boot.host)
         except BrokenPipeError:
             pass  # the host is gone; nobody is left to tell. The other lanes end their blocks (no temp file left) and see it too
         except BaseException:

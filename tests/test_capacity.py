@@ -222,6 +222,22 @@ def test_evictions_of_a_task_that_never_ran_stay_counted_and_unreported(make_tie
     restarted.drain(30)
     assert restarted.lookup_many(keys[:4], probe=False) == [True] * 4
 
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_store_cancelled_before_any_worker_took_it_stops_counting(make_tier, engine):
+    """Workers stopped, a store waits in the pipe and shutdown cancels it: no worker ever saw it, so its
+    blocks are surely not on disk and stop counting, as a store a worker failed does."""
+    tier = make_tier(config=TierConfig(stop_timeout=1))
+    store_one_by_one(tier, make_keys(2, seed=1))
+    stop_processes(tier.worker_pids())
+    keys = make_keys(2, seed=2)
+    tier.submit_store(JobMetadata(job_id=9, keys=keys, block_ids=[2, 3]))
+    assert tier.stats().bytes_counted == 4 * BLOCK
+    tier.shutdown()  # kills the stopped workers after stop_timeout
+    assert [(r.job_id, r.error_code) for r in tier.get_finished()] == [(9, "ECANCELED")]
+    assert present(tier, keys) == [False, False]
+    assert tier.stats().bytes_counted == 2 * BLOCK, "blocks no worker ever saw are still counted"
+
 OTHER_WRITER = textwrap.dedent(
     """
     import sys

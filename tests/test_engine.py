@@ -408,6 +408,35 @@ def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
 
 
 @pytest.mark.parametrize("engine", ["processes"])
+def test_probes_already_in_the_pipe_leave_the_job_queue_its_limit(make_tier, engine):
+    """Workers stopped: probes go out first and sit in the store pipe, then stores fill it and wait on the
+    host. A store is refused with EAGAIN exactly when max_queued_tasks stores wait there: probes in the pipe
+    are not taken off the count of stores."""
+    from mp_tier import TierConfig
+
+    tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=4))
+    wait_ready(tier)
+    pids = tier.worker_pids()
+    stop_processes(pids)
+    try:
+        assert tier.lookup_many(make_keys(256, seed=1)) == [False] * 256
+        assert tier.stats().tasks_queued == 0, "the probes are in the pipe, none on the host"
+        job, refused = 0, []
+        while not refused:
+            job += 1
+            tier.submit_store(JobMetadata(job_id=job, keys=make_keys(1, seed=1000 + job), block_ids=[job % 256]))
+            refused = tier.get_finished()
+        assert [(r.job_id, r.error_code) for r in refused] == [(job, "EAGAIN")]
+        assert tier.stats().tasks_queued == 4, "stores were queued on the host past max_queued_tasks"
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    tier.drain(60)
+    results = tier.get_finished()
+    assert len(results) == job - 1 and all(r.success for r in results)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
 def test_background_probes_neither_fill_the_job_queue_nor_wait_for_it(make_tier, engine):
     """A lookup_many of 30,000 unknown keys while the workers are stopped: its probes are bounded and do
     not count as queued jobs, so the next store is queued, not refused with EAGAIN. Probes still go out

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BLOCK, NAMESPACE, fill_random, make_keys, open_fds, run_job, wait_exit, wait_ready
+from helpers import BLOCK, NAMESPACE, fill_random, make_keys, open_fds, run_job, stop_processes, wait_exit, wait_ready
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierBroken, TierConfig
 from mp_tier.layout import BLOCK_SUFFIX, CONFIG_FILE, LAYOUT_VERSION, TEMP_SUFFIX, VERSION_KEY
@@ -268,6 +268,7 @@ def test_workers_that_never_start_break_the_tier_naming_why(make_tier, tmp_path,
     with pytest.raises(TierBroken, match="died while starting"):
         tier.get_finished()
     assert tier.worker_pids() == []
+    assert tier.stats().bytes_counted == 0, "a store no worker ever started is still counted"
 
 EXITING_HOST = textwrap.dedent(
     """
@@ -301,6 +302,55 @@ def test_an_interpreter_exit_without_shutdown_leaves_no_worker_temp_file_or_segm
     while os.path.exists(f"/dev/shm/{info['shm']}"):
         assert time.monotonic() < deadline, "the segment outlived its creator"
         time.sleep(0.01)
+
+
+KILLED_HOST = textwrap.dedent(
+    """
+    import json, sys
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
+    cache = PrimaryCache.create(20, 4 << 20)
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=1,
+                                 config=TierConfig(o_direct="off"))
+    while tier.stats().workers_starting or tier.stats().workers_alive < 2:
+        tier.wait(0.01)
+    keys = [i.to_bytes(36, "big") for i in range(20)]  # one task: a frame holds 20 blocks
+    print(json.dumps({"workers": tier.worker_pids(), "paths": [tier.block_path(k) for k in keys]}), flush=True)
+    tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(20))))
+    sys.stdin.read()  # until it is killed
+    """
+)
+
+
+def test_a_worker_whose_host_is_killed_stops_after_the_block_it_is_writing(tmp_path):
+    """The host is SIGKILLed while a worker is partway through a 20-block store. The worker notices between
+    blocks and ends, rather than writing the rest of the task for nobody; it leaves no temp file."""
+    root = tmp_path / "blocks"
+    host = subprocess.Popen([sys.executable, "-c", KILLED_HOST, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout is not None
+        info = json.loads(host.stdout.readline())
+        paths, workers = info["paths"], info["workers"]
+        deadline = time.monotonic() + 20
+        while not os.path.exists(paths[0]):
+            assert time.monotonic() < deadline, "the store never began"
+        stop_processes(workers)  # held while the host dies, so the test sees where the task was
+        caught = sum(map(os.path.exists, paths))
+        host.kill()
+        host.wait(10)
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        assert [pid for pid in workers if not wait_exit(pid, 10)] == [], "a worker outlived its host"
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait(10)
+        for pipe in (host.stdin, host.stdout):
+            if pipe is not None:
+                pipe.close()
+    assert caught < len(paths), "the store ended before the host was killed: nothing was tested"
+    landed = sum(map(os.path.exists, paths))
+    assert landed <= caught + 1, f"the worker went on writing for a dead host: {caught} blocks when it died, {landed} after"
+    assert list(root.rglob(f"*{TEMP_SUFFIX}")) == []
 
 
 @pytest.mark.timeout(30)

@@ -5,13 +5,14 @@ forgets what it can no longer see, never follows the old directory, and keeps se
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 
 import pytest
-from helpers import BLOCK, make_keys, run_job
+from helpers import BLOCK, make_keys, run_job, stop_processes, wait_ready
 
-from mp_tier import FileSystemTierManager, JobMetadata, TierConfig
+from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache, TierConfig
 
 
 def namespace_of(tier: FileSystemTierManager) -> str:
@@ -104,3 +105,63 @@ def test_every_job_gets_one_result_across_a_removal_and_the_jobs_after_it_succee
     assert sorted(r.job_id for r in results) == list(range(40))
     assert all(r.success for r in results if r.job_id >= 20), [r.error for r in results if not r.success]
     assert all(os.path.isfile(tier.block_path(k)) for job in range(20, 40) for k in make_keys(2, seed=100 + job))
+
+
+def rotate_mid_store(tier: FileSystemTierManager, keys: list[bytes], renames: int) -> tuple[JobResult, list[int]]:
+    """Store ``keys`` as one task and rename the namespace directory away ``renames`` times while it runs:
+    each time once a block has landed at its path, with the workers stopped while the directory moves.
+    Returns the job's result and how many blocks each stop caught already there (all of them: too late)."""
+    ns = namespace_of(tier)
+    first = tier.block_path(keys[0])
+    pids = tier.worker_pids()
+    tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(len(keys)))))
+    caught: list[int] = []
+    results: list[JobResult] = []
+    for turn in range(renames):
+        deadline = time.monotonic() + 20
+        while not os.path.exists(first) and not (results := tier.get_finished()):
+            assert time.monotonic() < deadline, "the store never reached the namespace directory"
+        if results:
+            break  # the job ended without writing at the path again
+        stop_processes(pids)
+        caught.append(sum(os.path.exists(tier.block_path(k)) for k in keys))
+        os.rename(ns, f"{ns}.old{turn}")
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    tier.drain(30)
+    [result] = results + tier.get_finished()
+    return result, caught
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_namespace_rotated_while_a_store_runs_gets_every_block_the_job_reports(make_tier, engine):
+    """`mv ns ns.old` while a store task is half done: the blocks it still writes would land in ns.old. The
+    worker sees the move when the task ends and writes the task again in the directory now at the path, so
+    every block the job reports stored is at ``block_path`` and lookups say so for those only."""
+    with PrimaryCache.create(20, 4 << 20) as big:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off"))
+        wait_ready(tier)
+        keys = make_keys(20)  # one task: a frame holds 20 blocks
+        result, [caught] = rotate_mid_store(tier, keys, 1)
+        assert caught < len(keys), "the store ended before the directory moved: nothing was tested"
+        assert result.success, result.error
+        assert [k for k in keys if not os.path.isfile(tier.block_path(k))] == [], "a block reported stored is not at its path"
+        assert tier.lookup_many(keys, probe=False) == [True] * len(keys)
+        assert [tier.lookup(k) for k in keys] == [True] * len(keys)
+        assert run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=list(range(len(keys))))).success
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_namespace_rotated_twice_under_one_store_fails_its_blocks(make_tier, engine):
+    """The directory moves again while the worker writes the task a second time: the task fails, naming
+    why, and no block of it is counted or answered True."""
+    with PrimaryCache.create(20, 4 << 20) as big:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off"))
+        wait_ready(tier)
+        keys = make_keys(20)
+        result, caught = rotate_mid_store(tier, keys, 2)
+        assert caught and max(caught) < len(keys), "a write of the task ended before the directory moved: nothing was tested"
+        assert not result.success and result.error_code == "ESTALE", result.error
+        assert "replaced twice" in (result.error or "")
+        assert tier.lookup_many(keys, probe=False) == [False] * len(keys)
+        assert tier.stats().bytes_counted == 0

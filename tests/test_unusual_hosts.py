@@ -141,6 +141,7 @@ STARVED_HOST = HOST_SETUP + textwrap.dedent(
     until(lambda: not tier.worker_pids())
     tier.submit_store(store(2))  # no worker at all: it waits, up to start_timeout, then fails naming the shortage
     report["no_worker"] = [(r.job_id, r.error_code, r.error) for r in results(1)]
+    report["no_worker_counted"] = tier.lookup_many(store(2).keys, probe=False)  # it never ran: nothing of it is on disk
     report["alive_while_short"] = tier.stats().workers_alive
     plenty()
     ready(3)
@@ -161,6 +162,7 @@ def _check_survived(host: subprocess.CompletedProcess[str], code: str) -> dict:
     [(job_id, error_code, error)] = report["no_worker"]
     assert (job_id, error_code) == (2, code), error
     assert error.startswith("no worker could be started for 3 s (start_timeout)")
+    assert report["no_worker_counted"] == [False]
     assert report["alive_while_short"] == 0
     assert report["after"] == [[3, True]]
     assert report["stats"]["workers_restarted"] >= 3 and report["stats"]["spawns_failed"] >= 7

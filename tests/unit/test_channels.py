@@ -47,7 +47,7 @@ def test_paused_frames_wait_on_the_host_in_order_and_reclaim_takes_them_all(pipe
     pipe.put(encode_frames([task(0)]))
     pipe.paused = True
     pipe.put(encode_frames([task(s) for s in range(1, 9)]))
-    pipe.put_front(encode_frames([task(99)]))
+    pipe.put_front([task(99)])
     assert pipe.backlog == 9 and take_task(pipe.read_fd) == task(0) and take_task(pipe.read_fd) is None
     pipe.paused = False
     pipe.flush()
@@ -58,6 +58,26 @@ def test_paused_frames_wait_on_the_host_in_order_and_reclaim_takes_them_all(pipe
     pipe.paused = False
     pipe.put(encode_frames([task(11)]))
     assert pipe.reclaim() == [task(10), task(11)] and pipe.backlog == 0
+
+
+def probe(seq: int) -> Task:
+    return Task(seq, Op.PROBE, [], [bytes([seq % 256]) * 36])
+
+
+def test_the_host_side_backlog_counts_its_probes_as_they_come_and_go(pipe):
+    pipe.paused = True
+    pipe.put(encode_frames([probe(s) for s in range(6)]), probes=True)
+    pipe.put(encode_frames([task(s) for s in range(6, 9)]))
+    pipe.put_front([task(20), probe(21), task(22), probe(23), probe(24)])  # a retry of several kinds
+    assert (pipe.backlog, pipe.probes) == (14, 9)
+    pipe.paused = False
+    pipe.flush()
+    assert (pipe.backlog, pipe.probes) == (0, 0)
+    order = [take_task(pipe.read_fd) for _ in range(14)]
+    assert [t.seq for t in order if t is not None] == [20, 21, 22, 23, 24, *range(9)]
+    pipe.paused = True
+    pipe.put(encode_frames([probe(30)]), probes=True)
+    assert pipe.probes == 1 and len(pipe.reclaim()) == 1 and pipe.probes == 0
 
 
 def test_a_full_pipe_overflows_without_blocking_and_drains_in_order(pipe):

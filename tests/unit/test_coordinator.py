@@ -75,6 +75,9 @@ class FakePool:
     def backlog(self, op: Op) -> int:
         return sum(task.op == op for task in self.queued)
 
+    def jobs_waiting(self, op: Op) -> int:
+        return self.backlog(op)  # probes count under Op.PROBE here, never under a job's op
+
     def poll(self) -> tuple[list[Completion], list[int]]:
         dead, self.dead = self.dead, []
         return self.results.read(), dead
