@@ -30,6 +30,7 @@ from .jobs import Counters, JobResult, TierEvent, TierStats
 from .layout import BlockPath
 from .ledger import Job, Ledger, Plan
 from .messages import Completion, Op
+from .placement import Placement
 from .pool import WorkerPool, poll_ms
 from .recovery import RESTART_RECHECK_SECONDS, Recovery, Settling
 from .residency import Residency
@@ -41,8 +42,9 @@ log = logging.getLogger(__name__)
 class Coordinator:
     """Jobs in, results out, workers kept alive; the tier's lock is held around every call."""
 
-    def __init__(self, pool: WorkerPool, residency: Residency, root: HostRoot, config: TierConfig):
+    def __init__(self, pool: WorkerPool, residency: Residency, root: HostRoot, config: TierConfig, placement: Placement):
         self.pool = pool
+        self.placement = placement  # the workers' CPUs, kept off the scheduler thread's
         self.ledger = Ledger()
         self.residency = residency
         self.recovery = Recovery()
@@ -193,6 +195,10 @@ class Coordinator:
             self.break_tier()
         if now >= self._next_deadline_check:
             self._enforce_deadlines(now)
+
+    def follow_scheduler(self) -> None:
+        """The scheduler's step: keep the workers off the CPU its thread is on."""
+        self.placement.follow(self.worker_pids(ready=True), time.monotonic())
 
     def _next_wakeup(self) -> float | None:
         """When the pump has timed work to do (a settle deadline, a restart, a deadline check), or None."""

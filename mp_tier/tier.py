@@ -125,6 +125,7 @@ class FileSystemTierManager:
             self._check_owner()
             if not self._core.stopping:
                 self._pump()
+                self._core.follow_scheduler()
             if (broken := self._core.broken()) and not self._core.finished:
                 raise TierBroken(broken)
             finished, self._core.finished = self._core.finished, []
