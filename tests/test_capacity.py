@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import BLOCK, NAMESPACE, fill_random, make_keys, run_job, stop_processes
+from helpers import BLOCK, NAMESPACE, fill_random, make_keys, run_job, stop_processes, wait_ready
 
 from mp_tier import JobMetadata, TierConfig
 from mp_tier.capacity import CapacityIndex
@@ -237,6 +238,39 @@ def test_a_store_cancelled_before_any_worker_took_it_stops_counting(make_tier, e
     assert [(r.job_id, r.error_code) for r in tier.get_finished()] == [(9, "ECANCELED")]
     assert present(tier, keys) == [False, False]
     assert tier.stats().bytes_counted == 2 * BLOCK, "blocks no worker ever saw are still counted"
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_store_sent_again_after_its_worker_died_stays_counted_when_shutdown_cancels_it(make_tier, tmp_path, monkeypatch, engine):
+    """Both workers die partway through a store; it is sent again, but their replacements hang in their
+    start, so shutdown cancels it in the pipe. The dead worker wrote some of its blocks, so they stay
+    counted (under-counting would let the disk outgrow max_bytes), unlike a store no worker ever took."""
+    from mp_tier import PrimaryCache
+    from mp_tier.worker_process import TEST_PAUSE
+
+    with PrimaryCache.create(20, 1 << 20) as big:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", stop_timeout=1))
+        wait_ready(tier)
+        keys, pids = make_keys(20), tier.worker_pids()
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(20))))
+        deadline = time.monotonic() + 20
+        while not os.path.exists(tier.block_path(keys[0])):
+            assert time.monotonic() < deadline, "the store never began"
+        stop_processes(pids)
+        written = sum(os.path.exists(tier.block_path(k)) for k in keys)
+        marker = tmp_path / "booting"
+        monkeypatch.setenv(TEST_PAUSE, f"boot:30:{marker}")  # the replacements' environment
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        while tier.stats().workers_restarted < 2 or len(marker.read_text().split() if marker.exists() else ()) < 2:
+            assert time.monotonic() < deadline, "the dead workers were not replaced"
+            tier.wait(0.05)
+        for _ in range(3):  # the death settled: the task is back in the pipe, sent again
+            tier.wait(0.05)
+        assert tier.get_finished() == [] and 0 < written < 20
+        tier.shutdown()
+        assert [(r.job_id, r.error_code) for r in tier.get_finished()] == [(1, "ECANCELED")]
+        assert tier.stats().bytes_counted == 20 << 20, "blocks a dead worker may have written stopped counting"
+
 
 OTHER_WRITER = textwrap.dedent(
     """
