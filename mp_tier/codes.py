@@ -41,7 +41,7 @@ MEANINGS: dict[ErrorCode, str] = {
     "EACCES": "the tier may not read or write that path (another user's file or directory)",
     "EPERM": "the file system refused the operation (an immutable file, a directory another user made read-only)",
     "ESTALE": "a shared file system's handle went stale: another node replaced or removed the file; or the namespace directory"
-    " was moved away twice while one store ran",
+    " was moved away while a store ran, after some of its blocks were written (or twice while one of its tasks ran)",
     "EDQUOT": "the user's disk quota is used up",
 }
 

@@ -213,6 +213,7 @@ class Coordinator:
     def on_completion(self, completion: Completion, unsure: bool = False) -> None:
         """Fold in a worker's completion, or the host's for a task that fails (``unsure``: as ``Ledger.complete``)."""
         if completion.namespace is not None and self.residency.renewed(completion.namespace):
+            self.ledger.left_behind("the namespace directory was replaced after these blocks were stored: they are in the old one")
             self.housekeeping(Op.SCAN, [])  # what the directory now there holds (one put back, say)
         if completion.more:
             if completion.seq in self.ledger.tasks:

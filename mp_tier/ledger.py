@@ -132,6 +132,19 @@ class Ledger:
             del self.jobs[job.job_id]
         return ref
 
+    def left_behind(self, reason: str) -> None:
+        """The namespace directory was replaced: blocks of stores in flight whose tasks already ended are in the
+        old one. They fail (ESTALE, ``reason``), so no job reports a block stored that is not at its path."""
+        pending: dict[int, tuple[Job, set[int]]] = {}
+        for job, first, blocks in self.tasks.values():
+            if job.op == Op.STORE:
+                pending.setdefault(id(job), (job, set()))[1].update(range(first, first + blocks))
+        for job, waiting in pending.values():
+            if placed := sorted(set(range(len(job.keys))).difference(waiting, job.failed)):
+                job.failed.extend(placed)
+                if job.error is None:
+                    job.error, job.code = reason, "ESTALE"
+
     def task(self, seq: int) -> Task:
         """The task ``seq`` as it was sent, to send again."""
         job, first, blocks = self.tasks[seq]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import BLOCK, NAMESPACE, fill_random, make_keys, run_job, stop_processes
+from helpers import BLOCK, NAMESPACE, fill_random, make_keys, run_job, stop_processes, wait_ready
 
 from mp_tier import JobMetadata, TierConfig
 from mp_tier.capacity import CapacityIndex
@@ -237,6 +238,80 @@ def test_a_store_cancelled_before_any_worker_took_it_stops_counting(make_tier, e
     assert [(r.job_id, r.error_code) for r in tier.get_finished()] == [(9, "ECANCELED")]
     assert present(tier, keys) == [False, False]
     assert tier.stats().bytes_counted == 2 * BLOCK, "blocks no worker ever saw are still counted"
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_store_sent_again_after_its_worker_died_stays_counted_when_shutdown_cancels_it(make_tier, tmp_path, monkeypatch, engine):
+    """Both workers die partway through a store; it is sent again, but their replacements hang in their
+    start, so shutdown cancels it in the pipe. The dead worker wrote some of its blocks, so they stay
+    counted (under-counting would let the disk outgrow max_bytes), unlike a store no worker ever took."""
+    from mp_tier import PrimaryCache
+    from mp_tier.worker_process import TEST_PAUSE
+
+    with PrimaryCache.create(20, 1 << 20) as big:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", stop_timeout=1))
+        wait_ready(tier)
+        keys, pids = make_keys(20), tier.worker_pids()
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(20))))
+        deadline = time.monotonic() + 20
+        while not os.path.exists(tier.block_path(keys[0])):
+            assert time.monotonic() < deadline, "the store never began"
+        stop_processes(pids)
+        written = sum(os.path.exists(tier.block_path(k)) for k in keys)
+        marker = tmp_path / "booting"
+        monkeypatch.setenv(TEST_PAUSE, f"boot:30:{marker}")  # the replacements' environment
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        while tier.stats().workers_restarted < 2 or len(marker.read_text().split() if marker.exists() else ()) < 2:
+            assert time.monotonic() < deadline, "the dead workers were not replaced"
+            tier.wait(0.05)
+        for _ in range(3):  # the death settled: the task is back in the pipe, sent again
+            tier.wait(0.05)
+        assert tier.get_finished() == [] and 0 < written < 20
+        tier.shutdown()
+        assert [(r.job_id, r.error_code) for r in tier.get_finished()] == [(1, "ECANCELED")]
+        assert tier.stats().bytes_counted == 20 << 20, "blocks a dead worker may have written stopped counting"
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_store_whose_worker_died_stays_counted_when_shutdown_comes_before_the_death_is_settled(
+    make_tier, tmp_path, monkeypatch, engine
+):
+    """The writer is SIGKILLed partway through a store while the other worker sits between reading a load
+    and naming it, so the death cannot be settled yet (nor the writer replaced), and shutdown() comes then.
+    The store is failed from the dead writer's slot: its blocks may be on disk (some are), so they stay
+    counted, and the temp file it left is swept."""
+    from mp_tier import PrimaryCache
+    from mp_tier.worker_process import TEST_PAUSE
+
+    marker = tmp_path / "claiming"
+    monkeypatch.setenv(TEST_PAUSE, f"claim:5:{marker}")
+    with PrimaryCache.create(20, 1 << 20) as big:
+        config = TierConfig(o_direct="off", stop_timeout=1, io_depth=1)  # one lane: the other worker cannot take the store
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=config)
+        wait_ready(tier)
+        tier.submit_load(JobMetadata(job_id=1, keys=make_keys(1, seed=9), block_ids=[0]))
+        deadline = time.monotonic() + 20
+        while not marker.exists() or not marker.read_text():
+            assert time.monotonic() < deadline, "no worker took the load"
+        claiming = int(marker.read_text())
+        [writer] = [pid for pid in tier.worker_pids() if pid != claiming]
+        keys = make_keys(20)
+        tier.submit_store(JobMetadata(job_id=2, keys=keys, block_ids=list(range(20))))
+        while not os.path.exists(tier.block_path(keys[0])):
+            assert time.monotonic() < deadline, "the store never began"
+        stop_processes([writer])
+        written = sum(os.path.exists(tier.block_path(k)) for k in keys)
+        os.kill(writer, signal.SIGKILL)
+        while tier.stats().workers_alive > 1:  # its death seen; no replacement while it is being settled
+            assert time.monotonic() < deadline, "the writer's death was not seen"
+            tier.wait(0.005)
+        assert tier.stats().workers_restarted == 0, "the death was settled already: nothing was tested"
+        tier.shutdown()
+        codes = {r.job_id: r.error_code for r in tier.get_finished()}
+        assert codes.get(2) is not None and 0 < written < 20, (codes, written)
+        assert tier.stats().bytes_counted == 20 << 20, "blocks a dead worker wrote stopped counting"
+        assert list((tmp_path / "blocks").rglob(f"*{TEMP_SUFFIX}")) == []
+
 
 OTHER_WRITER = textwrap.dedent(
     """

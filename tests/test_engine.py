@@ -407,6 +407,17 @@ def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
     assert len(results) == job and all(r.success for r in results)
 
 
+def fill_until_refused(tier, first_job: int) -> int:
+    """Submit one-block stores until one is refused with EAGAIN; how many were queued."""
+    job, refused = first_job, []
+    while not refused:
+        job += 1
+        tier.submit_store(JobMetadata(job_id=job, keys=make_keys(1, seed=1000 + job), block_ids=[job % 256]))
+        refused = tier.get_finished()
+    assert [(r.job_id, r.error_code) for r in refused] == [(job, "EAGAIN")]
+    return job - first_job - 1
+
+
 @pytest.mark.parametrize("engine", ["processes"])
 def test_probes_already_in_the_pipe_leave_the_job_queue_its_limit(make_tier, engine):
     """Workers stopped: probes go out first and sit in the store pipe, then stores fill it and wait on the
@@ -421,19 +432,51 @@ def test_probes_already_in_the_pipe_leave_the_job_queue_its_limit(make_tier, eng
     try:
         assert tier.lookup_many(make_keys(256, seed=1)) == [False] * 256
         assert tier.stats().tasks_queued == 0, "the probes are in the pipe, none on the host"
-        job, refused = 0, []
-        while not refused:
-            job += 1
-            tier.submit_store(JobMetadata(job_id=job, keys=make_keys(1, seed=1000 + job), block_ids=[job % 256]))
-            refused = tier.get_finished()
-        assert [(r.job_id, r.error_code) for r in refused] == [(job, "EAGAIN")]
+        queued = fill_until_refused(tier, 0)
         assert tier.stats().tasks_queued == 4, "stores were queued on the host past max_queued_tasks"
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
     tier.drain(60)
     results = tier.get_finished()
-    assert len(results) == job - 1 and all(r.success for r in results)
+    assert len(results) == queued and all(r.success for r in results)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_probes_held_on_the_host_across_a_death_still_leave_max_queued_tasks_to_the_stores(make_tier, tmp_path, monkeypatch, engine):
+    """Workers stopped: stores fill the store pipe, two more wait on the host, then a lookup_many's probes
+    wait behind them. A worker is killed (its replacement hangs in its start): every frame is taken back and
+    put in front again, the probes still on the host. Two more stores are queued before one is refused, as
+    before the death, and once all is drained nothing is left counted on the host."""
+    from mp_tier import TierConfig
+    from mp_tier.worker_process import TEST_PAUSE
+
+    tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=4))
+    wait_ready(tier)
+    pids = tier.worker_pids()
+    stop_processes(pids)
+    job = 0
+    while tier.stats().tasks_queued < 2:
+        job += 1
+        tier.submit_store(JobMetadata(job_id=job, keys=make_keys(1, seed=1000 + job), block_ids=[job % 256]))
+    assert tier.lookup_many(make_keys(256, seed=1)) == [False] * 256
+    held = tier.stats().tasks_queued
+    assert held > 2 and tier.get_finished() == [], "no probe waits on the host: nothing was tested"
+    marker = tmp_path / "booting"
+    monkeypatch.setenv(TEST_PAUSE, f"boot:30:{marker}")  # the replacement's environment
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while not marker.exists() or tier.stats().tasks_queued != held:  # replaced, and every frame put back
+        assert time.monotonic() < deadline, "the death was not settled"
+        tier.wait(0.01)
+    try:
+        assert fill_until_refused(tier, job) == 2, "probes put back after the death took (or gave) room of max_queued_tasks"
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    tier.drain(60)
+    results = tier.get_finished()
+    assert len(results) == job + 2 and all(r.success for r in results)
+    assert tier.stats().tasks_queued == 0
 
 
 @pytest.mark.parametrize("engine", ["processes"])

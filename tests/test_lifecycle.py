@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -351,6 +352,26 @@ def test_a_worker_whose_host_is_killed_stops_after_the_block_it_is_writing(tmp_p
     landed = sum(map(os.path.exists, paths))
     assert landed <= caught + 1, f"the worker went on writing for a dead host: {caught} blocks when it died, {landed} after"
     assert list(root.rglob(f"*{TEMP_SUFFIX}")) == []
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_workers_spawned_by_a_host_thread_that_ended_keep_serving_their_live_host(make_tier, engine):
+    """A host builds its tier in a thread that then ends: the kernel gives the workers another thread of the
+    host as parent, and a worker, which checks between blocks that the host is still its parent, must not
+    take that for the host's death and drop its tasks."""
+    made: list[FileSystemTierManager] = []
+    builder = threading.Thread(target=lambda: made.append(make_tier(n_read_workers=1, n_write_workers=1)))
+    builder.start()
+    builder.join()
+    [tier] = made
+    wait_ready(tier)
+    pids = tier.worker_pids()
+    keys = make_keys(40)  # two tasks of 20 blocks: 19 checks between blocks each
+    for op in ("store", "load"):
+        result = run_job(tier, op, JobMetadata(job_id=len(op), keys=keys, block_ids=list(range(40))))
+        assert result.success, result.error
+    assert tier.worker_pids() == pids and tier.stats().workers_restarted == 0, "a worker took a dead thread for a dead host"
+    assert all(os.path.isfile(tier.block_path(k)) for k in keys)
 
 
 @pytest.mark.timeout(30)

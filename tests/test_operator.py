@@ -165,3 +165,73 @@ def test_a_namespace_rotated_twice_under_one_store_fails_its_blocks(make_tier, e
         assert "replaced twice" in (result.error or "")
         assert tier.lookup_many(keys, probe=False) == [False] * len(keys)
         assert tier.stats().bytes_counted == 0
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_store_job_whose_first_task_ended_before_a_rotation_reports_only_blocks_at_their_paths(make_tier, engine):
+    """A 40-block store goes out as two tasks; the first (its blocks already whole on disk) ends at once,
+    the directory moves while the second writes. The second is written again in the new directory, but the
+    first one's blocks stay in ns.old: the job may not report them stored, nor lookups answer True."""
+    with PrimaryCache.create(40, 2 << 20) as big:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off"))
+        wait_ready(tier)
+        keys = make_keys(40)
+        store(tier, 1, keys[:20])  # so the job's first task only finds its blocks whole
+        ns, pids, second = namespace_of(tier), tier.worker_pids(), tier.block_path(keys[20])
+        tier.submit_store(JobMetadata(job_id=2, keys=keys, block_ids=list(range(40))))
+        deadline = time.monotonic() + 20
+        while not os.path.exists(second):
+            assert time.monotonic() < deadline, "the second task never began"
+        stop_processes(pids)
+        caught = sum(os.path.exists(tier.block_path(k)) for k in keys[20:])
+        os.rename(ns, f"{ns}.old")
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        tier.drain(30)
+        [result] = tier.get_finished()
+        assert caught < 20, "the second task ended before the directory moved: nothing was tested"
+        reported = keys if result.success else list(result.successful_keys or ())
+        assert result.success or result.error_code == "ESTALE", result.error
+        assert reported[-20:] == keys[20:], "the second task, written again in the new directory, failed"
+        assert [k for k in reported if not os.path.isfile(tier.block_path(k))] == [], "a block reported stored is not at its path"
+        answers = tier.lookup_many(keys, probe=False)
+        assert [k for k, a in zip(keys, answers) if a and not os.path.isfile(tier.block_path(k))] == [], "lookup_many says True off the path"
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+@pytest.mark.parametrize("how", ["mv", "rm -rf"])
+def test_lanes_of_one_worker_storing_across_a_move_or_removal_report_only_blocks_at_their_paths(make_tier, engine, how):
+    """Eight stores in flight on the four lanes of each worker; the directory is moved away (or removed) while
+    they write. Lanes share the worker's directory fd, which the first lane to see the change replaces under
+    the others mid-task: each must still find its task's blocks misplaced. Every job gets one result, and
+    what a job reports stored, or lookup_many answers True for, is at its path."""
+    with PrimaryCache.create(80, 1 << 20) as big:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", io_depth=4))
+        wait_ready(tier)
+        ns, pids = namespace_of(tier), tier.worker_pids()
+        jobs = {job: make_keys(10, seed=job) for job in range(8)}
+        for job, keys in jobs.items():
+            tier.submit_store(JobMetadata(job_id=job, keys=keys, block_ids=list(range(job * 10, job * 10 + 10))))
+        first = [tier.block_path(keys[0]) for keys in jobs.values()]
+        deadline = time.monotonic() + 20
+        while not any(map(os.path.exists, first)):
+            assert time.monotonic() < deadline, "no store began"
+        stop_processes(pids)
+        before = {r.job_id: r for r in tier.get_finished()}  # reported before the move: at their paths then
+        landed = sum(os.path.exists(tier.block_path(k)) for keys in jobs.values() for k in keys)
+        if how == "mv":
+            os.rename(ns, f"{ns}.old")
+        else:
+            subprocess.run(["rm", "-rf", ns], check=True)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        tier.drain(30)
+        results = {r.job_id: r for r in tier.get_finished()}
+        assert landed < 80 and results, "every store ended before the directory moved: nothing was tested"
+        assert sorted([*before, *results]) == list(jobs)
+        reported = [k for job, r in results.items() for k in (jobs[job] if r.success else r.successful_keys or ())]
+        assert [k for k in reported if not os.path.isfile(tier.block_path(k))] == [], "a block reported stored is not at its path"
+        every = [k for keys in jobs.values() for k in keys]
+        answers = tier.lookup_many(every, probe=False)
+        assert [k for k, a in zip(every, answers) if a and not os.path.isfile(tier.block_path(k))] == [], "lookup_many says True off the path"
+        assert {r.error_code for r in results.values() if not r.success} <= {"ESTALE", "ENOENT"}, [r.error for r in results.values()]

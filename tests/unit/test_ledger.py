@@ -86,3 +86,21 @@ def test_stored_keys_names_the_blocks_of_the_tasks_of_one_op():
     ledger.commit(ledger.plan(Job(2, Op.LOAD, KEYS[4:6], [0, 1], []), 1))
     assert ledger.stored_keys([0, 1, 2], Op.STORE) == KEYS[:4]
     assert ledger.stored_keys([0, 1, 2], Op.SWEEP) == []
+
+
+def test_left_behind_fails_the_placed_blocks_of_stores_in_flight_only():
+    """After a namespace directory was made again: the blocks of a store's ended tasks are in the old one."""
+    ledger = Ledger()
+    ledger.commit(ledger.plan(store(1), 4))  # seqs 0-3, four blocks each
+    ledger.commit(ledger.plan(Job(2, Op.LOAD, KEYS[:4], list(range(4)), []), 2))  # seqs 4-5
+    ledger.complete(Completion(seq=0, worker=0, nbytes=400, failed=[]))
+    ledger.complete(Completion(seq=1, worker=0, nbytes=300, failed=[2], error="ENOSPC: disk full", code="ENOSPC"))
+    ledger.complete(Completion(seq=4, worker=0, nbytes=200, failed=[]))
+    ledger.left_behind("moved")
+    job = ledger.jobs[1]
+    assert sorted(job.failed) == [0, 1, 2, 3, 4, 5, 6, 7] and job.unsure == []
+    assert (job.error, job.code) == ("ENOSPC: disk full", "ENOSPC"), "the first failure's message is kept"
+    assert ledger.jobs[2].failed == [], "a load places nothing"
+    ledger.complete(Completion(seq=2, worker=0, nbytes=400, failed=[]))
+    ledger.left_behind("moved again")
+    assert sorted(job.failed) == list(range(12)), "each block failed once"
