@@ -30,7 +30,6 @@ from .jobs import Counters, JobResult, TierEvent, TierStats
 from .layout import BlockPath
 from .ledger import Job, Ledger, Plan
 from .messages import Completion, Op
-from .placement import Placement
 from .pool import WorkerPool, poll_ms
 from .recovery import RESTART_RECHECK_SECONDS, Recovery, Settling
 from .residency import Residency
@@ -42,9 +41,8 @@ log = logging.getLogger(__name__)
 class Coordinator:
     """Jobs in, results out, workers kept alive; the tier's lock is held around every call."""
 
-    def __init__(self, pool: WorkerPool, residency: Residency, root: HostRoot, config: TierConfig, placement: Placement):
+    def __init__(self, pool: WorkerPool, residency: Residency, root: HostRoot, config: TierConfig):
         self.pool = pool
-        self.placement = placement  # the workers' CPUs, kept off the scheduler thread's
         self.ledger = Ledger()
         self.residency = residency
         self.recovery = Recovery()
@@ -135,10 +133,7 @@ class Coordinator:
 
     def worker_pids(self, ready: bool) -> list[int]:
         """Pids of the live worker processes; ``ready``: only those past their start-up."""
-        if self.stopping:
-            return []
-        pool = self.pool
-        return [pid for i in pool.live() if (pid := pool.pid_of(i)) is not None and not (ready and pool.slots.starting(i))]
+        return [] if self.stopping else self.pool.pids(ready)
 
     def sleep(self, deadline: float | None) -> tuple[list[tuple[int, int]], int | None] | None:
         """What a waiter sleeps on: the pool's fds, and the ms until ``deadline`` or the pump's next timed work
@@ -179,8 +174,9 @@ class Coordinator:
 
     # -- the pump ----------------------------------------------------------------
 
-    def pump(self) -> None:
-        """Everything that has come due; never blocks."""
+    def pump(self, scheduler: bool = False) -> None:
+        """Everything that has come due; never blocks. ``scheduler``: called by the scheduler's step
+        (``get_finished``), whose thread's CPU the workers keep off."""
         pool = self.pool
         pool.flush()
         completions, dead = pool.poll()
@@ -195,10 +191,8 @@ class Coordinator:
             self.break_tier()
         if now >= self._next_deadline_check:
             self._enforce_deadlines(now)
-
-    def follow_scheduler(self) -> None:
-        """The scheduler's step: keep the workers off the CPU its thread is on."""
-        self.placement.follow(self.worker_pids(ready=True), time.monotonic())
+        if scheduler and not self.stopping:
+            pool.follow_scheduler(now)
 
     def _next_wakeup(self) -> float | None:
         """When the pump has timed work to do (a settle deadline, a restart, a deadline check), or None."""

@@ -102,7 +102,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
             )
             for index in range(config.n_read_workers + config.n_write_workers)
         ]
-        pool = WorkerPool(specs, root, primary.region, primary.view, config.engine)
+        pool = WorkerPool(specs, root, primary.region, primary.view, config.engine, placement)
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -116,7 +116,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
         for fd in fds:
             os.close(fd)
         raise
-    core = Coordinator(pool, Residency(capacity, config.events, identity(root)), HostRoot(root, layout, owners), config, placement)
+    core = Coordinator(pool, Residency(capacity, config.events, identity(root)), HostRoot(root, layout, owners), config)
     log.debug("tier up: %s, %d+%d %s, direct=%s", layout.base, config.n_read_workers, config.n_write_workers, config.engine, direct)
     return Parts(core, layout, direct, primary.num_blocks, primary.block_bytes, primary.release, fds, wake)
 
