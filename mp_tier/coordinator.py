@@ -133,10 +133,7 @@ class Coordinator:
 
     def worker_pids(self, ready: bool) -> list[int]:
         """Pids of the live worker processes; ``ready``: only those past their start-up."""
-        if self.stopping:
-            return []
-        pool = self.pool
-        return [pid for i in pool.live() if (pid := pool.pid_of(i)) is not None and not (ready and pool.slots.starting(i))]
+        return [] if self.stopping else self.pool.pids(ready)
 
     def sleep(self, deadline: float | None) -> tuple[list[tuple[int, int]], int | None] | None:
         """What a waiter sleeps on: the pool's fds, and the ms until ``deadline`` or the pump's next timed work
@@ -177,8 +174,9 @@ class Coordinator:
 
     # -- the pump ----------------------------------------------------------------
 
-    def pump(self) -> None:
-        """Everything that has come due; never blocks."""
+    def pump(self, scheduler: bool = False) -> None:
+        """Everything that has come due; never blocks. ``scheduler``: called by the scheduler's step
+        (``get_finished``), whose thread's CPU the workers keep off."""
         pool = self.pool
         pool.flush()
         completions, dead = pool.poll()
@@ -193,6 +191,8 @@ class Coordinator:
             self.break_tier()
         if now >= self._next_deadline_check:
             self._enforce_deadlines(now)
+        if scheduler and not self.stopping:
+            pool.follow_scheduler(now)
 
     def _next_wakeup(self) -> float | None:
         """When the pump has timed work to do (a settle deadline, a restart, a deadline check), or None."""

@@ -26,6 +26,7 @@ from . import interpreter
 from .channels import ResultReader, TaskPipe, WorkerEnds, make_pipe
 from .memory import SharedRegion
 from .messages import READ_OPS, Completion, Op, Task
+from .placement import Placement
 from .slots import Slots
 from .worker import WorkerSpec, run_worker
 from .worker_process import Boot, encode_boot
@@ -47,8 +48,9 @@ def poll_ms(timeout: float | None) -> int | None:
 class WorkerPool:
     """The read-priority and write-priority workers of one tier."""
 
-    def __init__(self, specs: list[WorkerSpec], root: int, region: SharedRegion | None, view: memoryview, engine: str):
+    def __init__(self, specs: list[WorkerSpec], root: int, region: SharedRegion | None, view: memoryview, engine: str, placement: Placement):
         self.specs = specs
+        self.placement = placement  # where the worker processes run: off the scheduler thread's CPU
         self.engine = engine
         with contextlib.ExitStack() as undo:  # a pipe that cannot be made (EMFILE) leaves none of the others open
             self.loads = TaskPipe()  # LOAD tasks: read-priority workers try this pipe first
@@ -188,12 +190,17 @@ class WorkerPool:
         worker.kill()
         return True
 
-    def pids(self) -> list[int]:
-        return [w.pid for w in self._workers if w is not None and w.pid is not None]
-
     def pid_of(self, index: int) -> int | None:
         worker = self._workers[index]
         return None if worker is None else worker.pid
+
+    def pids(self, ready: bool = False) -> list[int]:
+        """Pids of the live worker processes; ``ready``: only those past their start-up."""
+        return [pid for i in self.live() if (pid := self.pid_of(i)) is not None and not (ready and self.slots.starting(i))]
+
+    def follow_scheduler(self, now: float) -> None:
+        """From the scheduler's step: keep the ready workers off the CPU its thread is on."""
+        self.placement.follow(self.pids(ready=True), now)
 
     # -- stopping ----------------------------------------------------------------
 

@@ -124,14 +124,14 @@ class FileSystemTierManager:
         with entered(self._lock):
             self._check_owner()
             if not self._core.stopping:
-                self._pump()
+                self._pump(scheduler=True)
             if (broken := self._core.broken()) and not self._core.finished:
                 raise TierBroken(broken)
             finished, self._core.finished = self._core.finished, []
             return finished
 
-    def _pump(self) -> None:
-        self._core.pump()
+    def _pump(self, scheduler: bool = False) -> None:
+        self._core.pump(scheduler)
         if self._core.broken():
             self._finalizer()  # the workers are stopped already: this closes the tier's fds
 

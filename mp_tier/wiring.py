@@ -24,6 +24,7 @@ from .host_root import HostRoot
 from .layout import BlockLayout, namespace_name
 from .memory import buffer_address
 from .namespace import describe_run, identity, owners_for, prepare_namespace
+from .placement import Placement
 from .pool import WorkerPool
 from .residency import Residency
 from .shared_cache import primary_memory
@@ -79,6 +80,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
             raise ValueError(f"worker_cpus {unknown} are not CPUs this process may run on ({sorted(os.sched_getaffinity(0))})")
         if config.engine == "processes" and (why := policy_refused(config.worker_sched)):
             raise ValueError(f"worker_sched = {config.worker_sched!r} is refused here: {why}")
+        placement = Placement(config.worker_cpus, os.sched_getaffinity(0) if config.engine == "processes" else set())
         wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         fds.extend(wake)
         specs = [
@@ -93,14 +95,14 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
                 touch_on_use=config.max_bytes > 0,
                 owners=owners,
                 nice=config.worker_nice,
-                cpus=tuple(config.worker_cpus),
+                cpus=placement.cpus(),
                 sched=config.worker_sched,
                 io_depth=config.io_depth if config.engine == "processes" else 1,
                 run=run,
             )
             for index in range(config.n_read_workers + config.n_write_workers)
         ]
-        pool = WorkerPool(specs, root, primary.region, primary.view, config.engine)
+        pool = WorkerPool(specs, root, primary.region, primary.view, config.engine, placement)
     except BaseException:
         for fd in fds:
             os.close(fd)

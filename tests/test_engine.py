@@ -604,6 +604,87 @@ def test_io_depth_gives_each_worker_process_that_many_lanes_and_the_thread_engin
     assert run_job(tier, "load", JobMetadata(job_id=2, keys=make_keys(1), block_ids=[1])).success
 
 
+def worker_cpus(tier: FileSystemTierManager) -> set[frozenset[int]]:
+    """The CPU sets of every thread of every worker process."""
+    return {frozenset(os.sched_getaffinity(int(tid))) for pid in tier.worker_pids() for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def until_workers_on(tier: FileSystemTierManager, cpus: set[int]) -> None:
+    """Call get_finished() as a scheduler's steps do until every worker thread may run on ``cpus`` only."""
+    deadline = time.monotonic() + 10
+    while worker_cpus(tier) != {frozenset(cpus)}:
+        assert time.monotonic() < deadline, f"workers on {worker_cpus(tier)}, not {cpus}"
+        tier.get_finished()
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_by_default_the_workers_keep_off_the_cpu_of_the_thread_that_calls_get_finished(make_tier, engine):
+    """A scheduler thread moved (here by pinning it) takes its CPU with it: within a few steps every thread
+    of every worker may run anywhere the host may but there. A worker started after a move is placed too."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    first, second = sorted(allowed)[:2]
+    tier = make_tier()
+    wait_ready(tier)
+    try:
+        for here in (second, first):
+            os.sched_setaffinity(0, {here})
+            until_workers_on(tier, allowed - {here})
+        os.kill(tier.worker_pids()[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while tier.stats().workers_restarted < 1:
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            tier.wait(0.01)
+        wait_ready(tier)
+        until_workers_on(tier, allowed - {first})
+        assert run_job(tier, "store", JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0])).success
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_worker_cpus_given_are_kept_wherever_the_scheduler_thread_runs(make_tier, engine):
+    from mp_tier import TierConfig
+
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+    tier = make_tier(config=TierConfig(worker_cpus=[cpu]))
+    wait_ready(tier)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        deadline = time.monotonic() + 0.5  # several looks at the scheduler thread's CPU
+        while time.monotonic() < deadline:
+            tier.get_finished()
+            time.sleep(0.01)
+        assert worker_cpus(tier) == {frozenset({cpu})}
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+ONE_CPU_HOST = textwrap.dedent(
+    """
+    import os, sys
+    from mp_tier import FileSystemTierManager, PrimaryCache
+    cpu = int(sys.argv[2])
+    os.sched_setaffinity(0, {cpu})
+    with PrimaryCache.create(4, 65536) as cache:
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1])
+        tier.drain(10)
+        print(sorted({c for pid in tier.worker_pids() for c in os.sched_getaffinity(pid)}))
+        tier.shutdown()
+    """
+)
+
+
+def test_a_host_allowed_one_cpu_shares_it_with_its_workers(tmp_path):
+    cpu = max(os.sched_getaffinity(0))
+    done = subprocess.run([sys.executable, "-c", ONE_CPU_HOST, str(tmp_path / "blocks"), str(cpu)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"[{cpu}]"
+
+
 def test_worker_cpus_the_host_cannot_use_are_refused(cache, tmp_path):
     from mp_tier import TierConfig
 

@@ -42,6 +42,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -153,7 +154,7 @@ def parse_variant(text: str) -> Column:
     if not sep or not name.strip() or name.strip() in (VLLM_C, VLLM_PY, MP, RAW):
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:key=value,... with a new NAME (e.g. direct-off:o_direct=off)")
     settings: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in body.split(","))):
+    for item in filter(None, (s.strip() for s in re.split(r",(?![^\[]*\])", body))):  # a list's commas stay in its value
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise argparse.ArgumentTypeError(f"{text!r}: {item!r} is not key=value")
