@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import signal
@@ -719,13 +720,13 @@ def test_worker_cpus_the_host_cannot_use_are_refused(cache, tmp_path):
         FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path), config=TierConfig(worker_cpus=[4095]))
 
 
-REFUSED_POLICY_HOST = textwrap.dedent(
+REFUSED_SETTING_HOST = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from mp_tier import FileSystemTierManager, PrimaryCache, TierConfig
     with PrimaryCache.create(4, 65536) as cache:
         try:
-            FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=TierConfig(worker_sched="idle"))
+            FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=TierConfig(**json.loads(sys.argv[2])))
         except ValueError as e:
             print(e)
     """
@@ -745,25 +746,34 @@ def libc_shim(tmp_path, name: str, source: str) -> dict[str, str]:
     return {**os.environ, "LD_PRELOAD": str(shim)}
 
 
-def test_a_worker_sched_the_host_may_not_take_is_refused_at_construction(tmp_path):
-    """A sandbox whose seccomp profile refuses sched_setscheduler (stood in for by a libc shim that fails
-    it with EPERM): the constructor names the setting, instead of workers dying at start until the tier
-    breaks."""
-    env = libc_shim(
-        tmp_path,
-        "refuse_sched",
-        "#include <errno.h>\n#include <sched.h>\n"
-        "int sched_setscheduler(pid_t pid, int policy, const struct sched_param *param) { errno = EPERM; return -1; }\n",
-    )
-    done = subprocess.run([sys.executable, "-c", REFUSED_POLICY_HOST, str(tmp_path / "blocks")], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "worker_sched = 'idle' is refused here: Operation not permitted"
-
-
+REFUSE_POLICY = (
+    "#include <errno.h>\n#include <sched.h>\n"
+    "int sched_setscheduler(pid_t pid, int policy, const struct sched_param *param) { errno = EPERM; return -1; }\n"
+)
 REFUSE_AFFINITY = (
     "#include <errno.h>\n#include <sched.h>\n"
     "int sched_setaffinity(pid_t pid, size_t size, const cpu_set_t *set) { errno = EPERM; return -1; }\n"
 )
+
+
+@pytest.mark.parametrize(
+    ("refuse", "setting", "said"),
+    [
+        (REFUSE_POLICY, {"worker_sched": "idle"}, "worker_sched = 'idle'"),
+        (REFUSE_AFFINITY, {"worker_cpus": [cpu := min(os.sched_getaffinity(0))]}, f"worker_cpus = [{cpu}]"),
+    ],
+    ids=["worker_sched", "worker_cpus"],
+)
+def test_a_worker_setting_the_host_may_not_apply_is_refused_at_construction(tmp_path, refuse, setting, said):
+    """A sandbox whose seccomp profile refuses sched_setscheduler or sched_setaffinity (stood in for by a
+    libc shim that fails it with EPERM): the constructor names the setting, instead of workers dying at
+    start until the tier breaks."""
+    env = libc_shim(tmp_path, "refuse", refuse)
+    host = [sys.executable, "-c", REFUSED_SETTING_HOST, str(tmp_path / "blocks"), json.dumps(setting)]
+    done = subprocess.run(host, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{said} is refused here: Operation not permitted", done.stderr[-2000:]
+
 
 REFUSED_AFFINITY_HOST = textwrap.dedent(
     """
