@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 
 LOOK_SECONDS = 0.1  # how often the scheduler thread's CPU is looked at
 
@@ -54,11 +55,13 @@ class Placement:
         if self.following:
             _move(pid, self.allowed - {self.avoid})
 
-    def follow(self, ready: list[int], now: float) -> None:
-        """Called by the scheduler thread: move the workers (pids ``ready``) off its CPU, if it changed."""
+    def follow(self, ready_pids: Callable[[], list[int]], now: float) -> None:
+        """Called by the scheduler thread: move the ready workers off its CPU, if it changed. ``ready_pids``
+        is asked only when it is time to look: most calls are between looks, and cost only the clock."""
         if now < self._next_look or not self.following:
             return
         self._next_look = now + LOOK_SECONDS
+        ready = ready_pids()
         here = current_cpu()
         if here != self.avoid and here == self._seen and here in self.allowed:
             self.avoid = here

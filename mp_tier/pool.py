@@ -201,7 +201,7 @@ class WorkerPool:
 
     def follow_scheduler(self, now: float) -> None:
         """From the scheduler's step: keep the ready workers off the CPU its thread is on."""
-        self.placement.follow(self.pids(ready=True), now)
+        self.placement.follow(lambda: self.pids(ready=True), now)
 
     # -- stopping ----------------------------------------------------------------
 
