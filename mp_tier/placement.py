@@ -10,18 +10,22 @@ pinned (the host's affinity is its own business), so the workers follow it:
 it is looked at every ``LOOK_SECONDS`` in ``get_finished()``, and once it
 has been seen on another CPU twice in a row, every thread of every ready
 worker is moved off it. A host that hops back and forth (another busy
-process beside it) moves nothing. With one CPU, or with ``worker_cpus``
-given, nothing is ever moved.
+process beside it) moves nothing. A worker (a replacement too) is placed by
+the host as soon as it is spawned, off the CPU avoided then. Placement is a
+hint: a sandbox that refuses ``sched_setaffinity``, or a cpuset that no
+longer has the CPUs, fails no call and no worker. With one CPU, or with
+``worker_cpus`` given (which each worker applies itself), nothing is moved.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 
 LOOK_SECONDS = 0.1  # how often the scheduler thread's CPU is looked at
 
-_sched_getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu
+_sched_getcpu = ctypes.CDLL(None).sched_getcpu
 
 
 def current_cpu() -> int:
@@ -30,10 +34,10 @@ def current_cpu() -> int:
 
 
 class Placement:
-    """The workers' CPUs: fixed, or every allowed CPU but the scheduler thread's."""
+    """Every CPU the host may use but the scheduler thread's; ``allowed`` empty (``worker_cpus`` given, or
+    the threads engine): never moves a worker."""
 
-    def __init__(self, fixed: list[int], allowed: set[int]):
-        self.fixed = tuple(sorted(fixed))  # worker_cpus as configured: never moved
+    def __init__(self, allowed: set[int]):
         self.allowed = frozenset(allowed)  # the CPUs the host may use
         self.avoid = current_cpu()  # the scheduler thread's CPU, which no worker uses
         self._seen = self.avoid  # where the scheduler thread was at the last look
@@ -42,24 +46,27 @@ class Placement:
 
     @property
     def following(self) -> bool:
-        return not self.fixed and len(self.allowed) > 1 and self.avoid in self.allowed
+        return len(self.allowed) > 1
 
-    def cpus(self) -> tuple[int, ...]:
-        """The CPUs a worker may run on now."""
-        if not self.following:
-            return self.fixed
-        return tuple(sorted(self.allowed - {self.avoid}))
+    def started(self, pid: int) -> None:
+        """A worker process just spawned: off the scheduler thread's CPU as it is now, before its
+        interpreter's start-up (tens of ms of CPU) runs; from the host, so a refusal fails nothing. Once
+        ready, with all its lanes, ``follow`` moves it once more."""
+        if self.following:
+            _move(pid, self.allowed - {self.avoid})
 
-    def follow(self, ready: list[int], now: float) -> None:
-        """Called by the scheduler thread: move the workers (pids ``ready``) off its CPU, if it changed."""
+    def follow(self, ready_pids: Callable[[], list[int]], now: float) -> None:
+        """Called by the scheduler thread: move the ready workers off its CPU, if it changed. ``ready_pids``
+        is asked only when it is time to look: most calls are between looks, and cost only the clock."""
         if now < self._next_look or not self.following:
             return
         self._next_look = now + LOOK_SECONDS
+        ready = ready_pids()
         here = current_cpu()
         if here != self.avoid and here == self._seen and here in self.allowed:
             self.avoid = here
         self._seen = here
-        cpus = set(self.cpus())
+        cpus = self.allowed - {self.avoid}
         self._placed = {pid: avoided for pid, avoided in self._placed.items() if pid in ready}
         for pid in ready:
             if self._placed.get(pid) != self.avoid:
@@ -67,7 +74,7 @@ class Placement:
                 self._placed[pid] = self.avoid
 
 
-def _move(pid: int, cpus: set[int]) -> None:
+def _move(pid: int, cpus: frozenset[int]) -> None:
     """Every thread of process ``pid`` onto ``cpus`` (affinity belongs to a thread); one gone meanwhile is skipped."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")

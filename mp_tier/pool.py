@@ -86,6 +86,7 @@ class WorkerPool:
             boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs), os.getpid())
             fds = (*ends, self._root, self._region.fd, self.slots.fd)
             worker = ProcessWorker(index, interpreter.command("mp_tier.worker_process", encode_boot(boot)), fds)
+            self.placement.started(worker.pid)
         self._workers[index] = worker
         self._by_fd[worker.death_fd] = index
         self._poller.register(worker.death_fd, select.POLLIN)
@@ -200,7 +201,7 @@ class WorkerPool:
 
     def follow_scheduler(self, now: float) -> None:
         """From the scheduler's step: keep the ready workers off the CPU its thread is on."""
-        self.placement.follow(self.pids(ready=True), now)
+        self.placement.follow(lambda: self.pids(ready=True), now)
 
     # -- stopping ----------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from .pool import WorkerPool
 from .residency import Residency
 from .shared_cache import primary_memory
 from .worker import WorkerSpec
-from .worker_process import policy_refused
+from .worker_process import cpus_refused, policy_refused
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
             raise ValueError(f"worker_cpus {unknown} are not CPUs this process may run on ({sorted(os.sched_getaffinity(0))})")
         if config.engine == "processes" and (why := policy_refused(config.worker_sched)):
             raise ValueError(f"worker_sched = {config.worker_sched!r} is refused here: {why}")
-        placement = Placement(config.worker_cpus, os.sched_getaffinity(0) if config.engine == "processes" else set())
+        if config.engine == "processes" and (why := cpus_refused(config.worker_cpus)):
+            raise ValueError(f"worker_cpus = {config.worker_cpus} is refused here: {why}")
+        placement = Placement(os.sched_getaffinity(0) if config.engine == "processes" and not config.worker_cpus else set())
         wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         fds.extend(wake)
         specs = [
@@ -95,7 +97,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
                 touch_on_use=config.max_bytes > 0,
                 owners=owners,
                 nice=config.worker_nice,
-                cpus=placement.cpus(),
+                cpus=tuple(config.worker_cpus),
                 sched=config.worker_sched,
                 io_depth=config.io_depth if config.engine == "processes" else 1,
                 run=run,

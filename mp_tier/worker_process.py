@@ -37,25 +37,35 @@ TEST_PAUSE = "MP_TIER_TEST_PAUSE"
 _POLICIES = {"batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
 
 
-def policy_refused(policy: str) -> str | None:
-    """Why a worker could not take scheduling ``policy`` here (a sandbox that forbids it), or None.
+def _refused(attempt: Callable[[], None]) -> str | None:
+    """Why ``attempt`` fails in a short-lived thread of the host (a sandbox that forbids it), or None.
 
-    Tried in a short-lived thread of the host: on Linux a policy belongs to the thread that sets it.
+    A thread of its own: on Linux a scheduling policy and a CPU affinity belong to the thread that sets them.
     """
-    if policy not in _POLICIES:
-        return None
     refusals: list[OSError] = []
 
-    def attempt() -> None:
+    def trial() -> None:
         try:
-            os.sched_setscheduler(0, _POLICIES[policy], os.sched_param(0))
+            attempt()
         except OSError as e:
             refusals.append(e)
 
-    trial = threading.Thread(target=attempt, name="mp_tier-policy-check")
-    trial.start()
-    trial.join()
+    thread = threading.Thread(target=trial, name="mp_tier-refusal-check")
+    thread.start()
+    thread.join()
     return refusals[0].strerror if refusals else None
+
+
+def policy_refused(policy: str) -> str | None:
+    """Why a worker could not take scheduling ``policy`` here, or None."""
+    if policy not in _POLICIES:
+        return None
+    return _refused(lambda: os.sched_setscheduler(0, _POLICIES[policy], os.sched_param(0)))
+
+
+def cpus_refused(cpus: list[int]) -> str | None:
+    """Why a worker could not keep to ``cpus`` (``worker_cpus``) here, or None."""
+    return _refused(lambda: os.sched_setaffinity(0, cpus)) if cpus else None
 
 
 class Boot(msgspec.Struct, array_like=True):

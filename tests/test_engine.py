@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import signal
@@ -645,6 +646,33 @@ def test_by_default_the_workers_keep_off_the_cpu_of_the_thread_that_calls_get_fi
 
 
 @pytest.mark.parametrize("engine", ["processes"])
+def test_a_worker_replaced_after_the_scheduler_thread_moved_starts_off_its_cpu(make_tier, engine):
+    """A replacement's start-up (tens of ms of CPU) keeps off the scheduler thread's CPU as it is now, not as
+    it was at construction, before any get_finished() moves it."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    tier = make_tier()
+    wait_ready(tier)
+    (at_construction,) = worker_cpus(tier)
+    here = min(at_construction)  # the scheduler thread moves onto a CPU the construction gave the workers
+    try:
+        os.sched_setaffinity(0, {here})
+        until_workers_on(tier, allowed - {here})
+        before = set(tier.worker_pids())
+        os.kill(min(before), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while tier.stats().workers_restarted < 1:  # no get_finished() from here on: nothing follows the scheduler
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            tier.wait(0.01)
+        wait_ready(tier)
+        (replacement,) = set(tier.worker_pids()) - before
+        assert os.sched_getaffinity(replacement) == allowed - {here}
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
 def test_worker_cpus_given_are_kept_wherever_the_scheduler_thread_runs(make_tier, engine):
     from mp_tier import TierConfig
 
@@ -692,35 +720,85 @@ def test_worker_cpus_the_host_cannot_use_are_refused(cache, tmp_path):
         FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path), config=TierConfig(worker_cpus=[4095]))
 
 
-REFUSED_POLICY_HOST = textwrap.dedent(
+REFUSED_SETTING_HOST = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from mp_tier import FileSystemTierManager, PrimaryCache, TierConfig
     with PrimaryCache.create(4, 65536) as cache:
         try:
-            FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=TierConfig(worker_sched="idle"))
+            FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=TierConfig(**json.loads(sys.argv[2])))
         except ValueError as e:
             print(e)
     """
 )
 
 
-def test_a_worker_sched_the_host_may_not_take_is_refused_at_construction(tmp_path):
-    """A sandbox whose seccomp profile refuses sched_setscheduler (stood in for by a libc shim that fails
-    it with EPERM): the constructor names the setting, instead of workers dying at start until the tier
-    breaks."""
-    shim = tmp_path / "refuse_sched.so"
-    source = tmp_path / "refuse_sched.c"
-    source.write_text(
-        "#include <errno.h>\n#include <sched.h>\n"
-        "int sched_setscheduler(pid_t pid, int policy, const struct sched_param *param) { errno = EPERM; return -1; }\n"
-    )
+def libc_shim(tmp_path, name: str, source: str) -> dict[str, str]:
+    """The environment of a host whose libc call ``source`` overrides (stands in for a seccomp profile that
+    refuses a system call with EPERM); skips without a C compiler."""
+    shim = tmp_path / f"{name}.so"
+    (tmp_path / f"{name}.c").write_text(source)
     try:
-        built = subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(source)], capture_output=True, text=True)
+        built = subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / f"{name}.c")], capture_output=True, text=True)
     except FileNotFoundError:
         pytest.skip("no C compiler to build the shim")
     assert built.returncode == 0, built.stderr
-    env = {**os.environ, "LD_PRELOAD": str(shim)}
-    done = subprocess.run([sys.executable, "-c", REFUSED_POLICY_HOST, str(tmp_path / "blocks")], env=env, capture_output=True, text=True, timeout=60)
+    return {**os.environ, "LD_PRELOAD": str(shim)}
+
+
+REFUSE_POLICY = (
+    "#include <errno.h>\n#include <sched.h>\n"
+    "int sched_setscheduler(pid_t pid, int policy, const struct sched_param *param) { errno = EPERM; return -1; }\n"
+)
+REFUSE_AFFINITY = (
+    "#include <errno.h>\n#include <sched.h>\n"
+    "int sched_setaffinity(pid_t pid, size_t size, const cpu_set_t *set) { errno = EPERM; return -1; }\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("refuse", "setting", "said"),
+    [
+        (REFUSE_POLICY, {"worker_sched": "idle"}, "worker_sched = 'idle'"),
+        (REFUSE_AFFINITY, {"worker_cpus": [cpu := min(os.sched_getaffinity(0))]}, f"worker_cpus = [{cpu}]"),
+    ],
+    ids=["worker_sched", "worker_cpus"],
+)
+def test_a_worker_setting_the_host_may_not_apply_is_refused_at_construction(tmp_path, refuse, setting, said):
+    """A sandbox whose seccomp profile refuses sched_setscheduler or sched_setaffinity (stood in for by a
+    libc shim that fails it with EPERM): the constructor names the setting, instead of workers dying at
+    start until the tier breaks."""
+    env = libc_shim(tmp_path, "refuse", refuse)
+    host = [sys.executable, "-c", REFUSED_SETTING_HOST, str(tmp_path / "blocks"), json.dumps(setting)]
+    done = subprocess.run(host, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "worker_sched = 'idle' is refused here: Operation not permitted"
+    assert done.stdout.strip() == f"{said} is refused here: Operation not permitted", done.stderr[-2000:]
+
+
+REFUSED_AFFINITY_HOST = textwrap.dedent(
+    """
+    import sys, time
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    with PrimaryCache.create(4, 65536) as cache:
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1])
+        tier.submit_store(JobMetadata(job_id=1, keys=[bytes(36)], block_ids=[0]))
+        results, deadline = [], time.monotonic() + 0.5  # several looks at the scheduler thread's CPU
+        while time.monotonic() < deadline or not results:
+            results += tier.get_finished()
+            time.sleep(0.01)
+        print([(r.job_id, r.success) for r in results], tier.stats().workers_restarted)
+        tier.shutdown()
+    """
+)
+
+
+def test_a_sandbox_that_refuses_sched_setaffinity_leaves_the_default_tier_working(tmp_path):
+    """Keeping the workers off the scheduler thread's CPU is a hint: where a seccomp profile refuses
+    sched_setaffinity, workers start and serve where the kernel puts them, and no call fails."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    env = libc_shim(tmp_path, "refuse_affinity", REFUSE_AFFINITY)
+    host = [sys.executable, "-c", REFUSED_AFFINITY_HOST, str(tmp_path / "blocks")]
+    done = subprocess.run(host, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[(1, True)] 0", done.stderr[-2000:]
