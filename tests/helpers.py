@@ -102,6 +102,24 @@ def stop_processes(pids) -> None:
             time.sleep(0.001)
 
 
+@contextlib.contextmanager
+def processes_stopped(pids) -> Iterator[None]:
+    """``stop_processes``, and SIGCONT to each on the way out, whatever happened inside."""
+    stop_processes(pids)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def all_succeed(tier: FileSystemTierManager, jobs: int) -> None:
+    """Once the tier has finished everything: exactly ``jobs`` results, all successful."""
+    tier.drain(60)
+    results = tier.get_finished()
+    assert len(results) == jobs and all(r.success for r in results)
+
+
 def _all_threads_stopped(pid: int) -> bool:
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):

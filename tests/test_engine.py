@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job, stop_processes, wait_ready, worker_threads
+from helpers import BLOCK, all_succeed, fill_random, make_keys, processes_stopped, run_job, stop_processes, wait_ready, worker_threads
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
 
@@ -390,9 +390,7 @@ def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
 
     tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=10))
     tier.drain(30)
-    pids = tier.worker_pids()
-    stop_processes(pids)
-    try:
+    with processes_stopped(tier.worker_pids()):
         job = 0
         while tier.stats().tasks_queued < 10:
             job += 1
@@ -400,12 +398,7 @@ def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
         tier.submit_store(JobMetadata(job_id=0, keys=make_keys(1, seed=0), block_ids=[0]))
         refused = tier.get_finished()
         assert [(r.job_id, r.success) for r in refused] == [(0, False)] and refused[0].error_code == "EAGAIN"
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-    tier.drain(60)
-    results = tier.get_finished()
-    assert len(results) == job and all(r.success for r in results)
+    all_succeed(tier, job)
 
 
 def fill_until_refused(tier, first_job: int) -> int:
@@ -428,19 +421,12 @@ def test_probes_already_in_the_pipe_leave_the_job_queue_its_limit(make_tier, eng
 
     tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=4))
     wait_ready(tier)
-    pids = tier.worker_pids()
-    stop_processes(pids)
-    try:
+    with processes_stopped(tier.worker_pids()):
         assert tier.lookup_many(make_keys(256, seed=1)) == [False] * 256
         assert tier.stats().tasks_queued == 0, "the probes are in the pipe, none on the host"
         queued = fill_until_refused(tier, 0)
         assert tier.stats().tasks_queued == 4, "stores were queued on the host past max_queued_tasks"
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-    tier.drain(60)
-    results = tier.get_finished()
-    assert len(results) == queued and all(r.success for r in results)
+    all_succeed(tier, queued)
 
 
 @pytest.mark.parametrize("engine", ["processes"])
