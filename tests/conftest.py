@@ -7,7 +7,9 @@ tests/unit overrides ``no_leaks`` with a check that nothing there starts a proce
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,12 @@ def plant_chain():
     yield plant
     for base in planted:
         subprocess.run(["rm", "-rf", str(base / "d")], check=True)  # rm walks any depth; shutil.rmtree recurses
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory like /tmp (mode 1777) where a second user can make things."""
+    path = Path(tempfile.mkdtemp(prefix="mp_tier_shared_", dir="/tmp"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path)

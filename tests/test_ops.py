@@ -7,10 +7,8 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,14 +332,6 @@ def test_hostile_trees_are_reported_and_skipped_never_a_traceback_nothing_outsid
     assert "namespace ns-\\xff: skipped: no config.json" in out and "namespace elsewhere: skipped: a symlink, never followed" in out
 
 
-@pytest.fixture
-def shared_dir():
-    """A directory like /tmp (mode 1777) where a second user can make things."""
-    path = Path(tempfile.mkdtemp(prefix="mp_tier_ops_", dir="/tmp"))
-    path.chmod(0o1777)
-    yield path
-    shutil.rmtree(path)
-
 
 def quietly(argv: list[str]) -> tuple[int, str, str]:
     """``mp-tier ARGV`` with its output kept, for a forked child of another uid (capsys stays in the parent)."""
@@ -351,8 +341,8 @@ def quietly(argv: list[str]) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
-def test_a_root_another_user_owns_is_one_line_for_them(shared_dir):
-    root = shared_dir / "root"
+def test_a_root_another_user_owns_is_one_line_for_them(shared_tmp):
+    root = shared_tmp / "root"
     root.mkdir(mode=0o700)
 
     def as_nobody() -> None:

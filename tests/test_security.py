@@ -86,14 +86,6 @@ def test_the_namespace_directory_as_a_symlink_is_refused(cache, tmp_path):
     assert list(elsewhere.iterdir()) == []
 
 
-@pytest.fixture
-def shared_tmp():
-    """A directory like /tmp (mode 1777) where a second user can make things."""
-    path = Path(tempfile.mkdtemp(prefix="mp_tier_shared_", dir="/tmp"))
-    path.chmod(0o1777)
-    yield path
-    shutil.rmtree(path)
-
 
 def as_user(uid: int, gids: list[int], act: Callable[[], None], umask: int = 0o022) -> None:
     """Run ``act()`` in a forked child that switched to ``uid`` (primary group ``gids[0]``), as root may."""
