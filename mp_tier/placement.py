@@ -46,14 +46,20 @@ class Placement:
 
     @property
     def following(self) -> bool:
+        """Whether workers are placed at all: the host may use more than one CPU, and ``worker_cpus`` is empty."""
         return len(self.allowed) > 1
+
+    @property
+    def cpus(self) -> frozenset[int]:
+        """The CPUs a worker may run on now."""
+        return self.allowed - {self.avoid}
 
     def started(self, pid: int) -> None:
         """A worker process just spawned: off the scheduler thread's CPU as it is now, before its
         interpreter's start-up (tens of ms of CPU) runs; from the host, so a refusal fails nothing. Once
         ready, with all its lanes, ``follow`` moves it once more."""
         if self.following:
-            _move(pid, self.allowed - {self.avoid})
+            _move(pid, self.cpus)
 
     def follow(self, ready_pids: Callable[[], list[int]], now: float) -> None:
         """Called by the scheduler thread: move the ready workers off its CPU, if it changed. ``ready_pids``
@@ -66,7 +72,7 @@ class Placement:
         if here != self.avoid and here == self._seen and here in self.allowed:
             self.avoid = here
         self._seen = here
-        cpus = self.allowed - {self.avoid}
+        cpus = self.cpus
         self._placed = {pid: avoided for pid, avoided in self._placed.items() if pid in ready}
         for pid in ready:
             if self._placed.get(pid) != self.avoid:
