@@ -13,6 +13,7 @@ This module imports no numpy: a worker process starts with the little it needs.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from typing import Any
@@ -20,6 +21,10 @@ from typing import Any
 import msgspec
 
 PAGE = mmap.ALLOCATIONGRANULARITY
+_MADV_POPULATE_READ = 22  # Linux 5.14+
+_madvise = ctypes.CDLL(None, use_errno=True).madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_madvise.restype = ctypes.c_int
 
 
 class SharedRegion(msgspec.Struct, frozen=True):
@@ -39,6 +44,40 @@ def map_region(region: SharedRegion) -> tuple[mmap.mmap, memoryview]:
     start = region.offset - region.offset % PAGE
     mapping = mmap.mmap(region.fd, region.length + region.offset - start, mmap.MAP_SHARED, offset=start)
     return mapping, memoryview(mapping)[region.offset - start :]
+
+
+class Prefault:
+    """Maps each block's pages into this process's page tables before its first I/O here, in one system call.
+
+    A worker maps the cache afresh, so its first I/O on each page faults, and
+    a load's copy into the cache (or O_DIRECT's page pinning) takes a write
+    fault per 4 KiB page: the first load of a 2 MiB block into a fresh mapping
+    cost 820 µs on tmpfs against 158 µs once mapped. ``MADV_POPULATE_READ``
+    maps the same pages 16 at a time (fault-around), writable since the
+    mapping is shared: 290 µs, once per block and process. Nothing is mapped
+    that the I/O would not map but, in the same 64 KiB windows, pages of the
+    neighbouring blocks already in memory. A kernel without it
+    (before 5.14: EINVAL) turns it off; any other refusal leaves the block to
+    fault as before.
+
+    Lanes share one: a block two lanes start at once is mapped twice, which is harmless.
+    """
+
+    def __init__(self, view: memoryview, block_bytes: int) -> None:
+        self._start = buffer_address(view)
+        self._block_bytes = block_bytes
+        self._mapped: set[int] = set()  # blocks whose pages this process has mapped (or tried to)
+        self._on = True  # until the kernel says it has no MADV_POPULATE_READ
+
+    def block(self, block_id: int) -> None:
+        """Map block ``block_id``'s pages, unless done before; never fails."""
+        if not self._on or block_id in self._mapped:
+            return
+        self._mapped.add(block_id)
+        first = self._start + block_id * self._block_bytes
+        page = first - first % PAGE
+        if _madvise(page, first + self._block_bytes - page, _MADV_POPULATE_READ) != 0 and ctypes.get_errno() == errno.EINVAL:
+            self._on = False
 
 
 def buffer_address(view: memoryview) -> int:

@@ -29,6 +29,7 @@ import msgspec
 from . import block_io, housekeeping
 from .channels import EndOfTasks, WorkerEnds, hush, ring, send_completion, take_task, waiting_bytes
 from .layout import BlockLayout
+from .memory import Prefault
 from .messages import Completion, Op, Task
 from .namespace import Owners, held, renew
 from .slots import CLAIMING, IDLE, MAIN, NESTED, Slots
@@ -36,6 +37,7 @@ from .slots import CLAIMING, IDLE, MAIN, NESTED, Slots
 _MAX_ERROR_CHARS = 512
 _SCAN_BATCH_BYTES = 3000  # keys per scan completion, well under PIPE_BUF with their framing
 _PLACING = frozenset({Op.STORE, Op.PROBE})  # ops whose completion says which blocks are at their paths
+_MOVING = frozenset({Op.LOAD, Op.STORE})  # ops that move a block's bytes through the cache
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -58,7 +60,14 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     run: dict[str, str | int] = {}  # the run config.json records, to make the namespace again if it is removed
 
 
-def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None = None) -> Iterator[Completion]:
+def handle(
+    spec: WorkerSpec,
+    root: int,
+    cache: memoryview,
+    task: Task,
+    between: Callable[[], None] | None = None,
+    prefault: Prefault | None = None,
+) -> Iterator[Completion]:
     """The completion of a task; a scan sends its findings in several.
 
     A scan or sweep that fails (the namespace changed under it) ends with its
@@ -66,7 +75,7 @@ def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: 
     takes a worker down.
     """
     if task.op not in (Op.SCAN, Op.SWEEP):
-        yield per_block(spec, root, cache, task, between)
+        yield per_block(spec, root, cache, task, between, prefault)
         return
     try:
         if task.op == Op.SCAN:
@@ -130,11 +139,14 @@ def _failed(spec: WorkerSpec, task: Task, e: Exception, kept: list[int]) -> Comp
     return Completion(task.seq, spec.index, 0, list(range(len(task.keys))), error[:_MAX_ERROR_CHARS], code, kept=kept)
 
 
-def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None) -> Completion:
+def per_block(
+    spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None, prefault: Prefault | None
+) -> Completion:
     """Do ``task.op`` to every block of the task; a failed block does not stop the others.
 
     ``between`` runs before every block but the first: a read-priority worker
-    serves loads there that arrived while it was storing.
+    serves loads there that arrived while it was storing. ``prefault`` maps a
+    block's cache pages before its bytes move (a worker process's own mapping).
     """
     error = code = None
     kept: list[int] = []
@@ -157,6 +169,8 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
         if between is not None and i:
             between()
         path = spec.layout.locate(key)
+        if prefault is not None and op in _MOVING:
+            prefault.block(block_id)
         try:
             if op == Op.LOAD:
                 nbytes += block_io.load_block(
@@ -207,6 +221,7 @@ def run_worker(
     pause: Callable[[Task, bool], None] | None = None,
     lane: int = 0,
     host: int | None = None,
+    prefault: Prefault | None = None,
 ) -> None:
     """Serve tasks until the host closes both task pipes, naming them in ``lane``'s slots.
 
@@ -237,7 +252,7 @@ def run_worker(
 
     def run(task: Task, slot: int) -> None:
         between = loads_first if spec.read_priority and task.op == Op.STORE else watch
-        for completion in in_namespace(spec, root, task, lambda: handle(spec, root, cache, task, between)):
+        for completion in in_namespace(spec, root, task, lambda: handle(spec, root, cache, task, between, prefault)):
             send_completion(ends.results, completion)
         slots.set(me, slot, IDLE, lane)
 
