@@ -333,3 +333,19 @@ def test_a_kernel_without_populate_read_leaves_blocks_to_fault_as_before(tmp_pat
     assert done.returncode == 0, done.stderr
     tried = log.read_text().split()
     assert tried and len(tried) == len(set(tried))  # once in each worker that moved bytes (either may take either op)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_load_that_finds_no_block_leaves_the_engines_memory_unallocated(make_tier, split_file):
+    """A sparse engine file (vLLM's ftruncate()d region): a load whose blocks are not on disk reads no byte
+    and writes none into the cache, so no page of its blocks comes into being (tmpfs allocates a page on
+    any fault, a read fault or a populate included)."""
+    _, fd, mapping = split_file
+    blocks = np.frombuffer(mapping, dtype=np.uint8).reshape(16, BLOCK)
+    tier = make_tier(view=blocks, n_read_workers=1, n_write_workers=1)
+    before = os.fstat(fd).st_blocks
+    result = run_job(tier, "load", JobMetadata(job_id=1, keys=make_keys(4), block_ids=[8, 9, 10, 11]))
+    assert not result.success
+    assert os.fstat(fd).st_blocks * 512 - before * 512 == 0
+    tier.shutdown()
+    del blocks
