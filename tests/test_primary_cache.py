@@ -349,3 +349,32 @@ def test_a_load_that_finds_no_block_leaves_the_engines_memory_unallocated(make_t
     assert os.fstat(fd).st_blocks * 512 - before * 512 == 0
     tier.shutdown()
     del blocks
+
+
+def _mapped_bytes(pid: int, path: str) -> int:
+    """Bytes of ``path`` that process ``pid`` has in its page tables (the Rss of its mappings of it)."""
+    total, counting = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0]:
+            counting = line.endswith(path)
+        elif counting and line.startswith("Rss:"):
+            total += int(line.split()[1]) << 10
+    return total
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_store_of_blocks_already_on_disk_maps_none_of_their_pages(make_tier, split_file):
+    """A store whose blocks are whole on disk already writes nothing: the worker neither reads the cache nor
+    maps its pages (each would cost it a populate or faults, and page tables, for no byte moved)."""
+    path, _, mapping = split_file
+    blocks = np.frombuffer(mapping, dtype=np.uint8).reshape(16, BLOCK)
+    blocks[:4] = np.random.default_rng(5).integers(0, 256, (4, BLOCK), dtype=np.uint8)
+    keys = make_keys(4)
+    first = make_tier(view=blocks, n_read_workers=1, n_write_workers=1)
+    assert run_job(first, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2, 3])).success
+    first.shutdown()
+    again = make_tier(view=blocks, n_read_workers=1, n_write_workers=1)
+    assert run_job(again, "store", JobMetadata(job_id=2, keys=keys, block_ids=[0, 1, 2, 3])).success
+    assert [_mapped_bytes(pid, path) for pid in again.worker_pids()] == [0, 0]
+    again.shutdown()
+    del blocks
