@@ -19,6 +19,7 @@ tell which tasks a dead worker held.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import select
@@ -37,7 +38,6 @@ from .slots import CLAIMING, IDLE, MAIN, NESTED, Slots
 _MAX_ERROR_CHARS = 512
 _SCAN_BATCH_BYTES = 3000  # keys per scan completion, well under PIPE_BUF with their framing
 _PLACING = frozenset({Op.STORE, Op.PROBE})  # ops whose completion says which blocks are at their paths
-_MOVING = frozenset({Op.LOAD, Op.STORE})  # ops that move a block's bytes through the cache
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -146,7 +146,8 @@ def per_block(
 
     ``between`` runs before every block but the first: a read-priority worker
     serves loads there that arrived while it was storing. ``prefault`` maps a
-    block's cache pages before its bytes move (a worker process's own mapping).
+    block's cache pages once its bytes are about to move (a worker process's
+    own mapping): a load that misses or a store skipped maps none.
     """
     error = code = None
     kept: list[int] = []
@@ -169,12 +170,11 @@ def per_block(
         if between is not None and i:
             between()
         path = spec.layout.locate(key)
-        if prefault is not None and op in _MOVING:
-            prefault.block(block_id)
+        ready = None if prefault is None else functools.partial(prefault.block, block_id)
         try:
             if op == Op.LOAD:
                 nbytes += block_io.load_block(
-                    root, path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum, owners=spec.owners
+                    root, path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum, owners=spec.owners, ready=ready
                 )
                 if spec.touch_on_use:
                     block_io.note_use(root, path)
@@ -190,6 +190,7 @@ def per_block(
                     dir_mode=spec.dir_mode,
                     checksum=spec.checksum,
                     owners=spec.owners,
+                    ready=ready,
                 )
                 nbytes += moved
                 if moved == 0:
