@@ -125,7 +125,7 @@ def _serve(boot: Boot, view: memoryview, slots: Slots) -> None:
     process named, and no lane is left serving with a claim that never ends.
     """
     pause = _test_pause()
-    prefault = Prefault(view, boot.spec.block_bytes)
+    prefault = Prefault(view, boot.spec.block_bytes, boot.cache.fd)
 
     def lane(index: int) -> None:
         try:

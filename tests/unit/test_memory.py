@@ -26,31 +26,38 @@ def present(view: memoryview) -> list[bool]:
     return [bool(entry >> 63) for (entry,) in struct.iter_unpack("<Q", entries)]
 
 
+def written(fd: int) -> int:
+    """``fd``, its cache file's pages made to exist (another mapping wrote them), as a new worker finds them."""
+    os.ftruncate(fd, BLOCKS * BLOCK)
+    with mmap.mmap(fd, BLOCKS * BLOCK) as writer:
+        writer.write(os.urandom(BLOCKS * BLOCK))
+    return fd
+
+
 @pytest.fixture
-def fresh_view() -> Iterator[memoryview]:
-    """A cache file whose pages exist (another mapping wrote them), mapped again as a new worker maps it."""
-    fd = os.memfd_create("cache")
-    try:
-        os.ftruncate(fd, BLOCKS * BLOCK)
-        with mmap.mmap(fd, BLOCKS * BLOCK) as writer:
-            writer.write(os.urandom(BLOCKS * BLOCK))
-        mapping = mmap.mmap(fd, BLOCKS * BLOCK)
-    finally:
-        os.close(fd)
-    view = memoryview(mapping)
-    yield view
-    view.release()
-    mapping.close()
+def memfd() -> Iterator[int]:
+    fd = written(os.memfd_create("cache"))
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def fresh_view(memfd) -> Iterator[memoryview]:
+    """The cache file mapped again, as a new worker maps it."""
+    with mmap.mmap(memfd, BLOCKS * BLOCK) as mapping:
+        view = memoryview(mapping)
+        yield view
+        view.release()
 
 
 def test_a_fresh_mapping_has_no_page_mapped(fresh_view):
     assert not any(present(fresh_view))
 
 
-def test_prefault_maps_the_blocks_pages_and_at_most_a_fault_around_window_beside(fresh_view):
+def test_prefault_maps_the_blocks_pages_and_at_most_a_fault_around_window_beside(fresh_view, memfd):
     """The kernel maps pages in aligned 64 KiB windows (fault-around, pages already in memory only): a few
     of the neighbours' pages may come along, never a block further away."""
-    Prefault(fresh_view, BLOCK).block(2)
+    Prefault(fresh_view, BLOCK, memfd).block(2)
     pages = present(fresh_view)
     per_block = BLOCK // PAGE
     assert all(pages[2 * per_block : 3 * per_block])
@@ -66,21 +73,16 @@ def file_system(path: Path) -> str:
 
 @pytest.fixture(params=["tmpfs", "disk"])
 def written_file(request, tmp_path) -> Iterator[int]:
-    """An fd of a cache file whose pages exist: a memfd (tmpfs, as /dev/shm), or a file on a file system that
-    tracks writes to shared mappings (the engine may map any shared file)."""
+    """An fd of a written cache file: a memfd (tmpfs, as /dev/shm), or a file on a file system that tracks
+    writes to shared mappings (the engine may map any shared file)."""
     if request.param == "tmpfs":
         fd = os.memfd_create("cache")
+    elif file_system(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on tmpfs: no file system that tracks writes to test on")
     else:
-        if file_system(tmp_path) in ("tmpfs", "ramfs"):
-            pytest.skip(f"{tmp_path} is on tmpfs: no file system that tracks writes to test on")
         fd = os.open(tmp_path / "cache", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, BLOCKS * BLOCK)
-        with mmap.mmap(fd, BLOCKS * BLOCK) as writer:
-            writer.write(os.urandom(BLOCKS * BLOCK))
-        yield fd
-    finally:
-        os.close(fd)
+    yield written(fd)
+    os.close(fd)
 
 
 def faults() -> int:
@@ -96,7 +98,7 @@ def test_a_populate_is_done_only_where_it_spares_a_loads_writes_their_faults(wri
     with mmap.mmap(written_file, BLOCKS * BLOCK) as mapping:
         view = memoryview(mapping)
         before = faults()
-        Prefault(view, BLOCK).block(2)
+        Prefault(view, BLOCK, written_file).block(2)
         populating = faults() - before
         before = faults()
         view[2 * BLOCK : 3 * BLOCK] = data
