@@ -89,6 +89,7 @@ class Prefault:
 
 
 def _on_tmpfs(fd: int) -> bool:
+    """Whether ``fd`` is a tmpfs file: the one file system whose pages a read populate maps writable."""
     statfs = (ctypes.c_long * 32)()  # struct statfs, f_type first; 120 bytes on 64-bit Linux
     return _fstatfs(fd, statfs) == 0 and statfs[0] == _TMPFS_MAGIC
 
