@@ -74,14 +74,14 @@ class Prefault:
     def __init__(self, view: memoryview, block_bytes: int, fd: int) -> None:
         self._start = buffer_address(view)
         self._block_bytes = block_bytes
-        self._mapped: set[int] = set()  # blocks whose pages this process has mapped (or tried to)
+        self._mapped = bytearray(view.nbytes // block_bytes)  # 1: this process has mapped the block's pages (or tried to)
         self._on = _on_tmpfs(fd)  # and until the kernel says it has no MADV_POPULATE_READ
 
     def block(self, block_id: int) -> None:
         """Map block ``block_id``'s pages, unless done before; never fails."""
-        if not self._on or block_id in self._mapped:
+        if not self._on or self._mapped[block_id]:
             return
-        self._mapped.add(block_id)
+        self._mapped[block_id] = 1
         first = self._start + block_id * self._block_bytes
         page = first - first % PAGE
         if _madvise(page, first + self._block_bytes - page, _MADV_POPULATE_READ) != 0 and ctypes.get_errno() == errno.EINVAL:
