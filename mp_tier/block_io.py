@@ -20,6 +20,7 @@ import mmap
 import os
 import stat
 import zlib
+from collections.abc import Callable
 
 from .beneath import open_beneath, open_dir
 from .layout import DIRECT_PROBE, XATTR_PROBE, BlockPath, temp_name
@@ -75,6 +76,7 @@ def store_block(
     dir_mode: int,
     checksum: bool,
     owners: Owners,
+    ready: Callable[[], None] | None = None,
 ) -> int:
     """Write a block to ``path`` unless a whole one is there; return the bytes written.
 
@@ -82,7 +84,8 @@ def store_block(
     are renamed into place, so a reader sees a whole block or no file; a
     failure removes the temp file. A file of the wrong size or owner, or
     one this process cannot read, is replaced; an entry that is not a
-    regular file fails the block (EEXIST).
+    regular file fails the block (EEXIST). ``ready`` runs just before the
+    block's bytes are first read, so it never runs for a block skipped.
     """
     leaf = open_dir(root, path.dir, dir_mode)
     try:
@@ -99,6 +102,8 @@ def store_block(
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0), file_mode, dir_fd=leaf)
         try:
             try:
+                if ready is not None:
+                    ready()
                 block = buffer[offset : offset + nbytes]
                 if checksum:
                     os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
@@ -120,7 +125,16 @@ def store_block(
 
 
 def load_block(
-    root: int, path: BlockPath, buffer: memoryview, offset: int, nbytes: int, *, direct: bool, checksum: bool, owners: Owners
+    root: int,
+    path: BlockPath,
+    buffer: memoryview,
+    offset: int,
+    nbytes: int,
+    *,
+    direct: bool,
+    checksum: bool,
+    owners: Owners,
+    ready: Callable[[], None] | None = None,
 ) -> int:
     """Read the block at ``path`` into the buffer; return the bytes read.
 
@@ -128,7 +142,8 @@ def load_block(
     (EINVAL), a file of another owner (EPERM). A file of the wrong size, or
     (with ``checksum``) whose bytes do not match its recorded CRC, is corrupt
     and is removed so the next store can rewrite it (EBADMSG). A block stored
-    without a CRC loads unverified.
+    without a CRC loads unverified. ``ready`` runs just before the first
+    byte reaches the buffer: never for a block missing or refused.
     """
     fd = open_beneath(root, path.rel, _READ | (O_DIRECT if direct else 0))
     try:
@@ -140,6 +155,8 @@ def load_block(
         if st.st_size != nbytes:
             remove_block(root, path)
             raise CorruptBlock(errno.EBADMSG, f"block file holds {st.st_size} of {nbytes} bytes, removed", path.rel)
+        if ready is not None:
+            ready()
         block = buffer[offset : offset + nbytes]
         if (done := _read_into(fd, block)) < nbytes:
             remove_block(root, path)

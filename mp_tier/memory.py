@@ -13,6 +13,7 @@ This module imports no numpy: a worker process starts with the little it needs.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from typing import Any
@@ -20,6 +21,15 @@ from typing import Any
 import msgspec
 
 PAGE = mmap.ALLOCATIONGRANULARITY
+_MADV_POPULATE_READ = 22  # Linux 5.14+
+_TMPFS_MAGIC = 0x01021994  # <linux/magic.h>: /dev/shm, memfd
+_libc = ctypes.CDLL(None, use_errno=True)
+_madvise = _libc.madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_madvise.restype = ctypes.c_int
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+_fstatfs.restype = ctypes.c_int
 
 
 class SharedRegion(msgspec.Struct, frozen=True):
@@ -39,6 +49,49 @@ def map_region(region: SharedRegion) -> tuple[mmap.mmap, memoryview]:
     start = region.offset - region.offset % PAGE
     mapping = mmap.mmap(region.fd, region.length + region.offset - start, mmap.MAP_SHARED, offset=start)
     return mapping, memoryview(mapping)[region.offset - start :]
+
+
+class Prefault:
+    """Maps each block's pages into this process's page tables before its first I/O here, in one system call.
+
+    A worker maps the cache afresh, so its first I/O on each page faults, and
+    a load's copy into the cache (or O_DIRECT's page pinning) takes a write
+    fault per 4 KiB page: the first load of a 2 MiB block into a fresh mapping
+    cost 820 µs on tmpfs against 158 µs once mapped. ``MADV_POPULATE_READ``
+    maps the same pages 16 at a time (fault-around), writable since the
+    mapping is shared and tmpfs tracks no writes: 290 µs, once per block and
+    process. Nothing is mapped that the I/O would not map but, in the same
+    64 KiB windows, pages of the neighbouring blocks already in memory. Off
+    for a file on any other file system (``fd``): one that tracks writes to
+    shared mappings maps the pages read-only, so a load's copy faults on each
+    again and the populate only adds (a first 2 MiB load on ext4: 165 µs
+    faulting, 1025 µs populated). A kernel without it (before 5.14: EINVAL)
+    turns it off; any other refusal leaves the block to fault as before.
+
+    Lanes share one: a block two lanes start at once is mapped twice, which is harmless.
+    """
+
+    def __init__(self, view: memoryview, block_bytes: int, fd: int) -> None:
+        self._start = buffer_address(view)
+        self._block_bytes = block_bytes
+        self._mapped = bytearray(view.nbytes // block_bytes)  # 1: this process has mapped the block's pages (or tried to)
+        self._on = _on_tmpfs(fd)  # and until the kernel says it has no MADV_POPULATE_READ
+
+    def block(self, block_id: int) -> None:
+        """Map block ``block_id``'s pages, unless done before; never fails."""
+        if not self._on or self._mapped[block_id]:
+            return
+        self._mapped[block_id] = 1
+        first = self._start + block_id * self._block_bytes
+        page = first - first % PAGE
+        if _madvise(page, first + self._block_bytes - page, _MADV_POPULATE_READ) != 0 and ctypes.get_errno() == errno.EINVAL:
+            self._on = False
+
+
+def _on_tmpfs(fd: int) -> bool:
+    """Whether ``fd`` is a tmpfs file: the one file system whose pages a read populate maps writable."""
+    statfs = (ctypes.c_long * 32)()  # struct statfs, f_type first; 120 bytes on 64-bit Linux
+    return _fstatfs(fd, statfs) == 0 and statfs[0] == _TMPFS_MAGIC
 
 
 def buffer_address(view: memoryview) -> int:

@@ -19,6 +19,7 @@ tell which tasks a dead worker held.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import select
@@ -29,6 +30,7 @@ import msgspec
 from . import block_io, housekeeping
 from .channels import EndOfTasks, WorkerEnds, hush, ring, send_completion, take_task, waiting_bytes
 from .layout import BlockLayout
+from .memory import Prefault
 from .messages import Completion, Op, Task
 from .namespace import Owners, held, renew
 from .slots import CLAIMING, IDLE, MAIN, NESTED, Slots
@@ -58,7 +60,14 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     run: dict[str, str | int] = {}  # the run config.json records, to make the namespace again if it is removed
 
 
-def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None = None) -> Iterator[Completion]:
+def handle(
+    spec: WorkerSpec,
+    root: int,
+    cache: memoryview,
+    task: Task,
+    between: Callable[[], None] | None = None,
+    prefault: Prefault | None = None,
+) -> Iterator[Completion]:
     """The completion of a task; a scan sends its findings in several.
 
     A scan or sweep that fails (the namespace changed under it) ends with its
@@ -66,7 +75,7 @@ def handle(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: 
     takes a worker down.
     """
     if task.op not in (Op.SCAN, Op.SWEEP):
-        yield per_block(spec, root, cache, task, between)
+        yield per_block(spec, root, cache, task, between, prefault)
         return
     try:
         if task.op == Op.SCAN:
@@ -130,11 +139,15 @@ def _failed(spec: WorkerSpec, task: Task, e: Exception, kept: list[int]) -> Comp
     return Completion(task.seq, spec.index, 0, list(range(len(task.keys))), error[:_MAX_ERROR_CHARS], code, kept=kept)
 
 
-def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None) -> Completion:
+def per_block(
+    spec: WorkerSpec, root: int, cache: memoryview, task: Task, between: Callable[[], None] | None, prefault: Prefault | None
+) -> Completion:
     """Do ``task.op`` to every block of the task; a failed block does not stop the others.
 
     ``between`` runs before every block but the first: a read-priority worker
-    serves loads there that arrived while it was storing.
+    serves loads there that arrived while it was storing. ``prefault`` maps a
+    block's cache pages once its bytes are about to move (a worker process's
+    own mapping): a load that misses or a store skipped maps none.
     """
     error = code = None
     kept: list[int] = []
@@ -157,10 +170,11 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
         if between is not None and i:
             between()
         path = spec.layout.locate(key)
+        ready = None if prefault is None else functools.partial(prefault.block, block_id)
         try:
             if op == Op.LOAD:
                 nbytes += block_io.load_block(
-                    root, path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum, owners=spec.owners
+                    root, path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum, owners=spec.owners, ready=ready
                 )
                 if spec.touch_on_use:
                     block_io.note_use(root, path)
@@ -176,6 +190,7 @@ def per_block(spec: WorkerSpec, root: int, cache: memoryview, task: Task, betwee
                     dir_mode=spec.dir_mode,
                     checksum=spec.checksum,
                     owners=spec.owners,
+                    ready=ready,
                 )
                 nbytes += moved
                 if moved == 0:
@@ -207,6 +222,7 @@ def run_worker(
     pause: Callable[[Task, bool], None] | None = None,
     lane: int = 0,
     host: int | None = None,
+    prefault: Prefault | None = None,
 ) -> None:
     """Serve tasks until the host closes both task pipes, naming them in ``lane``'s slots.
 
@@ -237,7 +253,7 @@ def run_worker(
 
     def run(task: Task, slot: int) -> None:
         between = loads_first if spec.read_priority and task.op == Op.STORE else watch
-        for completion in in_namespace(spec, root, task, lambda: handle(spec, root, cache, task, between)):
+        for completion in in_namespace(spec, root, task, lambda: handle(spec, root, cache, task, between, prefault)):
             send_completion(ends.results, completion)
         slots.set(me, slot, IDLE, lane)
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import msgspec
 
 from .channels import WorkerEnds
-from .memory import SharedRegion, map_region
+from .memory import Prefault, SharedRegion, map_region
 from .messages import Op, Task
 from .slots import Slots
 from .worker import WorkerSpec, run_worker
@@ -125,10 +125,11 @@ def _serve(boot: Boot, view: memoryview, slots: Slots) -> None:
     process named, and no lane is left serving with a claim that never ends.
     """
     pause = _test_pause()
+    prefault = Prefault(view, boot.spec.block_bytes, boot.cache.fd)
 
     def lane(index: int) -> None:
         try:
-            run_worker(boot.spec, boot.root, view, boot.ends, slots, pause, index, boot.host)
+            run_worker(boot.spec, boot.root, view, boot.ends, slots, pause, index, boot.host, prefault)
         except BrokenPipeError:
             pass  # the host is gone; nobody is left to tell. The other lanes end their blocks (no temp file left) and see it too
         except BaseException:

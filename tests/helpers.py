@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -154,3 +155,16 @@ def gluster_volume(cluster: gl.Cluster, log: Callable[[str], None]) -> Iterator[
         yield cluster
     finally:
         gl.teardown(cluster, log)
+
+
+def libc_shim(tmp_path, name: str, source: str) -> dict[str, str]:
+    """The environment of a host (and its workers) whose libc call ``source`` overrides: it stands in for a
+    seccomp profile that refuses a system call, or an older kernel that lacks one; skips without a C compiler."""
+    shim = tmp_path / f"{name}.so"
+    (tmp_path / f"{name}.c").write_text(source)
+    try:
+        built = subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / f"{name}.c")], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no C compiler to build the shim")
+    assert built.returncode == 0, built.stderr
+    return {**os.environ, "LD_PRELOAD": str(shim)}

@@ -16,7 +16,18 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from helpers import BLOCK, all_succeed, fill_random, make_keys, processes_stopped, run_job, stop_processes, wait_ready, worker_threads
+from helpers import (
+    BLOCK,
+    all_succeed,
+    fill_random,
+    libc_shim,
+    make_keys,
+    processes_stopped,
+    run_job,
+    stop_processes,
+    wait_ready,
+    worker_threads,
+)
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
 
@@ -717,19 +728,6 @@ REFUSED_SETTING_HOST = textwrap.dedent(
             print(e)
     """
 )
-
-
-def libc_shim(tmp_path, name: str, source: str) -> dict[str, str]:
-    """The environment of a host whose libc call ``source`` overrides (stands in for a seccomp profile that
-    refuses a system call with EPERM); skips without a C compiler."""
-    shim = tmp_path / f"{name}.so"
-    (tmp_path / f"{name}.c").write_text(source)
-    try:
-        built = subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / f"{name}.c")], capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("no C compiler to build the shim")
-    assert built.returncode == 0, built.stderr
-    return {**os.environ, "LD_PRELOAD": str(shim)}
 
 
 REFUSE_POLICY = (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK, make_keys, open_fds, run_job, shm_segments, wait_exit
+from helpers import BLOCK, libc_shim, make_keys, open_fds, run_job, shm_segments, wait_exit
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
 
@@ -279,3 +279,102 @@ def test_a_closed_cache_is_refused_as_primary_memory(tmp_path):
     cache.close()
     with pytest.raises(ValueError, match=r"primary_kv_view is a closed PrimaryCache: PrimaryCache\(name="):
         FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "blocks"), n_read_workers=1, n_write_workers=1)
+
+
+# madvise(MADV_POPULATE_READ) as a kernel before 5.14 answers it (EINVAL), each attempt logged by pid.
+NO_POPULATE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int madvise(void *addr, size_t length, int advice) {
+    if (advice != 22) return syscall(SYS_madvise, addr, length, advice);
+    char line[24];
+    int fd = open(getenv("POPULATE_LOG"), O_WRONLY | O_APPEND);
+    write(fd, line, snprintf(line, sizeof line, "%d\n", getpid()));
+    close(fd);
+    errno = EINVAL;
+    return -1;
+}
+"""
+
+POPULATE_HOST = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
+    with PrimaryCache.create(32, 65536) as cache:
+        cache.array[:16] = np.random.default_rng(3).integers(-128, 128, (16, 65536), dtype=np.int8)
+        config = TierConfig(n_read_workers=1, n_write_workers=1, io_depth=1)
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=config)
+        keys = [os.urandom(32) + bytes(4) for _ in range(16)]
+        for job in range(4):
+            tier.submit_store(JobMetadata(job_id=job, keys=keys[4 * job : 4 * job + 4], block_ids=list(range(4 * job, 4 * job + 4))))
+        tier.drain(30)
+        tier.submit_load(JobMetadata(job_id=9, keys=keys, block_ids=list(range(16, 32))))
+        tier.drain(30)
+        assert all(result.success for result in tier.get_finished())
+        assert np.array_equal(cache.array[16:], cache.array[:16])
+        tier.shutdown()
+    """
+)
+
+
+def test_a_kernel_without_populate_read_leaves_blocks_to_fault_as_before(tmp_path):
+    """Before Linux 5.14 madvise(MADV_POPULATE_READ) is EINVAL: each worker process tries it once, turns it
+    off, and moves every block byte-exact by faulting its pages in as before."""
+    log = tmp_path / "populate.log"
+    log.touch()
+    env = {**libc_shim(tmp_path, "no_populate", NO_POPULATE), "POPULATE_LOG": str(log)}
+    done = subprocess.run([sys.executable, "-c", POPULATE_HOST, str(tmp_path / "blocks")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    tried = log.read_text().split()
+    assert tried and len(tried) == len(set(tried))  # once in each worker that moved bytes (either may take either op)
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_load_that_finds_no_block_leaves_the_engines_memory_unallocated(make_tier, split_file):
+    """A sparse engine file (vLLM's ftruncate()d region): a load whose blocks are not on disk reads no byte
+    and writes none into the cache, so no page of its blocks comes into being (tmpfs allocates a page on
+    any fault, a read fault or a populate included)."""
+    _, fd, mapping = split_file
+    blocks = np.frombuffer(mapping, dtype=np.uint8).reshape(16, BLOCK)
+    tier = make_tier(view=blocks, n_read_workers=1, n_write_workers=1)
+    before = os.fstat(fd).st_blocks
+    result = run_job(tier, "load", JobMetadata(job_id=1, keys=make_keys(4), block_ids=[8, 9, 10, 11]))
+    assert not result.success
+    assert os.fstat(fd).st_blocks * 512 - before * 512 == 0
+    tier.shutdown()
+    del blocks
+
+
+def _mapped_bytes(pid: int, path: str) -> int:
+    """Bytes of ``path`` that process ``pid`` has in its page tables (the Rss of its mappings of it)."""
+    total, counting = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0]:
+            counting = line.endswith(path)
+        elif counting and line.startswith("Rss:"):
+            total += int(line.split()[1]) << 10
+    return total
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_store_of_blocks_already_on_disk_maps_none_of_their_pages(make_tier, split_file):
+    """A store whose blocks are whole on disk already writes nothing: the worker neither reads the cache nor
+    maps its pages (each would cost it a populate or faults, and page tables, for no byte moved)."""
+    path, _, mapping = split_file
+    blocks = np.frombuffer(mapping, dtype=np.uint8).reshape(16, BLOCK)
+    blocks[:4] = np.random.default_rng(5).integers(0, 256, (4, BLOCK), dtype=np.uint8)
+    keys = make_keys(4)
+    first = make_tier(view=blocks, n_read_workers=1, n_write_workers=1)
+    assert run_job(first, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2, 3])).success
+    first.shutdown()
+    again = make_tier(view=blocks, n_read_workers=1, n_write_workers=1)
+    assert run_job(again, "store", JobMetadata(job_id=2, keys=keys, block_ids=[0, 1, 2, 3])).success
+    assert [_mapped_bytes(pid, path) for pid in again.worker_pids()] == [0, 0]
+    again.shutdown()
+    del blocks
