@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +239,25 @@ def test_every_package_is_listed_for_setuptools():
     listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     found = sorted(".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "mp_tier").rglob("__init__.py"))
     assert "mp_tier.bench" in found and sorted(listed) == found
+
+
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_run_stopped_by_a_signal_removes_what_it_wrote(tmp_path, stop, status):
+    """Ctrl-C, or SIGTERM from a job runner, `timeout` or `kill`, ends a run through its clean-ups: its block
+    files, its run directory and its shared memory go with it."""
+    root = tmp_path / "root"
+    args = ["--block-size", "64k", "--total", "1g", "--seconds", "60", "--workers", "1", "--idle-seconds", "0.05"]
+    proc = subprocess.Popen([*MAIN, *args, "--no-progress", "--root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(root.glob("loadgen-*/**/*.bin")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run wrote no block"
+            time.sleep(0.01)
+        proc.send_signal(stop)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, err
+    assert "interrupted" in err
+    assert not root.exists()
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"{SEGMENT_PREFIX}{proc.pid}_")] == []

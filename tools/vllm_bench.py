@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from mp_tier.bench.driver import Spinner, calibrate_spin
-from mp_tier.bench.errors import UsageError
+from mp_tier.bench.errors import UsageError, stop_on_sigterm, stopped_status
 from mp_tier.bench.keys import Keys
 from mp_tier.bench.root_dir import MARKER, fs_type
 from mp_tier.bench.units import parse_positive, parse_size, parse_workers, size_label
@@ -263,8 +263,9 @@ def run(args: argparse.Namespace, dirs: dict[str, str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status 2 on a usage error, 130 when interrupted."""
+    """Exit status 2 on a usage error, 130 when interrupted, 143 when terminated."""
     args = build_parser().parse_args(argv)
+    stop_on_sigterm()
     dirs: dict[str, str] = {}
     try:
         dirs = root_dirs(args)
@@ -275,9 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"vllm_bench: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("vllm_bench: interrupted", file=sys.stderr)
-        return 130
+        return stopped_status(stop)
     finally:
         for d in dirs.values():
             shutil.rmtree(d, ignore_errors=True)

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from ..config import TierConfig
 from .case import Case, Settings
 from .driver import calibrate_spin
-from .errors import UsageError
+from .errors import UsageError, stop_on_sigterm, stopped_status
 from .plot import load_pyplot, plot
 from .records import COMPARES, Ratio, RunRecord, compute_ratios
 from .report import print_case, write_json
@@ -126,8 +126,9 @@ def run(args: argparse.Namespace, run_dir: str) -> tuple[list[RunRecord], list[R
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Exit status 2 on a usage error (as argparse), 130 when interrupted."""
+    """Exit status 2 on a usage error (as argparse), 130 when interrupted, 143 when terminated."""
     args = build_parser(prog).parse_args(argv)
+    stop_on_sigterm()
     try:
         if args.plot:
             if not args.sweep:
@@ -143,9 +144,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             write_json(args.json, args, run_dir, runs, ratios)
         if args.plot:
             plot(args.plot, args.sweep[0], [label for label, _ in args.sweep[1]], runs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("loadgen: interrupted", file=sys.stderr)
-        return 130
+        return stopped_status(stop)
     finally:
         cleanup(run_dir, created, args.keep)
     return 0
