@@ -106,14 +106,11 @@ def open_dir(dir_fd: int, path: str, create_mode: int | None = None) -> int:
         return fd
     if create_mode is None:
         raise _refusal(errno.ENOENT, path)
+    parts = _parts(path)
     current = dir_fd
     try:
-        for name in _parts(path):
-            try:
-                os.mkdir(name, create_mode, dir_fd=current)
-            except FileExistsError:
-                pass  # made meanwhile by another worker, or only a deeper part was missing
-            child = os.open(name, DIR_FLAGS, dir_fd=current)
+        for i, name in enumerate(parts, 1):
+            child = _child_dir(current, name, create_mode, missing=i == len(parts))
             if current != dir_fd:
                 os.close(current)
             current = child
@@ -122,3 +119,22 @@ def open_dir(dir_fd: int, path: str, create_mode: int | None = None) -> int:
             os.close(current)
         raise
     return current
+
+
+def _child_dir(parent: int, name: str, mode: int, *, missing: bool) -> int:
+    """The O_PATH fd of directory ``name`` in ``parent``, made if it is not there.
+
+    ``missing`` says which to try first: the last part of a path that failed
+    is the one a new block usually lacks, its parents usually exist. A wrong
+    guess costs one failed call.
+    """
+    if not missing:
+        try:
+            return os.open(name, DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+    try:
+        os.mkdir(name, mode, dir_fd=parent)
+    except FileExistsError:
+        pass  # made meanwhile by another worker, or only a deeper part was missing
+    return os.open(name, DIR_FLAGS, dir_fd=parent)
