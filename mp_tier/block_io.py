@@ -89,11 +89,7 @@ def store_block(
     """
     leaf = open_dir(root, path.dir, dir_mode)
     try:
-        try:
-            st = os.stat(path.name, dir_fd=leaf, follow_symlinks=False)
-        except FileNotFoundError:
-            pass
-        else:
+        if (st := _entry(leaf, path.name)) is not None:
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EEXIST, f"{_kind(st.st_mode)}, not a block file, is in the way", path.rel)
             if st.st_size == nbytes and owners.allow(st) and _readable(st):
@@ -122,6 +118,20 @@ def store_block(
     finally:
         os.close(leaf)
     return nbytes
+
+
+def _entry(leaf: int, name: str) -> os.stat_result | None:
+    """The lstat of ``name`` in directory ``leaf``, or None if there is no such entry.
+
+    ``access`` says "none" without raising, which a store of a new block
+    would otherwise pay for every time.
+    """
+    if not os.access(name, os.F_OK, dir_fd=leaf, follow_symlinks=False):
+        return None
+    try:
+        return os.stat(name, dir_fd=leaf, follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # removed since
 
 
 def load_block(
