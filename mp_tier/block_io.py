@@ -105,7 +105,7 @@ def store_block(
                     os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
                 done = 0
                 while done < nbytes:
-                    done += os.pwritev(fd, [block[done:]], done)
+                    done += os.pwrite(fd, block[done:], done)
             finally:
                 os.close(fd)
             os.rename(tmp, path.name, src_dir_fd=leaf, dst_dir_fd=leaf)
