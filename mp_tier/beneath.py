@@ -95,46 +95,50 @@ def open_beneath(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
     return fd
 
 
-def open_dir(dir_fd: int, path: str, create_mode: int | None = None) -> int:
-    """An O_PATH fd of directory ``path`` below ``dir_fd``, made (with ``create_mode``) if missing and asked to.
+def open_dir(dir_fd: int, path: str) -> int:
+    """An O_PATH fd of directory ``path`` below ``dir_fd``."""
+    fd = _open(dir_fd, path, DIR_FLAGS, 0)
+    if fd == _MISSING:
+        raise _refusal(errno.ENOENT, path)
+    return fd
 
-    A missing directory costs one failed open the first time rather than a
-    mkdir for every block.
+
+def make_dir(dir_fd: int, path: str, mode: int) -> tuple[int, bool]:
+    """``open_dir``, making what is missing of ``path`` with ``mode``; True if this call made its last part.
+
+    A directory made just now held nothing a moment ago, which spares a
+    store the look for an old block there. A missing directory costs one
+    failed open the first time rather than a mkdir for every block. Below
+    that, a parent is opened before it is made (it usually exists) and the
+    last part made before it is opened (it usually does not), so that the
+    usual case raises nothing.
     """
     fd = _open(dir_fd, path, DIR_FLAGS, 0)
     if fd != _MISSING:
-        return fd
-    if create_mode is None:
-        raise _refusal(errno.ENOENT, path)
-    parts = _parts(path)
+        return fd, False
+    *parents, last = _parts(path)
     current = dir_fd
     try:
-        for i, name in enumerate(parts, 1):
-            child = _child_dir(current, name, create_mode, missing=i == len(parts))
+        for name in parents:
+            try:
+                child = os.open(name, DIR_FLAGS, dir_fd=current)
+            except FileNotFoundError:
+                _mkdir(current, name, mode)
+                child = os.open(name, DIR_FLAGS, dir_fd=current)
             if current != dir_fd:
                 os.close(current)
             current = child
-    except BaseException:
+        made = _mkdir(current, last, mode)
+        return os.open(last, DIR_FLAGS, dir_fd=current), made
+    finally:
         if current != dir_fd:
             os.close(current)
-        raise
-    return current
 
 
-def _child_dir(parent: int, name: str, mode: int, *, missing: bool) -> int:
-    """The O_PATH fd of directory ``name`` in ``parent``, made if it is not there.
-
-    ``missing`` says which to try first: the last part of a path that failed
-    is the one a new block usually lacks, its parents usually exist. A wrong
-    guess costs one failed call.
-    """
-    if not missing:
-        try:
-            return os.open(name, DIR_FLAGS, dir_fd=parent)
-        except FileNotFoundError:
-            pass
+def _mkdir(parent: int, name: str, mode: int) -> bool:
+    """Make directory ``name`` in ``parent``; False if something is there already."""
     try:
         os.mkdir(name, mode, dir_fd=parent)
     except FileExistsError:
-        pass  # made meanwhile by another worker, or only a deeper part was missing
-    return os.open(name, DIR_FLAGS, dir_fd=parent)
+        return False  # made meanwhile by another worker, or only a part above it was missing
+    return True

@@ -22,7 +22,7 @@ import stat
 import zlib
 from collections.abc import Callable
 
-from .beneath import open_beneath, open_dir
+from .beneath import make_dir, open_beneath, open_dir
 from .layout import DIRECT_PROBE, XATTR_PROBE, BlockPath, temp_name
 from .namespace import Owners
 
@@ -87,9 +87,9 @@ def store_block(
     regular file fails the block (EEXIST). ``ready`` runs just before the
     block's bytes are first read, so it never runs for a block skipped.
     """
-    leaf = open_dir(root, path.dir, dir_mode)
+    leaf, made = make_dir(root, path.dir, dir_mode)
     try:
-        if (st := _entry(leaf, path.name)) is not None:
+        if not made and (st := _entry(leaf, path.name)) is not None:
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EEXIST, f"{_kind(st.st_mode)}, not a block file, is in the way", path.rel)
             if st.st_size == nbytes and owners.allow(st) and _readable(st):
