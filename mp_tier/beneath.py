@@ -31,17 +31,37 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _use_openat2 = True  # until the kernel says ENOSYS
+_MISSING = -errno.ENOENT
 
 
-def _openat2(dir_fd: int, path: str, flags: int, mode: int) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-    fd = _syscall(_SYS_OPENAT2, ctypes.c_int(dir_fd), os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
-    if fd < 0:
+def _refusal(code: int, path: str) -> OSError:
+    if code == errno.EXDEV:  # the kernel's answer to a path that climbs out: say so plainly
+        return OSError(errno.EXDEV, "path leaves the root directory", path)
+    return OSError(code, os.strerror(code), path)
+
+
+def _open(dir_fd: int, path: str, flags: int, mode: int) -> int:
+    """``open_beneath``'s fd, or ``_MISSING`` if a component of ``path`` does not exist.
+
+    Not raising there matters: a store into a new directory meets it every
+    time, and the exception would cost about as much as the open.
+    """
+    global _use_openat2
+    if _use_openat2:
+        how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+        fd = _syscall(_SYS_OPENAT2, ctypes.c_int(dir_fd), os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            return int(fd)
         code = ctypes.get_errno()
-        if code == errno.EXDEV:  # the kernel's answer to a path that climbs out: say so plainly
-            raise OSError(errno.EXDEV, "path leaves the root directory", path)
-        raise OSError(code, os.strerror(code), path)
-    return int(fd)
+        if code == errno.ENOENT:
+            return _MISSING
+        if code != errno.ENOSYS:
+            raise _refusal(code, path)
+        _use_openat2 = False
+    try:
+        return open_by_components(dir_fd, path, flags, mode)
+    except FileNotFoundError:
+        return _MISSING
 
 
 def _parts(path: str) -> list[str]:
@@ -69,41 +89,56 @@ def open_by_components(dir_fd: int, path: str, flags: int, mode: int = 0) -> int
 
 def open_beneath(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
     """Open ``path`` (relative, '/'-separated) below ``dir_fd``; no component may be a symlink."""
-    global _use_openat2
-    if _use_openat2:
-        try:
-            return _openat2(dir_fd, path, flags, mode)
-        except OSError as e:
-            if e.errno != errno.ENOSYS:
-                raise
-            _use_openat2 = False
-    return open_by_components(dir_fd, path, flags, mode)
+    fd = _open(dir_fd, path, flags, mode)
+    if fd == _MISSING:
+        raise _refusal(errno.ENOENT, path)
+    return fd
 
 
-def open_dir(dir_fd: int, path: str, create_mode: int | None = None) -> int:
-    """An O_PATH fd of directory ``path`` below ``dir_fd``, made (with ``create_mode``) if missing and asked to.
+def open_dir(dir_fd: int, path: str) -> int:
+    """An O_PATH fd of directory ``path`` below ``dir_fd``."""
+    fd = _open(dir_fd, path, DIR_FLAGS, 0)
+    if fd == _MISSING:
+        raise _refusal(errno.ENOENT, path)
+    return fd
 
-    A missing directory costs one failed open the first time rather than a
-    mkdir for every block.
+
+def make_dir(dir_fd: int, path: str, mode: int) -> tuple[int, bool]:
+    """``open_dir``, making what is missing of ``path`` with ``mode``; True if this call made its last part.
+
+    A directory made just now held nothing a moment ago, which spares a
+    store the look for an old block there. A missing directory costs one
+    failed open the first time rather than a mkdir for every block. Below
+    that, a parent is opened before it is made (it usually exists) and the
+    last part made before it is opened (it usually does not), so that the
+    usual case raises nothing.
     """
-    try:
-        return open_beneath(dir_fd, path, DIR_FLAGS)
-    except FileNotFoundError:
-        if create_mode is None:
-            raise
+    fd = _open(dir_fd, path, DIR_FLAGS, 0)
+    if fd != _MISSING:
+        return fd, False
+    *parents, last = _parts(path)
     current = dir_fd
     try:
-        for name in _parts(path):
+        for name in parents:
             try:
-                os.mkdir(name, create_mode, dir_fd=current)
-            except FileExistsError:
-                pass  # made meanwhile by another worker, or only a deeper part was missing
-            child = os.open(name, DIR_FLAGS, dir_fd=current)
+                child = os.open(name, DIR_FLAGS, dir_fd=current)
+            except FileNotFoundError:
+                _mkdir(current, name, mode)
+                child = os.open(name, DIR_FLAGS, dir_fd=current)
             if current != dir_fd:
                 os.close(current)
             current = child
-    except BaseException:
+        made = _mkdir(current, last, mode)
+        return os.open(last, DIR_FLAGS, dir_fd=current), made
+    finally:
         if current != dir_fd:
             os.close(current)
-        raise
-    return current
+
+
+def _mkdir(parent: int, name: str, mode: int) -> bool:
+    """Make directory ``name`` in ``parent``; False if something is there already."""
+    try:
+        os.mkdir(name, mode, dir_fd=parent)
+    except FileExistsError:
+        return False  # made meanwhile by another worker, or only a part above it was missing
+    return True

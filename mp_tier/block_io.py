@@ -22,7 +22,7 @@ import stat
 import zlib
 from collections.abc import Callable
 
-from .beneath import open_beneath, open_dir
+from .beneath import make_dir, open_beneath, open_dir
 from .layout import DIRECT_PROBE, XATTR_PROBE, BlockPath, temp_name
 from .namespace import Owners
 
@@ -87,13 +87,9 @@ def store_block(
     regular file fails the block (EEXIST). ``ready`` runs just before the
     block's bytes are first read, so it never runs for a block skipped.
     """
-    leaf = open_dir(root, path.dir, dir_mode)
+    leaf, made = make_dir(root, path.dir, dir_mode)
     try:
-        try:
-            st = os.stat(path.name, dir_fd=leaf, follow_symlinks=False)
-        except FileNotFoundError:
-            pass
-        else:
+        if not made and (st := _entry(leaf, path.name)) is not None:
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EEXIST, f"{_kind(st.st_mode)}, not a block file, is in the way", path.rel)
             if st.st_size == nbytes and owners.allow(st) and _readable(st):
@@ -109,7 +105,7 @@ def store_block(
                     os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
                 done = 0
                 while done < nbytes:
-                    done += os.pwritev(fd, [block[done:]], done)
+                    done += os.pwrite(fd, block[done:], done)
             finally:
                 os.close(fd)
             os.rename(tmp, path.name, src_dir_fd=leaf, dst_dir_fd=leaf)
@@ -122,6 +118,20 @@ def store_block(
     finally:
         os.close(leaf)
     return nbytes
+
+
+def _entry(leaf: int, name: str) -> os.stat_result | None:
+    """The lstat of ``name`` in directory ``leaf``, or None if there is no such entry.
+
+    ``access`` says "none" without raising, which a store of a new block
+    would otherwise pay for every time.
+    """
+    if not os.access(name, os.F_OK, dir_fd=leaf, follow_symlinks=False):
+        return None
+    try:
+        return os.stat(name, dir_fd=leaf, follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # removed since
 
 
 def load_block(

@@ -52,6 +52,16 @@ MAX_KEY_BYTES = GROUP_BYTES + (NAME_MAX - len(BLOCK_SUFFIX) - TEMP_NAME_EXTRA) /
 _MAX_GROUP = 1 << (8 * GROUP_BYTES)
 _HEX = frozenset("0123456789abcdef")
 _temp_counter = itertools.count()
+_writer = ""  # ".<host tag>.<pid>." of temp names: made once per process, as getpid() costs a third of a name
+
+
+def _name_writer() -> None:
+    global _writer
+    _writer = f".{HOST_TAG}.{os.getpid()}."
+
+
+_name_writer()
+os.register_at_fork(after_in_child=_name_writer)
 
 
 class BlockPath(NamedTuple):
@@ -129,7 +139,7 @@ def _is_decimal(text: str) -> bool:
 
 def temp_name(name: str) -> str:
     """A unique sibling name for a file being written in place of ``name``; it names its writer."""
-    return f"{name}.{HOST_TAG}.{os.getpid()}.{next(_temp_counter) % _COUNTER_WRAP}{TEMP_SUFFIX}"
+    return f"{name}{_writer}{next(_temp_counter) % _COUNTER_WRAP}{TEMP_SUFFIX}"
 
 
 def is_temp(name: str) -> bool:

@@ -16,7 +16,7 @@ import pytest
 from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
 
 from mp_tier import JobMetadata, TierBroken, TierConfig
-from mp_tier.layout import HOST_TAG, TEMP_SUFFIX, is_temp, temp_writer_pid
+from mp_tier.layout import HOST_TAG, TEMP_SUFFIX, is_temp, temp_name, temp_writer_pid
 from mp_tier.recovery import BOOTING_AT_ONCE, STARTUP_WINDOW_SECONDS
 
 
@@ -192,6 +192,25 @@ def test_restart_removes_temp_files_of_dead_writers_only(make_tier, tmp_path):
     assert tier2.stats().workers_restarted == 0
     for path in (live, foreign, huge_pid):
         os.unlink(path)
+
+
+def test_a_forked_child_names_its_temp_files_with_its_own_pid():
+    """A worker forked from a process that already made temp names (a fork server) is a writer of its own:
+    the sweep above must not read the parent's pid in its temp files (a live writer's), nor its own in the
+    parent's."""
+    temp_name("x.bin")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, str(temp_writer_pid(temp_name("x.bin"))).encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        named = int(os.read(read, 32))
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert named == pid and temp_writer_pid(temp_name("x.bin")) == os.getpid()
 
 
 @pytest.mark.parametrize("then", ["restart", "shutdown"])

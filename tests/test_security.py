@@ -4,6 +4,7 @@ uid, a real UTS namespace."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK, NAMESPACE, fill_random, make_keys, run_job
+from helpers import BLOCK, NAMESPACE, fill_random, libc_shim, make_keys, run_job
 
 from mp_tier import FileSystemTierManager, JobMetadata, TierConfig
 from mp_tier.layout import HOST_TAG, MAX_KEY_BYTES, BlockLayout
@@ -85,6 +86,79 @@ def test_the_namespace_directory_as_a_symlink_is_refused(cache, tmp_path):
         FileSystemTierManager(primary_kv_view=cache, root_dir=str(root))
     assert list(elsewhere.iterdir()) == []
 
+
+
+NO_OPENAT2 = textwrap.dedent(
+    """
+    #define _GNU_SOURCE
+    #include <dlfcn.h>
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <stdarg.h>
+    #include <stdlib.h>
+    #include <unistd.h>
+    long syscall(long number, ...) {
+        va_list ap;
+        long a[6];
+        va_start(ap, number);
+        for (int i = 0; i < 6; i++) a[i] = va_arg(ap, long);
+        va_end(ap);
+        if (number == 437) {  /* openat2: refused as a kernel before 5.6 does, and noted */
+            int fd = open(getenv("OPENAT2_REFUSED"), O_WRONLY | O_CREAT | O_APPEND, 0600);
+            if (fd >= 0) { write(fd, "x", 1); close(fd); }
+            errno = ENOSYS;
+            return -1;
+        }
+        long (*real)(long, ...) = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
+        return real(number, a[0], a[1], a[2], a[3], a[4], a[5]);
+    }
+    """
+)
+NO_OPENAT2_HOST = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    root, outside = sys.argv[1], sys.argv[2]
+    with PrimaryCache.create(num_blocks=4, block_bytes=65536) as cache:
+        cache.array[0] = np.frombuffer(os.urandom(65536), dtype=cache.array.dtype)
+        with FileSystemTierManager(primary_kv_view=cache, root_dir=root) as tier:
+            kept, never, linked = (bytes([i]) * 32 + bytes(4) for i in (1, 2, 3))
+            top = os.path.dirname(os.path.dirname(tier.block_path(linked)))
+            planted = os.path.join(outside, os.path.relpath(tier.block_path(linked), top))
+            os.makedirs(os.path.dirname(planted))
+            with open(planted, "wb") as f:
+                f.write(b"EVIL" * 16384)
+            os.symlink(outside, top)
+            jobs = [("store", kept, 0), ("load", kept, 1), ("load", never, 2), ("store", linked, 0), ("load", linked, 3)]
+            codes = []
+            for job_id, (op, key, block) in enumerate(jobs):
+                getattr(tier, "submit_" + op)(JobMetadata(job_id=job_id, keys=[key], block_ids=[block]))
+                tier.drain(30)
+                codes += [r.error_code for r in tier.get_finished()]
+            loaded = bool((cache.array[0] == cache.array[1]).all())
+            print(json.dumps({"codes": codes, "loaded": loaded, "planted": bool(cache.array[3].any()), "at": planted}))
+    """
+)
+
+
+def test_a_kernel_without_openat2_gets_the_same_confinement_one_component_at_a_time(tmp_path):
+    """Where openat2 is missing (ENOSYS: kernels before 5.6, or a seccomp profile that does not know it),
+    every path is walked one O_NOFOLLOW component at a time: blocks store into new directories and load,
+    a missing one is ENOENT, and a symlinked directory is refused, as with openat2."""
+    env = libc_shim(tmp_path, "no_openat2", NO_OPENAT2)
+    refused = tmp_path / "openat2-refused"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    host = [sys.executable, "-c", NO_OPENAT2_HOST, str(tmp_path / "blocks"), str(outside)]
+    done = subprocess.run(host, env={**env, "OPENAT2_REFUSED": str(refused)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert refused.exists(), "the shim did not stand in for openat2: the test proves nothing"
+    seen = json.loads(done.stdout)
+    assert seen["codes"][:3] == [None, None, "ENOENT"] and seen["loaded"], seen
+    assert all(code in ("ELOOP", "ENOTDIR") for code in seen["codes"][3:]) and not seen["planted"], seen
+    assert [p for p in outside.rglob("*") if p.is_file()] == [Path(seen["at"])]
+    assert Path(seen["at"]).read_bytes() == b"EVIL" * 16384
 
 
 def as_user(uid: int, gids: list[int], act: Callable[[], None], umask: int = 0o022) -> None:
