@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
 from mp_tier.bench import report
 from mp_tier.bench.records import Dist, RunRecord, compute_ratios, ratio
 from mp_tier.bench.report import median_range, table_row
+from mp_tier.bench.tier_runs import worker_cpu_seconds
 from mp_tier.bench.units import (
     parse_io_depth,
     parse_list,
@@ -157,3 +160,25 @@ def test_the_schema_reference_names_every_record_field():
 def test_worker_counts_beyond_the_tiers_bounds_are_refused_when_parsed(text):
     with pytest.raises(argparse.ArgumentTypeError, match=r"each an integer >= 1 and <= 256"):
         parse_workers(text)
+
+
+SPINNER = """
+import sys, time
+end = time.process_time() + 0.025
+while time.process_time() < end:
+    pass
+print(time.process_time(), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_worker_cpu_is_read_to_the_millisecond_not_the_clock_tick():
+    """A worker's CPU read from outside agrees with its own count within 2 ms: /proc/<pid>/stat's clock
+    ticks (10 ms) would make a phase of a few thousand small blocks read 5-10 µs a block off."""
+    child = subprocess.Popen([sys.executable, "-c", SPINNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        own = float(child.stdout.readline())
+        seen = worker_cpu_seconds([child.pid])
+    finally:
+        child.communicate("", timeout=10)
+    assert abs(seen - own) < 0.002, (seen, own)
