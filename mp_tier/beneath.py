@@ -97,10 +97,7 @@ def open_beneath(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
 
 def open_dir(dir_fd: int, path: str) -> int:
     """An O_PATH fd of directory ``path`` below ``dir_fd``."""
-    fd = _open(dir_fd, path, DIR_FLAGS, 0)
-    if fd == _MISSING:
-        raise _refusal(errno.ENOENT, path)
-    return fd
+    return open_beneath(dir_fd, path, DIR_FLAGS)
 
 
 def make_dir(dir_fd: int, path: str, mode: int) -> tuple[int, bool]:
