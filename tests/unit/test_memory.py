@@ -7,10 +7,10 @@ import os
 import resource
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from mp_tier.bench.root_dir import fs_type
 from mp_tier.memory import PAGE, Prefault, buffer_address
 
 BLOCK = 64 * PAGE
@@ -65,19 +65,13 @@ def test_prefault_maps_the_blocks_pages_and_at_most_a_fault_around_window_beside
     assert sum(pages[per_block : 2 * per_block] + pages[3 * per_block :]) <= 2 * (16 - 1)
 
 
-def file_system(path: Path) -> str:
-    """The type of the file system ``path`` is on (the longest mount point above it in /proc/self/mounts)."""
-    mounts = [line.split()[1:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    return max((m for m in mounts if str(path).startswith(m[0].rstrip("/") + "/")), key=lambda m: len(m[0]))[1]
-
-
 @pytest.fixture(params=["tmpfs", "disk"])
 def written_file(request, tmp_path) -> Iterator[int]:
     """An fd of a written cache file: a memfd (tmpfs, as /dev/shm), or a file on a file system that tracks
     writes to shared mappings (the engine may map any shared file)."""
     if request.param == "tmpfs":
         fd = os.memfd_create("cache")
-    elif file_system(tmp_path) in ("tmpfs", "ramfs"):
+    elif fs_type(str(tmp_path)) in ("tmpfs", "ramfs"):
         pytest.skip(f"{tmp_path} is on tmpfs: no file system that tracks writes to test on")
     else:
         fd = os.open(tmp_path / "cache", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
