@@ -1,0 +1,173 @@
+"""One block between a buffer and its file, on real files: the usual case and every way it steps aside.
+
+A block's usual load or store is one C call; anything unusual is done again by
+``block_io``'s Python checks. These tests hold the result to the same promises
+whichever of the two does the work: nothing outside the root, nothing half
+written, the hook before the bytes move called only when they do.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mp_tier import block_io
+from mp_tier.layout import BlockLayout, BlockPath, is_temp
+from mp_tier.namespace import Owners
+
+BLOCK = 4 * mmap.PAGESIZE
+KEY = bytes(range(32)) + (7).to_bytes(4, "big")
+ME = Owners(os.getuid())
+STRANGER = 54321  # a uid and gid no test user has
+PATH = BlockLayout("ns").locate(KEY)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[int]:
+    (tmp_path / "ns").mkdir()
+    fd = os.open(tmp_path / "ns", os.O_RDONLY | os.O_DIRECTORY)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def cache() -> Iterator[memoryview]:
+    """Two blocks: 0 holds random bytes to store, 1 is where loads land."""
+    area = mmap.mmap(-1, 2 * BLOCK)
+    area[:BLOCK] = os.urandom(BLOCK)
+    view = memoryview(area)
+    yield view
+    view.release()
+    area.close()
+
+
+class Hook:
+    """A ``ready`` hook that counts its calls, and can fail."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.calls = 0
+        self.fails = fails
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.fails:
+            raise RuntimeError("ready refused")
+
+
+def where(tmp_path: Path, path: BlockPath) -> Path:
+    return tmp_path / "ns" / path.rel
+
+
+def store(root: int, cache: memoryview, ready: Hook | None = None, path: BlockPath | None = None) -> int:
+    return block_io.store_block(
+        root, path or PATH, cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME, ready=ready
+    )
+
+
+def load(root: int, cache: memoryview, owners: Owners = ME, ready: Hook | None = None) -> int:
+    return block_io.load_block(root, PATH, cache, BLOCK, BLOCK, direct=False, checksum=False, owners=owners, ready=ready)
+
+
+def files_below(top: Path) -> list[str]:
+    return sorted(str(p.relative_to(top)) for p in top.rglob("*"))
+
+
+def test_a_store_makes_its_directories_and_leaves_the_block_alone(tmp_path: Path, root: int, cache: memoryview) -> None:
+    ready = Hook()
+    assert store(root, cache, ready) == BLOCK and ready.calls == 1
+    block = where(tmp_path, PATH)
+    assert block.read_bytes() == cache[:BLOCK]
+    assert stat.S_IMODE(block.stat().st_mode) == 0o600
+    assert [stat.S_IMODE(d.stat().st_mode) for d in (block.parent, block.parent.parent)] == [0o700, 0o700]
+    assert files_below(tmp_path / "ns") == [PATH.dir.split("/")[0], PATH.dir, PATH.rel]
+
+
+def test_a_store_into_an_existing_directory_and_a_load_back(tmp_path: Path, root: int, cache: memoryview) -> None:
+    where(tmp_path, PATH).parent.mkdir(parents=True)
+    assert store(root, cache) == BLOCK
+    ready = Hook()
+    assert load(root, cache, ready=ready) == BLOCK and ready.calls == 1
+    assert cache[BLOCK:] == cache[:BLOCK]
+
+
+def test_a_whole_block_already_there_is_skipped_and_ready_never_runs(tmp_path: Path, root: int, cache: memoryview) -> None:
+    store(root, cache)
+    before = where(tmp_path, PATH).stat().st_ino
+    ready = Hook()
+    assert store(root, cache, ready) == 0 and ready.calls == 0
+    assert where(tmp_path, PATH).stat().st_ino == before
+
+
+@pytest.mark.parametrize("level", [0, 1], ids=["top directory", "leaf directory"])
+def test_a_symlinked_directory_fails_the_store_and_nothing_lands_outside(tmp_path: Path, root: int, cache: memoryview, level: int) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = where(tmp_path, PATH).parents[1 - level]
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside)
+    ready = Hook()
+    with pytest.raises(OSError) as failure:
+        store(root, cache, ready)
+    assert failure.value.errno in (errno.ELOOP, errno.ENOTDIR) and ready.calls == 0
+    assert list(outside.iterdir()) == []
+    assert not any(is_temp(p.name) for p in (tmp_path / "ns").rglob("*"))
+
+
+def test_a_failing_ready_fails_the_store_and_leaves_no_temp_file(tmp_path: Path, root: int, cache: memoryview) -> None:
+    with pytest.raises(RuntimeError, match="ready refused"):
+        store(root, cache, Hook(fails=True))
+    assert files_below(tmp_path / "ns") == [PATH.dir.split("/")[0], PATH.dir]
+
+
+def test_a_file_of_an_allowed_group_loads_and_a_strangers_does_not(tmp_path: Path, root: int, cache: memoryview) -> None:
+    store(root, cache)
+    os.chown(where(tmp_path, PATH), STRANGER, STRANGER)
+    assert load(root, cache, Owners(STRANGER + 1, frozenset({1, STRANGER}))) == BLOCK
+    assert cache[BLOCK:] == cache[:BLOCK]
+    cache[BLOCK:] = bytes(BLOCK)
+    ready = Hook()
+    with pytest.raises(PermissionError, match=f"uid {STRANGER} gid {STRANGER}"):
+        load(root, cache, Owners(STRANGER + 1, frozenset({1})), ready)
+    assert ready.calls == 0 and cache[BLOCK:] == bytes(BLOCK)
+    assert where(tmp_path, PATH).exists()
+
+
+@pytest.mark.parametrize("size", [BLOCK - 1, BLOCK + 1, 0])
+def test_a_file_of_the_wrong_size_is_removed_and_ready_never_runs(tmp_path: Path, root: int, cache: memoryview, size: int) -> None:
+    store(root, cache)
+    os.truncate(where(tmp_path, PATH), size)
+    ready = Hook()
+    with pytest.raises(block_io.CorruptBlock, match=f"holds {size} of {BLOCK} bytes"):
+        load(root, cache, ready=ready)
+    assert ready.calls == 0 and not where(tmp_path, PATH).exists()
+
+
+def test_a_fifo_at_the_name_fails_load_and_store_without_hanging(tmp_path: Path, root: int, cache: memoryview) -> None:
+    where(tmp_path, PATH).parent.mkdir(parents=True)
+    os.mkfifo(where(tmp_path, PATH))
+    with pytest.raises(OSError, match="a FIFO, not a block file") as failure:
+        load(root, cache)
+    assert failure.value.errno == errno.EINVAL
+    with pytest.raises(FileExistsError, match="a FIFO, not a block file, is in the way"):
+        store(root, cache)
+
+
+def test_a_missing_block_is_file_not_found(root: int, cache: memoryview) -> None:
+    ready = Hook()
+    with pytest.raises(FileNotFoundError):
+        load(root, cache, ready=ready)
+    assert ready.calls == 0
+
+
+@pytest.mark.parametrize("offset", [-BLOCK, BLOCK + 1, 2 * BLOCK])
+def test_a_block_beyond_the_buffer_is_refused_naming_its_range(root: int, cache: memoryview, offset: int) -> None:
+    for move in (block_io.load_block, block_io.store_block):
+        kwargs = {"file_mode": 0o600, "dir_mode": 0o700} if move is block_io.store_block else {}
+        with pytest.raises(ValueError, match=rf"^block \[{offset}, {offset + BLOCK}\) is outside the {2 * BLOCK}-byte buffer$"):
+            move(root, PATH, cache, offset, BLOCK, direct=False, checksum=False, owners=ME, **kwargs)
