@@ -4,42 +4,57 @@
  *
  * Each function does only the case where everything is as expected (a
  * regular file of an allowed owner and the block's size to load; a new name
- * to store under) and returns True when the block moved. Anything else (a
- * missing file, a symlink, a FIFO, a stranger's file, a short read, a full
- * disk, a kernel without openat2) returns False having changed nothing on
- * disk, and the caller does the block again in Python, whose checks decide
- * and word the error. So every refusal and every message has one author,
- * ``block_io``; this file only has to be right about when to step aside.
+ * to store under) and returns True when the block moved. Until the bytes
+ * start to move, anything else (a missing file, a symlink, a FIFO, a
+ * stranger's file, a whole block already there, a kernel without openat2)
+ * returns False having changed nothing on disk, and the caller does the
+ * block in Python, whose checks decide and word the outcome. Once the bytes
+ * move (``ready()`` has run), a failing system call raises its OSError
+ * naming the block, as ``os`` would, with the temp file removed: the block
+ * is not written twice. One exception: a load whose file ends early (it
+ * changed since its size was read) steps aside, so that Python judges it.
  *
  * Paths are resolved as ``beneath`` does: openat2 with RESOLVE_BENEATH |
  * RESOLVE_NO_SYMLINKS from the namespace directory's fd, or a directory made
  * here opened one component at a time with O_NOFOLLOW. The GIL is released
- * around every system call, so a worker's lanes overlap their I/O.
+ * around the system calls, so a worker's lanes overlap their I/O.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/openat2.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+/* openat2's argument and flags, spelled here so that headers older than Linux 5.6 build this too. */
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+struct open_how_v0 {
+    uint64_t flags, mode, resolve;
+};
+#define RESOLVE_NO_MAGICLINKS_ 0x02
+#define RESOLVE_NO_SYMLINKS_ 0x04
+#define RESOLVE_BENEATH_ 0x08
+
 #define DIR_FLAGS (O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
 #define READ_FLAGS (O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
 #define TEMP_FLAGS (O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC)
+#define MAX_PARTS 16 /* components of a block's directory; the layout uses 2 */
 
 /* Until the kernel says ENOSYS; then every call steps aside. Written without the GIL, by any lane. */
 static int have_openat2 = 1;
 
 /* openat2 confined below dir_fd; -1 with errno on failure. */
 static int open_below(int dir_fd, const char *path, int flags) {
-    struct open_how how = {
-        .flags = (unsigned long long)flags,
-        .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    struct open_how_v0 how = {
+        .flags = (uint64_t)flags,
+        .resolve = RESOLVE_BENEATH_ | RESOLVE_NO_SYMLINKS_ | RESOLVE_NO_MAGICLINKS_,
     };
     int fd = (int)syscall(SYS_openat2, dir_fd, path, &how, sizeof how);
     if (fd < 0 && errno == ENOSYS)
@@ -47,10 +62,12 @@ static int open_below(int dir_fd, const char *path, int flags) {
     return fd;
 }
 
-/* The buffer's bytes [offset, offset + nbytes), or NULL with ValueError: a caller's mistake, not a disk's. */
+static bool openat2_works(void) { return __atomic_load_n(&have_openat2, __ATOMIC_RELAXED); }
+
+/* The buffer's bytes from ``offset``, or NULL with ValueError: memory safety, whatever the caller checked. */
 static char *block_bytes(Py_buffer *view, Py_ssize_t offset, Py_ssize_t nbytes) {
     if (offset < 0 || nbytes <= 0 || offset > view->len - nbytes) {
-        PyErr_Format(PyExc_ValueError, "block [%zd, %zd) is outside the %zd-byte buffer", offset, offset + nbytes, view->len);
+        PyErr_Format(PyExc_ValueError, "block at offset %zd, %zd bytes, is outside the %zd-byte buffer", offset, nbytes, view->len);
         return NULL;
     }
     return (char *)view->buf + offset;
@@ -81,11 +98,23 @@ static int allowed(const struct stat *st, unsigned long uid, PyObject *gids) {
     return found;
 }
 
+/* NULL with the OSError of ``code``, naming ``dir``/``name`` (or ``dir`` alone when ``name`` is NULL). */
+static PyObject *os_error(int code, const char *dir, const char *name) {
+    PyObject *path = name ? PyUnicode_FromFormat("%s/%s", dir, name) : PyUnicode_FromString(dir);
+    if (path != NULL) {
+        errno = code;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        Py_DECREF(path);
+    }
+    return NULL;
+}
+
 PyDoc_STRVAR(load_doc,
              "load(root, rel, buffer, offset, nbytes, direct, uid, gids, ready) -> bool\n\n"
              "Read the block file ``rel`` below ``root`` into buffer[offset:offset + nbytes] if it is a regular\n"
              "file of uid ``uid`` or a gid in ``gids`` holding exactly ``nbytes``; ``ready()`` runs just before\n"
-             "the bytes move. False: not done (those bytes of the buffer may have changed), nothing else touched.");
+             "the bytes move. False: not done, nothing on disk touched (the block's bytes in the buffer may have\n"
+             "changed if the file ended early). A read that fails raises its OSError.");
 
 static PyObject *load(PyObject *module, PyObject *args) {
     int root, direct;
@@ -100,88 +129,99 @@ static PyObject *load(PyObject *module, PyObject *args) {
     char *block = block_bytes(&view, offset, nbytes);
     if (block == NULL)
         goto done;
-    if (!__atomic_load_n(&have_openat2, __ATOMIC_RELAXED))
-        goto refuse;
-    int fd;
+    int fd = -1;
     struct stat st;
-    int stat_error;
-    Py_BEGIN_ALLOW_THREADS
-    fd = open_below(root, rel, READ_FLAGS | (direct ? O_DIRECT : 0));
-    stat_error = fd < 0 ? -1 : fstat(fd, &st);
-    Py_END_ALLOW_THREADS
-    if (fd < 0)
-        goto refuse;
-    int owner_ok = stat_error == 0 && S_ISREG(st.st_mode) && st.st_size == nbytes ? allowed(&st, uid, gids) : 0;
-    if (owner_ok < 0 || (owner_ok == 1 && call_ready(ready) < 0)) {
-        close(fd);
-        goto done;
-    }
-    Py_ssize_t got = 0;
-    if (owner_ok == 1) {
+    bool usual = false;
+    if (openat2_works()) {
         Py_BEGIN_ALLOW_THREADS
-        while (got < nbytes) {
-            ssize_t n = pread(fd, block + got, (size_t)(nbytes - got), got);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                break;
-            got += n;
-        }
+        fd = open_below(root, rel, READ_FLAGS | (direct ? O_DIRECT : 0));
+        usual = fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size == nbytes;
         Py_END_ALLOW_THREADS
     }
-    close(fd);
-    if (owner_ok == 1 && got == nbytes) {
-        outcome = Py_NewRef(Py_True);
-        goto done;
+    int owner_ok = usual ? allowed(&st, uid, gids) : 0;
+    if (owner_ok == 1 && call_ready(ready) < 0)
+        owner_ok = -1;
+    Py_ssize_t got = 0;
+    int code = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (owner_ok == 1 && got < nbytes) {
+        ssize_t n = pread(fd, block + got, (size_t)(nbytes - got), got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            code = errno;
+        if (n <= 0)
+            break;
+        got += n;
     }
-refuse:
-    outcome = Py_NewRef(Py_False);
+    if (fd >= 0)
+        close(fd);
+    Py_END_ALLOW_THREADS
+    if (owner_ok < 0)
+        goto done;
+    if (code != 0)
+        outcome = os_error(code, rel, NULL);
+    else
+        outcome = Py_NewRef(owner_ok == 1 && got == nbytes ? Py_True : Py_False);
 done:
     PyBuffer_Release(&view);
     return outcome;
 }
 
+/* Splits ``path`` into at most MAX_PARTS plain names (none empty, ".", ".." or too long) in ``copy``; the count,
+ * or 0 if it is not such a path. Checked whole before anything is made, as ``beneath`` does. */
+static int split_plain(const char *path, char *copy, size_t size, char *parts[MAX_PARTS]) {
+    size_t length = strlen(path);
+    if (length >= size)
+        return 0;
+    memcpy(copy, path, length + 1);
+    int count = 0;
+    for (char *start = copy;;) {
+        char *slash = strchr(start, '/');
+        if (slash != NULL)
+            *slash = '\0';
+        size_t len = strlen(start);
+        if (count == MAX_PARTS || len == 0 || len > NAME_MAX || strcmp(start, ".") == 0 || strcmp(start, "..") == 0)
+            return 0;
+        parts[count++] = start;
+        if (slash == NULL)
+            return count;
+        start = slash + 1;
+    }
+}
+
 /* Opens directory ``path`` below ``root``, making what is missing with ``mode``; sets *made if this call made
- * its last component. -1 with errno on failure. Components are opened one at a time with O_NOFOLLOW, so a
- * symlink put in the way fails (ELOOP or ENOTDIR) and the caller steps aside. */
+ * its last component. -1 with errno on failure. A parent usually exists and is opened before it is made; the
+ * last part usually does not, and is made before it is opened. Each is opened with O_NOFOLLOW, so a symlink
+ * put in the way fails (ELOOP or ENOTDIR) and the caller steps aside. */
 static int make_dir(int root, const char *path, mode_t mode, bool *made) {
     *made = false;
     int fd = open_below(root, path, DIR_FLAGS);
     if (fd >= 0 || errno != ENOENT)
         return fd;
-    char part[NAME_MAX + 1];
-    int current = root;
-    const char *start = path;
-    for (;;) {
-        const char *slash = strchr(start, '/');
-        size_t len = slash ? (size_t)(slash - start) : strlen(start);
-        if (len == 0 || len > NAME_MAX || (len == 1 && start[0] == '.') || (len == 2 && start[0] == '.' && start[1] == '.')) {
-            errno = EXDEV;
-            fd = -1;
-            break;
-        }
-        memcpy(part, start, len);
-        part[len] = '\0';
-        /* A parent usually exists and is opened first; the last part usually does not and is made first. */
-        fd = slash ? openat(current, part, DIR_FLAGS) : -1;
-        if (fd < 0 && (slash == NULL || errno == ENOENT)) {
-            if (mkdirat(current, part, mode) == 0)
-                *made = slash == NULL;
-            else if (errno != EEXIST)
-                break;
-            fd = openat(current, part, DIR_FLAGS);
-        }
-        if (fd < 0 || slash == NULL)
-            break;
-        if (current != root)
-            close(current);
-        current = fd;
-        start = slash + 1;
+    char copy[PATH_MAX], *parts[MAX_PARTS];
+    int count = split_plain(path, copy, sizeof copy, parts);
+    if (count == 0) {
+        errno = EXDEV;
+        return -1;
     }
-    if (current != root) {
-        int saved = errno;
-        close(current);
-        errno = saved;
+    int current = root;
+    for (int i = 0; i < count; i++) {
+        bool last = i == count - 1;
+        fd = last ? -1 : openat(current, parts[i], DIR_FLAGS);
+        if (fd < 0 && (last || errno == ENOENT)) {
+            bool new_dir = mkdirat(current, parts[i], mode) == 0;
+            *made = new_dir && last;
+            fd = new_dir || errno == EEXIST ? openat(current, parts[i], DIR_FLAGS) : -1;
+        }
+        if (current != root) {
+            int saved = errno;
+            close(current);
+            errno = saved;
+        }
+        if (fd < 0)
+            return -1;
+        current = fd;
     }
     return fd;
 }
@@ -190,8 +230,9 @@ PyDoc_STRVAR(store_doc,
              "store(root, dir, name, tmp, buffer, offset, nbytes, direct, file_mode, dir_mode, ready) -> bool\n\n"
              "Write buffer[offset:offset + nbytes] to temp file ``tmp`` in directory ``dir`` below ``root`` (made\n"
              "with ``dir_mode`` where missing) and rename it to ``name``, if nothing is at ``name``; ``ready()``\n"
-             "runs just before the bytes are read. False: not stored, and no temp file left (the directories\n"
-             "made stay, as a store in Python leaves them).");
+             "runs just before the bytes are read. False: not stored, nothing on disk touched but the directories\n"
+             "made (as a store in Python leaves them). A write or rename that fails raises its OSError, with the\n"
+             "temp file removed.");
 
 static PyObject *store(PyObject *module, PyObject *args) {
     int root, direct, file_mode, dir_mode;
@@ -205,43 +246,48 @@ static PyObject *store(PyObject *module, PyObject *args) {
     const char *block = block_bytes(&view, offset, nbytes);
     if (block == NULL)
         goto done;
-    if (!__atomic_load_n(&have_openat2, __ATOMIC_RELAXED)) {
+    if (!openat2_works()) {
         outcome = Py_NewRef(Py_False);
         goto done;
     }
-    bool made, stored = false;
-    int leaf, fd = -1;
+    bool made;
+    int leaf, fd = -1, code = 0;
     Py_BEGIN_ALLOW_THREADS
     leaf = make_dir(root, dir, (mode_t)dir_mode, &made);
     if (leaf >= 0 && (made || (faccessat(leaf, name, F_OK, AT_SYMLINK_NOFOLLOW) < 0 && errno == ENOENT)))
         fd = openat(leaf, tmp, TEMP_FLAGS | (direct ? O_DIRECT : 0), (mode_t)file_mode);
     Py_END_ALLOW_THREADS
-    if (fd >= 0) {
-        if (call_ready(ready) < 0) {
-            close(fd);
-            unlinkat(leaf, tmp, 0);
-            close(leaf);
-            goto done;
-        }
-        Py_BEGIN_ALLOW_THREADS
-        Py_ssize_t put = 0;
-        while (put < nbytes) {
+    bool failed_ready = fd >= 0 && call_ready(ready) < 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (fd >= 0 && !failed_ready) {
+        for (Py_ssize_t put = 0; put < nbytes && code == 0;) {
             ssize_t n = pwrite(fd, block + put, (size_t)(nbytes - put), put);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                break;
-            put += n;
+            if (n > 0)
+                put += n;
+            else if (n == 0)
+                code = EIO; /* no progress: say so rather than loop */
+            else if (errno != EINTR)
+                code = errno;
         }
-        int closed = close(fd);
-        stored = put == nbytes && closed == 0 && renameat(leaf, tmp, leaf, name) == 0;
-        if (!stored)
-            unlinkat(leaf, tmp, 0);
-        Py_END_ALLOW_THREADS
+        if (close(fd) != 0 && code == 0)
+            code = errno; /* a network file system may report a failed write only here */
+        if (code == 0 && renameat(leaf, tmp, leaf, name) != 0)
+            code = errno;
+    }
+    if (fd >= 0 && (failed_ready || code != 0)) {
+        if (failed_ready)
+            close(fd);
+        unlinkat(leaf, tmp, 0);
     }
     if (leaf >= 0)
         close(leaf);
-    outcome = Py_NewRef(stored ? Py_True : Py_False);
+    Py_END_ALLOW_THREADS
+    if (failed_ready)
+        goto done;
+    if (code != 0)
+        outcome = os_error(code, dir, name);
+    else
+        outcome = Py_NewRef(fd >= 0 ? Py_True : Py_False);
 done:
     PyBuffer_Release(&view);
     return outcome;

@@ -88,6 +88,7 @@ def store_block(
     regular file fails the block (EEXIST). ``ready`` runs just before the
     block's bytes are first read, so it never runs for a block skipped.
     """
+    _within(buffer, offset, nbytes)
     if not checksum and _block_calls.store(
         root, path.dir, path.name, temp_name(path.name), buffer, offset, nbytes, direct, file_mode, dir_mode, ready
     ):
@@ -125,6 +126,12 @@ def store_block(
     return nbytes
 
 
+def _within(buffer: memoryview, offset: int, nbytes: int) -> None:
+    """Refuse a block that is not all inside the buffer: a slice would quietly come up short."""
+    if nbytes <= 0 or not 0 <= offset <= buffer.nbytes - nbytes:
+        raise ValueError(f"block at offset {offset}, {nbytes} bytes, is outside the {buffer.nbytes}-byte buffer")
+
+
 def _entry(leaf: int, name: str) -> os.stat_result | None:
     """The lstat of ``name`` in directory ``leaf``, or None if there is no such entry.
 
@@ -160,6 +167,7 @@ def load_block(
     without a CRC loads unverified. ``ready`` runs just before the first
     byte reaches the buffer: never for a block missing or refused.
     """
+    _within(buffer, offset, nbytes)
     if not checksum and _block_calls.load(root, path.rel, buffer, offset, nbytes, direct, owners.uid, owners.gids, ready):
         return nbytes
     fd = open_beneath(root, path.rel, _READ | (O_DIRECT if direct else 0))

@@ -382,15 +382,12 @@ def test_start_up_sweep_spares_another_hosts_live_temp_files_until_they_are_old(
     finally:
         os.killpg(a.proc.pid, signal.SIGCONT)
     stored = a.result()
-    # a writer whose temp file was swept has its rename refused: it writes that block again from the cache (its
-    # job is still in flight) or fails it with ENOENT; nothing partial is ever published
-    assert stored["failed"] <= len(live), stored
+    # the writers whose temp files were swept fail those blocks; nothing partial is ever published
+    assert 1 <= stored["failed"] <= len(live), stored
     assert all("ENOENT" in e for e in stored["errors"]), stored["errors"]
     sizes = {os.stat(os.path.join(brick(volume, directory), n)).st_size for n in blocks_in(brick(volume, directory))}
     assert sizes == {1024 * KIB}
     assert temps(observer(volume, directory)) == []
-    loaded = a.call("load", keys=hexes(keys), tags=[TAG_A])
-    assert loaded["torn"] == [] and loaded["ok"] >= len(keys) - 2 * stored["failed"], loaded
 
 
 def test_budgets_hold_across_nodes_and_evictions_never_tear_a_load(volume, nodes):

@@ -12,7 +12,8 @@ import errno
 import mmap
 import os
 import stat
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -165,9 +166,48 @@ def test_a_missing_block_is_file_not_found(root: int, cache: memoryview) -> None
     assert ready.calls == 0
 
 
-@pytest.mark.parametrize("offset", [-BLOCK, BLOCK + 1, 2 * BLOCK])
-def test_a_block_beyond_the_buffer_is_refused_naming_its_range(root: int, cache: memoryview, offset: int) -> None:
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "checksum"])
+@pytest.mark.parametrize("offset", [-BLOCK, BLOCK + 1, 2 * BLOCK, 2**63 - 1])
+def test_a_block_beyond_the_buffer_is_refused_naming_it(tmp_path: Path, root: int, cache: memoryview, offset: int, checksum: bool) -> None:
     for move in (block_io.load_block, block_io.store_block):
         kwargs = {"file_mode": 0o600, "dir_mode": 0o700} if move is block_io.store_block else {}
-        with pytest.raises(ValueError, match=rf"^block \[{offset}, {offset + BLOCK}\) is outside the {2 * BLOCK}-byte buffer$"):
-            move(root, PATH, cache, offset, BLOCK, direct=False, checksum=False, owners=ME, **kwargs)
+        with pytest.raises(ValueError, match=rf"^block at offset {offset}, {BLOCK} bytes, is outside the {2 * BLOCK}-byte buffer$"):
+            move(root, PATH, cache, offset, BLOCK, direct=False, checksum=checksum, owners=ME, **kwargs)
+    assert files_below(tmp_path / "ns") == []
+
+
+def os_calls(action: Callable[[], object]) -> list[str]:
+    """The functions of the ``os`` module (and ctypes calls) that ``action`` makes from Python."""
+    calls: list[str] = []
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        if event == "c_call" and (getattr(arg, "__module__", None) == "posix" or type(arg).__name__ == "_FuncPtr"):
+            calls.append(getattr(arg, "__name__", repr(arg)))
+
+    sys.setprofile(profile)
+    try:
+        action()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_a_usual_store_and_load_make_no_system_call_from_python(tmp_path: Path, root: int, cache: memoryview) -> None:
+    """The reason for the C call: none of the block's system calls goes through the interpreter."""
+    assert os_calls(lambda: store(root, cache)) == []
+    assert os_calls(lambda: load(root, cache)) == []
+    assert cache[BLOCK:] == cache[:BLOCK]
+    assert "stat" in os_calls(lambda: store(root, cache))  # a block already there: Python decides (the probe sees it)
+
+
+def test_a_write_that_fails_after_ready_raises_once_and_leaves_no_temp_file(tmp_path: Path, root: int, cache: memoryview) -> None:
+    """Once the bytes move, a failure is the block's error: it is not written a second time."""
+    ready = Hook()
+    with cache[1:] as unaligned, pytest.raises(OSError) as failure:  # O_DIRECT from an unaligned address: EINVAL
+        block_io.store_block(
+            root, PATH, unaligned, 0, BLOCK, direct=True, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME, ready=ready
+        )
+    if failure.value.errno != errno.EINVAL:
+        pytest.skip(f"this file system takes O_DIRECT from any address ({failure.value})")
+    assert ready.calls == 1 and PATH.rel in str(failure.value)
+    assert files_below(tmp_path / "ns") == [PATH.dir.split("/")[0], PATH.dir]
