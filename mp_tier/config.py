@@ -56,13 +56,17 @@ _BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
 def machine_workers() -> int:
-    """Default worker processes of each kind: half the CPUs this process may use, at least 2, at most 8.
+    """Default worker processes of each kind: half the CPUs the workers may use, rounded up, at most 8.
 
-    With ``io_depth`` lanes each, 2 + 2 already keep 8 reads and 8 writes in
-    flight, and more processes than CPUs only take the host's time slices;
-    a machine with many CPUs gets more processes for the CPU a block costs.
+    The workers keep off the scheduler's CPU, so they have all but one of the
+    CPUs this process may use (all of one CPU). With ``io_depth`` lanes each,
+    one process per kind already keeps 4 reads and 4 writes in flight; on 2
+    vCPUs a second one only shares the workers' single CPU, and the switching
+    cost more CPU per block than it gave (docs/bench.md). A machine with many
+    CPUs gets more processes for the CPU a block costs.
     """
-    return max(2, min(8, len(os.sched_getaffinity(0)) // 2))
+    usable = max(1, len(os.sched_getaffinity(0)) - 1)
+    return min(8, (usable + 1) // 2)
 
 
 class ConfigError(ValueError):
