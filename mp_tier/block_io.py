@@ -11,6 +11,11 @@ no copy in Python.
 Only regular files count as blocks: every open is non-blocking (a FIFO never
 hangs a worker) and checked with ``fstat`` before use, and a block file must
 belong to an allowed owner before its bytes reach the cache.
+
+A load or store first tries ``_block_calls`` (C), which does the usual case
+in one call without the interpreter between its system calls and steps aside,
+changing nothing, for anything else; the code here then decides, so these
+rules are written once.
 """
 
 from __future__ import annotations
