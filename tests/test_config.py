@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import msgspec
@@ -332,3 +333,25 @@ def test_settings_under_an_engines_names_are_checked_under_the_key_the_user_wrot
         with_settings(TierConfig(), {"n_read_threads": 2, "n_read_workers": 2}, aliases, "t", "the engine's")
     with pytest.raises(TypeError, match=r"^unknown settings for 't': bogus \(neither the engine's nor TierConfig's\)$"):
         with_settings(TierConfig(), {"bogus": 1}, aliases, "t", "the engine's")
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 3), (16, 8), (64, 8)])
+def test_worker_counts_are_half_the_cpus_left_to_the_workers(monkeypatch: pytest.MonkeyPatch, cpus: int, workers: int) -> None:
+    """The workers keep off the scheduler's CPU: on 2 vCPUs one process of each kind, not two sharing one CPU."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    config = TierConfig()
+    assert (config.n_read_workers, config.n_write_workers) == (workers, workers)
+
+
+def test_worker_counts_follow_the_threads_own_affinity() -> None:
+    """Sized from the CPUs this thread may use, read when the config is made."""
+    seen: list[int] = []
+
+    def on_one_cpu() -> None:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        seen.append(TierConfig().n_read_workers)
+
+    thread = threading.Thread(target=on_one_cpu)
+    thread.start()
+    thread.join()
+    assert seen == [1]
