@@ -93,11 +93,11 @@ def store_block(
     regular file fails the block (EEXIST). ``ready`` runs just before the
     block's bytes are first read, so it never runs for a block skipped.
     """
-    _within(buffer, offset, nbytes)
     if not checksum and _block_calls.store(
         root, path.dir, path.name, temp_name(path.name), buffer, offset, nbytes, direct, file_mode, dir_mode, ready
     ):
         return nbytes
+    _within(buffer, offset, nbytes)
     leaf, made = make_dir(root, path.dir, dir_mode)
     try:
         if not made and (st := _entry(leaf, path.name)) is not None:
@@ -132,7 +132,7 @@ def store_block(
 
 
 def _within(buffer: memoryview, offset: int, nbytes: int) -> None:
-    """Refuse a block that is not all inside the buffer: a slice would quietly come up short."""
+    """Refuse a block that is not all inside the buffer, as the C call does: a slice would quietly come up short."""
     if nbytes <= 0 or not 0 <= offset <= buffer.nbytes - nbytes:
         raise ValueError(f"block at offset {offset}, {nbytes} bytes, is outside the {buffer.nbytes}-byte buffer")
 
@@ -172,9 +172,9 @@ def load_block(
     without a CRC loads unverified. ``ready`` runs just before the first
     byte reaches the buffer: never for a block missing or refused.
     """
-    _within(buffer, offset, nbytes)
     if not checksum and _block_calls.load(root, path.rel, buffer, offset, nbytes, direct, owners.uid, owners.gids, ready):
         return nbytes
+    _within(buffer, offset, nbytes)
     fd = open_beneath(root, path.rel, _READ | (O_DIRECT if direct else 0))
     try:
         st = os.fstat(fd)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -76,6 +78,12 @@ class Prefault:
         self._block_bytes = block_bytes
         self._mapped = bytearray(view.nbytes // block_bytes)  # 1: this process has mapped the block's pages (or tried to)
         self._on = _on_tmpfs(fd)  # and until the kernel says it has no MADV_POPULATE_READ
+
+    def hook(self, block_id: int) -> Callable[[], None] | None:
+        """What to call just before block ``block_id``'s bytes move: None once it is mapped (most blocks)."""
+        if not self._on or self._mapped[block_id]:
+            return None
+        return functools.partial(self.block, block_id)
 
     def block(self, block_id: int) -> None:
         """Map block ``block_id``'s pages, unless done before; never fails."""

@@ -19,7 +19,6 @@ tell which tasks a dead worker held.
 from __future__ import annotations
 
 import errno
-import functools
 import itertools
 import os
 import select
@@ -170,7 +169,7 @@ def per_block(
         if between is not None and i:
             between()
         path = spec.layout.locate(key)
-        ready = None if prefault is None else functools.partial(prefault.block, block_id)
+        ready = None if prefault is None else prefault.hook(block_id)
         try:
             if op == Op.LOAD:
                 nbytes += block_io.load_block(

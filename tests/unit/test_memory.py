@@ -100,3 +100,19 @@ def test_a_populate_is_done_only_where_it_spares_a_loads_writes_their_faults(wri
         assert bytes(view[2 * BLOCK : 3 * BLOCK]) == data
         view.release()
     assert writing <= 2 or populating == 0, f"a populate ({populating} faults) left the copy {writing} faults"
+
+
+def test_the_hook_before_a_blocks_io_is_there_only_until_the_block_is_mapped(written_file):
+    """A worker asks for the hook before every block's I/O: most blocks are mapped already, and get none."""
+    with mmap.mmap(written_file, BLOCKS * BLOCK) as mapping:
+        view = memoryview(mapping)
+        prefault = Prefault(view, BLOCK, written_file)
+        hook = prefault.hook(2)
+        if not os.readlink(f"/proc/self/fd/{written_file}").startswith("/memfd:"):
+            assert hook is None  # populating would not help there
+        else:
+            assert hook is not None and not any(present(view[2 * BLOCK : 3 * BLOCK]))
+            hook()
+            assert all(present(view[2 * BLOCK : 3 * BLOCK]))
+            assert prefault.hook(2) is None and prefault.hook(1) is not None
+        view.release()
