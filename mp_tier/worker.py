@@ -275,26 +275,35 @@ def run_worker(
     sleeper = select.epoll()
     for fd in (*order, ends.bell_read):
         sleeper.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    # Which task pipes have a frame, or their end, right now: one poll(2), where a read of an empty pipe
+    # would cost a claim, an exception and a system call each. Asked of the pipes themselves, not of the
+    # epoll, whose exclusive wake-ups tell only one sleeper.
+    looker = select.poll()
+    for fd in order:
+        looker.register(fd, select.POLLIN)
     slots.set(me, MAIN, IDLE, lane)  # lane 0: the worker is ready
     try:
         while order:
             task = None
+            readable = {fd for fd, _ in looker.poll(0)}
             for fd in order:
+                if fd not in readable:
+                    continue
                 try:
                     task = claim(fd, MAIN)
                 except EndOfTasks:
                     order.remove(fd)
                     sleeper.unregister(fd)
+                    looker.unregister(fd)
                     ring(ends.bell_write)  # pass the news on: one sleeper woke for it
                     break
                 if task is not None:
                     break
             if task is None:
-                if order:
-                    sleeper.poll()
+                if order and any(fd == ends.bell_read for fd, _ in sleeper.poll()):
                     hush(ends.bell_read)
                 continue
-            if any(waiting_bytes(fd) for fd in order):
+            if looker.poll(0):
                 ring(ends.bell_write)
             run(task, MAIN)
     finally:
