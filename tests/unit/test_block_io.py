@@ -65,9 +65,9 @@ def where(tmp_path: Path, path: BlockPath) -> Path:
     return tmp_path / "ns" / path.rel
 
 
-def store(root: int, cache: memoryview, ready: Hook | None = None, path: BlockPath | None = None) -> int:
+def store(root: int, cache: memoryview, ready: Hook | None = None) -> int:
     return block_io.store_block(
-        root, path or PATH, cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME, ready=ready
+        root, PATH, cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME, ready=ready
     )
 
 
