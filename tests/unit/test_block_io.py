@@ -211,3 +211,15 @@ def test_a_write_that_fails_after_ready_raises_once_and_leaves_no_temp_file(tmp_
         pytest.skip(f"this file system takes O_DIRECT from any address ({failure.value})")
     assert ready.calls == 1 and PATH.rel in str(failure.value)
     assert files_below(tmp_path / "ns") == [PATH.dir.split("/")[0], PATH.dir]
+
+
+def test_a_read_that_fails_after_ready_raises_once_and_keeps_the_block(tmp_path: Path, root: int, cache: memoryview) -> None:
+    """A load whose read fails (not one that finds the file short) reports that error; the file stays."""
+    store(root, cache)
+    ready = Hook()
+    with cache[1:] as unaligned, pytest.raises(OSError) as failure:  # O_DIRECT into an unaligned address: EINVAL
+        block_io.load_block(root, PATH, unaligned, 0, BLOCK, direct=True, checksum=False, owners=ME, ready=ready)
+    if failure.value.errno != errno.EINVAL:
+        pytest.skip(f"this file system takes O_DIRECT into any address ({failure.value})")
+    assert ready.calls == 1 and PATH.rel in str(failure.value)
+    assert where(tmp_path, PATH).read_bytes() == cache[:BLOCK]
