@@ -602,6 +602,25 @@ def test_io_depth_gives_each_worker_process_that_many_lanes_and_the_thread_engin
     assert run_job(tier, "load", JobMetadata(job_id=2, keys=make_keys(1), block_ids=[1])).success
 
 
+@pytest.mark.parametrize("engine", ["processes"])  # lanes are threads of a worker process
+def test_idle_lanes_sleep_after_a_burst_that_rang_the_doorbell(make_tier, engine):
+    """A lane that takes a task and sees more rings the doorbell for another; whoever wakes for it must drain
+    it, or every lane after that spins on a bell epoll keeps reporting (a whole CPU per worker, idle)."""
+    from mp_tier import TierConfig
+    from mp_tier.bench.tier_runs import worker_cpu_seconds
+
+    tier = make_tier(config=TierConfig(io_depth=8), n_read_workers=1, n_write_workers=1)
+    wait_ready(tier)
+    for i, key in enumerate(make_keys(64)):  # one job each: frames pile up, and a lane that takes one rings for the next
+        tier.submit_store(JobMetadata(job_id=i, keys=[key], block_ids=[i]))
+    all_succeed(tier, 64)
+    pids = tier.worker_pids()
+    before, start = worker_cpu_seconds(pids), time.monotonic()
+    time.sleep(0.5)  # a measurement window, not a synchronisation: a spinning lane burns nearly all of it
+    used = worker_cpu_seconds(pids) - before
+    assert used < 0.1 * (time.monotonic() - start), f"idle workers used {used:.3f} s of CPU: a lane is spinning"
+
+
 def worker_cpus(tier: FileSystemTierManager) -> set[frozenset[int]]:
     """The CPU sets of every thread of every worker process."""
     return {frozenset(os.sched_getaffinity(int(tid))) for pid in tier.worker_pids() for tid in os.listdir(f"/proc/{pid}/task")}
