@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
+from mp_tier import TierConfig
 from mp_tier.bench import report
+from mp_tier.bench.cli import build_parser
 from mp_tier.bench.records import Dist, RunRecord, compute_ratios, ratio
 from mp_tier.bench.report import median_range, table_row
 from mp_tier.bench.tier_runs import worker_cpu_seconds
@@ -182,3 +184,10 @@ def test_worker_cpu_is_read_to_the_millisecond_not_the_clock_tick():
     finally:
         child.communicate("", timeout=10)
     assert abs(seen - own) < 0.002, (seen, own)
+
+
+def test_the_bench_runs_the_tiers_default_worker_counts_unless_told():
+    """Its figures are the default config's, as the README's table says; 2+2 was fixed here before the tier sized them."""
+    config = TierConfig()
+    assert build_parser().parse_args([]).workers == (config.n_read_workers, config.n_write_workers)
+    assert build_parser().parse_args(["--workers", "3+2"]).workers == (3, 2)

@@ -58,7 +58,7 @@ import numpy as np
 from mp_tier.bench.driver import Spinner, calibrate_spin
 from mp_tier.bench.errors import UsageError, stop_on_sigterm, stopped_status
 from mp_tier.bench.keys import Keys
-from mp_tier.bench.root_dir import MARKER, fs_type
+from mp_tier.bench.root_dir import MARKER, fs_label, fs_type
 from mp_tier.bench.units import parse_positive, parse_size, parse_workers, size_label
 from mp_tier.bench.vllm_matrix import CellRuns, Shape, measure
 from mp_tier.bench.vllm_peer import Column, VllmApi
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace, dirs: dict[str, str]) -> dict[str, Any]:
     print(api.describe())
     shapes = ", ".join(f"{s.label} ({s.blocks_per_job} blocks per job, {s.inflight} in flight)" for s in args.shapes)
     print(
-        f"roots {', '.join(f'{k} {d} ({fs_type(d)})' for k, d in dirs.items())}; {os.cpu_count()} CPUs; shapes {shapes}; host spins "
+        f"roots {', '.join(f'{k} {d} ({fs_label(d)})' for k, d in dirs.items())}; {os.cpu_count()} CPUs; shapes {shapes}; host spins "
         f"{args.spin_us} µs between polls; <= {size_label(args.total)}, {args.max_blocks} blocks or {args.seconds:g} s per phase; "
         f"{args.rounds} rounds, order alternated",
         flush=True,
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace, dirs: dict[str, str]) -> dict[str, Any]:
         "elapsed_s": elapsed,
         "args": {k: to_json(v) for k, v in vars(args).items() if k != "block"},
         "platform": {"python": platform.python_version(), "cpus": os.cpu_count(), "kernel": platform.release()},
-        "roots": {k: {"dir": d, "fs": fs_type(d)} for k, d in dirs.items()},
+        "roots": {k: {"dir": d, "fs": fs_type(d), "fs_label": fs_label(d)} for k, d in dirs.items()},
         "columns": [to_json(c) for c in columns],
         "runs": [to_json(r) for r in all_runs],
         "cells": cells,

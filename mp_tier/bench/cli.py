@@ -16,7 +16,7 @@ from .errors import UsageError, stop_on_sigterm, stopped_status
 from .plot import load_pyplot, plot
 from .records import COMPARES, Ratio, RunRecord, compute_ratios
 from .report import print_case, write_json
-from .root_dir import cleanup, fs_type, prepare_root
+from .root_dir import cleanup, fs_label, prepare_root
 from .tier_runs import learn_layout
 from .units import (
     SWEEP_KEYS,
@@ -47,9 +47,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--block-size", type=parse_block_size, default=2 << 20, help="bytes per block (default 2m)")
     p.add_argument("--blocks-per-job", type=parse_positive, default=16, help="blocks per job, except in trace (default 16)")
-    p.add_argument("--workers", type=parse_workers, default=(2, 2), help="N (N read + N write workers) or R+W (default 2)")
+    default = TierConfig()
     p.add_argument(
-        "--io-depth", type=parse_io_depth, default=TierConfig().io_depth, help="tasks each worker process serves at once (default: the tier's)"
+        "--workers",
+        type=parse_workers,
+        default=(default.n_read_workers, default.n_write_workers),
+        help=f"N (N read + N write workers) or R+W (default: the tier's, {default.n_read_workers}+{default.n_write_workers} here)",
+    )
+    p.add_argument(
+        "--io-depth", type=parse_io_depth, default=default.io_depth, help="tasks each worker process serves at once (default: the tier's)"
     )
     p.add_argument("--inflight", type=parse_positive, default=4, help="jobs (trace: requests) kept in flight (default 4)")
     p.add_argument("--total", type=parse_size, default=1 << 30, help="bytes each phase moves (default 1g)")
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace, run_dir: str) -> tuple[list[RunRecord], list[R
     """Every case's workloads, printed as each case ends; a case's files go unless --keep."""
     spin_chunk = calibrate_spin(args.spin_us)
     print(
-        f"mp_tier loadgen: {', '.join(args.workload)} under {os.path.dirname(run_dir)} ({fs_type(run_dir)}), "
+        f"mp_tier loadgen: {', '.join(args.workload)} under {os.path.dirname(run_dir)} ({fs_label(run_dir)}), "
         f"{os.cpu_count()} CPUs, compare: {', '.join(args.compare) or 'none'}"
     )
     runs: list[RunRecord] = []

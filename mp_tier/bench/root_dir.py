@@ -57,14 +57,34 @@ def cleanup(run_dir: str, created: str | None, keep: bool) -> None:
             os.rmdir(created)  # only if nothing else appeared in it meanwhile
 
 
-def fs_type(path: str) -> str:
-    """The type of the file system that holds ``path`` (longest mount point prefix)."""
+def _mount_of(path: str) -> tuple[str, str]:
+    """The type and source device of the file system that holds ``path`` (the longest mount point prefix)."""
     path = os.path.realpath(path)
-    best, kind = "", "?"
+    best, found = "", ("?", "")
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            mount, fstype = fields[4], fields[fields.index("-") + 1]
+            mount, rest = fields[4], fields[fields.index("-") + 1 :]
             if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-                best, kind = mount, fstype
-    return kind
+                best, found = mount, (rest[0], rest[1] if len(rest) > 1 else "")
+    return found
+
+
+def fs_type(path: str) -> str:
+    """The type of the file system that holds ``path``."""
+    return _mount_of(path)[0]
+
+
+def fs_label(path: str) -> str:
+    """``fs_type``, and for ext4 whether it has a journal: without one, creating a file right after many
+    were deleted costs up to ten times the CPU (the inode allocator skips recently freed inodes one by
+    one), which decides a small-block store's figures (docs/bench.md)."""
+    kind, source = _mount_of(path)
+    if kind != "ext4":
+        return kind
+    try:
+        with open(f"/sys/fs/ext4/{os.path.basename(os.path.realpath(source))}/journal_task") as f:
+            journal = f.read().strip()
+    except OSError:
+        return kind
+    return f"{kind}, no journal" if journal == "<none>" else kind

@@ -35,7 +35,7 @@ from ..bench.case import Case, Settings
 from ..bench.cli import build_parser
 from ..bench.driver import calibrate_spin
 from ..bench.records import RunRecord
-from ..bench.root_dir import fs_type
+from ..bench.root_dir import fs_label
 from ..bench.tier_runs import learn_layout
 from ..bench.workloads import workload_load, workload_store
 from ..config import TierConfig
@@ -195,7 +195,7 @@ def run(root: str, block_size: int, seconds: float, out: str | None) -> int:
     try:
         base = _args(block_size, seconds, total=max(block_size * 16, int(4e9 * seconds)))
         about = (
-            f"mp-tier tune on {shown(root)} ({fs_type(work_dir)}), block {block_size} bytes, {seconds:g} s a phase, "
+            f"mp-tier tune on {shown(root)} ({fs_label(work_dir)}), block {block_size} bytes, {seconds:g} s a phase, "
             f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC"
         )
         print(about)
