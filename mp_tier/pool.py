@@ -6,6 +6,12 @@ to take frames back), the result pipe, the doorbell, the slots, and one
 moves frames; what a death means for the tasks is decided elsewhere
 (``recovery``), and the pool reports facts (who died, who holds what).
 
+Worker threads (the ``threads`` engine) use the pool's fds in the host's own
+fd table, and one that stop gives up on (stuck on a hung mount) runs on
+when the mount comes back. So the fds close when the pool and every worker
+thread have let go of them: a number the thread still uses is never free
+for the host to reuse for a file or a pipe of its own.
+
 Death detection costs no thread: each worker's death fd sits in the same
 ``poll`` set as the result pipe, which the host polls in the calls it
 already makes.
@@ -18,6 +24,7 @@ import functools
 import logging
 import os
 import select
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -62,9 +69,16 @@ class WorkerPool:
             self.slots = Slots(len(specs), max(spec.io_depth for spec in specs))  # what each worker's lanes hold
             undo.callback(self.slots.close)
             self._bell = make_pipe()  # a worker that sees more work rings it to wake another
+            undo.callback(os.close, self._bell[0])
+            undo.callback(os.close, self._bell[1])
+            # the namespace directory's fd, inherited by workers; worker threads get the pool's own copy (see close)
+            self._root = os.dup(root) if engine == "threads" else root
             undo.pop_all()
         _pools.add(self)
-        self._root = root  # the namespace directory's fd, inherited by workers
+        self._users = 1  # the pool, and each worker thread not yet ended: the last to let go closes the ends
+        self._users_lock = threading.Lock()
+        self._closed = False  # close() has run: the pool let go
+        self._later: list[int] = []  # fds of worker threads left running at stop, closed with the ends
         self._region = region  # the cache as a process maps it (None for threads)
         self._view = view  # the cache as a thread sees it
         self._workers: list[Worker | None] = [None] * len(specs)  # None: down (dead, or not started yet)
@@ -80,7 +94,13 @@ class WorkerPool:
         worker: Worker
         if self.engine == "threads":
             serve = functools.partial(run_worker, spec, self._root, self._view, ends, self.slots)
-            worker = ThreadWorker(index, serve, f"mp_tier-{'r' if spec.read_priority else 'w'}{index}")
+            with self._users_lock:
+                self._users += 1
+            try:
+                worker = ThreadWorker(index, serve, f"mp_tier-{'r' if spec.read_priority else 'w'}{index}", self._let_go)
+            except BaseException:
+                self._let_go()
+                raise
         else:
             assert self._region is not None
             boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs), os.getpid())
@@ -261,21 +281,44 @@ class WorkerPool:
         return reasons
 
     def _drop(self, index: int) -> None:
-        self._detach(index).abandon()
+        self._later.extend(self._detach(index).abandon())
 
     def close(self) -> None:
-        """Release every fd (once); call after ``stop``, or in a forked child to let go of the parent's workers."""
-        _pools.discard(self)
+        """Let go of every fd, once; call after ``stop``. A worker thread that ``stop`` left running keeps them
+        open until it ends: their numbers stay its own, never free for the host to reuse under it."""
+        if self._closed:
+            return
+        self._closed = True
         for index in self.live():
             self._drop(index)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The pool, or a worker thread as it ends, is done with the ends; the last to let go closes them."""
+        with self._users_lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self._close_ends()
+
+    def _close_ends(self) -> None:
+        _pools.discard(self)
         self.loads.close()
         self.stores.close()
         self.results.close()
         self.slots.close()
-        for fd in self._bell:
+        own = [*self._bell, *self._later, *([self._root] if self.engine == "threads" else [])]
+        self._bell, self._later, self._root = (-1, -1), [], -1
+        for fd in own:
             if fd >= 0:
                 os.close(fd)
-        self._bell = (-1, -1)
+
+    def let_go_in_child(self) -> None:
+        """In a child forked from the host: close this process's copies of everything now (no worker runs here)."""
+        self._closed = True
+        for index in self.live():
+            self._drop(index)
+        self._close_ends()
 
 
 # Pools of this process, from the moment their pipes exist: a child forked at any time, even while a
@@ -285,7 +328,7 @@ _pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 def _let_go_in_child() -> None:
     for pool in list(_pools):
-        pool.close()
+        pool.let_go_in_child()
 
 
 os.register_at_fork(after_in_child=_let_go_in_child)

@@ -8,8 +8,9 @@ by the process itself, through a pidfd, never by a forkserver or a poll that a
 third process could answer wrongly. A host may reap its children itself
 (SIGCHLD set to SIG_IGN, or a handler that calls ``waitpid(-1)``): the
 pidfd still says when the worker ended, and a worker someone else reaped
-is simply gone, its exit status unknown. A thread worker signals its end by closing a pipe, so the host
-watches both kinds in the same ``poll`` set.
+is simply gone, its exit status unknown. A thread worker signals its end by writing to a pipe, so the host
+watches both kinds in the same ``poll`` set. A thread cannot be killed: one the host gives up on (stuck on a
+hung mount) may run on, so what it uses stays open until it has ended (``abandon``).
 """
 
 from __future__ import annotations
@@ -105,22 +106,34 @@ class ProcessWorker:
             os.close(self.death_fd)
         return f"worker {self.index} (pid {self.pid}) died: {why}"
 
-    def abandon(self) -> None:
-        """Forget the worker without touching it (a forked child of the host does this)."""
+    def abandon(self) -> tuple[int, ...]:
+        """Forget the worker without touching it (a forked child of the host does this); nothing of it stays open."""
         os.close(self.death_fd)
+        return ()
 
 
 class ThreadWorker:
-    """A worker thread of the host (the ``threads`` engine); ``death_fd`` becomes readable once it has ended."""
+    """A worker thread of the host (the ``threads`` engine); ``death_fd`` becomes readable once it has ended.
+
+    ``on_exit`` runs last in the thread: the fds it was given (the pool's) must stay open until then, since
+    a thread the host stopped waiting for still uses them, and a number closed under it could be the host's
+    next file or pipe.
+    """
 
     killable = False
     pid = None
 
-    def __init__(self, index: int, target: Callable[[], None], name: str):
+    def __init__(self, index: int, target: Callable[[], None], name: str, on_exit: Callable[[], None]):
         self.index = index
         self.death_fd, self._end = os.pipe2(os.O_CLOEXEC)
+        self._on_exit = on_exit
         self._thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            os.close(self.death_fd)
+            os.close(self._end)
+            raise
 
     def _run(self, target: Callable[[], None]) -> None:
         try:
@@ -129,7 +142,8 @@ class ThreadWorker:
             log.exception("worker thread %d failed", self.index)
             raise
         finally:
-            os.close(self._end)
+            os.write(self._end, b"\0")  # never closed here: a reader is open until whoever outlives the thread closes both
+            self._on_exit()
 
     def kill(self) -> None:
         raise NotImplementedError("a worker thread cannot be killed")
@@ -137,11 +151,13 @@ class ThreadWorker:
     def reap(self) -> str:
         self._thread.join()
         os.close(self.death_fd)
+        os.close(self._end)
         return f"worker thread {self.index} ended"
 
-    def abandon(self) -> None:
-        os.close(self.death_fd)
-        os.close(self._end)
+    def abandon(self) -> tuple[int, ...]:
+        """Forget the thread without waiting: it may still run, and write its end to the pipe it returns, which
+        the caller closes once ``on_exit`` has run."""
+        return (self.death_fd, self._end)
 
 
 Worker = ProcessWorker | ThreadWorker

@@ -18,7 +18,7 @@ import glusterfs_nodes as gl
 import pytest
 from helpers import gluster_volume, make_keys
 
-from mp_tier import FileSystemTierManager, JobMetadata
+from mp_tier import FileSystemTierManager, JobMetadata, TierConfig
 
 pytestmark = [pytest.mark.glusterfs, pytest.mark.timeout(120)]
 
@@ -102,3 +102,44 @@ def hung_mount_holds_up_only(
         looker.join(30)
         if caller.ident is not None:
             caller.join(30)
+
+
+def test_a_worker_thread_left_on_a_hung_mount_never_touches_an_fd_the_host_opens_after_shutdown(mount, cache, tmp_path):
+    """The threads engine cannot kill a worker: one stuck on a hung mount past ``stop_timeout`` is left behind, and
+    once the mount is back it finishes its block. Every fd it uses must stay its own until it has ended: numbers the
+    host reuses meanwhile (here 32 pipes opened right after the shutdown let go) never get a completion written
+    into them, a task read from them or a close; the worker ends, and its fds are closed then (the leak check)."""
+    config = TierConfig(engine="threads", stop_timeout=0.2, n_read_workers=1, n_write_workers=1)
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=os.path.join(mount, tmp_path.name), config=config)
+    tier.drain(30)
+    workers = [t for t in threading.enumerate() if t.name.startswith("mp_tier-")]
+    stopper = threading.Thread(target=tier.shutdown, name="shutdown")
+    pipes: list[tuple[int, int]] = []
+    client = fuse_client(mount)
+    os.kill(client, signal.SIGSTOP)
+    try:
+        tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1, seed=4), block_ids=[0]))
+        deadline = time.monotonic() + 10
+        while not any(map(waits_on_a_file, workers)):
+            assert time.monotonic() < deadline, "no worker thread reached the stopped mount"
+        stopper.start()
+        deadline = time.monotonic() + 20
+        while not waits_on_a_file(stopper):  # past stop_timeout and the kill grace: the pool let go, the sweep waits
+            assert stopper.is_alive() and time.monotonic() < deadline, "shutdown did not reach its sweep of the hung mount"
+        pipes = [os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(32)]
+    finally:
+        os.kill(client, signal.SIGCONT)
+    try:
+        stopper.join(30)
+        for worker in workers:
+            worker.join(10)
+        assert [w.name for w in workers if w.is_alive()] == [], "a worker left behind did not end once the mount was back"
+        for r, w in pipes:
+            with pytest.raises(BlockingIOError):
+                os.read(r, 4096)  # nothing was written into the host's pipe (and it is still open)
+            os.write(w, b"x")
+            assert os.read(r, 1) == b"x"  # both ends are still the host's
+    finally:
+        for pair in pipes:
+            for fd in pair:
+                os.close(fd)
