@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from mp_tier.bench.report import SCHEMA
-from mp_tier.bench.root_dir import MARKER
+from mp_tier.bench.root_dir import MARKER, fs_type
 from mp_tier.shared_cache import SEGMENT_PREFIX
 
 if sys.version_info >= (3, 11):
@@ -278,5 +278,18 @@ def test_the_header_says_whether_an_ext4_root_has_a_journal(tmp_path, journal, l
         done = subprocess.run([*BENCH, "--root", str(target / "run"), *TINY, "--workload", "store"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert f"({label})," in done.stdout.splitlines()[0]
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_a_mount_point_with_a_space_is_read_as_its_own_file_system(tmp_path):
+    """/proc/self/mountinfo writes a space in a mount point as \\040: read raw, the path matched the mount above it."""
+    target = tmp_path / "my cache"
+    target.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        assert fs_type(str(target / "inside")) == "tmpfs"
     finally:
         subprocess.run(["umount", "-l", str(target)], check=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 from .errors import UsageError
 
 MARKER = ".mp_tier_loadgen"  # marks a directory this tool created under --root
+_OCTAL = re.compile(r"\\([0-7]{3})")  # how /proc/self/mountinfo writes a space, tab, newline or backslash in a path
 
 
 def _is_ours(path: str) -> bool:
@@ -64,7 +66,7 @@ def _mount_of(path: str) -> tuple[str, str]:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            mount, rest = fields[4], fields[fields.index("-") + 1 :]
+            mount, rest = _OCTAL.sub(lambda m: chr(int(m[1], 8)), fields[4]), fields[fields.index("-") + 1 :]
             if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
                 best, found = mount, (rest[0], rest[1] if len(rest) > 1 else "")
     return found
