@@ -143,3 +143,43 @@ def test_a_worker_thread_left_on_a_hung_mount_never_touches_an_fd_the_host_opens
         for pair in pipes:
             for fd in pair:
                 os.close(fd)
+
+
+def test_a_worker_thread_left_inside_a_block_call_neither_fails_the_shutdown_nor_keeps_the_cache_mapped_once_it_ends(mount, cache, tmp_path):
+    """A worker thread left on the hung mount in the middle of a store holds the cache's buffer (the C call's):
+    the shutdown still returns without error (it raised BufferError), and the tier lets go of the cache when the
+    thread has ended, so closing the cache then unmaps it."""
+    config = TierConfig(engine="threads", stop_timeout=0.2, n_read_workers=1, n_write_workers=1)
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=os.path.join(mount, tmp_path.name), config=config)
+    tier.drain(30)
+    workers = [t for t in threading.enumerate() if t.name.startswith("mp_tier-")]
+    raised: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            tier.shutdown()
+        except BaseException as e:
+            raised.append(e)
+
+    stopper = threading.Thread(target=stop, name="shutdown")
+    keys = make_keys(256, seed=5)
+    client = fuse_client(mount)
+    tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(256))))
+    deadline = time.monotonic() + 10
+    while not os.path.exists(tier.block_path(keys[0])):  # past the task's namespace check: the rest are C calls
+        assert time.monotonic() < deadline, "the store never began"
+    os.kill(client, signal.SIGSTOP)
+    try:
+        stopper.start()
+        deadline = time.monotonic() + 20
+        while not waits_on_a_file(stopper):
+            assert stopper.is_alive() and time.monotonic() < deadline, "shutdown did not reach its sweep of the hung mount"
+    finally:
+        os.kill(client, signal.SIGCONT)
+    stopper.join(30)
+    for worker in workers:
+        worker.join(30)
+    assert raised == []
+    cache.close()
+    with open("/proc/self/maps") as maps:
+        assert cache.name not in maps.read(), "the cache stayed mapped after the worker threads ended and it was closed"
