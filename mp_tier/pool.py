@@ -79,7 +79,7 @@ class WorkerPool:
         self._users_lock = threading.Lock()
         self._closed = False  # close() has run: the pool let go
         self._later: list[int] = []  # fds of worker threads left running at stop, closed with the ends
-        self._then: list[Callable[[], None]] = []  # run once the last user has let go (``then``)
+        self._after_last: list[Callable[[], None]] = []  # run once the last user has let go (``once_let_go``)
         self._region = region  # the cache as a process maps it (None for threads)
         self._view = view  # the cache as a thread sees it
         self._workers: list[Worker | None] = [None] * len(specs)  # None: down (dead, or not started yet)
@@ -302,16 +302,16 @@ class WorkerPool:
         if last:
             self._close_ends()
             with self._users_lock:
-                then, self._then = self._then, []
-            for run in then:
+                after, self._after_last = self._after_last, []
+            for run in after:
                 run()
 
-    def then(self, run: Callable[[], None]) -> None:
+    def once_let_go(self, run: Callable[[], None]) -> None:
         """Run ``run`` once the pool and every worker thread have let go (now, if they have): a thread left
         running still moves blocks to and from the cache, holding its buffer, so the tier lets go of it then."""
         with self._users_lock:
             if self._users:
-                self._then.append(run)
+                self._after_last.append(run)
                 return
         run()
 

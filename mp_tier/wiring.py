@@ -142,7 +142,7 @@ def teardown(parts: Parts, lock: threading.RLock, stop_timeout: float, pid: int)
     core.sweep_leftovers()  # file-system work: outside the lock (calls meanwhile find the tier stopped)
     for fd in parts.fds:
         os.close(fd)
-    core.pool.then(parts.release)  # once a worker thread left on a hung mount has ended too
+    core.pool.once_let_go(parts.release)  # once a worker thread left on a hung mount has ended too
     log.debug("tier down: %s", parts.layout.base)
 
 
