@@ -140,8 +140,8 @@ def teardown(parts: Parts, lock: threading.RLock, stop_timeout: float, pid: int)
         if locked:
             lock.release()
     core.sweep_leftovers()  # file-system work: outside the lock (calls meanwhile find the tier stopped)
-    for fd in parts.fds:
-        os.close(fd)
+    while parts.fds:  # one at a time: a child forked meanwhile closes those still listed (the tier's _abandon_in_child)
+        os.close(parts.fds.pop())
     core.pool.once_let_go(parts.release)  # once a worker thread left on a hung mount has ended too
     log.debug("tier down: %s", parts.layout.base)
 

@@ -8,6 +8,7 @@ MP_TIER_GLUSTERFS=required turns the skip into a failure, for CI.
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import glusterfs_nodes as gl
+import helpers
 import pytest
 from helpers import gluster_volume, make_keys
 
@@ -151,6 +153,37 @@ def test_a_worker_thread_left_inside_a_block_call_neither_fails_the_shutdown_nor
     cache.close()
     with open("/proc/self/maps") as maps:
         assert cache.name not in maps.read(), "the cache stayed mapped after the worker threads ended and it was closed"
+
+
+def test_a_child_forked_while_shutdown_waits_on_the_hung_mount_holds_none_of_the_tiers_fds(mount, cache, tmp_path):
+    """A fork while the shutdown waits on the hung mount (its sweep, after giving up on a worker thread): the child
+    closes its copies of the pool's fds and of the tier's own (the namespace directory, the wake pipe) at once, as
+    a child forked at any other time does; before, it kept the tier's for as long as it lived. What it may still
+    hold is its parent's worker threads' epoll fds: they belong to threads that do not exist in it."""
+    before = helpers.open_fds()
+    tier = threads_tier(mount, cache, tmp_path)
+    held: dict[int, str] = {}
+
+    def stick(client: int) -> None:
+        os.kill(client, signal.SIGSTOP)
+        tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1, seed=6), block_ids=[0]))
+        deadline = time.monotonic() + 10
+        while not any(map(waits_on_a_file, worker_threads())):
+            assert time.monotonic() < deadline, "no worker thread reached the stopped mount"
+
+    def fork() -> None:
+        r, w = os.pipe()
+        if (pid := os.fork()) == 0:
+            os.write(w, repr(helpers.open_fds()).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as told:
+            held.update(ast.literal_eval(told.read().decode()))
+        assert os.waitpid(pid, 0)[1] == 0
+        del held[r], held[w]  # the child's copy of this pipe
+
+    assert leave_a_worker_thread(tier, mount, stick, fork) == []
+    assert {fd: what for fd, what in held.items() if before.get(fd) != what and what != "anon_inode:[eventpoll]"} == {}
 
 
 def threads_tier(mount: str, cache: PrimaryCache, tmp_path: Path) -> FileSystemTierManager:
