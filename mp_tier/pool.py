@@ -75,10 +75,11 @@ class WorkerPool:
             self._root = os.dup(root) if engine == "threads" else root
             undo.pop_all()
         _pools.add(self)
-        self._users = 1  # the pool, and each worker thread not yet ended: the last to let go closes the ends
+        self._users = 1  # the pool, and each worker thread begun and not yet ended: the last to let go closes the ends
         self._users_lock = threading.Lock()
         self._closed = False  # close() has run: the pool let go
         self._later: list[int] = []  # fds of worker threads left running at stop, closed with the ends
+        self._after_last: list[Callable[[], None]] = []  # run once the last user has let go (``once_let_go``)
         self._region = region  # the cache as a process maps it (None for threads)
         self._view = view  # the cache as a thread sees it
         self._workers: list[Worker | None] = [None] * len(specs)  # None: down (dead, or not started yet)
@@ -94,13 +95,7 @@ class WorkerPool:
         worker: Worker
         if self.engine == "threads":
             serve = functools.partial(run_worker, spec, self._root, self._view, ends, self.slots)
-            with self._users_lock:
-                self._users += 1
-            try:
-                worker = ThreadWorker(index, serve, f"mp_tier-{'r' if spec.read_priority else 'w'}{index}", self._let_go)
-            except BaseException:
-                self._let_go()
-                raise
+            worker = ThreadWorker(index, serve, f"mp_tier-{'r' if spec.read_priority else 'w'}{index}", self._enter, self._let_go)
         else:
             assert self._region is not None
             boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs), os.getpid())
@@ -110,6 +105,12 @@ class WorkerPool:
         self._workers[index] = worker
         self._by_fd[worker.death_fd] = index
         self._poller.register(worker.death_fd, select.POLLIN)
+        if isinstance(worker, ThreadWorker):
+            try:
+                worker.start()  # listed first: one an exception leaves running is stopped as any other
+            except RuntimeError:  # it could not start
+                self._detach(index)
+                raise
         return worker.pid
 
     def forget(self, index: int) -> str:
@@ -293,6 +294,13 @@ class WorkerPool:
             self._drop(index)
         self._let_go()
 
+    def _enter(self) -> bool:
+        """A worker thread as it begins: one more user, unless all let go (given up on before it began): it touches nothing then."""
+        with self._users_lock:
+            if self._users:
+                self._users += 1
+            return self._users > 0
+
     def _let_go(self) -> None:
         """The pool, or a worker thread as it ends, is done with the ends; the last to let go closes them."""
         with self._users_lock:
@@ -300,6 +308,19 @@ class WorkerPool:
             last = self._users == 0
         if last:
             self._close_ends()
+            with self._users_lock:
+                after, self._after_last = self._after_last, []
+            for run in after:
+                run()
+
+    def once_let_go(self, run: Callable[[], None]) -> None:
+        """Run ``run`` once the pool and every worker thread have let go (now, if they have): a thread left
+        running still moves blocks to and from the cache, holding its buffer, so the tier lets go of it then."""
+        with self._users_lock:
+            if self._users:
+                self._after_last.append(run)
+                return
+        run()
 
     def _close_ends(self) -> None:
         _pools.discard(self)

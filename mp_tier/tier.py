@@ -285,10 +285,13 @@ class FileSystemTierManager:
             self._finalizer()  # stops the workers and closes the tier's fds; a no-op once it has run
 
     def _abandon_in_child(self) -> None:
-        """Right after a fork, in the child: drop every fd and worker of the parent's tier, touching none of them."""
+        """Right after a fork, in the child: drop every fd and worker of the parent's tier, touching none of them.
+
+        Also when the parent's tier was ending (its sweep may wait on a hung mount for long): the end takes each fd
+        off ``_owned_fds`` as it closes it, so those left are the ones to close here (none once the tier ended).
+        """
         self._lock = threading.RLock()  # the parent's may have been held by a thread that does not exist here
-        if self._finalizer.detach() is None:
-            return  # the tier had ended already
+        self._finalizer.detach()
         self._core.stopping = True  # the pool let go of its fds already (its own fork handler)
         for fd in self._owned_fds:
             os.close(fd)

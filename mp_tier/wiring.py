@@ -117,6 +117,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
         pool.close()
         for fd in fds:
             os.close(fd)
+        pool.once_let_go(primary.release)  # a thread that ended leaves the view in a cycle (its closures) for gc
         raise
     core = Coordinator(pool, Residency(capacity, config.events, identity(root)), HostRoot(root, layout, owners), config)
     log.debug("tier up: %s, %d+%d %s, direct=%s", layout.base, config.n_read_workers, config.n_write_workers, config.engine, direct)
@@ -140,9 +141,9 @@ def teardown(parts: Parts, lock: threading.RLock, stop_timeout: float, pid: int)
         if locked:
             lock.release()
     core.sweep_leftovers()  # file-system work: outside the lock (calls meanwhile find the tier stopped)
-    for fd in parts.fds:
-        os.close(fd)
-    parts.release()
+    while parts.fds:  # one at a time: a child forked meanwhile closes those still listed (the tier's _abandon_in_child)
+        os.close(parts.fds.pop())
+    core.pool.once_let_go(parts.release)  # once a worker thread left on a hung mount has ended too
     log.debug("tier down: %s", parts.layout.base)
 
 

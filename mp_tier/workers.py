@@ -115,27 +115,34 @@ class ProcessWorker:
 class ThreadWorker:
     """A worker thread of the host (the ``threads`` engine); ``death_fd`` becomes readable once it has ended.
 
-    ``on_exit`` runs last in the thread: the fds it was given (the pool's) must stay open until then, since
-    a thread the host stopped waiting for still uses them, and a number closed under it could be the host's
-    next file or pipe.
+    ``enter`` runs first in the thread and ``on_exit`` last: the fds it was given (the pool's) must stay open
+    from one to the other, since a thread the host stopped waiting for still uses them, and a number closed
+    under it could be the host's next file or pipe. ``enter`` False: they are closed already, and it ends.
     """
 
     killable = False
     pid = None
 
-    def __init__(self, index: int, target: Callable[[], None], name: str, on_exit: Callable[[], None]):
+    def __init__(self, index: int, target: Callable[[], None], name: str, enter: Callable[[], bool], on_exit: Callable[[], None]):
         self.index = index
         self.death_fd, self._end = os.pipe2(os.O_CLOEXEC)
+        self._enter = enter
         self._on_exit = on_exit
         self._thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
+
+    def start(self) -> None:
+        """RuntimeError: the thread could not start (its pipe is closed). After any other exception (a signal
+        handler's, while ``Thread.start`` waits for the thread to begin) it may run, as if started."""
         try:
             self._thread.start()
-        except BaseException:
+        except RuntimeError:
             os.close(self.death_fd)
             os.close(self._end)
             raise
 
     def _run(self, target: Callable[[], None]) -> None:
+        if not self._enter():
+            return
         try:
             target()
         except BaseException:

@@ -3,6 +3,7 @@ stopped workers, running out of fds, and ends without shutdown (dropped, interpr
 
 from __future__ import annotations
 
+import _thread
 import gc
 import json
 import os
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BLOCK, NAMESPACE, fill_random, make_keys, open_fds, run_job, stop_processes, wait_exit, wait_ready
+from helpers import BLOCK, NAMESPACE, fill_random, make_keys, open_fds, run_job, stop_processes, wait_exit, wait_ready, worker_threads
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierBroken, TierConfig
 from mp_tier.layout import BLOCK_SUFFIX, CONFIG_FILE, LAYOUT_VERSION, TEMP_SUFFIX, VERSION_KEY
@@ -89,6 +90,52 @@ def test_a_constructor_that_fails_leaves_nothing(cache, tmp_path):
     (tmp_path / "root" / NAMESPACE).write_text("not a directory")
     with pytest.raises(OSError, match="not usable"):
         FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "root"))
+
+
+def test_a_ctrl_c_while_a_worker_thread_starts_leaves_it_no_fd_of_the_host_to_touch(cache, tmp_path, caplog):
+    """SIGINT lands as the tier's first worker thread has just started (delivered when ``Thread.start`` returns from
+    making it, so its KeyboardInterrupt comes from the wait for the thread to begin): the constructor raises it,
+    and the thread, which runs, must still find its fds its own. Before, the pool closed them under it and the
+    thread wrote its end into a pipe the host opened right after. And a cache closed then stayed mapped until a
+    garbage collection: the failed constructor never let go of it, and a thread that ended holds it in a cycle."""
+    started = 0
+
+    def ring_at_the_first_start(frame: object, event: str, arg: object) -> None:
+        nonlocal started
+        if event == "c_return" and arg is _thread.start_new_thread:
+            started += 1
+            if started == 1:
+                signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    pipes: list[tuple[int, int]] = []
+    gc.disable()  # what the failed constructor leaves is freed by reference counting alone, not a later collection
+    try:
+        sys.setprofile(ring_at_the_first_start)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "root"), engine="threads")
+        finally:
+            sys.setprofile(None)
+        pipes = [os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(32)]
+        deadline = time.monotonic() + 10
+        while worker_threads():
+            assert time.monotonic() < deadline, "a worker thread outlived the failed constructor"
+        for r, w in pipes:
+            with pytest.raises(BlockingIOError):
+                os.read(r, 4096)  # nothing was written into the host's pipe (and it is still open)
+            os.write(w, b"x")
+            assert os.read(r, 1) == b"x"
+        assert [r.getMessage() for r in caplog.records if r.name == "mp_tier.workers"] == []  # the thread ran on open fds and slots
+        cache.close()
+        with open("/proc/self/maps") as maps:
+            assert cache.name not in maps.read(), "the failed constructor kept the cache mapped after it was closed"
+    finally:
+        gc.enable()
+        signal.signal(signal.SIGINT, previous)
+        for pair in pipes:
+            for fd in pair:
+                os.close(fd)
 
 
 FD_STARVED = textwrap.dedent(

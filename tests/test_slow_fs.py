@@ -8,17 +8,20 @@ MP_TIER_GLUSTERFS=required turns the skip into a failure, for CI.
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import glusterfs_nodes as gl
+import helpers
 import pytest
 from helpers import gluster_volume, make_keys
 
-from mp_tier import FileSystemTierManager, JobMetadata, TierConfig
+from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
 
 pytestmark = [pytest.mark.glusterfs, pytest.mark.timeout(120)]
 
@@ -106,34 +109,21 @@ def hung_mount_holds_up_only(
 
 def test_a_worker_thread_left_on_a_hung_mount_never_touches_an_fd_the_host_opens_after_shutdown(mount, cache, tmp_path):
     """The threads engine cannot kill a worker: one stuck on a hung mount past ``stop_timeout`` is left behind, and
-    once the mount is back it finishes its block. Every fd it uses must stay its own until it has ended: numbers the
+    once the mount is back it finishes its task. Every fd it uses must stay its own until it has ended: numbers the
     host reuses meanwhile (here 32 pipes opened right after the shutdown let go) never get a completion written
     into them, a task read from them or a close; the worker ends, and its fds are closed then (the leak check)."""
-    config = TierConfig(engine="threads", stop_timeout=0.2, n_read_workers=1, n_write_workers=1)
-    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=os.path.join(mount, tmp_path.name), config=config)
-    tier.drain(30)
-    workers = [t for t in threading.enumerate() if t.name.startswith("mp_tier-")]
-    stopper = threading.Thread(target=tier.shutdown, name="shutdown")
+    tier = threads_tier(mount, cache, tmp_path)
     pipes: list[tuple[int, int]] = []
-    client = fuse_client(mount)
-    os.kill(client, signal.SIGSTOP)
-    try:
+
+    def stick(client: int) -> None:
+        os.kill(client, signal.SIGSTOP)
         tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1, seed=4), block_ids=[0]))
         deadline = time.monotonic() + 10
-        while not any(map(waits_on_a_file, workers)):
+        while not any(map(waits_on_a_file, worker_threads())):
             assert time.monotonic() < deadline, "no worker thread reached the stopped mount"
-        stopper.start()
-        deadline = time.monotonic() + 20
-        while not waits_on_a_file(stopper):  # past stop_timeout and the kill grace: the pool let go, the sweep waits
-            assert stopper.is_alive() and time.monotonic() < deadline, "shutdown did not reach its sweep of the hung mount"
-        pipes = [os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(32)]
-    finally:
-        os.kill(client, signal.SIGCONT)
+
     try:
-        stopper.join(30)
-        for worker in workers:
-            worker.join(10)
-        assert [w.name for w in workers if w.is_alive()] == [], "a worker left behind did not end once the mount was back"
+        assert leave_a_worker_thread(tier, mount, stick, lambda: pipes.extend(os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(32))) == []
         for r, w in pipes:
             with pytest.raises(BlockingIOError):
                 os.read(r, 4096)  # nothing was written into the host's pipe (and it is still open)
@@ -143,3 +133,101 @@ def test_a_worker_thread_left_on_a_hung_mount_never_touches_an_fd_the_host_opens
         for pair in pipes:
             for fd in pair:
                 os.close(fd)
+
+
+def test_a_worker_thread_left_inside_a_block_call_neither_fails_the_shutdown_nor_keeps_the_cache_mapped_once_it_ends(mount, cache, tmp_path):
+    """A worker thread left on the hung mount in the middle of a store holds the cache's buffer (the C call's):
+    the shutdown still returns without error (it raised BufferError), and the tier lets go of the cache when the
+    thread has ended, so closing the cache then unmaps it."""
+    tier = threads_tier(mount, cache, tmp_path)
+    keys = make_keys(256, seed=5)
+
+    def stick(client: int) -> None:
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(256))))
+        deadline = time.monotonic() + 10
+        while not os.path.exists(tier.block_path(keys[0])):  # past a task's namespace check: mostly in block calls now
+            assert time.monotonic() < deadline, "the store never began"
+        os.kill(client, signal.SIGSTOP)
+
+    assert leave_a_worker_thread(tier, mount, stick, lambda: None) == []
+    cache.close()
+    with open("/proc/self/maps") as maps:
+        assert cache.name not in maps.read(), "the cache stayed mapped after the worker threads ended and it was closed"
+
+
+def test_a_child_forked_while_shutdown_waits_on_the_hung_mount_holds_none_of_the_tiers_fds(mount, cache, tmp_path):
+    """A fork while the shutdown waits on the hung mount (its sweep, after giving up on a worker thread): the child
+    closes its copies of the pool's fds and of the tier's own (the namespace directory, the wake pipe) at once, as
+    a child forked at any other time does; before, it kept the tier's for as long as it lived. What it may still
+    hold is its parent's worker threads' epoll fds: they belong to threads that do not exist in it."""
+    before = helpers.open_fds()
+    tier = threads_tier(mount, cache, tmp_path)
+    held: dict[int, str] = {}
+
+    def stick(client: int) -> None:
+        os.kill(client, signal.SIGSTOP)
+        tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1, seed=6), block_ids=[0]))
+        deadline = time.monotonic() + 10
+        while not any(map(waits_on_a_file, worker_threads())):
+            assert time.monotonic() < deadline, "no worker thread reached the stopped mount"
+
+    def fork() -> None:
+        r, w = os.pipe()
+        if (pid := os.fork()) == 0:
+            os.write(w, repr(helpers.open_fds()).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as told:
+            held.update(ast.literal_eval(told.read().decode()))
+        assert os.waitpid(pid, 0)[1] == 0
+        del held[r], held[w]  # the child's copy of this pipe
+
+    assert leave_a_worker_thread(tier, mount, stick, fork) == []
+    assert {fd: what for fd, what in held.items() if before.get(fd) != what and what != "anon_inode:[eventpoll]"} == {}
+
+
+def threads_tier(mount: str, cache: PrimaryCache, tmp_path: Path) -> FileSystemTierManager:
+    """A threads-engine tier on the mount, idle, whose shutdown gives up on a stuck worker soon."""
+    config = TierConfig(engine="threads", stop_timeout=0.2, n_read_workers=1, n_write_workers=1)
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=os.path.join(mount, tmp_path.name), config=config)
+    tier.drain(30)
+    return tier
+
+
+def worker_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("mp_tier-")]
+
+
+def leave_a_worker_thread(
+    tier: FileSystemTierManager, mount: str, stick: Callable[[int], None], meanwhile: Callable[[], None]
+) -> list[BaseException]:
+    """Get a worker thread stuck on the hung mount (``stick`` stops the FUSE client, whose pid it is given, and gets
+    a worker waiting on it), shut the tier down in another thread, and run ``meanwhile`` once that shutdown has given
+    up on the workers (past stop_timeout and the kill grace, it waits in its sweep of the mount). Then the client
+    continues; returns what the shutdown raised, once the shutdown and every worker thread have ended."""
+    workers = worker_threads()
+    raised: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            tier.shutdown()
+        except BaseException as e:
+            raised.append(e)
+
+    stopper = threading.Thread(target=stop, name="shutdown")
+    client = fuse_client(mount)
+    try:
+        stick(client)
+        stopper.start()
+        deadline = time.monotonic() + 20
+        while not waits_on_a_file(stopper):
+            assert stopper.is_alive() and time.monotonic() < deadline, "shutdown did not reach its sweep of the hung mount"
+        meanwhile()
+    finally:
+        os.kill(client, signal.SIGCONT)
+        if stopper.ident is not None:
+            stopper.join(30)
+            for worker in workers:
+                worker.join(30)
+    assert [w.name for w in workers if w.is_alive()] == [], "a worker left behind did not end once the mount was back"
+    return raised
