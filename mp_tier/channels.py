@@ -49,6 +49,15 @@ def _pipe_max_size() -> int:
 PIPE_BYTES = min(1 << 20, _pipe_max_size())
 
 
+def close_fds(*fds: int) -> None:
+    """Close each fd that is not -1. Callers mark an fd closed before closing it: a child forked in between
+    (by another thread, while the close let the GIL go) then keeps one copy rather than closing a number its
+    parent had already freed, which failed its fork handler half way (EBADF) and left it the rest."""
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+
+
 def make_pipe() -> tuple[int, int]:
     """A pipe of PIPE_BYTES capacity, both ends non-blocking.
 
@@ -204,15 +213,13 @@ class TaskPipe:
 
     def close_writer(self) -> None:
         """Workers see end-of-file once the pipe is empty."""
-        if self.write_fd >= 0:
-            os.close(self.write_fd)
-            self.write_fd = -1
+        fd, self.write_fd = self.write_fd, -1
+        close_fds(fd)
 
     def close(self) -> None:
         self.close_writer()
-        if self.read_fd >= 0:
-            os.close(self.read_fd)
-            self.read_fd = -1
+        fd, self.read_fd = self.read_fd, -1
+        close_fds(fd)
 
 
 def send_completion(fd: int, completion: Completion) -> None:
@@ -262,7 +269,6 @@ class ResultReader:
         return done
 
     def close(self) -> None:
-        for fd in (self.read_fd, self.write_fd):
-            if fd >= 0:
-                os.close(fd)
+        fds = self.read_fd, self.write_fd
         self.read_fd = self.write_fd = -1
+        close_fds(*fds)

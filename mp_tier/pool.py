@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Callable
 
 from . import interpreter
-from .channels import ResultReader, TaskPipe, WorkerEnds, make_pipe
+from .channels import ResultReader, TaskPipe, WorkerEnds, close_fds, make_pipe
 from .memory import SharedRegion
 from .messages import READ_OPS, Completion, Op, Task
 from .placement import Placement
@@ -330,9 +330,7 @@ class WorkerPool:
         self.slots.close()
         own = [*self._bell, *self._later, *([self._root] if self.engine == "threads" else [])]
         self._bell, self._later, self._root = (-1, -1), [], -1
-        for fd in own:
-            if fd >= 0:
-                os.close(fd)
+        close_fds(*own)
 
     def let_go_in_child(self) -> None:
         """In a child forked from the host: close this process's copies of everything now (no worker runs here)."""

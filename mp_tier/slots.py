@@ -99,10 +99,9 @@ class Slots:
         return [(self._words[at], self._words[at + 1]) for at in self._all(worker) if self._words[at] >= 0]
 
     def close(self) -> None:
-        if self.fd < 0:
+        fd, self.fd = self.fd, -1  # marked closed before it is: see channels.close_fds
+        if fd < 0:
             return
         self._words.release()
         self._map.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        os.close(fd)

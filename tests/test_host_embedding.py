@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
 
-from mp_tier import JobMetadata, TierClosed, TierConfig
+from mp_tier import FileSystemTierManager, JobMetadata, TierClosed, TierConfig
 from mp_tier.recovery import CLAIM_SETTLE_SECONDS
 from mp_tier.worker_process import TEST_PAUSE
 
@@ -469,3 +469,36 @@ def test_a_wait_whose_sleep_a_handler_interrupts_with_shutdown_ends_cleanly(make
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert [r.job_id for r in tier.get_finished()] == [1]
+
+
+def test_a_child_forked_while_tiers_shut_down_closes_its_copies_without_an_error(cache, tmp_path):
+    """A fork from another thread lands while ``shutdown`` closes fds (each close lets the GIL go): the child's fork
+    handler closes its copies of every tier's fds. An fd the parent closed but had not yet marked closed made
+    the child's close fail (EBADF), which ended its handler early: that child kept the rest, the task pipes'
+    write ends among them, which keep workers waiting on a host that may have died."""
+    failed = []  # in a child: the handler's errors (unraisable: a fork handler cannot raise)
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: failed.append(unraisable.exc_value)
+    stop = threading.Event()
+    children = []  # exit codes: 1 = the fork handler failed there
+
+    def forker() -> None:
+        while not stop.is_set():
+            before = len(failed)
+            if (pid := os.fork()) == 0:
+                os._exit(1 if len(failed) > before else 0)
+            children.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+    thread = threading.Thread(target=forker, name="forker")
+    try:
+        thread.start()
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            for engine in ("threads", "processes"):
+                config = TierConfig(engine=engine, n_read_workers=1, n_write_workers=1, io_depth=1)
+                FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path), config=config).shutdown()
+        stop.set()
+        thread.join(10)
+    finally:
+        stop.set()
+        sys.unraisablehook = hook
+    assert children and children.count(1) == 0, f"{children.count(1)} of {len(children)} children's fork handlers failed"
