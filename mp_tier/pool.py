@@ -108,7 +108,7 @@ class WorkerPool:
         if isinstance(worker, ThreadWorker):
             try:
                 worker.start()  # listed first: one an exception leaves running is stopped as any other
-            except RuntimeError:  # it could not start
+            except OSError:  # it could not start
                 self._detach(index)
                 raise
         return worker.pid

@@ -37,13 +37,18 @@ def _named_limit(e: OSError, highest_fd: int) -> OSError:
     if e.errno == errno.EMFILE:
         return OSError(e.errno, f"too many open files: RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}; raise it (ulimit -n)")
     if e.errno == errno.EAGAIN:
-        limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
-        return OSError(
-            e.errno,
-            f"cannot start another process: this user's RLIMIT_NPROC is {'unlimited' if limit < 0 else limit} (raise it: "
-            "ulimit -u), or the system's or the cgroup's process limit is reached",
-        )
+        return _out_of_tasks("process")
     return e
+
+
+def _out_of_tasks(what: str) -> OSError:
+    """EAGAIN for a process or a thread that could not start: both count against the same limits."""
+    limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    return OSError(
+        errno.EAGAIN,
+        f"cannot start another {what}: this user's RLIMIT_NPROC is {'unlimited' if limit < 0 else limit} (raise it: "
+        "ulimit -u), or the system's or the cgroup's process limit is reached",
+    )
 
 
 def _describe_exit(code: int) -> str:
@@ -131,14 +136,15 @@ class ThreadWorker:
         self._thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
 
     def start(self) -> None:
-        """RuntimeError: the thread could not start (its pipe is closed). After any other exception (a signal
-        handler's, while ``Thread.start`` waits for the thread to begin) it may run, as if started."""
+        """OSError (EAGAIN, as a worker process's spawn): the thread could not start (its pipe is closed). After
+        any other exception (a signal handler's, while ``Thread.start`` waits for the thread to begin) it may
+        run, as if started."""
         try:
             self._thread.start()
-        except RuntimeError:
+        except RuntimeError:  # "can't start new thread": no errno, for the same limits a spawn hits
             os.close(self.death_fd)
             os.close(self._end)
-            raise
+            raise _out_of_tasks("thread") from None
 
     def _run(self, target: Callable[[], None]) -> None:
         if not self._enter():

@@ -4,6 +4,7 @@ with real SIGKILLs of its workers; it prints a JSON report the test checks."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -188,3 +189,38 @@ def test_a_host_out_of_processes_names_rlimit_nproc_and_survives_a_shortage(tmp_
     host = subprocess.run([*drop, sys.executable, "-c", STARVED_HOST, str(tmp_path), "nproc"], capture_output=True, text=True, timeout=60)
     report = _check_survived(host, "EAGAIN")
     assert "RLIMIT_NPROC is 1 (raise it: ulimit -u)" in report["ctor"] and report["ctor_fds_left"] == 0
+
+
+THREADLESS_HOST = HOST_SETUP + textwrap.dedent(
+    """
+    import threading
+    cache = PrimaryCache.create(16, 65536)
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)
+    fds = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, nproc[1]))  # no new thread either: each is a task of this uid
+    try:
+        FileSystemTierManager(primary_kv_view=cache, root_dir=root, config=TierConfig(engine="threads"))
+    except Exception as e:
+        report["ctor"] = [isinstance(e, OSError), getattr(e, "errno", None), f"{type(e).__name__}: {e}"]
+    resource.setrlimit(resource.RLIMIT_NPROC, nproc)
+    report["fds_left"] = len(os.listdir("/proc/self/fd")) - fds
+    report["threads_left"] = [t.name for t in threading.enumerate() if t.name.startswith("mp_tier-")]
+    cache.close()
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="a second real uid needs root and setpriv")
+def test_a_threads_engine_host_out_of_processes_gets_the_oserror_the_processes_engine_gives(tmp_path):
+    """A worker thread that cannot start fails as a worker process does: an OSError (EAGAIN) naming the limit,
+    and nothing left open. The tier's restarts retry OSErrors only: a RuntimeError would get past them."""
+    uid = 200_000 + os.getpid() % 100_000
+    drop = ["setpriv", f"--ruid={uid}", "--bounding-set=-sys_resource,-sys_admin"]
+    host = subprocess.run([*drop, sys.executable, "-c", THREADLESS_HOST, str(tmp_path), "nproc"], capture_output=True, text=True, timeout=60)
+    assert host.returncode == 0, host.stderr
+    report = json.loads(host.stdout)
+    is_oserror, code, message = report["ctor"]
+    assert (is_oserror, code) == (True, errno.EAGAIN), message
+    assert "cannot start another thread: this user's RLIMIT_NPROC is 1 (raise it: ulimit -u)" in message
+    assert report["fds_left"] == 0 and report["threads_left"] == []
