@@ -52,7 +52,7 @@ PIPE_BYTES = min(1 << 20, _pipe_max_size())
 def close_fds(*fds: int) -> None:
     """Close each fd that is not -1. Callers mark an fd closed before closing it: a child forked in between
     (by another thread, while the close let the GIL go) then keeps one copy rather than closing a number its
-    parent had already freed, which failed its fork handler half way (EBADF) and left it the rest."""
+    parent had already freed, which failed its fork handler half way (a bad fd) and left it the rest."""
     for fd in fds:
         if fd >= 0:
             os.close(fd)
