@@ -130,7 +130,10 @@ class ThreadWorker:
 
     def __init__(self, index: int, target: Callable[[], None], name: str, enter: Callable[[], bool], on_exit: Callable[[], None]):
         self.index = index
-        self.death_fd, self._end = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.death_fd, self._end = os.pipe2(os.O_CLOEXEC)
+        except OSError as e:  # EMFILE names the limit, as a worker process's spawn does
+            raise _named_limit(e, -1) from None
         self._enter = enter
         self._on_exit = on_exit
         self._thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)

@@ -99,7 +99,7 @@ def test_a_host_that_reaps_its_children_gets_every_result_and_a_clean_shutdown(t
         assert "died: exit status unknown (the host reaped it" in host.stderr
 
 
-STARVED_HOST = HOST_SETUP + textwrap.dedent(
+STARVE = textwrap.dedent(
     """
     cache = PrimaryCache.create(16, 65536)
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -119,7 +119,11 @@ STARVED_HOST = HOST_SETUP + textwrap.dedent(
     def plenty():
         resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
         resource.setrlimit(resource.RLIMIT_NPROC, nproc)
+    """
+)
 
+STARVED_HOST = HOST_SETUP + STARVE + textwrap.dedent(
+    """
     if mode == "nproc":  # at construction: the error names the limit, and nothing is left open
         fds = len(os.listdir("/proc/self/fd"))
         starve()
@@ -156,10 +160,11 @@ STARVED_HOST = HOST_SETUP + textwrap.dedent(
 )
 
 
-def _check_survived(host: subprocess.CompletedProcess[str], code: str) -> dict:
+def _check_survived(host: subprocess.CompletedProcess[str], code: str, served: bool = True) -> dict:
+    """``served``: whether the workers left serve a store in the shortage (worker threads share the host's fds)."""
     assert host.returncode == 0, host.stderr
     report = json.loads(host.stdout)
-    assert report["served_while_short"] == [[1, True]]
+    assert report["served_while_short"] == [[1, served]]
     [(job_id, error_code, error)] = report["no_worker"]
     assert (job_id, error_code) == (2, code), error
     assert error.startswith("no worker could be started for 3 s (start_timeout)")
@@ -224,3 +229,62 @@ def test_a_threads_engine_host_out_of_processes_gets_the_oserror_the_processes_e
     assert (is_oserror, code) == (True, errno.EAGAIN), message
     assert "cannot start another thread: this user's RLIMIT_NPROC is 1 (raise it: ulimit -u)" in message
     assert report["fds_left"] == 0 and report["threads_left"] == []
+
+
+THREADS_STARVED_HOST = HOST_SETUP + STARVE + textwrap.dedent(
+    """
+    import ctypes, threading
+    tier = FileSystemTierManager(primary_kv_view=cache, root_dir=root, n_read_workers=1, n_write_workers=2,
+                                 config=TierConfig(engine="threads", start_timeout=3))
+    ready(3)
+    wakers = iter(range(1000, 2000))
+
+    def kill(names):  # a thread cannot be SIGKILLed: it ends at its next bytecode, once a task wakes it
+        threads = [t for t in threading.enumerate() if t.name in names]
+        for t in threads:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(SystemExit))
+        sent = 0
+        while any(t.is_alive() for t in threads):
+            tier.submit_store(store(next(wakers)))
+            sent += 1
+            until(lambda: not all(t.is_alive() for t in threads) or not tier.stats().jobs_active, 5)
+        return sent
+
+    names = sorted(t.name for t in threading.enumerate() if t.name.startswith("mp_tier-"))
+    starve()
+    results(kill(names[:1]))  # the two workers left serve them (one lost with the dead worker is sent again)
+    until(lambda: tier.stats().spawns_failed >= 7)  # a RuntimeError of the thread start escaped the tier's pump
+    tier.submit_store(store(1))
+    report["served_while_short"] = [(r.job_id, r.success) for r in results(1)]
+    woken = kill([t.name for t in threading.enumerate() if t.name.startswith("mp_tier-")])
+    until(lambda: not tier.stats().workers_alive)
+    results(woken)  # the last ones wait for start_timeout with no worker, as store 2 does
+    tier.submit_store(store(2))
+    report["no_worker"] = [(r.job_id, r.error_code, r.error) for r in results(1)]
+    report["no_worker_counted"] = tier.lookup_many(store(2).keys, probe=False)
+    report["alive_while_short"] = tier.stats().workers_alive
+    plenty()
+    ready(3)
+    tier.submit_store(store(3))
+    report["after"] = [(r.job_id, r.success) for r in results(1)]
+    report["stats"] = {k: getattr(tier.stats(), k) for k in ("workers_restarted", "spawns_failed")}
+    tier.shutdown()
+    cache.close()
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["nproc", "fds"])
+def test_a_threads_engine_tier_whose_worker_threads_die_in_a_shortage_waits_and_recovers(tmp_path, mode):
+    """Worker threads die while no thread (RLIMIT_NPROC, as a second real uid) or no fd can be had: the tier
+    retries their starts as it retries a worker process's spawn, the live ones serve (short of fds, which they
+    share with the host, their stores fail), a job with no worker fails at start_timeout naming the limit, and
+    the tier recovers once it is lifted. The thread start's RuntimeError escaped the tier's pump before."""
+    if mode == "nproc" and (os.geteuid() != 0 or not shutil.which("setpriv")):
+        pytest.skip("a second real uid needs root and setpriv")
+    uid = 200_000 + os.getpid() % 100_000
+    drop = ["setpriv", f"--ruid={uid}", "--bounding-set=-sys_resource,-sys_admin"] if mode == "nproc" else []
+    host = subprocess.run([*drop, sys.executable, "-c", THREADS_STARVED_HOST, str(tmp_path), mode], capture_output=True, text=True, timeout=60)
+    report = _check_survived(host, "EAGAIN" if mode == "nproc" else "EMFILE", served=mode == "nproc")
+    assert ("RLIMIT_NPROC is 1 (raise it: ulimit -u)" if mode == "nproc" else "ulimit -n") in report["no_worker"][0][2]
