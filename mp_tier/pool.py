@@ -108,22 +108,27 @@ class WorkerPool:
         if isinstance(worker, ThreadWorker):
             try:
                 worker.start()  # listed first: one an exception leaves running is stopped as any other
-            except OSError:  # it could not start
+            except OSError:  # it could not start (its fds are closed)
                 self._detach(index)
                 raise
         return worker.pid
 
     def forget(self, index: int) -> str:
-        """Reap a worker that died; return why it did."""
-        return self._detach(index).reap()
-
-    def _detach(self, index: int) -> Worker:
-        """Take worker ``index`` off the pool and out of the poll set."""
+        """Reap a worker that died; return why it did. Listed until reaped: a child forked meanwhile closes its fds."""
         worker = self._workers[index]
         assert worker is not None
+        why = worker.reap()
+        self._detach(index)
+        return why
+
+    def _detach(self, index: int) -> Worker:
+        """Take worker ``index`` off the pool and out of the poll set (its death fd as listed: a reaped one's is -1)."""
+        worker = self._workers[index]
+        assert worker is not None
+        [death_fd] = [fd for fd, listed in self._by_fd.items() if listed == index]
         self._workers[index] = None
-        self._poller.unregister(worker.death_fd)
-        del self._by_fd[worker.death_fd]
+        self._poller.unregister(death_fd)
+        del self._by_fd[death_fd]
         return worker
 
     # -- frames ----------------------------------------------------------------
@@ -323,14 +328,16 @@ class WorkerPool:
         run()
 
     def _close_ends(self) -> None:
-        _pools.discard(self)
+        """Listed until every fd is closed, each marked closed first: a child forked meanwhile closes the rest."""
         self.loads.close()
         self.stores.close()
         self.results.close()
         self.slots.close()
-        own = [*self._bell, *self._later, *([self._root] if self.engine == "threads" else [])]
-        self._bell, self._later, self._root = (-1, -1), [], -1
-        close_fds(*own)
+        own = [*self._bell, *([self._root] if self.engine == "threads" else [])]
+        self._bell, self._root, self._later = (-1, -1), -1, [*self._later, *own]
+        while self._later:
+            close_fds(self._later.pop())
+        _pools.discard(self)
 
     def let_go_in_child(self) -> None:
         """In a child forked from the host: close this process's copies of everything now (no worker runs here)."""

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable
 
 from . import interpreter
+from .channels import close_fds
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,17 @@ class ProcessWorker:
         except ChildProcessError:
             why = "exit status unknown (the host reaped it: SIGCHLD ignored, or a handler that waits for every child)"
         finally:
-            os.close(self.death_fd)
+            self._close()
         return f"worker {self.index} (pid {self.pid}) died: {why}"
 
     def abandon(self) -> tuple[int, ...]:
         """Forget the worker without touching it (a forked child of the host does this); nothing of it stays open."""
-        os.close(self.death_fd)
+        self._close()
         return ()
+
+    def _close(self) -> None:
+        fd, self.death_fd = self.death_fd, -1  # marked closed before it is: see channels.close_fds
+        close_fds(fd)
 
 
 class ThreadWorker:
@@ -136,7 +141,8 @@ class ThreadWorker:
             raise _named_limit(e, -1) from None
         self._enter = enter
         self._on_exit = on_exit
-        self._thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
+        # its end passed in: the attribute is marked closed (-1) once the thread is abandoned, the fd stays open
+        self._thread = threading.Thread(target=self._run, args=(target, self._end), name=name, daemon=True)
 
     def start(self) -> None:
         """OSError (EAGAIN, as a worker process's spawn): the thread could not start (its pipe is closed). After
@@ -145,11 +151,10 @@ class ThreadWorker:
         try:
             self._thread.start()
         except RuntimeError:  # "can't start new thread": no errno, for the same limits a spawn hits
-            os.close(self.death_fd)
-            os.close(self._end)
+            self._close()
             raise _out_of_tasks("thread") from None
 
-    def _run(self, target: Callable[[], None]) -> None:
+    def _run(self, target: Callable[[], None], end: int) -> None:
         if not self._enter():
             return
         try:
@@ -158,7 +163,7 @@ class ThreadWorker:
             log.exception("worker thread %d failed", self.index)
             raise
         finally:
-            os.write(self._end, b"\0")  # never closed here: a reader is open until whoever outlives the thread closes both
+            os.write(end, b"\0")  # never closed here: a reader is open until whoever outlives the thread closes both
             self._on_exit()
 
     def kill(self) -> None:
@@ -166,14 +171,21 @@ class ThreadWorker:
 
     def reap(self) -> str:
         self._thread.join()
-        os.close(self.death_fd)
-        os.close(self._end)
+        self._close()
         return f"worker thread {self.index} ended"
+
+    def _close(self) -> None:
+        """One at a time, each marked closed before it is: see channels.close_fds."""
+        fd, self.death_fd = self.death_fd, -1
+        close_fds(fd)
+        fd, self._end = self._end, -1
+        close_fds(fd)
 
     def abandon(self) -> tuple[int, ...]:
         """Forget the thread without waiting: it may still run, and write its end to the pipe it returns, which
         the caller closes once ``on_exit`` has run."""
-        return (self.death_fd, self._end)
+        fds, self.death_fd, self._end = (self.death_fd, self._end), -1, -1
+        return fds
 
 
 Worker = ProcessWorker | ThreadWorker

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
+from helpers import BLOCK, fill_random, make_keys, open_fds, run_job, wait_exit, wait_ready
 
 from mp_tier import FileSystemTierManager, JobMetadata, TierClosed, TierConfig
 from mp_tier.recovery import CLAIM_SETTLE_SECONDS
@@ -502,3 +502,49 @@ def test_a_child_forked_while_tiers_shut_down_closes_its_copies_without_an_error
         stop.set()
         sys.unraisablehook = hook
     assert children and children.count(1) == 0, f"{children.count(1)} of {len(children)} children's fork handlers failed"
+
+
+@pytest.mark.parametrize("engine", ["threads", "processes"])
+def test_a_child_forked_while_a_tier_shuts_down_holds_none_of_its_fds(cache, tmp_path, engine):
+    """Forks from another thread land only while ``shutdown`` runs (its closes, its reaps of the workers): the
+    child holds none of the tier's fds after its fork handlers, beyond the one a close may be inside (marked
+    closed, still open) at the fork. Before, the pool left the list of pools first and reaped a worker after
+    taking it off its own: a child forked then kept the pipes, the slots and the workers' fds that came after."""
+    before = open_fds()
+    shutting = threading.Event()
+    stop = threading.Event()
+    # per child: the tier's pipes, slots and pidfds it held (not its own report pipe); a worker thread's own
+    # fds (its epoll, a block file, a scan's copies of the namespace directory) are those of a thread the
+    # child does not have, which keep no worker waiting
+    held: list[list[str]] = []
+
+    def forker() -> None:
+        while not stop.is_set():
+            if not shutting.wait(0.01):
+                continue
+            r, w = os.pipe()
+            if (pid := os.fork()) == 0:
+                mine = [what for fd, what in open_fds().items() if before.get(fd) != what and fd not in (r, w)]
+                os.write(w, json.dumps([what for what in mine if what.startswith(("pipe:", "/memfd:", "anon_inode:[pidfd]"))]).encode())
+                os._exit(0)
+            os.close(w)
+            with os.fdopen(r, "rb") as told:
+                held.append(json.loads(told.read()))
+            assert os.waitpid(pid, 0)[1] == 0
+
+    thread = threading.Thread(target=forker, name="forker")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline or len(held) < 100:
+            assert time.monotonic() < deadline + 20, f"only {len(held)} forks landed in a shutdown"
+            config = TierConfig(engine=engine, n_read_workers=1, n_write_workers=1, io_depth=1)
+            tier = FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path), config=config)
+            shutting.set()
+            tier.shutdown()
+            shutting.clear()
+    finally:
+        stop.set()
+        thread.join(10)
+    kept = [fds for fds in held if len(fds) > 1]
+    assert not kept, f"{len(kept)} of {len(held)} children kept more than one fd of the tier, e.g. {kept[:3]}"
