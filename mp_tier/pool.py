@@ -59,7 +59,10 @@ class WorkerPool:
         self.specs = specs
         self.placement = placement  # where the worker processes run: off the scheduler thread's CPU
         self.engine = engine
-        with contextlib.ExitStack() as undo:  # a pipe that cannot be made (EMFILE) leaves none of the others open
+        # the parts made so far, until all are: closed if one cannot be made (EMFILE), or in a child forked meanwhile
+        self._making: contextlib.ExitStack | None = (undo := contextlib.ExitStack())
+        _pools.add(self)
+        with undo:
             self.loads = TaskPipe()  # LOAD tasks: read-priority workers try this pipe first
             undo.callback(self.loads.close)
             self.stores = TaskPipe()  # everything else
@@ -73,19 +76,19 @@ class WorkerPool:
             undo.callback(os.close, self._bell[1])
             # the namespace directory's fd, inherited by workers; worker threads get the pool's own copy (see close)
             self._root = os.dup(root) if engine == "threads" else root
+            self._users = 1  # the pool, and each worker thread begun and not yet ended: the last to let go closes the ends
+            self._users_lock = threading.Lock()
+            self._closed = False  # close() has run: the pool let go
+            self._later: list[int] = []  # fds of worker threads left running at stop, closed with the ends
+            self._after_last: list[Callable[[], None]] = []  # run once the last user has let go (``once_let_go``)
+            self._region = region  # the cache as a process maps it (None for threads)
+            self._view = view  # the cache as a thread sees it
+            self._workers: list[Worker | None] = [None] * len(specs)  # None: down (dead, or not started yet)
+            self._by_fd: dict[int, int] = {}  # death fd -> worker index
+            self._poller = select.poll()  # the result pipe and every death fd; used by the lock holder only
+            self._poller.register(self.results.read_fd, select.POLLIN)
+            self._making = None
             undo.pop_all()
-        _pools.add(self)
-        self._users = 1  # the pool, and each worker thread begun and not yet ended: the last to let go closes the ends
-        self._users_lock = threading.Lock()
-        self._closed = False  # close() has run: the pool let go
-        self._later: list[int] = []  # fds of worker threads left running at stop, closed with the ends
-        self._after_last: list[Callable[[], None]] = []  # run once the last user has let go (``once_let_go``)
-        self._region = region  # the cache as a process maps it (None for threads)
-        self._view = view  # the cache as a thread sees it
-        self._workers: list[Worker | None] = [None] * len(specs)  # None: down (dead, or not started yet)
-        self._by_fd: dict[int, int] = {}  # death fd -> worker index
-        self._poller = select.poll()  # the result pipe and every death fd; used by the lock holder only
-        self._poller.register(self.results.read_fd, select.POLLIN)
 
     def start(self, index: int) -> int | None:
         """Start the worker of slot ``index``; return its pid (None for a thread). Raises OSError if it cannot."""
@@ -101,10 +104,11 @@ class WorkerPool:
             boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs), os.getpid())
             fds = (*ends, self._root, self._region.fd, self.slots.fd)
             worker = ProcessWorker(index, interpreter.command("mp_tier.worker_process", encode_boot(boot)), fds)
-            self.placement.started(worker.pid)
         self._workers[index] = worker
         self._by_fd[worker.death_fd] = index
         self._poller.register(worker.death_fd, select.POLLIN)
+        if worker.pid is not None:
+            self.placement.started(worker.pid)
         if isinstance(worker, ThreadWorker):
             try:
                 worker.start()  # listed first: one an exception leaves running is stopped as any other
@@ -341,6 +345,9 @@ class WorkerPool:
 
     def let_go_in_child(self) -> None:
         """In a child forked from the host: close this process's copies of everything now (no worker runs here)."""
+        if self._making is not None:  # forked while the pool was being made
+            self._making.close()
+            return
         self._closed = True
         for index in self.live():
             self._drop(index)

@@ -29,7 +29,7 @@ from .jobs import JobMetadata, JobResult, TierEvent, TierStats
 from .messages import Op
 from .reentry import entered, inside_a_call
 from .validation import checked_job, checked_keys, checked_timeout
-from .wiring import build, configured, teardown
+from .wiring import build, built, configured, teardown
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class FileSystemTierManager:
         self._waiters = 0  # threads asleep in wait()/drain()
         self._finalizer = weakref.finalize(self, teardown, parts, self._lock, config.stop_timeout, self._pid)
         _tiers.add(self)
+        built(parts)
         with self._lock:
             self._core.start()
 

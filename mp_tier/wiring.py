@@ -45,6 +45,35 @@ class Parts(NamedTuple):
     wake: tuple[int, int]  # rung when a result is made outside a pump
 
 
+# The fds of each tier being built, from its first fd until the tier is listed for its own fork handler
+# (``built``): a child forked meanwhile (a build starts the workers, which takes a while) closes them at once.
+_building: dict[int, list[int]] = {}
+
+
+def _close_in_child() -> None:
+    for fds in _building.values():
+        _close_all(fds)
+    _building.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:  # one at a time: a child forked meanwhile closes those still listed
+        os.close(fds.pop())
+
+
+def _abandon(fds: list[int]) -> None:
+    _close_all(fds)
+    del _building[id(fds)]
+
+
+def built(parts: Parts) -> None:
+    """The tier of ``parts`` is listed for its own fork handler now, which closes ``parts.fds`` in a child."""
+    del _building[id(parts.fds)]
+
+
 def configured(config: TierConfig | None, **overrides: Any) -> TierConfig:
     """``config`` (or the defaults) with the constructor's arguments that are not None put over it."""
     config = msgspec.structs.replace(config or TierConfig(), **{k: v for k, v in overrides.items() if v is not None})
@@ -60,9 +89,12 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
     the name describes the run (block size, and model and layout from
     ``offloading_spec``).
     """
-    primary = primary_memory(primary_kv_view, processes=config.engine == "processes")
-    fds = [primary.region.fd] if primary.region else []
+    fds: list[int] = []
+    _building[id(fds)] = fds
     try:
+        primary = primary_memory(primary_kv_view, processes=config.engine == "processes")
+        if primary.region:
+            fds.append(primary.region.fd)
         capacity = CapacityIndex(primary.block_bytes, config.max_bytes, evict=config.eviction == "lru")
         modes = FILE_MODES[config.file_mode]
         owners = owners_for(config.file_mode == "group")
@@ -106,8 +138,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
         ]
         pool = WorkerPool(specs, root, primary.region, primary.view, config.engine, placement)
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        _abandon(fds)
         raise
     try:
         for index in range(len(specs)):
@@ -115,8 +146,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
     except BaseException:
         pool.stop(1.0, lambda completion: None)
         pool.close()
-        for fd in fds:
-            os.close(fd)
+        _abandon(fds)
         pool.once_let_go(primary.release)  # a thread that ended leaves the view in a cycle (its closures) for gc
         raise
     core = Coordinator(pool, Residency(capacity, config.events, identity(root)), HostRoot(root, layout, owners), config)
@@ -141,8 +171,7 @@ def teardown(parts: Parts, lock: threading.RLock, stop_timeout: float, pid: int)
         if locked:
             lock.release()
     core.sweep_leftovers()  # file-system work: outside the lock (calls meanwhile find the tier stopped)
-    while parts.fds:  # one at a time: a child forked meanwhile closes those still listed (the tier's _abandon_in_child)
-        os.close(parts.fds.pop())
+    _close_all(parts.fds)  # a child forked meanwhile closes those still listed (the tier's _abandon_in_child)
     core.pool.once_let_go(parts.release)  # once a worker thread left on a hung mount has ended too
     log.debug("tier down: %s", parts.layout.base)
 
