@@ -294,8 +294,8 @@ class FileSystemTierManager:
         self._lock = threading.RLock()  # the parent's may have been held by a thread that does not exist here
         self._finalizer.detach()
         self._core.stopping = True  # the pool let go of its fds already (its own fork handler)
-        for fd in self._owned_fds:
-            os.close(fd)
+        while self._owned_fds:  # emptied: a fork of this child closes none of them again (numbers it may reuse)
+            os.close(self._owned_fds.pop())
 
     def __enter__(self) -> FileSystemTierManager:
         return self

@@ -556,3 +556,23 @@ def test_a_child_forked_while_a_tier_is_built_or_shut_down_holds_none_of_its_fds
         thread.join(10)
     kept = [fds for fds in held if len(fds) > 2]
     assert not kept, f"{len(kept)} of {len(held)} children kept more of the tier's fds than a pipe's two ends, e.g. {kept[:3]}"
+
+
+def test_a_grandchild_forked_from_a_forked_child_closes_none_of_the_childs_fds(make_tier, tmp_path):
+    """A child of the host lets go of the tier's fds, then opens files of its own, which take the lowest free
+    numbers, the tier's among them; its own child (a fork of the fork) must close none of them. The tier's
+    fork handler closed its list again in every later fork, so the grandchild lost the child's files."""
+    tier = make_tier()
+    r, w = os.pipe()
+    if (pid := os.fork()) == 0:
+        mine = [os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY) for _ in range(8)]  # the tier's numbers are free
+        if (grandchild := os.fork()) == 0:
+            os.write(w, json.dumps([fd for fd in mine if not os.path.exists(f"/proc/self/fd/{fd}")]).encode())
+            os._exit(0)
+        os._exit(os.waitstatus_to_exitcode(os.waitpid(grandchild, 0)[1]))
+    os.close(w)
+    with os.fdopen(r, "rb") as told:
+        lost = json.loads(told.read() or b"null")
+    assert os.waitpid(pid, 0)[1] == 0
+    assert lost == [], f"the grandchild's fork handlers closed the child's fds {lost}"
+    tier.shutdown()
