@@ -115,15 +115,11 @@ def test_a_worker_thread_left_on_a_hung_mount_never_touches_an_fd_the_host_opens
     tier = threads_tier(mount, cache, tmp_path)
     pipes: list[tuple[int, int]] = []
 
-    def stick(client: int) -> None:
-        os.kill(client, signal.SIGSTOP)
-        tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1, seed=4), block_ids=[0]))
-        deadline = time.monotonic() + 10
-        while not any(map(waits_on_a_file, worker_threads())):
-            assert time.monotonic() < deadline, "no worker thread reached the stopped mount"
+    def take_numbers() -> None:  # the host's next fds get the numbers the shutdown freed
+        pipes.extend(os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(32))
 
     try:
-        assert leave_a_worker_thread(tier, mount, stick, lambda: pipes.extend(os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(32))) == []
+        assert leave_a_worker_thread(tier, mount, stick_on_a_store(tier, seed=4), take_numbers) == []
         for r, w in pipes:
             with pytest.raises(BlockingIOError):
                 os.read(r, 4096)  # nothing was written into the host's pipe (and it is still open)
@@ -164,13 +160,6 @@ def test_a_child_forked_while_shutdown_waits_on_the_hung_mount_holds_none_of_the
     tier = threads_tier(mount, cache, tmp_path)
     held: dict[int, str] = {}
 
-    def stick(client: int) -> None:
-        os.kill(client, signal.SIGSTOP)
-        tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1, seed=6), block_ids=[0]))
-        deadline = time.monotonic() + 10
-        while not any(map(waits_on_a_file, worker_threads())):
-            assert time.monotonic() < deadline, "no worker thread reached the stopped mount"
-
     def fork() -> None:
         r, w = os.pipe()
         if (pid := os.fork()) == 0:
@@ -182,7 +171,7 @@ def test_a_child_forked_while_shutdown_waits_on_the_hung_mount_holds_none_of_the
         assert os.waitpid(pid, 0)[1] == 0
         del held[r], held[w]  # the child's copy of this pipe
 
-    assert leave_a_worker_thread(tier, mount, stick, fork) == []
+    assert leave_a_worker_thread(tier, mount, stick_on_a_store(tier, seed=6), fork) == []
     assert {fd: what for fd, what in held.items() if before.get(fd) != what and what != "anon_inode:[eventpoll]"} == {}
 
 
@@ -192,6 +181,19 @@ def threads_tier(mount: str, cache: PrimaryCache, tmp_path: Path) -> FileSystemT
     tier = FileSystemTierManager(primary_kv_view=cache, root_dir=os.path.join(mount, tmp_path.name), config=config)
     tier.drain(30)
     return tier
+
+
+def stick_on_a_store(tier: FileSystemTierManager, seed: int) -> Callable[[int], None]:
+    """For ``leave_a_worker_thread``: stop the mount's client, then store a block, and wait until a worker waits on the mount."""
+
+    def stick(client: int) -> None:
+        os.kill(client, signal.SIGSTOP)
+        tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1, seed=seed), block_ids=[0]))
+        deadline = time.monotonic() + 10
+        while not any(map(waits_on_a_file, worker_threads())):
+            assert time.monotonic() < deadline, "no worker thread reached the stopped mount"
+
+    return stick
 
 
 def worker_threads() -> list[threading.Thread]:

@@ -122,6 +122,25 @@ STARVE = textwrap.dedent(
     """
 )
 
+# How a short host ends once no worker is left: a job waits up to start_timeout and fails naming the shortage;
+# once the limit is lifted, the tier recovers.
+SHORTAGE_END = textwrap.dedent(
+    """
+    tier.submit_store(store(2))  # no worker at all: it waits, up to start_timeout, then fails naming the shortage
+    report["no_worker"] = [(r.job_id, r.error_code, r.error) for r in results(1)]
+    report["no_worker_counted"] = tier.lookup_many(store(2).keys, probe=False)  # it never ran: nothing of it is on disk
+    report["alive_while_short"] = tier.stats().workers_alive
+    plenty()
+    ready(3)
+    tier.submit_store(store(3))
+    report["after"] = [(r.job_id, r.success) for r in results(1)]
+    report["stats"] = {k: getattr(tier.stats(), k) for k in ("workers_restarted", "spawns_failed")}
+    tier.shutdown()
+    cache.close()
+    print(json.dumps(report))
+    """
+)
+
 STARVED_HOST = HOST_SETUP + STARVE + textwrap.dedent(
     """
     if mode == "nproc":  # at construction: the error names the limit, and nothing is left open
@@ -144,20 +163,8 @@ STARVED_HOST = HOST_SETUP + STARVE + textwrap.dedent(
     for pid in tier.worker_pids():
         os.kill(pid, signal.SIGKILL)
     until(lambda: not tier.worker_pids())
-    tier.submit_store(store(2))  # no worker at all: it waits, up to start_timeout, then fails naming the shortage
-    report["no_worker"] = [(r.job_id, r.error_code, r.error) for r in results(1)]
-    report["no_worker_counted"] = tier.lookup_many(store(2).keys, probe=False)  # it never ran: nothing of it is on disk
-    report["alive_while_short"] = tier.stats().workers_alive
-    plenty()
-    ready(3)
-    tier.submit_store(store(3))
-    report["after"] = [(r.job_id, r.success) for r in results(1)]
-    report["stats"] = {k: getattr(tier.stats(), k) for k in ("workers_restarted", "spawns_failed")}
-    tier.shutdown()
-    cache.close()
-    print(json.dumps(report))
     """
-)
+) + SHORTAGE_END
 
 
 def _check_survived(host: subprocess.CompletedProcess[str], code: str, served: bool = True) -> dict:
@@ -259,20 +266,8 @@ THREADS_STARVED_HOST = HOST_SETUP + STARVE + textwrap.dedent(
     woken = kill([t.name for t in threading.enumerate() if t.name.startswith("mp_tier-")])
     until(lambda: not tier.stats().workers_alive)
     results(woken)  # the last ones wait for start_timeout with no worker, as store 2 does
-    tier.submit_store(store(2))
-    report["no_worker"] = [(r.job_id, r.error_code, r.error) for r in results(1)]
-    report["no_worker_counted"] = tier.lookup_many(store(2).keys, probe=False)
-    report["alive_while_short"] = tier.stats().workers_alive
-    plenty()
-    ready(3)
-    tier.submit_store(store(3))
-    report["after"] = [(r.job_id, r.success) for r in results(1)]
-    report["stats"] = {k: getattr(tier.stats(), k) for k in ("workers_restarted", "spawns_failed")}
-    tier.shutdown()
-    cache.close()
-    print(json.dumps(report))
     """
-)
+) + SHORTAGE_END
 
 
 @pytest.mark.parametrize("mode", ["nproc", "fds"])
