@@ -58,6 +58,13 @@ def close_fds(*fds: int) -> None:
             os.close(fd)
 
 
+def close_listed(fds: list[int]) -> None:
+    """Close every fd of ``fds``, taking each off the list before closing it: a child forked meanwhile, whose
+    fork handler closes what is still listed, then never closes a number twice (see ``close_fds``)."""
+    while fds:
+        close_fds(fds.pop())
+
+
 def make_pipe() -> tuple[int, int]:
     """A pipe of PIPE_BYTES capacity, both ends non-blocking.
 

@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Callable
 
 from . import interpreter
-from .channels import ResultReader, TaskPipe, WorkerEnds, close_fds, make_pipe
+from .channels import ResultReader, TaskPipe, WorkerEnds, close_listed, make_pipe
 from .memory import SharedRegion
 from .messages import READ_OPS, Completion, Op, Task
 from .placement import Placement
@@ -339,8 +339,7 @@ class WorkerPool:
         self.slots.close()
         own = [*self._bell, *([self._root] if self.engine == "threads" else [])]
         self._bell, self._root, self._later = (-1, -1), -1, [*self._later, *own]
-        while self._later:
-            close_fds(self._later.pop())
+        close_listed(self._later)
         _pools.discard(self)
 
     def let_go_in_child(self) -> None:

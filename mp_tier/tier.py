@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .channels import close_listed
 from .config import TierConfig
 from .errors import TierBroken, TierClosed
 from .jobs import JobMetadata, JobResult, TierEvent, TierStats
@@ -294,8 +295,7 @@ class FileSystemTierManager:
         self._lock = threading.RLock()  # the parent's may have been held by a thread that does not exist here
         self._finalizer.detach()
         self._core.stopping = True  # the pool let go of its fds already (its own fork handler)
-        while self._owned_fds:  # emptied: a fork of this child closes none of them again (numbers it may reuse)
-            os.close(self._owned_fds.pop())
+        close_listed(self._owned_fds)  # emptied: a fork of this child closes none of them again (numbers it may reuse)
 
     def __enter__(self) -> FileSystemTierManager:
         return self

@@ -18,6 +18,7 @@ import msgspec
 
 from . import block_io
 from .capacity import CapacityIndex
+from .channels import close_listed
 from .config import FILE_MODES, TierConfig
 from .coordinator import Coordinator
 from .host_root import HostRoot
@@ -52,20 +53,15 @@ _building: dict[int, list[int]] = {}
 
 def _close_in_child() -> None:
     for fds in _building.values():
-        _close_all(fds)
+        close_listed(fds)
     _building.clear()
 
 
 os.register_at_fork(after_in_child=_close_in_child)
 
 
-def _close_all(fds: list[int]) -> None:
-    while fds:  # one at a time: a child forked meanwhile closes those still listed
-        os.close(fds.pop())
-
-
 def _abandon(fds: list[int]) -> None:
-    _close_all(fds)
+    close_listed(fds)
     del _building[id(fds)]
 
 
@@ -171,7 +167,7 @@ def teardown(parts: Parts, lock: threading.RLock, stop_timeout: float, pid: int)
         if locked:
             lock.release()
     core.sweep_leftovers()  # file-system work: outside the lock (calls meanwhile find the tier stopped)
-    _close_all(parts.fds)  # a child forked meanwhile closes those still listed (the tier's _abandon_in_child)
+    close_listed(parts.fds)  # a child forked meanwhile closes those still listed (the tier's _abandon_in_child)
     core.pool.once_let_go(parts.release)  # once a worker thread left on a hung mount has ended too
     log.debug("tier down: %s", parts.layout.base)
 
