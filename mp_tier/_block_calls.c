@@ -26,6 +26,7 @@
 #include <fcntl.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -168,6 +169,167 @@ done:
     return outcome;
 }
 
+/* The layout's name for a block (``layout.locate``): "<hhh>/<hh>_g<group>" in ``dir`` and "<hex>.bin" in
+ * ``name``, from a key of at least MIN_KEY bytes (the block hash, then its KV group as 4 big-endian bytes).
+ * false if the key is too short or too long to name here. */
+#define GROUP_BYTES 4
+#define MIN_KEY (GROUP_BYTES + 4)
+#define MAX_HASH 127 /* bytes: a name of 2 * 127 + 4 characters would not fit NAME_MAX anyway */
+typedef struct {
+    char dir[24], name[2 * MAX_HASH + 5], rel[24 + 2 * MAX_HASH + 5];
+} block_name;
+
+static bool name_block(const unsigned char *key, Py_ssize_t length, block_name *out) {
+    static const char hex[] = "0123456789abcdef";
+    if (length < MIN_KEY || length - GROUP_BYTES > MAX_HASH)
+        return false;
+    Py_ssize_t hash = length - GROUP_BYTES;
+    char *at = out->name;
+    for (Py_ssize_t i = 0; i < hash; i++) {
+        *at++ = hex[key[i] >> 4];
+        *at++ = hex[key[i] & 15];
+    }
+    memcpy(at, ".bin", 5);
+    const unsigned char *g = key + hash;
+    unsigned long group = (unsigned long)g[0] << 24 | (unsigned long)g[1] << 16 | (unsigned long)g[2] << 8 | g[3];
+    snprintf(out->dir, sizeof out->dir, "%.3s/%.2s_g%lu", out->name, out->name + 3, group);
+    snprintf(out->rel, sizeof out->rel, "%s/%s", out->dir, out->name);
+    return true;
+}
+
+PyDoc_STRVAR(locate_doc,
+             "locate(key) -> tuple[str, str]\n\n"
+             "The directory (below the namespace directory) and the file name of ``key``'s block: the one place\n"
+             "block names are made, so a batch in C and a block in Python never disagree.");
+
+static PyObject *locate(PyObject *module, PyObject *arg) {
+    char *key;
+    Py_ssize_t length;
+    if (PyBytes_AsStringAndSize(arg, &key, &length) < 0)
+        return NULL;
+    block_name named;
+    if (!name_block((const unsigned char *)key, length, &named))
+        return PyErr_Format(PyExc_ValueError, "a key of %zd bytes names no block: %d to %d bytes", length, MIN_KEY, MAX_HASH + GROUP_BYTES);
+    return Py_BuildValue("(ss)", named.dir, named.name);
+}
+
+/* Calls ``hook`` (a callable or None) with the GIL held: 1 if it ran, 0 if it raised an Exception (cleared:
+ * the caller steps aside and Python meets it again), -1 if it raised anything else (left set). */
+static int call_hook(PyObject *hook) {
+    if (call_ready(hook) == 0)
+        return 1;
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyErr_Clear();
+    return 0;
+}
+
+/* Reads the block open as ``fd`` into ``block`` and, with ``touch``, sets its mtime (a refusal for its owner
+ * counts as done); closes ``fd``. true if all of it was read. Runs without the GIL. */
+static bool read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
+    Py_ssize_t got = 0;
+    while (got < nbytes) {
+        ssize_t n = pread(fd, block + got, (size_t)(nbytes - got), got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += n;
+    }
+    bool done = got == nbytes && (!touch || futimens(fd, NULL) == 0 || errno == EPERM || errno == EACCES);
+    close(fd);
+    return done;
+}
+
+/* One block of ``load_run``: true if it was loaded (and touched, with ``touch``), false to step aside; *fatal
+ * set if ``hook`` raised what must propagate. Called with the GIL held. A file of this uid with no hook to
+ * run (most blocks) is opened, checked, read and closed in one release of the GIL. */
+static bool load_one(int root, const block_name *named, char *block, Py_ssize_t nbytes, int direct, unsigned long uid,
+                     PyObject *gids, int touch, PyObject *hook, int *fatal) {
+    if (!openat2_works())
+        return false;
+    int fd;
+    struct stat st;
+    bool usual, done = false;
+    Py_BEGIN_ALLOW_THREADS
+    fd = open_below(root, named->rel, READ_FLAGS | (direct ? O_DIRECT : 0));
+    usual = fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size == nbytes;
+    if (usual && st.st_uid == uid && hook == Py_None) {
+        done = read_and_close(fd, block, nbytes, touch);
+        fd = -1;
+    }
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        return done;
+    if (usual && st.st_uid != uid) {
+        int owner = allowed(&st, uid, gids);
+        if (owner < 0)
+            PyErr_Clear(); /* out of memory for a gid: Python judges the block */
+        usual = owner == 1;
+    }
+    if (usual && hook != Py_None) {
+        int ran = call_hook(hook);
+        *fatal = ran < 0;
+        usual = ran == 1;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (usual)
+        done = read_and_close(fd, block, nbytes, touch);
+    else
+        close(fd);
+    Py_END_ALLOW_THREADS
+    return done;
+}
+
+PyDoc_STRVAR(load_run_doc,
+             "load_run(root, keys, block_ids, buffer, nbytes, direct, uid, gids, touch, between, hooks, start) -> int\n\n"
+             "Load ``keys[i]``'s block into cache block ``block_ids[i]`` for i from ``start``, as ``load`` does\n"
+             "each, until one is not the usual case; the index of that block (len(keys) if none). Before every\n"
+             "block but the task's first, ``between()`` runs (its exception propagates); ``hooks``, None or a\n"
+             "callable or None per block, is the block's ``ready``. With ``touch``, a loaded file's mtime is set\n"
+             "(refused for its owner: left). A block stepped aside may have changed its cache bytes, never a file.");
+
+static PyObject *load_run(PyObject *module, PyObject *args) {
+    int root, direct, touch;
+    PyObject *keys, *ids, *gids, *between, *hooks;
+    Py_buffer view;
+    Py_ssize_t nbytes, start;
+    unsigned long uid;
+    if (!PyArg_ParseTuple(args, "iO!O!w*npkO!pOOn:load_run", &root, &PyList_Type, &keys, &PyList_Type, &ids, &view, &nbytes, &direct,
+                          &uid, &PyFrozenSet_Type, &gids, &touch, &between, &hooks, &start))
+        return NULL;
+    PyObject *outcome = NULL;
+    Py_ssize_t count = PyList_GET_SIZE(keys), i = start;
+    if (nbytes <= 0 || PyList_GET_SIZE(ids) != count || (hooks != Py_None && (!PyList_Check(hooks) || PyList_GET_SIZE(hooks) != count))) {
+        PyErr_SetString(PyExc_ValueError, "load_run needs a block size and as many block ids (and hooks) as keys");
+        goto done;
+    }
+    for (; i < count; i++) {
+        if (i > 0 && call_ready(between) < 0)
+            goto done;
+        PyObject *key = PyList_GET_ITEM(keys, i), *id = PyList_GET_ITEM(ids, i);
+        Py_ssize_t slot = PyLong_Check(id) ? PyLong_AsSsize_t(id) : -1;
+        block_name named;
+        if (slot < 0 || slot > PY_SSIZE_T_MAX / nbytes || !PyBytes_Check(key) ||
+            !name_block((const unsigned char *)PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), &named))
+            break;
+        char *block = block_bytes(&view, slot * nbytes, nbytes);
+        if (block == NULL)
+            break;
+        int fatal = 0;
+        bool loaded = load_one(root, &named, block, nbytes, direct, uid, gids, touch, hooks == Py_None ? Py_None : PyList_GET_ITEM(hooks, i), &fatal);
+        if (fatal)
+            goto done;
+        if (!loaded)
+            break;
+    }
+    PyErr_Clear(); /* a block id out of range, or too large: Python judges that block */
+    outcome = PyLong_FromSsize_t(i);
+done:
+    PyBuffer_Release(&view);
+    return outcome;
+}
+
 /* Splits ``path`` into at most MAX_PARTS plain names (none empty, ".", ".." or too long) in ``copy``; the count,
  * or 0 if it is not such a path. Checked whole before anything is made, as ``beneath`` does. */
 static int split_plain(const char *path, char *copy, size_t size, char *parts[MAX_PARTS]) {
@@ -296,6 +458,8 @@ done:
 static PyMethodDef methods[] = {
     {"load", load, METH_VARARGS, load_doc},
     {"store", store, METH_VARARGS, store_doc},
+    {"locate", locate, METH_O, locate_doc},
+    {"load_run", load_run, METH_VARARGS, load_run_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -26,3 +26,19 @@ def store(
     ready: Callable[[], None] | None,
     /,
 ) -> bool: ...
+def locate(key: bytes, /) -> tuple[str, str]: ...
+def load_run(
+    root: int,
+    keys: list[bytes],
+    block_ids: list[int],
+    buffer: memoryview,
+    nbytes: int,
+    direct: bool,
+    uid: int,
+    gids: frozenset[int],
+    touch: bool,
+    between: Callable[[], None] | None,
+    hooks: list[Callable[[], None] | None] | None,
+    start: int,
+    /,
+) -> int: ...

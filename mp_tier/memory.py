@@ -85,6 +85,13 @@ class Prefault:
             return None
         return functools.partial(self.block, block_id)
 
+    def hooks(self, block_ids: list[int]) -> list[Callable[[], None] | None] | None:
+        """``hook`` of each block, or None if no block needs one (a batch then calls nothing)."""
+        if not self._on:
+            return None
+        hooks = [self.hook(block_id) for block_id in block_ids]
+        return hooks if any(hooks) else None
+
     def block(self, block_id: int) -> None:
         """Map block ``block_id``'s pages, unless done before; never fails."""
         if not self._on or self._mapped[block_id]:

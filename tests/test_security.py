@@ -342,6 +342,35 @@ def test_an_odd_entry_at_a_block_path_fails_that_block_clearly_and_never_hangs(m
     assert tier.stats().workers_restarted == 0
 
 
+def test_a_load_of_many_blocks_judges_each_and_moves_every_good_one(make_tier, cache):
+    """One 11-block load: good blocks before, between and after a missing one, a symlink, a FIFO, a short
+    file and a stranger's file. Each of those fails alone, only the short file (corrupt) is removed, and
+    nothing reaches their cache blocks; every good block lands and, with a budget, its load sets its mtime."""
+    tier = make_tier(config=TierConfig(max_bytes=64 * BLOCK))
+    keys = make_keys(11, seed=3)
+    good = [0, 2, 4, 6, 8, 10]
+    fill_random(cache, range(11))
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[keys[i] for i in good], block_ids=good)).success
+    paths = [Path(tier.block_path(key)) for key in keys]
+    make_odd(paths[3], "symlink")
+    make_odd(paths[5], "fifo")
+    plant_block(paths[7], bytes(BLOCK // 2))
+    plant_block(paths[9])
+    os.chown(paths[9], NOBODY, NOBODY)
+    for i in (*good, 9):
+        os.utime(paths[i], (1000, 1000))
+    into = [100 + i for i in range(11)]
+    cache.array[into] = 0
+    loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=into))
+    assert not loaded.success and loaded.error_code in ("ENOENT", "ELOOP", "EINVAL", "EBADMSG", "EPERM"), loaded
+    assert loaded.successful_keys == tuple(keys[i] for i in good)
+    for i in range(11):
+        assert np.array_equal(cache.array[100 + i], cache.array[i]) if i in good else not cache.array[100 + i].any(), i
+    assert all(paths[i].stat().st_mtime > 1000 for i in good), "a load with a budget records the use"
+    assert paths[9].stat().st_mtime == 1000 and paths[9].stat().st_uid == NOBODY
+    assert paths[3].is_symlink() and stat.S_ISFIFO(paths[5].lstat().st_mode) and not paths[7].exists()
+
+
 def plant_hostile_names(base: Path) -> None:
     """Names the layout never gives, each a trap for a careless parser."""
     digest = "abcde" + "0" * 59

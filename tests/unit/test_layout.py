@@ -16,6 +16,7 @@ from mp_tier.layout import (
     MIN_KEY_BYTES,
     NAME_MAX,
     BlockLayout,
+    BlockPath,
     temp_name,
     temp_target,
     temp_writer_pid,
@@ -47,6 +48,17 @@ def test_the_group_bounds_round_trip():
         key = bytes(range(32)) + group.to_bytes(GROUP_BYTES, "big")
         where = LAYOUT.locate(key)
         assert parse_block(where.dir.split("/"), where.name) == key
+
+
+def test_a_block_is_named_by_its_hash_prefixes_and_group():
+    key = bytes.fromhex("abcdef0123") + bytes(27) + (4242).to_bytes(GROUP_BYTES, "big")
+    assert LAYOUT.locate(key) == BlockPath("abc/de_g4242", "abcdef0123" + "00" * 27 + BLOCK_SUFFIX)
+
+
+@pytest.mark.parametrize("size", [0, MIN_KEY_BYTES - 1, 132])
+def test_a_key_of_no_block_size_is_refused_naming_its_size(size):
+    with pytest.raises(ValueError, match=f"a key of {size} bytes names no block"):
+        LAYOUT.locate(bytes(size))
 
 
 GOOD_DIR = ["000", "10_g7"]
