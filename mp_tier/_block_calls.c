@@ -1,18 +1,18 @@
-/* The usual case of one block's I/O in one call: the system calls of
- * ``block_io.load_block`` and ``block_io.store_block`` without the
- * interpreter between them.
+/* The usual case of a block's I/O without the interpreter between its
+ * system calls: ``store`` writes one block as ``block_io.store_block`` does,
+ * ``load_run`` loads a task's blocks as ``block_io.load_block`` does each,
+ * and ``locate`` makes every block's name, for ``load_run`` and ``layout``.
  *
- * Each function does only the case where everything is as expected (a
- * regular file of an allowed owner and the block's size to load; a new name
- * to store under) and returns True when the block moved. Until the bytes
- * start to move, anything else (a missing file, a symlink, a FIFO, a
- * stranger's file, a whole block already there, a kernel without openat2)
- * returns False having changed nothing on disk, and the caller does the
- * block in Python, whose checks decide and word the outcome. Once the bytes
- * move (``ready()`` has run), a failing system call raises its OSError
- * naming the block, as ``os`` would, with the temp file removed: the block
- * is not written twice. One exception: a load whose file ends early (it
- * changed since its size was read) steps aside, so that Python judges it.
+ * Each does only the case where everything is as expected (a regular file
+ * of an allowed owner and the block's size to load; a new name to store
+ * under). Anything else (a missing file, a symlink, a FIFO, a stranger's
+ * file, a whole block already there, a kernel without openat2) is left to
+ * Python, whose checks decide and word the outcome, with nothing on disk
+ * changed: ``store`` returns False, ``load_run`` the block's index. Once a
+ * store's bytes move (``ready()`` has run), a failing system call raises its
+ * OSError naming the block, with the temp file removed: the block is not
+ * written twice. A load that fails or comes up short while reading is left
+ * to Python too (a read changes no file), which reads it again and judges.
  *
  * Paths are resolved as ``beneath`` does: openat2 with RESOLVE_BENEATH |
  * RESOLVE_NO_SYMLINKS from the namespace directory's fd, or a directory made
@@ -108,65 +108,6 @@ static PyObject *os_error(int code, const char *dir, const char *name) {
         Py_DECREF(path);
     }
     return NULL;
-}
-
-PyDoc_STRVAR(load_doc,
-             "load(root, rel, buffer, offset, nbytes, direct, uid, gids, ready) -> bool\n\n"
-             "Read the block file ``rel`` below ``root`` into buffer[offset:offset + nbytes] if it is a regular\n"
-             "file of uid ``uid`` or a gid in ``gids`` holding exactly ``nbytes``; ``ready()`` runs just before\n"
-             "the bytes move. False: not done, nothing on disk touched (the block's bytes in the buffer may have\n"
-             "changed if the file ended early). A read that fails raises its OSError.");
-
-static PyObject *load(PyObject *module, PyObject *args) {
-    int root, direct;
-    const char *rel;
-    Py_buffer view;
-    Py_ssize_t offset, nbytes;
-    unsigned long uid;
-    PyObject *gids, *ready;
-    if (!PyArg_ParseTuple(args, "isw*nnpkO!O:load", &root, &rel, &view, &offset, &nbytes, &direct, &uid, &PyFrozenSet_Type, &gids, &ready))
-        return NULL;
-    PyObject *outcome = NULL;
-    char *block = block_bytes(&view, offset, nbytes);
-    if (block == NULL)
-        goto done;
-    int fd = -1;
-    struct stat st;
-    bool usual = false;
-    if (openat2_works()) {
-        Py_BEGIN_ALLOW_THREADS
-        fd = open_below(root, rel, READ_FLAGS | (direct ? O_DIRECT : 0));
-        usual = fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size == nbytes;
-        Py_END_ALLOW_THREADS
-    }
-    int owner_ok = usual ? allowed(&st, uid, gids) : 0;
-    if (owner_ok == 1 && call_ready(ready) < 0)
-        owner_ok = -1;
-    Py_ssize_t got = 0;
-    int code = 0;
-    Py_BEGIN_ALLOW_THREADS
-    while (owner_ok == 1 && got < nbytes) {
-        ssize_t n = pread(fd, block + got, (size_t)(nbytes - got), got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            code = errno;
-        if (n <= 0)
-            break;
-        got += n;
-    }
-    if (fd >= 0)
-        close(fd);
-    Py_END_ALLOW_THREADS
-    if (owner_ok < 0)
-        goto done;
-    if (code != 0)
-        outcome = os_error(code, rel, NULL);
-    else
-        outcome = Py_NewRef(owner_ok == 1 && got == nbytes ? Py_True : Py_False);
-done:
-    PyBuffer_Release(&view);
-    return outcome;
 }
 
 /* The layout's name for a block (``layout.locate``): "<hhh>/<hh>_g<group>" in ``dir`` and "<hex>.bin" in
@@ -456,7 +397,6 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"load", load, METH_VARARGS, load_doc},
     {"store", store, METH_VARARGS, store_doc},
     {"locate", locate, METH_O, locate_doc},
     {"load_run", load_run, METH_VARARGS, load_run_doc},
@@ -466,7 +406,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "mp_tier._block_calls",
-    .m_doc = "One block's system calls in one call, for the usual case; block_io does the rest.",
+    .m_doc = "A block's system calls without the interpreter, for the usual case; block_io does the rest.",
     .m_size = -1,
     .m_methods = methods,
 };

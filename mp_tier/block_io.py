@@ -12,10 +12,11 @@ Only regular files count as blocks: every open is non-blocking (a FIFO never
 hangs a worker) and checked with ``fstat`` before use, and a block file must
 belong to an allowed owner before its bytes reach the cache.
 
-A load or store first tries ``_block_calls`` (C), which does the usual case
-in one call without the interpreter between its system calls and steps aside,
-changing nothing, for anything else; the code here then decides, so these
-rules are written once.
+The usual case runs in C (``_block_calls``) without the interpreter between
+its system calls: a store tries it first, and a worker hands a task's loads
+to it and brings here only the blocks it steps aside for, having changed
+nothing. The code here decides every other case, so these rules are written
+once.
 """
 
 from __future__ import annotations
@@ -172,8 +173,6 @@ def load_block(
     without a CRC loads unverified. ``ready`` runs just before the first
     byte reaches the buffer: never for a block missing or refused.
     """
-    if not checksum and _block_calls.load(root, path.rel, buffer, offset, nbytes, direct, owners.uid, owners.gids, ready):
-        return nbytes
     _within(buffer, offset, nbytes)
     fd = open_beneath(root, path.rel, _READ | (O_DIRECT if direct else 0))
     try:
@@ -187,12 +186,16 @@ def load_block(
             raise CorruptBlock(errno.EBADMSG, f"block file holds {st.st_size} of {nbytes} bytes, removed", path.rel)
         if ready is not None:
             ready()
-        block = buffer[offset : offset + nbytes]
-        if (done := _read_into(fd, block)) < nbytes:
-            remove_block(root, path)
-            raise CorruptBlock(errno.EBADMSG, f"block file ended after {done} of {nbytes} bytes, removed", path.rel)
-        if checksum:
-            _verify(fd, root, path, block)
+        with buffer[offset : offset + nbytes] as block:  # released here: a traceback keeping it would pin the cache
+            try:
+                done = _read_into(fd, block)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, path.rel) from None
+            if done < nbytes:
+                remove_block(root, path)
+                raise CorruptBlock(errno.EBADMSG, f"block file ended after {done} of {nbytes} bytes, removed", path.rel)
+            if checksum:
+                _verify(fd, root, path, block)
     finally:
         os.close(fd)
     return nbytes

@@ -15,10 +15,11 @@ import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mp_tier import block_io
+from mp_tier import _block_calls, block_io
 from mp_tier.layout import BlockLayout, BlockPath, is_temp
 from mp_tier.namespace import Owners
 
@@ -192,10 +193,19 @@ def os_calls(action: Callable[[], object]) -> list[str]:
     return calls
 
 
+def load_run(
+    root: int, cache: memoryview, keys: list[bytes], ids: list[int], start: int = 0, **kwargs: Any
+) -> int:
+    """``_block_calls.load_run`` as a worker calls it for a task; keyword arguments replace its defaults."""
+    args = {"owners": ME, "touch": False, "between": None, "hooks": None} | kwargs
+    owners = args["owners"]
+    return _block_calls.load_run(root, keys, ids, cache, BLOCK, False, owners.uid, owners.gids, args["touch"], args["between"], args["hooks"], start)
+
+
 def test_a_usual_store_and_load_make_no_system_call_from_python(tmp_path: Path, root: int, cache: memoryview) -> None:
-    """The reason for the C call: none of the block's system calls goes through the interpreter."""
+    """The reason for the C calls: none of the block's system calls goes through the interpreter."""
     assert os_calls(lambda: store(root, cache)) == []
-    assert os_calls(lambda: load(root, cache)) == []
+    assert os_calls(lambda: load_run(root, cache, [KEY], [1])) == []
     assert cache[BLOCK:] == cache[:BLOCK]
     assert "stat" in os_calls(lambda: store(root, cache))  # a block already there: Python decides (the probe sees it)
 
@@ -223,3 +233,105 @@ def test_a_read_that_fails_after_ready_raises_once_and_keeps_the_block(tmp_path:
         pytest.skip(f"this file system takes O_DIRECT into any address ({failure.value})")
     assert ready.calls == 1 and PATH.rel in str(failure.value)
     assert where(tmp_path, PATH).read_bytes() == cache[:BLOCK]
+
+
+class Between:
+    """A worker's ``between``: counts its calls, and can fail at the ``fails_at``-th."""
+
+    def __init__(self, fails_at: int = 0) -> None:
+        self.calls = 0
+        self.fails_at = fails_at
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls == self.fails_at:
+            raise BrokenPipeError(errno.EPIPE, "the host is gone")
+
+
+def a_task_of_every_kind(tmp_path: Path, root: int, cache: memoryview) -> list[bytes]:
+    """Seven keys: good, missing, good, a FIFO, a stranger's, good, the wrong size (block 0's bytes stored)."""
+    keys = [bytes([n]) * 32 + bytes(4) for n in range(7)]
+    for n in (0, 2, 4, 5, 6):
+        assert block_io.store_block(
+            root, BlockLayout("ns").locate(keys[n]), cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME
+        )
+    files = [where(tmp_path, BlockLayout("ns").locate(key)) for key in keys]
+    files[3].parent.mkdir(parents=True)
+    os.mkfifo(files[3])
+    os.chown(files[4], STRANGER, STRANGER)
+    os.truncate(files[6], BLOCK - 1)
+    return keys
+
+
+def test_a_run_of_loads_stops_at_each_block_it_leaves_to_python_and_changes_it_not(tmp_path: Path, root: int) -> None:
+    """As a worker drives it: each call loads until a block is not the usual case, returns that block's index
+    having run ``between`` for it, and is called again after it. Only usual blocks' bytes and hooks move."""
+    area = mmap.mmap(-1, 8 * BLOCK)
+    area[:BLOCK] = os.urandom(BLOCK)
+    with memoryview(area) as cache:
+        keys = a_task_of_every_kind(tmp_path, root, cache)
+        before = files_below(tmp_path / "ns")
+        between, hooks = Between(), [Hook() for _ in keys]
+        stops, at = [], 0
+        while (at := load_run(root, cache, keys, list(range(1, 8)), at, between=between, hooks=hooks)) < len(keys):
+            stops.append(at)
+            at += 1
+        assert stops == [1, 3, 4, 6]
+        assert between.calls == len(keys) - 1, "once before every block but the first"
+        assert [hook.calls for hook in hooks] == [1, 0, 1, 0, 0, 1, 0]
+        for n in range(7):
+            assert cache[(n + 1) * BLOCK : (n + 2) * BLOCK] == (cache[:BLOCK] if n in (0, 2, 5) else bytes(BLOCK)), n
+        assert files_below(tmp_path / "ns") == before
+    area.close()
+
+
+def test_a_run_of_loads_loads_a_file_of_an_allowed_group_and_touches_only_with_touch(tmp_path: Path, root: int, cache: memoryview) -> None:
+    store(root, cache)
+    block = where(tmp_path, PATH)
+    os.chown(block, STRANGER, STRANGER)
+    os.utime(block, (1000, 1000))
+    assert load_run(root, cache, [KEY], [1], owners=Owners(STRANGER + 1, frozenset({STRANGER}))) == 1
+    assert cache[BLOCK:] == cache[:BLOCK] and block.stat().st_mtime == 1000
+    assert load_run(root, cache, [KEY], [1], owners=Owners(STRANGER + 1, frozenset({STRANGER})), touch=True) == 1
+    assert block.stat().st_mtime > 1000
+
+
+def test_a_between_that_raises_ends_the_run_before_the_next_block(tmp_path: Path, root: int) -> None:
+    area = mmap.mmap(-1, 8 * BLOCK)
+    area[:BLOCK] = os.urandom(BLOCK)
+    with memoryview(area) as cache:
+        keys = a_task_of_every_kind(tmp_path, root, cache)
+        with pytest.raises(BrokenPipeError, match="the host is gone"):
+            load_run(root, cache, keys, list(range(1, 8)), between=Between(fails_at=1))
+        assert cache[BLOCK : 2 * BLOCK] == cache[:BLOCK] and cache[2 * BLOCK :] == bytes(6 * BLOCK)
+    area.close()
+
+
+def test_a_hook_that_fails_leaves_its_block_to_python_and_an_interrupt_goes_through(tmp_path: Path, root: int, cache: memoryview) -> None:
+    store(root, cache)
+    assert load_run(root, cache, [KEY], [1], hooks=[Hook(fails=True)]) == 0
+    assert cache[BLOCK:] == bytes(BLOCK)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        load_run(root, cache, [KEY], [1], hooks=[interrupt])
+
+
+@pytest.mark.parametrize(
+    "key, block_id",
+    [(KEY, 2), (KEY, -1), (KEY, 2**63), (KEY, "1"), (KEY[:7], 1), (bytes(132), 1), ("not bytes", 1)],
+    ids=["past the buffer", "negative", "huge", "not an int", "key too short", "key too long", "key not bytes"],
+)
+def test_a_block_a_run_cannot_name_or_place_is_left_to_python(tmp_path: Path, root: int, cache: memoryview, key: Any, block_id: Any) -> None:
+    store(root, cache)
+    assert load_run(root, cache, [KEY, key], [1, block_id]) == 1
+    assert cache[BLOCK:] == cache[:BLOCK]
+
+
+def test_a_run_refuses_lists_that_do_not_match(root: int, cache: memoryview) -> None:
+    with pytest.raises(ValueError, match="as many block ids"):
+        load_run(root, cache, [KEY], [1, 0])
+    with pytest.raises(ValueError, match="as many block ids"):
+        load_run(root, cache, [KEY], [1], hooks=[])
