@@ -224,8 +224,8 @@ static bool load_one(int root, const block_name *named, char *block, Py_ssize_t 
 
 PyDoc_STRVAR(load_run_doc,
              "load_run(root, keys, block_ids, buffer, nbytes, direct, uid, gids, touch, between, hooks, start) -> int\n\n"
-             "Load ``keys[i]``'s block into cache block ``block_ids[i]`` for i from ``start``, as ``load`` does\n"
-             "each, until one is not the usual case; the index of that block (len(keys) if none). Before every\n"
+             "Load ``keys[i]``'s block into cache block ``block_ids[i]`` for i from ``start``, each as\n"
+             "``block_io.load_block`` would, until one is not the usual case; the index of that block (len(keys) if none). Before every\n"
              "block but the task's first, ``between()`` runs (its exception propagates); ``hooks``, None or a\n"
              "callable or None per block, is the block's ``ready``. With ``touch``, a loaded file's mtime is set\n"
              "(refused for its owner: left). A block stepped aside may have changed its cache bytes, never a file.");
@@ -248,6 +248,9 @@ static PyObject *load_run(PyObject *module, PyObject *args) {
     for (; i < count; i++) {
         if (i > 0 && call_ready(between) < 0)
             goto done;
+        /* Python code ran (between, a hook): the lists are read again, and what is used past a call is held. */
+        if (i >= PyList_GET_SIZE(keys) || i >= PyList_GET_SIZE(ids) || (hooks != Py_None && i >= PyList_GET_SIZE(hooks)))
+            break;
         PyObject *key = PyList_GET_ITEM(keys, i), *id = PyList_GET_ITEM(ids, i);
         Py_ssize_t slot = PyLong_Check(id) ? PyLong_AsSsize_t(id) : -1;
         block_name named;
@@ -258,13 +261,15 @@ static PyObject *load_run(PyObject *module, PyObject *args) {
         if (block == NULL)
             break;
         int fatal = 0;
-        bool loaded = load_one(root, &named, block, nbytes, direct, uid, gids, touch, hooks == Py_None ? Py_None : PyList_GET_ITEM(hooks, i), &fatal);
+        PyObject *hook = Py_NewRef(hooks == Py_None ? Py_None : PyList_GET_ITEM(hooks, i));
+        bool loaded = load_one(root, &named, block, nbytes, direct, uid, gids, touch, hook, &fatal);
+        Py_DECREF(hook);
         if (fatal)
             goto done;
         if (!loaded)
             break;
     }
-    PyErr_Clear(); /* a block id out of range, or too large: Python judges that block */
+    PyErr_Clear(); /* a block id out of range or too large, a list cut short: Python judges that block */
     outcome = PyLong_FromSsize_t(i);
 done:
     PyBuffer_Release(&view);

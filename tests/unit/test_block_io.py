@@ -335,3 +335,17 @@ def test_a_run_refuses_lists_that_do_not_match(root: int, cache: memoryview) -> 
         load_run(root, cache, [KEY], [1, 0])
     with pytest.raises(ValueError, match="as many block ids"):
         load_run(root, cache, [KEY], [1], hooks=[])
+
+
+def test_a_between_that_empties_the_lists_ends_the_run_safely(tmp_path: Path, root: int, cache: memoryview) -> None:
+    """The run reads its lists again after any Python code ran: no read past their end."""
+    store(root, cache)
+    keys, ids = [KEY, KEY, KEY], [1, 1, 1]
+    hooks: list[Callable[[], None] | None] = [None, None, None]
+
+    def cut() -> None:
+        keys.clear()
+        ids.clear()
+        hooks.clear()
+
+    assert load_run(root, cache, keys, ids, between=cut, hooks=hooks) == 1
