@@ -307,6 +307,9 @@ static PyObject *load_run(PyObject *module, PyObject *args) {
     for (; i < count; i++) {
         if (i > 0 && call_ready(between) < 0)
             goto done;
+        /* between() and, while the GIL is released, any thread may have shortened a list: this is no index to read */
+        if (i >= PyList_GET_SIZE(keys) || i >= PyList_GET_SIZE(ids) || (hooks != Py_None && i >= PyList_GET_SIZE(hooks)))
+            break;
         PyObject *key = PyList_GET_ITEM(keys, i), *id = PyList_GET_ITEM(ids, i);
         Py_ssize_t slot = PyLong_Check(id) ? PyLong_AsSsize_t(id) : -1;
         block_name named;
@@ -317,7 +320,9 @@ static PyObject *load_run(PyObject *module, PyObject *args) {
         if (block == NULL)
             break;
         int fatal = 0;
-        bool loaded = load_one(root, &named, block, nbytes, direct, uid, gids, touch, hooks == Py_None ? Py_None : PyList_GET_ITEM(hooks, i), &fatal);
+        PyObject *hook = Py_NewRef(hooks == Py_None ? Py_None : PyList_GET_ITEM(hooks, i)); /* held across the GIL's release */
+        bool loaded = load_one(root, &named, block, nbytes, direct, uid, gids, touch, hook, &fatal);
+        Py_DECREF(hook);
         if (fatal)
             goto done;
         if (!loaded)

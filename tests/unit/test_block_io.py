@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mp_tier import block_io
+from mp_tier import _block_calls, block_io
 from mp_tier.layout import BlockLayout, BlockPath, is_temp
 from mp_tier.namespace import Owners
 
@@ -223,3 +223,22 @@ def test_a_read_that_fails_after_ready_raises_once_and_keeps_the_block(tmp_path:
         pytest.skip(f"this file system takes O_DIRECT into any address ({failure.value})")
     assert ready.calls == 1 and PATH.rel in str(failure.value)
     assert where(tmp_path, PATH).read_bytes() == cache[:BLOCK]
+
+
+
+@pytest.mark.parametrize("shortened", ["keys", "block_ids", "hooks"])
+def test_a_run_whose_lists_shrink_under_it_stops_and_reads_no_item_past_their_end(
+    tmp_path: Path, root: int, cache: memoryview, shortened: str
+) -> None:
+    """``between()`` (or another thread, while the GIL is released) empties a list the run is walking: the run
+    stops at that block, having loaded the one before, rather than read items past the list's end (a crash)."""
+    keys = [bytes([n]) * 32 + bytes(4) for n in range(3)]
+    for key in keys:
+        block_io.store_block(
+            root, BlockLayout("ns").locate(key), cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME
+        )
+    ids, hooks = [1, 1, 1], [Hook(), Hook(), Hook()]
+    between = {"keys": keys, "block_ids": ids, "hooks": hooks}[shortened].clear
+    cache[BLOCK:] = bytes(BLOCK)
+    assert _block_calls.load_run(root, keys, ids, cache, BLOCK, False, ME.uid, ME.gids, False, between, hooks, 0) == 1
+    assert cache[BLOCK:] == cache[:BLOCK]
