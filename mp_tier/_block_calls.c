@@ -224,8 +224,9 @@ static int call_hook(PyObject *hook) {
     return 0;
 }
 
-/* Reads the block open as ``fd`` into ``block`` and, with ``touch``, sets its mtime (a refusal for its owner
- * counts as done); closes ``fd``. true if all of it was read. Runs without the GIL. */
+/* Reads the block open as ``fd`` into ``block`` and, with ``touch``, sets its mtime (a refusal for its owner, or
+ * of a read-only mount, counts as done, as ``block_io.note_use`` has it); closes ``fd``. true if all of it was
+ * read. Runs without the GIL. */
 static bool read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
     Py_ssize_t got = 0;
     while (got < nbytes) {
@@ -236,7 +237,7 @@ static bool read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
             break;
         got += n;
     }
-    bool done = got == nbytes && (!touch || futimens(fd, NULL) == 0 || errno == EPERM || errno == EACCES);
+    bool done = got == nbytes && (!touch || futimens(fd, NULL) == 0 || errno == EPERM || errno == EACCES || errno == EROFS);
     close(fd);
     return done;
 }
@@ -287,7 +288,7 @@ PyDoc_STRVAR(load_run_doc,
              "each, until one is not the usual case; the index of that block (len(keys) if none). Before every\n"
              "block but the task's first, ``between()`` runs (its exception propagates); ``hooks``, None or a\n"
              "callable or None per block, is the block's ``ready``. With ``touch``, a loaded file's mtime is set\n"
-             "(refused for its owner: left). A block stepped aside may have changed its cache bytes, never a file.");
+             "(refused for its owner or by a read-only mount: left). A block stepped aside may have changed its cache bytes, never a file.");
 
 static PyObject *load_run(PyObject *module, PyObject *args) {
     int root, direct, touch;
