@@ -301,8 +301,9 @@ static PyObject *load_run(PyObject *module, PyObject *args) {
         return NULL;
     PyObject *outcome = NULL;
     Py_ssize_t count = PyList_GET_SIZE(keys), i = start;
-    if (nbytes <= 0 || PyList_GET_SIZE(ids) != count || (hooks != Py_None && (!PyList_Check(hooks) || PyList_GET_SIZE(hooks) != count))) {
-        PyErr_SetString(PyExc_ValueError, "load_run needs a block size and as many block ids (and hooks) as keys");
+    if (nbytes <= 0 || start < 0 || PyList_GET_SIZE(ids) != count || (hooks != Py_None && (!PyList_Check(hooks) || PyList_GET_SIZE(hooks) != count))) {
+        PyErr_Format(PyExc_ValueError, "load_run needs a block size, a start of 0 or more and as many block ids (and hooks) as keys: "
+                     "%zd bytes from block %zd, %zd keys, %zd block ids", nbytes, start, count, PyList_GET_SIZE(ids));
         goto done;
     }
     for (; i < count; i++) {

@@ -242,3 +242,11 @@ def test_a_run_whose_lists_shrink_under_it_stops_and_reads_no_item_past_their_en
     cache[BLOCK:] = bytes(BLOCK)
     assert _block_calls.load_run(root, keys, ids, cache, BLOCK, False, ME.uid, ME.gids, False, between, hooks, 0) == 1
     assert cache[BLOCK:] == cache[:BLOCK]
+
+
+@pytest.mark.parametrize("start", [-1, -(1 << 40)])
+def test_a_run_from_a_negative_start_is_refused_naming_it(root: int, cache: memoryview, start: int) -> None:
+    """Block ``start`` is read first: one before the list's start is memory the run must not read (a crash)."""
+    keys = [KEY, bytes(36)]
+    with pytest.raises(ValueError, match=f"from block {start}, 2 keys"):
+        _block_calls.load_run(root, keys, [1, 1], cache, BLOCK, False, ME.uid, ME.gids, False, None, None, start)
