@@ -165,43 +165,50 @@ static int call_hook(PyObject *hook) {
     return 0;
 }
 
-/* Reads the block open as ``fd`` into ``block`` and, with ``touch``, sets its mtime (a refusal for its owner
- * counts as done); closes ``fd``. true if all of it was read. Runs without the GIL. */
-static bool read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
+/* Reads the block open as ``fd`` into ``block`` and, with ``touch``, sets its mtime (a refusal for its owner, or
+ * of a read-only mount, counts as done, as ``block_io.note_use`` has it); closes ``fd``. LOADED if all of it was
+ * read, ASIDE if the file ended early or the touch failed (Python judges those), else the errno of a read that
+ * failed. Runs without the GIL. */
+#define LOADED 0
+#define ASIDE (-1)
+static int read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
     Py_ssize_t got = 0;
-    while (got < nbytes) {
+    int outcome = LOADED;
+    while (got < nbytes && outcome == LOADED) {
         ssize_t n = pread(fd, block + got, (size_t)(nbytes - got), got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        got += n;
+        if (n > 0)
+            got += n;
+        else if (n == 0)
+            outcome = ASIDE;
+        else if (errno != EINTR)
+            outcome = errno;
     }
-    bool done = got == nbytes && (!touch || futimens(fd, NULL) == 0 || errno == EPERM || errno == EACCES);
+    if (outcome == LOADED && touch && futimens(fd, NULL) != 0 && errno != EPERM && errno != EACCES && errno != EROFS)
+        outcome = ASIDE;
     close(fd);
-    return done;
+    return outcome;
 }
 
-/* One block of ``load_run``: true if it was loaded (and touched, with ``touch``), false to step aside; *fatal
- * set if ``hook`` raised what must propagate. Called with the GIL held. A file of this uid with no hook to
- * run (most blocks) is opened, checked, read and closed in one release of the GIL. */
-static bool load_one(int root, const block_name *named, char *block, Py_ssize_t nbytes, int direct, unsigned long uid,
-                     PyObject *gids, int touch, PyObject *hook, int *fatal) {
+/* One block of ``load_run``: what ``read_and_close`` says, or ASIDE before any byte moved; *fatal set if ``hook``
+ * raised what must propagate. Called with the GIL held. A file of this uid with no hook to run (most blocks)
+ * is opened, checked, read and closed in one release of the GIL. */
+static int load_one(int root, const block_name *named, char *block, Py_ssize_t nbytes, int direct, unsigned long uid,
+                    PyObject *gids, int touch, PyObject *hook, int *fatal) {
     if (!openat2_works())
-        return false;
-    int fd;
+        return ASIDE;
+    int fd, outcome = ASIDE;
     struct stat st;
-    bool usual, done = false;
+    bool usual;
     Py_BEGIN_ALLOW_THREADS
     fd = open_below(root, named->rel, READ_FLAGS | (direct ? O_DIRECT : 0));
     usual = fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size == nbytes;
     if (usual && st.st_uid == uid && hook == Py_None) {
-        done = read_and_close(fd, block, nbytes, touch);
+        outcome = read_and_close(fd, block, nbytes, touch);
         fd = -1;
     }
     Py_END_ALLOW_THREADS
     if (fd < 0)
-        return done;
+        return outcome;
     if (usual && st.st_uid != uid) {
         int owner = allowed(&st, uid, gids);
         if (owner < 0)
@@ -215,20 +222,22 @@ static bool load_one(int root, const block_name *named, char *block, Py_ssize_t 
     }
     Py_BEGIN_ALLOW_THREADS
     if (usual)
-        done = read_and_close(fd, block, nbytes, touch);
+        outcome = read_and_close(fd, block, nbytes, touch);
     else
         close(fd);
     Py_END_ALLOW_THREADS
-    return done;
+    return outcome;
 }
 
 PyDoc_STRVAR(load_run_doc,
-             "load_run(root, keys, block_ids, buffer, nbytes, direct, uid, gids, touch, between, hooks, start) -> int\n\n"
+             "load_run(root, keys, block_ids, buffer, nbytes, direct, uid, gids, touch, between, hooks, start) -> (int, int)\n\n"
              "Load ``keys[i]``'s block into cache block ``block_ids[i]`` for i from ``start``, each as\n"
-             "``block_io.load_block`` would, until one is not the usual case; the index of that block (len(keys) if none). Before every\n"
-             "block but the task's first, ``between()`` runs (its exception propagates); ``hooks``, None or a\n"
-             "callable or None per block, is the block's ``ready``. With ``touch``, a loaded file's mtime is set\n"
-             "(refused for its owner: left). A block stepped aside may have changed its cache bytes, never a file.");
+             "``block_io.load_block`` would, until one is not the usual case; the index of that block (len(keys) if\n"
+             "none) and, if its read failed, that errno (else 0): the caller fails the block with it rather than read\n"
+             "it again. Before every block but the task's first, ``between()`` runs (its exception propagates);\n"
+             "``hooks``, None or a callable or None per block, is the block's ``ready``. With ``touch``, a loaded\n"
+             "file's mtime is set (refused for its owner or by a read-only mount: left). A block stepped aside may\n"
+             "have changed its cache bytes, never a file.");
 
 static PyObject *load_run(PyObject *module, PyObject *args) {
     int root, direct, touch;
@@ -241,8 +250,10 @@ static PyObject *load_run(PyObject *module, PyObject *args) {
         return NULL;
     PyObject *outcome = NULL;
     Py_ssize_t count = PyList_GET_SIZE(keys), i = start;
-    if (nbytes <= 0 || PyList_GET_SIZE(ids) != count || (hooks != Py_None && (!PyList_Check(hooks) || PyList_GET_SIZE(hooks) != count))) {
-        PyErr_SetString(PyExc_ValueError, "load_run needs a block size and as many block ids (and hooks) as keys");
+    int failed_read = 0;
+    if (nbytes <= 0 || start < 0 || PyList_GET_SIZE(ids) != count || (hooks != Py_None && (!PyList_Check(hooks) || PyList_GET_SIZE(hooks) != count))) {
+        PyErr_Format(PyExc_ValueError, "load_run needs a block size, a start of 0 or more and as many block ids (and hooks) as keys: "
+                     "%zd bytes from block %zd, %zd keys, %zd block ids", nbytes, start, count, PyList_GET_SIZE(ids));
         goto done;
     }
     for (; i < count; i++) {
@@ -261,16 +272,18 @@ static PyObject *load_run(PyObject *module, PyObject *args) {
         if (block == NULL)
             break;
         int fatal = 0;
-        PyObject *hook = Py_NewRef(hooks == Py_None ? Py_None : PyList_GET_ITEM(hooks, i));
-        bool loaded = load_one(root, &named, block, nbytes, direct, uid, gids, touch, hook, &fatal);
+        PyObject *hook = Py_NewRef(hooks == Py_None ? Py_None : PyList_GET_ITEM(hooks, i)); /* held across the GIL's release */
+        int loaded = load_one(root, &named, block, nbytes, direct, uid, gids, touch, hook, &fatal);
         Py_DECREF(hook);
         if (fatal)
             goto done;
-        if (!loaded)
+        if (loaded != LOADED) {
+            failed_read = loaded == ASIDE ? 0 : loaded;
             break;
+        }
     }
     PyErr_Clear(); /* a block id out of range or too large, a list cut short: Python judges that block */
-    outcome = PyLong_FromSsize_t(i);
+    outcome = Py_BuildValue("(ni)", i, failed_read);
 done:
     PyBuffer_Release(&view);
     return outcome;

@@ -349,6 +349,31 @@ def test_enospc_fails_the_store_cleanly_and_the_tier_recovers(make_tier, cache, 
         subprocess.run(["umount", "-l", str(target)], check=False)
 
 
+@pytest.mark.parametrize("engine", ["processes", "threads"])
+def test_a_budgeted_tier_on_a_mount_made_read_only_loads_and_finds_its_blocks(make_tier, cache, tmp_path):
+    """The namespace's file system is remounted read-only (an operator froze a shared cache): recording a use in
+    a block's mtime (EROFS) is left undone, as for a file another group member owns, and fails no block whose
+    bytes are good. Before, every block of such a load failed with EROFS although its bytes had reached the
+    cache, and a store that found its blocks whole failed too."""
+    target = tmp_path / "small"
+    target.mkdir()
+    _mount("tmpfs", str(target), tmp_path)
+    try:
+        tier = make_tier(root_dir=str(target), config=TierConfig(max_bytes=64 * BLOCK))
+        keys = make_keys(4)
+        fill_random(cache, range(4))
+        assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2, 3])).success
+        subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
+        loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[10, 11, 12, 13]))
+        assert loaded.success, loaded.error
+        assert np.array_equal(cache.array[10:14], cache.array[:4])
+        again = run_job(tier, "store", JobMetadata(job_id=3, keys=keys, block_ids=[0, 1, 2, 3]))
+        assert again.success and again.transfer_size == 0, again.error
+        tier.shutdown()
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
 def _temps_of(root: str, pid: int) -> list[str]:
     """The temp files of writer ``pid`` anywhere under ``root``."""
     return [name for _, _, names in os.walk(root) for name in names if name.endswith(".tmp") and temp_writer_pid(name) == pid]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -116,3 +117,65 @@ def test_racing_stores_and_loads_never_tear_a_block(make_tier, tmp_path, engine)
         cache.close()
     assert reads >= 30_000, f"only {reads} block reads in {seconds} s"
     assert torn == 0
+
+
+def _in_ext4_image(image, *command: str) -> str:
+    """Run a command on a small ext4 image (made, mounted, inspected): its output, or skip where that cannot run."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=image.parent, timeout=30)
+    except FileNotFoundError:
+        pytest.skip(f"no {command[0]} here")
+    if done.returncode:
+        pytest.skip(f"cannot {' '.join(command[:2])} a small ext4 image here: {done.stderr.strip()}")
+    return done.stdout
+
+
+def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache, tmp_path):
+    """A real ext4 (loop mount) on which one block file's extent block is corrupt: the file opens and has the
+    block's size, but its read fails (EIO; EUCLEAN once ext4 knows). The load's other blocks land; that one
+    fails with that error and is kept;
+    and the file system saw one failing read of it, not two: the one-call load left a read that failed to
+    Python, which read it again (on a failing disk each such read can take seconds)."""
+    if os.geteuid() != 0:
+        pytest.skip("a loop mount needs root")
+    image, mount = tmp_path / "fs.img", tmp_path / "mnt"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    _in_ext4_image(image, "mkfs.ext4", "-q", "-F", "-b", "4096", str(image))
+    _in_ext4_image(image, "mount", "-o", "loop", str(image), str(mount))
+    try:
+        keys = make_keys(3)
+        fill_random(cache, range(3))
+        tier = make_tier(root_dir=str(mount))
+        assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2])).success
+        tier.shutdown()
+        bad = tier.block_path(keys[1])
+        with open(bad, "r+b") as f:  # written again in 8 extents: an extent tree with a leaf block
+            f.truncate(0)
+            for at in range(0, BLOCK, 8192):
+                os.pwrite(f.fileno(), bytes(4096), at)
+            f.truncate(BLOCK)
+        _in_ext4_image(image, "umount", str(mount))
+        extents = _in_ext4_image(image, "debugfs", "-R", f"ex {bad.removeprefix(str(mount))}", str(image))
+        leaf = int(next(line for line in extents.splitlines() if line.split()[:2] == ["0/", "1"]).split()[7])
+        with open(image, "r+b") as f:
+            f.seek(leaf * 4096)
+            f.write(bytes(2))  # the leaf's magic
+        _in_ext4_image(image, "mount", "-o", "loop", str(image), str(mount))
+        errors = f"/sys/fs/ext4/{os.path.basename(_in_ext4_image(image, 'findmnt', '-n', '-o', 'SOURCE', str(mount)).strip())}/errors_count"
+        with open(bad, "rb") as f, pytest.raises(OSError) as failed:
+            f.read()
+        assert failed.value.errno == errno.EIO and os.path.getsize(bad) == BLOCK
+        with open(errors) as f:
+            before = int(f.read())
+        tier = make_tier(root_dir=str(mount))
+        loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[10, 11, 12]))
+        assert not loaded.success and loaded.successful_keys == (keys[0], keys[2])
+        assert loaded.error_code in ("EIO", "EUCLEAN") and loaded.error.endswith("/".join(bad.split("/")[-3:])), loaded.error
+        assert np.array_equal(cache.array[[10, 12]], cache.array[[0, 2]]) and os.path.getsize(bad) == BLOCK
+        tier.shutdown()
+        with open(errors) as f:
+            assert int(f.read()) - before == 1, "the block's failing read was done twice"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

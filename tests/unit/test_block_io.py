@@ -193,9 +193,7 @@ def os_calls(action: Callable[[], object]) -> list[str]:
     return calls
 
 
-def load_run(
-    root: int, cache: memoryview, keys: list[bytes], ids: list[int], start: int = 0, **kwargs: Any
-) -> int:
+def load_run(root: int, cache: memoryview, keys: list[bytes], ids: list[int], start: int = 0, **kwargs: Any) -> tuple[int, int]:
     """``_block_calls.load_run`` as a worker calls it for a task; keyword arguments replace its defaults."""
     args = {"owners": ME, "touch": False, "between": None, "hooks": None} | kwargs
     owners = args["owners"]
@@ -273,10 +271,10 @@ def test_a_run_of_loads_stops_at_each_block_it_leaves_to_python_and_changes_it_n
         before = files_below(tmp_path / "ns")
         between, hooks = Between(), [Hook() for _ in keys]
         stops, at = [], 0
-        while (at := load_run(root, cache, keys, list(range(1, 8)), at, between=between, hooks=hooks)) < len(keys):
-            stops.append(at)
-            at += 1
-        assert stops == [1, 3, 4, 6]
+        while (stop := load_run(root, cache, keys, list(range(1, 8)), at, between=between, hooks=hooks))[0] < len(keys):
+            stops.append(stop)
+            at = stop[0] + 1
+        assert stops == [(1, 0), (3, 0), (4, 0), (6, 0)], "each stepped aside, none for a failed read"
         assert between.calls == len(keys) - 1, "once before every block but the first"
         assert [hook.calls for hook in hooks] == [1, 0, 1, 0, 0, 1, 0]
         for n in range(7):
@@ -290,9 +288,9 @@ def test_a_run_of_loads_loads_a_file_of_an_allowed_group_and_touches_only_with_t
     block = where(tmp_path, PATH)
     os.chown(block, STRANGER, STRANGER)
     os.utime(block, (1000, 1000))
-    assert load_run(root, cache, [KEY], [1], owners=Owners(STRANGER + 1, frozenset({STRANGER}))) == 1
+    assert load_run(root, cache, [KEY], [1], owners=Owners(STRANGER + 1, frozenset({STRANGER}))) == (1, 0)
     assert cache[BLOCK:] == cache[:BLOCK] and block.stat().st_mtime == 1000
-    assert load_run(root, cache, [KEY], [1], owners=Owners(STRANGER + 1, frozenset({STRANGER})), touch=True) == 1
+    assert load_run(root, cache, [KEY], [1], owners=Owners(STRANGER + 1, frozenset({STRANGER})), touch=True) == (1, 0)
     assert block.stat().st_mtime > 1000
 
 
@@ -309,7 +307,7 @@ def test_a_between_that_raises_ends_the_run_before_the_next_block(tmp_path: Path
 
 def test_a_hook_that_fails_leaves_its_block_to_python_and_an_interrupt_goes_through(tmp_path: Path, root: int, cache: memoryview) -> None:
     store(root, cache)
-    assert load_run(root, cache, [KEY], [1], hooks=[Hook(fails=True)]) == 0
+    assert load_run(root, cache, [KEY], [1], hooks=[Hook(fails=True)]) == (0, 0)
     assert cache[BLOCK:] == bytes(BLOCK)
 
     def interrupt() -> None:
@@ -326,7 +324,7 @@ def test_a_hook_that_fails_leaves_its_block_to_python_and_an_interrupt_goes_thro
 )
 def test_a_block_a_run_cannot_name_or_place_is_left_to_python(tmp_path: Path, root: int, cache: memoryview, key: Any, block_id: Any) -> None:
     store(root, cache)
-    assert load_run(root, cache, [KEY, key], [1, block_id]) == 1
+    assert load_run(root, cache, [KEY, key], [1, block_id]) == (1, 0)
     assert cache[BLOCK:] == cache[:BLOCK]
 
 
@@ -336,16 +334,27 @@ def test_a_run_refuses_lists_that_do_not_match(root: int, cache: memoryview) -> 
     with pytest.raises(ValueError, match="as many block ids"):
         load_run(root, cache, [KEY], [1], hooks=[])
 
+@pytest.mark.parametrize("shortened", ["keys", "block_ids", "hooks"])
+def test_a_run_whose_lists_shrink_under_it_stops_and_reads_no_item_past_their_end(
+    tmp_path: Path, root: int, cache: memoryview, shortened: str
+) -> None:
+    """``between()`` (or another thread, while the GIL is released) empties a list the run is walking: the run
+    stops at that block, having loaded the one before, rather than read items past the list's end (a crash)."""
+    keys = [bytes([n]) * 32 + bytes(4) for n in range(3)]
+    for key in keys:
+        block_io.store_block(
+            root, BlockLayout("ns").locate(key), cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME
+        )
+    ids, hooks = [1, 1, 1], [Hook(), Hook(), Hook()]
+    between = {"keys": keys, "block_ids": ids, "hooks": hooks}[shortened].clear
+    cache[BLOCK:] = bytes(BLOCK)
+    assert load_run(root, cache, keys, ids, between=between, hooks=hooks) == (1, 0)
+    assert cache[BLOCK:] == cache[:BLOCK]
 
-def test_a_between_that_empties_the_lists_ends_the_run_safely(tmp_path: Path, root: int, cache: memoryview) -> None:
-    """The run reads its lists again after any Python code ran: no read past their end."""
-    store(root, cache)
-    keys, ids = [KEY, KEY, KEY], [1, 1, 1]
-    hooks: list[Callable[[], None] | None] = [None, None, None]
 
-    def cut() -> None:
-        keys.clear()
-        ids.clear()
-        hooks.clear()
-
-    assert load_run(root, cache, keys, ids, between=cut, hooks=hooks) == 1
+@pytest.mark.parametrize("start", [-1, -(1 << 40)])
+def test_a_run_from_a_negative_start_is_refused_naming_it(root: int, cache: memoryview, start: int) -> None:
+    """Block ``start`` is read first: one before the list's start is memory the run must not read (a crash)."""
+    keys = [KEY, bytes(36)]
+    with pytest.raises(ValueError, match=f"from block {start}, 2 keys"):
+        load_run(root, cache, keys, [1, 1], start)
