@@ -11,8 +11,9 @@
  * changed: ``store`` returns False, ``load_run`` the block's index. Once a
  * store's bytes move (``ready()`` has run), a failing system call raises its
  * OSError naming the block, with the temp file removed: the block is not
- * written twice. A load that fails or comes up short while reading is left
- * to Python too (a read changes no file), which reads it again and judges.
+ * written twice. A load whose file comes up short is left to Python too (a
+ * read changes no file), which reads it again and judges; one whose read
+ * fails is not read again: ``load_run`` returns the errno with its index.
  *
  * Paths are resolved as ``beneath`` does: openat2 with RESOLVE_BENEATH |
  * RESOLVE_NO_SYMLINKS from the namespace directory's fd, or a directory made

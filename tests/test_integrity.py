@@ -133,9 +133,8 @@ def _in_ext4_image(image, *command: str) -> str:
 def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache, tmp_path):
     """A real ext4 (loop mount) on which one block file's extent block is corrupt: the file opens and has the
     block's size, but its read fails (EIO; EUCLEAN once ext4 knows). The load's other blocks land; that one
-    fails with that error and is kept;
-    and the file system saw one failing read of it, not two: the one-call load left a read that failed to
-    Python, which read it again (on a failing disk each such read can take seconds)."""
+    fails with that error and is kept, and the file system saw one failing read of it, not two: the one-call
+    load left a read that failed to Python, which read it again (on a failing disk each can take seconds)."""
     if os.geteuid() != 0:
         pytest.skip("a loop mount needs root")
     image, mount = tmp_path / "fs.img", tmp_path / "mnt"
