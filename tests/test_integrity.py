@@ -178,3 +178,25 @@ def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache,
             assert int(f.read()) - before == 1, "the block's failing read was done twice"
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_one_task_load_forgets_the_blocks_it_finds_gone_or_short(make_tier, cache):
+    """One 16-block task (one reader) whose one-call load stops at 5 blocks: 3 files deleted by someone else, 2
+    cut short. Each is judged in Python after the run stops, and its index reaches the host: the deleted ones
+    and the removed short ones are forgotten (lookups answer False from memory), the short ones count as files
+    removed, and only the good blocks' bytes count as moved."""
+    tier = make_tier(n_read_workers=1, config=TierConfig(max_bytes=64 * BLOCK))
+    keys = make_keys(16, seed=4)
+    fill_random(cache, range(16))
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=list(range(16)))).success
+    gone, short = [2, 3, 9], [5, 15]
+    for i in gone:
+        os.unlink(tier.block_path(keys[i]))
+    for i in short:
+        os.truncate(tier.block_path(keys[i]), BLOCK // 2)
+    good = [i for i in range(16) if i not in gone + short]
+    loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=list(range(100, 116))))
+    assert loaded.successful_keys == tuple(keys[i] for i in good) and loaded.transfer_size == len(good) * BLOCK
+    assert np.array_equal(cache.array[[100 + i for i in good]], cache.array[good])
+    assert tier.lookup_many(keys, probe=False) == [i in good for i in range(16)]
+    assert tier.stats().files_removed == 2 and not any(os.path.exists(tier.block_path(keys[i])) for i in short)
