@@ -10,11 +10,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-import helpers
-from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
+from helpers import BLOCK, fill_random, make_keys, processes_stopped, run_job, wait_exit, wait_ready
 
 from mp_tier import JobMetadata, TierBroken, TierConfig
 from mp_tier.layout import HOST_TAG, TEMP_SUFFIX, is_temp, temp_name, temp_writer_pid
@@ -453,7 +453,7 @@ def _reader_caught_mid_load(tier, cache, into: list[int], results: list) -> bool
         assert time.monotonic() < deadline, "the load never started"
         results += tier.get_finished()  # the host sends a lost task again from its polling
     pids = tier.worker_pids()
-    with helpers.processes_stopped(pids):
+    with processes_stopped(pids):
         if all(cache.array[b, -64:].any() for b in into):
             return False
 
@@ -483,7 +483,7 @@ def test_a_reader_killed_inside_a_16_block_load_leaves_one_result_and_no_torn_bl
         keys, into = make_keys(16, seed=9), list(range(16, 32))
         fill_random(big, range(16), seed=9)
         assert run_job(tier, "store", JobMetadata(job_id=0, keys=keys, block_ids=list(range(16)))).success
-        on_disk = [open(tier.block_path(key), "rb").read() for key in keys]
+        on_disk = [Path(tier.block_path(key)).read_bytes() for key in keys]
         for job in range(1, 40):
             big.array[into] = 0
             results: list = []
@@ -505,7 +505,7 @@ def test_a_reader_killed_inside_a_16_block_load_leaves_one_result_and_no_torn_bl
             assert all(big.array[16 + i].tobytes() == big.array[i].tobytes() for i in range(16)), "a block loaded torn"
         else:
             assert not result.success and result.error_code == "EOWNERDEAD" and not result.successful_keys, result
-        assert [open(tier.block_path(key), "rb").read() for key in keys] == on_disk
+        assert [Path(tier.block_path(key)).read_bytes() for key in keys] == on_disk
         tier.shutdown()
     finally:
         big.close()
