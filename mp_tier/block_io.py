@@ -187,15 +187,16 @@ def load_block(
         if ready is not None:
             ready()
         with buffer[offset : offset + nbytes] as block:  # released here: a traceback keeping it would pin the cache
-            try:
+            try:  # reading the bytes or their CRC: an error names the block (an fd's would name its number)
                 done = _read_into(fd, block)
+                problem = _crc_problem(fd, block) if checksum and done == nbytes else None
             except OSError as e:
                 raise OSError(e.errno, e.strerror, path.rel) from None
             if done < nbytes:
+                problem = f"block file ended after {done} of {nbytes} bytes"
+            if problem is not None:
                 remove_block(root, path)
-                raise CorruptBlock(errno.EBADMSG, f"block file ended after {done} of {nbytes} bytes, removed", path.rel)
-            if checksum:
-                _verify(fd, root, path, block)
+                raise CorruptBlock(errno.EBADMSG, f"{problem}, removed", path.rel)
     finally:
         os.close(fd)
     return nbytes
@@ -210,13 +211,6 @@ def _read_into(fd: int, block: memoryview) -> int:
             break
         done += got
     return done
-
-
-def _verify(fd: int, root: int, path: BlockPath, block: memoryview) -> None:
-    problem = _crc_problem(fd, block)
-    if problem is not None:
-        remove_block(root, path)
-        raise CorruptBlock(errno.EBADMSG, f"{problem}, removed", path.rel)
 
 
 def _crc_problem(fd: int, block: memoryview) -> str | None:
