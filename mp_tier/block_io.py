@@ -112,12 +112,15 @@ def store_block(
             try:
                 if ready is not None:
                     ready()
-                block = buffer[offset : offset + nbytes]
-                if checksum:
-                    os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
-                done = 0
-                while done < nbytes:
-                    done += os.pwrite(fd, block[done:], done)
+                with buffer[offset : offset + nbytes] as block:
+                    try:  # an error names the block: an fd's would name its number, a write's nothing
+                        if checksum:
+                            os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
+                        done = 0
+                        while done < nbytes:
+                            done += os.pwrite(fd, block[done:], done)
+                    except OSError as e:
+                        raise OSError(e.errno, e.strerror, path.rel) from None
             finally:
                 os.close(fd)
             os.rename(tmp, path.name, src_dir_fd=leaf, dst_dir_fd=leaf)

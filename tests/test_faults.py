@@ -375,6 +375,32 @@ def test_a_budgeted_tier_on_a_mount_made_read_only_loads_and_finds_its_blocks(ma
         subprocess.run(["umount", "-l", str(target)], check=False)
 
 
+def test_a_checksummed_store_that_fills_the_disk_names_the_block_it_failed(make_tier, cache, tmp_path):
+    """Checksums on a small real ext4 with 128-byte inodes (each CRC takes a disk block of its own): the store
+    that meets ENOSPC, in its CRC's setxattr or its write, fails naming that block; before, the error named
+    the fd it wrote through, or nothing ("ENOSPC: No space left on device")."""
+    target = tmp_path / "small"
+    target.mkdir()
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", str(image)], capture_output=True, text=True)
+    if made.returncode or subprocess.run(["mount", "-o", "loop", str(image), str(target)], capture_output=True).returncode:
+        pytest.skip(f"cannot mount a small ext4 here: {made.stderr.strip()}")
+    try:
+        tier = make_tier(root_dir=str(target), config=TierConfig(checksum=True))
+        fill_random(cache, range(200))
+        keys = [b"\xab\xcd\xe0" + key[3:] for key in make_keys(200, seed=8)]  # one directory: its mkdir comes first
+        result = run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=list(range(200))))
+        assert not result.success and result.error_code == "ENOSPC"
+        failed = [tier.block_path(k) for k in keys if k not in set(result.successful_keys or ())]
+        assert any(result.error.endswith("/".join(p.split("/")[-3:])) for p in failed), result.error
+        assert list(target.rglob(f"*{TEMP_SUFFIX}")) == []
+        tier.shutdown()
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
 def _temps_of(root: str, pid: int) -> list[str]:
     """The temp files of writer ``pid`` anywhere under ``root``."""
     return [name for _, _, names in os.walk(root) for name in names if name.endswith(".tmp") and temp_writer_pid(name) == pid]
