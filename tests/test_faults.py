@@ -306,13 +306,13 @@ def test_a_store_lost_twice_still_counts_the_blocks_it_wrote(make_tier):
         big.close()
 
 
-def _mount(kind: str, target: str, image_dir) -> None:
+def _mount(kind: str, target: str, image_dir, *mkfs_options: str) -> None:
     if kind == "tmpfs":
         cmd = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", target]
     else:
         image = str(image_dir / "fs.img")
         subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", "count=8"], check=True, capture_output=True)
-        subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True, capture_output=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs_options, image], check=True, capture_output=True)
         cmd = ["mount", "-o", "loop", image, target]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -381,12 +381,7 @@ def test_a_checksummed_store_that_fills_the_disk_names_the_block_it_failed(make_
     the fd it wrote through, or nothing ("ENOSPC: No space left on device")."""
     target = tmp_path / "small"
     target.mkdir()
-    image = tmp_path / "fs.img"
-    with open(image, "wb") as f:
-        f.truncate(8 << 20)
-    made = subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", str(image)], capture_output=True, text=True)
-    if made.returncode or subprocess.run(["mount", "-o", "loop", str(image), str(target)], capture_output=True).returncode:
-        pytest.skip(f"cannot mount a small ext4 here: {made.stderr.strip()}")
+    _mount("ext4", str(target), tmp_path, "-I", "128")
     try:
         tier = make_tier(root_dir=str(target), config=TierConfig(checksum=True))
         fill_random(cache, range(200))
