@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,20 +133,38 @@ def _in_ext4_image(image, *command: str) -> str:
     return done.stdout
 
 
-def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache, tmp_path):
-    """A real ext4 (loop mount) on which one block file's extent block is corrupt: the file opens and has the
-    block's size, but its read fails (EIO; EUCLEAN once ext4 knows). The load's other blocks land; that one
-    fails with that error and is kept, and the file system saw one failing read of it, not two: the one-call
-    load left a read that failed to Python, which read it again (on a failing disk each can take seconds)."""
+@contextlib.contextmanager
+def _small_ext4(tmp_path: Path, *mkfs_options: str) -> Iterator[tuple[Path, Path]]:
+    """A 16 MiB ext4 image, made and loop-mounted (skipped where that cannot run): the image and its mount point."""
     if os.geteuid() != 0:
         pytest.skip("a loop mount needs root")
     image, mount = tmp_path / "fs.img", tmp_path / "mnt"
     mount.mkdir()
     with open(image, "wb") as f:
         f.truncate(16 << 20)
-    _in_ext4_image(image, "mkfs.ext4", "-q", "-F", "-b", "4096", str(image))
+    _in_ext4_image(image, "mkfs.ext4", "-q", "-F", "-b", "4096", *mkfs_options, str(image))
     _in_ext4_image(image, "mount", "-o", "loop", str(image), str(mount))
     try:
+        yield image, mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _only_it_fails(tier, cache, keys: list[bytes], bad: str) -> None:
+    """A load of the 3 ``keys`` stored from cache blocks 0-2 into 10-12: only ``keys[1]``, at ``bad``, fails, with
+    its read's error naming it, and its file is kept; the others land."""
+    loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[10, 11, 12]))
+    assert not loaded.success and loaded.successful_keys == (keys[0], keys[2])
+    assert loaded.error_code in ("EIO", "EUCLEAN") and loaded.error.endswith("/".join(bad.split("/")[-3:])), loaded.error
+    assert np.array_equal(cache.array[[10, 12]], cache.array[[0, 2]]) and os.path.getsize(bad) == BLOCK
+
+
+def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache, tmp_path):
+    """A real ext4 (loop mount) on which one block file's extent block is corrupt: the file opens and has the
+    block's size, but its read fails (EIO; EUCLEAN once ext4 knows). The load's other blocks land; that one
+    fails with that error and is kept, and the file system saw one failing read of it, not two: the one-call
+    load left a read that failed to Python, which read it again (on a failing disk each can take seconds)."""
+    with _small_ext4(tmp_path) as (image, mount):
         keys = make_keys(3)
         fill_random(cache, range(3))
         tier = make_tier(root_dir=str(mount))
@@ -169,15 +190,10 @@ def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache,
         with open(errors) as f:
             before = int(f.read())
         tier = make_tier(root_dir=str(mount))
-        loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[10, 11, 12]))
-        assert not loaded.success and loaded.successful_keys == (keys[0], keys[2])
-        assert loaded.error_code in ("EIO", "EUCLEAN") and loaded.error.endswith("/".join(bad.split("/")[-3:])), loaded.error
-        assert np.array_equal(cache.array[[10, 12]], cache.array[[0, 2]]) and os.path.getsize(bad) == BLOCK
+        _only_it_fails(tier, cache, keys, bad)
         tier.shutdown()
         with open(errors) as f:
             assert int(f.read()) - before == 1, "the block's failing read was done twice"
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_a_one_task_load_forgets_the_blocks_it_finds_gone_or_short(make_tier, cache):
@@ -207,15 +223,7 @@ def test_a_block_whose_crc_cannot_be_read_fails_alone_naming_it(make_tier, cache
     that one block's xattr block is corrupt: its CRC read fails (EUCLEAN; EIO on some kernels). That block fails
     with the error naming its file, which is kept (nothing shows its bytes are bad); the others load. Before,
     the error named the fd the CRC was read through ("EUCLEAN: Structure needs cleaning: 6")."""
-    if os.geteuid() != 0:
-        pytest.skip("a loop mount needs root")
-    image, mount = tmp_path / "fs.img", tmp_path / "mnt"
-    mount.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
-    _in_ext4_image(image, "mkfs.ext4", "-q", "-F", "-I", "128", "-b", "4096", str(image))
-    _in_ext4_image(image, "mount", "-o", "loop", str(image), str(mount))
-    try:
+    with _small_ext4(tmp_path, "-I", "128") as (image, mount):
         keys = make_keys(3, seed=6)
         fill_random(cache, range(3))
         tier = make_tier(root_dir=str(mount), config=TierConfig(checksum=True))
@@ -231,10 +239,5 @@ def test_a_block_whose_crc_cannot_be_read_fails_alone_naming_it(make_tier, cache
             f.write(bytes(4))  # the xattr block's magic
         _in_ext4_image(image, "mount", "-o", "loop", str(image), str(mount))
         tier = make_tier(root_dir=str(mount), config=TierConfig(checksum=True))
-        loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[10, 11, 12]))
-        assert not loaded.success and loaded.successful_keys == (keys[0], keys[2])
-        assert loaded.error_code in ("EIO", "EUCLEAN") and loaded.error.endswith("/".join(bad.split("/")[-3:])), loaded.error
-        assert np.array_equal(cache.array[[10, 12]], cache.array[[0, 2]]) and os.path.getsize(bad) == BLOCK
+        _only_it_fails(tier, cache, keys, bad)
         tier.shutdown()
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
