@@ -219,8 +219,8 @@ def _read_into(fd: int, block: memoryview) -> int:
 def _crc_problem(fd: int, block: memoryview) -> str | None:
     """None if the block matches its recorded CRC or has none, else how it differs.
 
-    A file system without user xattrs (ENOTSUP) can hold no CRC: its blocks load unverified, as one stored
-    without a CRC does (the tier refuses checksum = true there).
+    A file system without user xattrs (getxattr: not supported) can hold no CRC: its blocks load
+    unverified, as one stored without a CRC does (the tier refuses checksum = true there).
     """
     try:
         recorded = int.from_bytes(os.getxattr(fd, CRC_XATTR), "big")
