@@ -154,7 +154,7 @@ def _only_it_fails(tier, cache, keys: list[bytes], bad: str) -> None:
     """A load of the 3 ``keys`` stored from cache blocks 0-2 into 10-12: only ``keys[1]``, at ``bad``, fails, with
     its read's error naming it, and its file is kept; the others land."""
     loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[10, 11, 12]))
-    assert not loaded.success and loaded.successful_keys == (keys[0], keys[2])
+    assert not loaded.success and loaded.successful_keys == (keys[0], keys[2]) and loaded.transfer_size == 2 * BLOCK
     assert loaded.error_code in ("EIO", "EUCLEAN") and loaded.error.endswith("/".join(bad.split("/")[-3:])), loaded.error
     assert np.array_equal(cache.array[[10, 12]], cache.array[[0, 2]]) and os.path.getsize(bad) == BLOCK
 
