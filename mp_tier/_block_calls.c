@@ -116,7 +116,7 @@ static PyObject *os_error(int code, const char *dir, const char *name) {
  * false if the key is too short or too long to name here. */
 #define GROUP_BYTES 4
 #define MIN_KEY (GROUP_BYTES + 4)
-#define MAX_HASH 127 /* bytes: a name of 2 * 127 + 4 characters would not fit NAME_MAX anyway */
+#define MAX_HASH 108 /* bytes: layout.MAX_KEY_BYTES - GROUP_BYTES, the longest whose temp name fits NAME_MAX */
 typedef struct {
     char dir[24], name[2 * MAX_HASH + 5], rel[24 + 2 * MAX_HASH + 5];
 } block_name;

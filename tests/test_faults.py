@@ -10,10 +10,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job, wait_exit, wait_ready
+from helpers import BLOCK, fill_random, make_keys, processes_stopped, run_job, wait_exit, wait_ready
 
 from mp_tier import JobMetadata, TierBroken, TierConfig
 from mp_tier.layout import HOST_TAG, TEMP_SUFFIX, is_temp, temp_name, temp_writer_pid
@@ -305,13 +306,13 @@ def test_a_store_lost_twice_still_counts_the_blocks_it_wrote(make_tier):
         big.close()
 
 
-def _mount(kind: str, target: str, image_dir) -> None:
+def _mount(kind: str, target: str, image_dir, *mkfs_options: str) -> None:
     if kind == "tmpfs":
         cmd = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", target]
     else:
         image = str(image_dir / "fs.img")
         subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", "count=8"], check=True, capture_output=True)
-        subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True, capture_output=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs_options, image], check=True, capture_output=True)
         cmd = ["mount", "-o", "loop", image, target]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -369,6 +370,27 @@ def test_a_budgeted_tier_on_a_mount_made_read_only_loads_and_finds_its_blocks(ma
         assert np.array_equal(cache.array[10:14], cache.array[:4])
         again = run_job(tier, "store", JobMetadata(job_id=3, keys=keys, block_ids=[0, 1, 2, 3]))
         assert again.success and again.transfer_size == 0, again.error
+        tier.shutdown()
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_a_checksummed_store_that_fills_the_disk_names_the_block_it_failed(make_tier, cache, tmp_path):
+    """Checksums on a small real ext4 with 128-byte inodes (each CRC takes a disk block of its own): the store
+    that meets ENOSPC, in its CRC's setxattr or its write, fails naming that block; before, the error named
+    the fd it wrote through, or nothing ("ENOSPC: No space left on device")."""
+    target = tmp_path / "small"
+    target.mkdir()
+    _mount("ext4", str(target), tmp_path, "-I", "128")
+    try:
+        tier = make_tier(root_dir=str(target), config=TierConfig(checksum=True))
+        fill_random(cache, range(200))
+        keys = [b"\xab\xcd\xe0" + key[3:] for key in make_keys(200, seed=8)]  # one directory: its mkdir comes first
+        result = run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=list(range(200))))
+        assert not result.success and result.error_code == "ENOSPC"
+        failed = [tier.block_path(k) for k in keys if k not in set(result.successful_keys or ())]
+        assert any(result.error.endswith("/".join(p.split("/")[-3:])) for p in failed), result.error
+        assert list(target.rglob(f"*{TEMP_SUFFIX}")) == []
         tier.shutdown()
     finally:
         subprocess.run(["umount", "-l", str(target)], check=False)
@@ -438,6 +460,73 @@ def test_a_writer_killed_with_several_stores_in_flight_leaves_one_result_per_job
             assert time.monotonic() < deadline, f"temp files left behind: {left}"
             tier.wait(0.1)
             collect()
+        tier.shutdown()
+    finally:
+        big.close()
+
+
+def _reader_caught_mid_load(tier, cache, into: list[int], results: list) -> bool:
+    """Once the load into ``into`` has landed its first block, stop the workers; if it has not landed its last yet,
+    SIGKILL the one reading (the most bytes read) and return True, else let it go on. ``results``: what the polling
+    that lets the host send a lost task again returns meanwhile."""
+    deadline = time.monotonic() + 10
+    while not cache.array[into[0], -64:].any():
+        assert time.monotonic() < deadline, "the load never started"
+        results += tier.get_finished()  # the host sends a lost task again from its polling
+    pids = tier.worker_pids()
+    with processes_stopped(pids):
+        if all(cache.array[b, -64:].any() for b in into):
+            return False
+
+        def bytes_read(pid: int) -> int:
+            with open(f"/proc/{pid}/io") as f:
+                return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+        reader = max(pids, key=bytes_read)
+        os.kill(reader, signal.SIGKILL)
+    assert wait_exit(reader, 5)
+    cache.array[into] = 0  # what the next attempt lands is seen afresh
+    return True
+
+
+@pytest.mark.parametrize("kills", [1, 2], ids=["sent again", "lost twice"])
+def test_a_reader_killed_inside_a_16_block_load_leaves_one_result_and_no_torn_block_reported(make_tier, kills):
+    """A read worker is SIGKILLed while its one-call load (load_run) is part way through a 16-block task: some
+    cache blocks hold their file's bytes, one is half read, the rest are untouched. The job gets exactly one
+    result: the task sent again loads every block whole; lost a second time, the job fails (EOWNERDEAD) and
+    reports no key loaded. The block files are left as they were."""
+    from mp_tier import PrimaryCache
+
+    big = PrimaryCache.create(32, 4 << 20)
+    try:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", io_depth=1))
+        wait_ready(tier)
+        keys, into = make_keys(16, seed=9), list(range(16, 32))
+        fill_random(big, range(16), seed=9)
+        assert run_job(tier, "store", JobMetadata(job_id=0, keys=keys, block_ids=list(range(16)))).success
+        on_disk = [Path(tier.block_path(key)).read_bytes() for key in keys]
+        for job in range(1, 40):
+            big.array[into] = 0
+            results: list = []
+            tier.submit_load(JobMetadata(job_id=job, keys=keys, block_ids=into))
+            killed = 0
+            while killed < kills and _reader_caught_mid_load(tier, big, into, results):
+                killed += 1
+            tier.drain(30)
+            results += tier.get_finished()
+            assert [r.job_id for r in results] == [job], "exactly one result per job"
+            (result,) = results
+            if killed == kills:
+                break
+            assert result.success, result.error  # finished before it could be caught: try again
+        else:
+            pytest.fail("never caught the reader inside a load")
+        if kills == 1:
+            assert result.success and result.transfer_size == 16 * (4 << 20), result.error
+            assert all(big.array[16 + i].tobytes() == big.array[i].tobytes() for i in range(16)), "a block loaded torn"
+        else:
+            assert not result.success and result.error_code == "EOWNERDEAD" and not result.successful_keys, result
+        assert [Path(tier.block_path(key)).read_bytes() for key in keys] == on_disk
         tier.shutdown()
     finally:
         big.close()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,20 +133,38 @@ def _in_ext4_image(image, *command: str) -> str:
     return done.stdout
 
 
-def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache, tmp_path):
-    """A real ext4 (loop mount) on which one block file's extent block is corrupt: the file opens and has the
-    block's size, but its read fails (EIO; EUCLEAN once ext4 knows). The load's other blocks land; that one
-    fails with that error and is kept, and the file system saw one failing read of it, not two: the one-call
-    load left a read that failed to Python, which read it again (on a failing disk each can take seconds)."""
+@contextlib.contextmanager
+def _small_ext4(tmp_path: Path, *mkfs_options: str) -> Iterator[tuple[Path, Path]]:
+    """A 16 MiB ext4 image, made and loop-mounted (skipped where that cannot run): the image and its mount point."""
     if os.geteuid() != 0:
         pytest.skip("a loop mount needs root")
     image, mount = tmp_path / "fs.img", tmp_path / "mnt"
     mount.mkdir()
     with open(image, "wb") as f:
         f.truncate(16 << 20)
-    _in_ext4_image(image, "mkfs.ext4", "-q", "-F", "-b", "4096", str(image))
+    _in_ext4_image(image, "mkfs.ext4", "-q", "-F", "-b", "4096", *mkfs_options, str(image))
     _in_ext4_image(image, "mount", "-o", "loop", str(image), str(mount))
     try:
+        yield image, mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _only_it_fails(tier, cache, keys: list[bytes], bad: str) -> None:
+    """A load of the 3 ``keys`` stored from cache blocks 0-2 into 10-12: only ``keys[1]``, at ``bad``, fails, with
+    its read's error naming it, and its file is kept; the others land."""
+    loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[10, 11, 12]))
+    assert not loaded.success and loaded.successful_keys == (keys[0], keys[2]) and loaded.transfer_size == 2 * BLOCK
+    assert loaded.error_code in ("EIO", "EUCLEAN") and loaded.error.endswith("/".join(bad.split("/")[-3:])), loaded.error
+    assert np.array_equal(cache.array[[10, 12]], cache.array[[0, 2]]) and os.path.getsize(bad) == BLOCK
+
+
+def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache, tmp_path):
+    """A real ext4 (loop mount) on which one block file's extent block is corrupt: the file opens and has the
+    block's size, but its read fails (EIO; EUCLEAN once ext4 knows). The load's other blocks land; that one
+    fails with that error and is kept, and the file system saw one failing read of it, not two: the one-call
+    load left a read that failed to Python, which read it again (on a failing disk each can take seconds)."""
+    with _small_ext4(tmp_path) as (image, mount):
         keys = make_keys(3)
         fill_random(cache, range(3))
         tier = make_tier(root_dir=str(mount))
@@ -169,12 +190,54 @@ def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache,
         with open(errors) as f:
             before = int(f.read())
         tier = make_tier(root_dir=str(mount))
-        loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[10, 11, 12]))
-        assert not loaded.success and loaded.successful_keys == (keys[0], keys[2])
-        assert loaded.error_code in ("EIO", "EUCLEAN") and loaded.error.endswith("/".join(bad.split("/")[-3:])), loaded.error
-        assert np.array_equal(cache.array[[10, 12]], cache.array[[0, 2]]) and os.path.getsize(bad) == BLOCK
+        _only_it_fails(tier, cache, keys, bad)
         tier.shutdown()
         with open(errors) as f:
             assert int(f.read()) - before == 1, "the block's failing read was done twice"
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_one_task_load_forgets_the_blocks_it_finds_gone_or_short(make_tier, cache):
+    """One 16-block task (one reader) whose one-call load stops at 5 blocks: 3 files deleted by someone else, 2
+    cut short. Each is judged in Python after the run stops, and its index reaches the host: the deleted ones
+    and the removed short ones are forgotten (lookups answer False from memory), the short ones count as files
+    removed, and only the good blocks' bytes count as moved."""
+    tier = make_tier(n_read_workers=1, config=TierConfig(max_bytes=64 * BLOCK))
+    keys = make_keys(16, seed=4)
+    fill_random(cache, range(16))
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=list(range(16)))).success
+    gone, short = [2, 3, 9], [5, 15]
+    for i in gone:
+        os.unlink(tier.block_path(keys[i]))
+    for i in short:
+        os.truncate(tier.block_path(keys[i]), BLOCK // 2)
+    good = [i for i in range(16) if i not in gone + short]
+    loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=list(range(100, 116))))
+    assert loaded.successful_keys == tuple(keys[i] for i in good) and loaded.transfer_size == len(good) * BLOCK
+    assert np.array_equal(cache.array[[100 + i for i in good]], cache.array[good])
+    assert tier.lookup_many(keys, probe=False) == [i in good for i in range(16)]
+    assert tier.stats().files_removed == 2 and not any(os.path.exists(tier.block_path(keys[i])) for i in short)
+
+
+def test_a_block_whose_crc_cannot_be_read_fails_alone_naming_it(make_tier, cache, tmp_path):
+    """Checksums on a real ext4 with 128-byte inodes, where a block's CRC xattr has a disk block of its own, and
+    that one block's xattr block is corrupt: its CRC read fails (EUCLEAN; EIO on some kernels). That block fails
+    with the error naming its file, which is kept (nothing shows its bytes are bad); the others load. Before,
+    the error named the fd the CRC was read through ("EUCLEAN: Structure needs cleaning: 6")."""
+    with _small_ext4(tmp_path, "-I", "128") as (image, mount):
+        keys = make_keys(3, seed=6)
+        fill_random(cache, range(3))
+        tier = make_tier(root_dir=str(mount), config=TierConfig(checksum=True))
+        assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2])).success
+        tier.shutdown()
+        bad = tier.block_path(keys[1])
+        _in_ext4_image(image, "umount", str(mount))
+        inode = _in_ext4_image(image, "debugfs", "-R", f"stat {bad.removeprefix(str(mount))}", str(image))
+        xattr_block = int(next(line for line in inode.splitlines() if line.startswith("File ACL:")).split()[2])
+        assert xattr_block, "the CRC is in the inode: no block of its own to corrupt"
+        with open(image, "r+b") as f:
+            f.seek(xattr_block * 4096)
+            f.write(bytes(4))  # the xattr block's magic
+        _in_ext4_image(image, "mount", "-o", "loop", str(image), str(mount))
+        tier = make_tier(root_dir=str(mount), config=TierConfig(checksum=True))
+        _only_it_fails(tier, cache, keys, bad)
+        tier.shutdown()

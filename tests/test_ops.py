@@ -155,6 +155,36 @@ def test_verify_reports_short_long_and_crc_damage_and_fix_removes_exactly_those(
     assert run_job(tier, "load", JobMetadata(job_id=2, keys=intact, block_ids=list(range(100, 100 + len(intact))))).success
 
 
+@contextlib.contextmanager
+def ramfs(where: Path) -> Iterator[Path]:
+    """A ramfs mounted at ``where``: a file system with no user xattrs (getxattr says ENOTSUP), so no CRC."""
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(where)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a ramfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_verify_on_a_file_system_without_xattrs_finds_its_whole_blocks_good(tmp_path, cache, capsys):
+    """No CRC can be recorded where user xattrs are unsupported (the tier refuses checksum = true there), so
+    every block there loads unverified, as one stored without a CRC: verify reports none of them. Before, each
+    whole block was a problem (ENOTSUP) and verify exited 1 on a tree every load of which succeeds."""
+    with ramfs(tmp_path / "ram") as mount:
+        keys = make_keys(3, seed=2)
+        fill_random(cache, range(3))
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=str(mount / "root"), n_read_workers=1, n_write_workers=1)
+        try:
+            assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2])).success
+            assert run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[10, 11, 12])).success
+        finally:
+            tier.shutdown()
+        report = as_json(capsys, "verify", str(mount / "root"))
+        assert report["problems"] == [] and report["blocks"] == 3, report
+
+
 def test_verify_exit_status_two_on_a_usage_error(tmp_path, capsys):
     status, out, err = mp_tier(capsys, "verify", str(tmp_path / "missing"))
     assert status == 2 and out == "" and err.count("\n") == 1 and "ENOENT" in err

@@ -364,6 +364,7 @@ def test_a_load_of_many_blocks_judges_each_and_moves_every_good_one(make_tier, c
     loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=into))
     assert not loaded.success and loaded.error_code in ("ENOENT", "ELOOP", "EINVAL", "EBADMSG", "EPERM"), loaded
     assert loaded.successful_keys == tuple(keys[i] for i in good)
+    assert loaded.transfer_size == len(good) * BLOCK, loaded
     for i in range(11):
         assert np.array_equal(cache.array[100 + i], cache.array[i]) if i in good else not cache.array[100 + i].any(), i
     assert all(paths[i].stat().st_mtime > 1000 for i in good), "a load with a budget records the use"

@@ -358,3 +358,26 @@ def test_a_run_from_a_negative_start_is_refused_naming_it(root: int, cache: memo
     keys = [KEY, bytes(36)]
     with pytest.raises(ValueError, match=f"from block {start}, 2 keys"):
         load_run(root, cache, keys, [1, 1], start)
+
+
+@pytest.mark.parametrize("move", ["store", "load"])
+def test_a_block_whose_write_or_read_failed_lets_the_cache_close_while_its_error_is_kept(tmp_path: Path, root: int, move: str) -> None:
+    """An error kept (a traceback logged later, a test's excinfo) holds the frames it came through: a view of
+    the cache left in one of them would keep the cache's memory exported, and closing it raise BufferError."""
+    area = mmap.mmap(-1, 3 * BLOCK)
+    view = memoryview(area)
+    if move == "load":
+        assert store(root, view) == BLOCK
+    with view[1:] as unaligned:  # O_DIRECT from or into an unaligned address: EINVAL once the bytes move
+        try:
+            if move == "store":
+                block_io.store_block(root, PATH, unaligned, 0, BLOCK, direct=True, file_mode=0o600, dir_mode=0o700, checksum=True, owners=ME)
+            else:
+                block_io.load_block(root, PATH, unaligned, BLOCK, BLOCK, direct=True, checksum=True, owners=ME)
+        except OSError as e:
+            kept = e
+        else:
+            pytest.skip("this file system takes O_DIRECT at any address")
+    assert kept.errno == errno.EINVAL and PATH.rel in str(kept)
+    view.release()
+    area.close()

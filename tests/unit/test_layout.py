@@ -55,10 +55,23 @@ def test_a_block_is_named_by_its_hash_prefixes_and_group():
     assert LAYOUT.locate(key) == BlockPath("abc/de_g4242", "abcdef0123" + "00" * 27 + BLOCK_SUFFIX)
 
 
-@pytest.mark.parametrize("size", [0, MIN_KEY_BYTES - 1, 132])
+@pytest.mark.parametrize("size", [0, MIN_KEY_BYTES - 1, MAX_KEY_BYTES + 1, 132])
 def test_a_key_of_no_block_size_is_refused_naming_its_size(size):
-    with pytest.raises(ValueError, match=f"a key of {size} bytes names no block"):
+    """The one author of block names names only keys: a name made for any other would be one a scan passes
+    over as someone else's (a hash over 108 bytes), or one past NAME_MAX."""
+    with pytest.raises(ValueError, match=f"a key of {size} bytes names no block: {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes"):
         LAYOUT.locate(bytes(size))
+
+
+@pytest.mark.parametrize("size", range(MAX_KEY_BYTES + 24))
+def test_a_key_is_named_only_if_its_name_parses_back(size):
+    key = os.urandom(size)
+    try:
+        where = LAYOUT.locate(key)
+    except ValueError:
+        assert not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES
+    else:
+        assert parse_block(where.dir.split("/"), where.name) == key
 
 
 GOOD_DIR = ["000", "10_g7"]
