@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import BLOCK, fill_random, make_keys, processes_stopped, run_job, wait_exit, wait_ready
 
-from mp_tier import JobMetadata, TierBroken, TierConfig
+from mp_tier import JobMetadata, PrimaryCache, TierBroken, TierConfig
 from mp_tier.layout import HOST_TAG, TEMP_SUFFIX, is_temp, temp_name, temp_writer_pid
 from mp_tier.recovery import BOOTING_AT_ONCE, STARTUP_WINDOW_SECONDS
 
@@ -220,8 +220,6 @@ def test_a_dead_writers_directory_swapped_for_something_else_is_passed_over(make
     """Writers die holding a store whose directory is then replaced by a symlink (to a directory holding a
     temp file of theirs) or a plain file. Sweeping up after them neither follows the link nor fails: no
     worker dies of it, shutdown() does not raise, the job gets its one result, and later stores work."""
-    from mp_tier import PrimaryCache
-
     big = PrimaryCache.create(4, 64 << 20)
     try:
         tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", stop_timeout=1))
@@ -276,8 +274,6 @@ def test_a_store_lost_twice_still_counts_the_blocks_it_wrote(make_tier):
     """Each writer of a store is stopped once a block of the job has landed, so the tier kills it at
     task_timeout, twice, and the job fails. The blocks that did land stay counted: the budget may
     over-count what a dead writer left unfinished, never under-count what is on disk."""
-    from mp_tier import PrimaryCache
-
     big = PrimaryCache.create(8, 32 << 20)
     try:
         tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", task_timeout=0.5))
@@ -406,8 +402,6 @@ def test_a_writer_killed_with_several_stores_in_flight_leaves_one_result_per_job
     files and the other writer's lanes hold stores of their own: every job gets exactly one result (a live
     worker's lanes are never taken for the dead one's), every block file is whole and byte-exact, and no
     temp file outlives the deaths."""
-    from mp_tier import PrimaryCache
-
     big = PrimaryCache.create(16, 8 << 20)
     try:
         root = str(tmp_path / "blocks")
@@ -495,8 +489,6 @@ def test_a_reader_killed_inside_a_16_block_load_leaves_one_result_and_no_torn_bl
     cache blocks hold their file's bytes, one is half read, the rest are untouched. The job gets exactly one
     result: the task sent again loads every block whole; lost a second time, the job fails (EOWNERDEAD) and
     reports no key loaded. The block files are left as they were."""
-    from mp_tier import PrimaryCache
-
     big = PrimaryCache.create(32, 4 << 20)
     try:
         tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", io_depth=1))
