@@ -66,9 +66,10 @@ def where(tmp_path: Path, path: BlockPath) -> Path:
     return tmp_path / "ns" / path.rel
 
 
-def store(root: int, cache: memoryview, ready: Hook | None = None) -> int:
+def store(root: int, cache: memoryview, ready: Hook | None = None, key: bytes = KEY) -> int:
+    """Cache block 0 stored as ``key``'s block."""
     return block_io.store_block(
-        root, PATH, cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME, ready=ready
+        root, BlockLayout("ns").locate(key), cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME, ready=ready
     )
 
 
@@ -212,9 +213,7 @@ def test_a_write_that_fails_after_ready_raises_once_and_leaves_no_temp_file(tmp_
     """Once the bytes move, a failure is the block's error: it is not written a second time."""
     ready = Hook()
     with cache[1:] as unaligned, pytest.raises(OSError) as failure:  # O_DIRECT from an unaligned address: EINVAL
-        block_io.store_block(
-            root, PATH, unaligned, 0, BLOCK, direct=True, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME, ready=ready
-        )
+        block_io.store_block(root, PATH, unaligned, 0, BLOCK, direct=True, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME, ready=ready)
     if failure.value.errno != errno.EINVAL:
         pytest.skip(f"this file system takes O_DIRECT from any address ({failure.value})")
     assert ready.calls == 1 and PATH.rel in str(failure.value)
@@ -250,9 +249,7 @@ def a_task_of_every_kind(tmp_path: Path, root: int, cache: memoryview) -> list[b
     """Seven keys: good, missing, good, a FIFO, a stranger's, good, the wrong size (block 0's bytes stored)."""
     keys = [bytes([n]) * 32 + bytes(4) for n in range(7)]
     for n in (0, 2, 4, 5, 6):
-        assert block_io.store_block(
-            root, BlockLayout("ns").locate(keys[n]), cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME
-        )
+        assert store(root, cache, key=keys[n])
     files = [where(tmp_path, BlockLayout("ns").locate(key)) for key in keys]
     files[3].parent.mkdir(parents=True)
     os.mkfifo(files[3])
@@ -334,6 +331,7 @@ def test_a_run_refuses_lists_that_do_not_match(root: int, cache: memoryview) -> 
     with pytest.raises(ValueError, match="as many block ids"):
         load_run(root, cache, [KEY], [1], hooks=[])
 
+
 @pytest.mark.parametrize("shortened", ["keys", "block_ids", "hooks"])
 def test_a_run_whose_lists_shrink_under_it_stops_and_reads_no_item_past_their_end(
     tmp_path: Path, root: int, cache: memoryview, shortened: str
@@ -342,9 +340,7 @@ def test_a_run_whose_lists_shrink_under_it_stops_and_reads_no_item_past_their_en
     stops at that block, having loaded the one before, rather than read items past the list's end (a crash)."""
     keys = [bytes([n]) * 32 + bytes(4) for n in range(3)]
     for key in keys:
-        block_io.store_block(
-            root, BlockLayout("ns").locate(key), cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME
-        )
+        store(root, cache, key=key)
     ids, hooks = [1, 1, 1], [Hook(), Hook(), Hook()]
     between = {"keys": keys, "block_ids": ids, "hooks": hooks}[shortened].clear
     cache[BLOCK:] = bytes(BLOCK)
