@@ -106,33 +106,57 @@ def store_block(
                 raise OSError(errno.EEXIST, f"{_kind(st.st_mode)}, not a block file, is in the way", path.rel)
             if st.st_size == nbytes and owners.allow(st) and _readable(st):
                 return 0
-        tmp = temp_name(path.name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0), file_mode, dir_fd=leaf)
-        try:
-            try:
-                if ready is not None:
-                    ready()
-                with buffer[offset : offset + nbytes] as block:
-                    try:  # an error names the block: an fd's would name its number, a write's nothing
-                        if checksum:
-                            os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
-                        done = 0
-                        while done < nbytes:
-                            done += os.pwrite(fd, block[done:], done)
-                    except OSError as e:
-                        raise OSError(e.errno, e.strerror, path.rel) from None
-            finally:
-                os.close(fd)
-            os.rename(tmp, path.name, src_dir_fd=leaf, dst_dir_fd=leaf)
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=leaf)
-            except FileNotFoundError:
-                pass  # someone else removed it: the error that matters is the one being raised
-            raise
+        _write_in_place(leaf, path, buffer, offset, nbytes, direct, file_mode, checksum, ready)
     finally:
         os.close(leaf)
     return nbytes
+
+
+def _write_in_place(
+    leaf: int,
+    path: BlockPath,
+    buffer: memoryview,
+    offset: int,
+    nbytes: int,
+    direct: bool,
+    file_mode: int,
+    checksum: bool,
+    ready: Callable[[], None] | None,
+) -> None:
+    """Write the block to a temp file in ``leaf`` and rename it to ``path.name``; a failure removes the temp file
+    and its error names the block, whichever step failed (the temp file's create would name the temp name, a
+    write or the CRC's setxattr the fd's number or nothing)."""
+    tmp = temp_name(path.name)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0), file_mode, dir_fd=leaf)
+    except OSError as e:
+        raise _naming(e, path) from None
+    try:
+        try:
+            if ready is not None:
+                ready()
+            with buffer[offset : offset + nbytes] as block:
+                if checksum:
+                    os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
+                done = 0
+                while done < nbytes:
+                    done += os.pwrite(fd, block[done:], done)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path.name, src_dir_fd=leaf, dst_dir_fd=leaf)
+    except BaseException as e:
+        try:
+            os.unlink(tmp, dir_fd=leaf)
+        except FileNotFoundError:
+            pass  # someone else removed it: the error that matters is the one being raised
+        if isinstance(e, OSError):
+            raise _naming(e, path) from None
+        raise
+
+
+def _naming(e: OSError, path: BlockPath) -> OSError:
+    """``e`` as the block's error: the same errno (and so the same OSError subclass), naming the block."""
+    return OSError(e.errno, e.strerror, path.rel)
 
 
 def _within(buffer: memoryview, offset: int, nbytes: int) -> None:
@@ -194,7 +218,7 @@ def load_block(
                 done = _read_into(fd, block)
                 problem = _crc_problem(fd, block) if checksum and done == nbytes else None
             except OSError as e:
-                raise OSError(e.errno, e.strerror, path.rel) from None
+                raise _naming(e, path) from None
             if done < nbytes:
                 problem = f"block file ended after {done} of {nbytes} bytes"
             if problem is not None:

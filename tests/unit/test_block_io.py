@@ -9,6 +9,7 @@ written, the hook before the bytes move called only when they do.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import stat
@@ -377,3 +378,30 @@ def test_a_block_whose_write_or_read_failed_lets_the_cache_close_while_its_error
     assert kept.errno == errno.EINVAL and PATH.rel in str(kept)
     view.release()
     area.close()
+
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10  # <linux/fs.h>
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "checksum"])
+def test_a_store_whose_temp_file_cannot_be_made_names_the_block(tmp_path: Path, root: int, cache: memoryview, checksum: bool) -> None:
+    """The temp file's create fails (an immutable directory: EPERM even for root): the error names the block,
+    as a failed write does, not the temp name; nothing is left."""
+    leaf = where(tmp_path, PATH).parent
+    leaf.mkdir(parents=True)
+    fd = os.open(leaf, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = int.from_bytes(fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))[:4], "little")
+        try:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, (flags | FS_IMMUTABLE_FL).to_bytes(8, "little"))
+        except OSError as e:
+            pytest.skip(f"this file system keeps no immutable flag ({e})")
+        try:
+            with pytest.raises(PermissionError) as failure:
+                block_io.store_block(root, PATH, cache, 0, BLOCK, direct=False, file_mode=0o600, dir_mode=0o700, checksum=checksum, owners=ME)
+            assert failure.value.filename == PATH.rel
+        finally:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags.to_bytes(8, "little"))
+    finally:
+        os.close(fd)
+    assert files_below(tmp_path / "ns") == [PATH.dir.split("/")[0], PATH.dir]
