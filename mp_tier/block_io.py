@@ -22,7 +22,6 @@ once.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
 import zlib
@@ -30,7 +29,7 @@ from collections.abc import Callable
 
 from . import _block_calls
 from .beneath import make_dir, open_beneath, open_dir
-from .layout import DIRECT_PROBE, XATTR_PROBE, BlockPath, temp_name
+from .layout import BlockPath, temp_name
 from .namespace import Owners
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -350,44 +349,4 @@ def refusal(st: os.stat_result, owners: Owners) -> str | None:
         return f"owned by uid {st.st_uid} gid {st.st_gid}"
     if not _readable(st):
         return f"mode {stat.S_IMODE(st.st_mode):o}, unreadable"
-    return None
-
-
-def probe_xattr(root: int) -> str | None:
-    """None if the namespace keeps user xattrs (where checksums live), else why not."""
-    name = temp_name(XATTR_PROBE)
-    try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=root)
-        try:
-            os.setxattr(fd, CRC_XATTR, bytes(4))
-        finally:
-            os.close(fd)
-            os.unlink(name, dir_fd=root)
-    except OSError as e:
-        return describe(e)[1]
-    return None
-
-
-def probe_direct(root: int) -> str | None:
-    """Try an aligned O_DIRECT write and read in the namespace.
-
-    Returns None if it works, else why not. Note that tmpfs accepts O_DIRECT
-    without checking alignment, so success there proves only that it opens.
-    """
-    if not O_DIRECT:
-        return "this platform has no O_DIRECT"
-    buf = mmap.mmap(-1, DIRECT_ALIGN)  # page aligned
-    name = temp_name(DIRECT_PROBE)
-    try:
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | O_DIRECT, 0o600, dir_fd=root)
-        try:
-            os.pwritev(fd, [buf], 0)
-            os.preadv(fd, [buf], 0)
-        finally:
-            os.close(fd)
-            os.unlink(name, dir_fd=root)
-    except OSError as e:
-        return describe(e)[1]
-    finally:
-        buf.close()
     return None

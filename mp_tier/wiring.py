@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from . import block_io
+from . import block_io, fs_support
 from .capacity import CapacityIndex
 from .channels import close_listed
 from .config import FILE_MODES, TierConfig
@@ -102,7 +102,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
         layout, root = prepare_namespace(config.root_dir, namespace, run, modes, owners)
         fds.append(root)
         direct = choose_direct(config.o_direct, primary.block_bytes, buffer_address(primary.view), root, layout.base)
-        if config.checksum and (why_not := block_io.probe_xattr(root)):
+        if config.checksum and (why_not := fs_support.probe_xattr(root)):
             raise ValueError(f"checksum = true needs user xattrs under {layout.base}: {why_not}")
         if unknown := sorted(set(config.worker_cpus) - os.sched_getaffinity(0)):
             raise ValueError(f"worker_cpus {unknown} are not CPUs this process may run on ({sorted(os.sched_getaffinity(0))})")
@@ -182,7 +182,7 @@ def choose_direct(mode: str, block_bytes: int, address: int, root: int, base: st
     elif address % block_io.DIRECT_ALIGN:
         why_not = f"the cache's memory starts at {address:#x}, not on a {block_io.DIRECT_ALIGN}-byte boundary"
     else:
-        why_not = block_io.probe_direct(root)
+        why_not = fs_support.probe_direct(root)
     if why_not is None:
         return True
     if mode == "on":
