@@ -40,15 +40,18 @@ def workload_store(case: Case) -> list[RunRecord]:
     return records
 
 
-def workload_load(case: Case) -> list[RunRecord]:
-    """Cold (page cache dropped and checked) then warm, per engine, over the same staged files."""
+def workload_load(case: Case, phases: tuple[str, ...] = ("cold", "warm")) -> list[RunRecord]:
+    """Cold (page cache dropped and checked) then warm, per engine, over the same staged files.
+
+    ``phases``: which of the two to run; ``mp-tier tune`` scores cold loads only.
+    """
     bpj, inflight = case.settings.blocks_per_job, case.settings.inflight
     staged = stage(case, case.n_jobs)
     paths = case.paths(staged)
     body = keep_full(case, "load", staged)
     records = []
     for rnd, engine in schedule(case, with_raw=True):
-        for phase in ("cold", "warm"):
+        for phase in phases:
             dropped = drop_page_cache(paths) if phase == "cold" else None
             if engine == "raw":
                 record = raw_run(case, "load", phase, paths)

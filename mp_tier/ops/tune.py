@@ -111,7 +111,7 @@ def measure(point: Point, base: argparse.Namespace, work_dir: str, spin_chunk: i
     case = _case(base, point.values, work_dir, spin_chunk)
     try:
         learn_layout(case)
-        records = workload_store(case) + workload_load(case)
+        records = workload_store(case) + workload_load(case, phases=("cold",))
     except (OSError, ValueError, RuntimeError) as e:
         point.error = str(e).split("\n")[0]
         return
