@@ -331,10 +331,13 @@ def test_first_writer_of_config_json_wins_when_nodes_start_at_once(volume, nodes
         infos = [node.result() for node in group]
         assert len({info["host"] for info in infos}) == 3
         base = group[0].namespace()
-        with open(observer(volume, os.path.join(base, CONFIG_FILE))) as f:
+        config = observer(volume, os.path.join(base, CONFIG_FILE))
+        with open(config) as f:
             assert json.load(f) == {"block_bytes": 128 * KIB, VERSION_KEY: LAYOUT_VERSION}
-            assert os.fstat(f.fileno()).st_nlink == 1  # every node unlinked its temp file, the winner's too
         assert [n for n in os.listdir(observer(volume, base)) if n.startswith(CONFIG_FILE)] == [CONFIG_FILE]
+        # Every node unlinked its temp file, the winner's too. A full run once read 2 here right after the
+        # three starts returned (not seen in 5 runs of this test alone): waited for, as a left link never ends.
+        poll(lambda path=config: os.stat(path).st_nlink == 1, 10, f"{config} has one link")
         for node in group:
             node.call("shutdown")
 
