@@ -3,7 +3,7 @@
 The sweep is a table of (setting, values), tried one setting at a time: each
 value runs with the best values found so far for the settings before it, so
 a run costs the sum of the value counts, not their product. Each point runs
-the load generator's own store and load workloads (a real tier, the host
+the load generator's own store workload and cold loads (a real tier, the host
 spinning between polls as a scheduler does) beside its raw loops (the same
 I/O with no tier: the file system's ceiling).
 
