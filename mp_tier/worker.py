@@ -186,11 +186,12 @@ def per_block(
             if failed_io:  # its read in the run, or the touch after it, failed: not read again (on a failing disk, seconds)
                 raise OSError(failed_io, os.strerror(failed_io), path.rel)
             if op == Op.LOAD:
-                nbytes += block_io.load_block(
+                moved = block_io.load_block(
                     root, path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum, owners=spec.owners, ready=ready
                 )
                 if spec.touch_on_use:
                     block_io.note_use(root, path)
+                nbytes += moved  # once its touch is done too: a block that failed moved nothing
             elif op == Op.STORE:
                 moved = block_io.store_block(
                     root,

@@ -118,15 +118,17 @@ def test_fail_mode_fails_stores_that_do_not_fit(make_tier):
     assert again.success  # already counted blocks still fit
 
 
-def test_a_block_whose_touch_fails_fails_naming_it_and_is_read_once(make_tier, tmp_path):
+@pytest.mark.parametrize("checksum", [False, True], ids=["one-call load", "checksummed load in Python"])
+def test_a_block_whose_touch_fails_fails_naming_it_and_is_read_once(make_tier, tmp_path, checksum):
     """A budgeted tier (a load records its use in the block's mtime) whose root is an overlayfs over the blocks
     it stored: the middle block of a load is still in the lower layer and the upper layer is full, so its
     touch (a copy-up) fails with ENOSPC while its read works. That block fails naming it, with that error,
-    its bytes read once; the others land, and nothing on disk or in the accounting changes. Before, the
-    one-call load left the block to Python, which read it whole again before its touch failed the same way."""
+    its bytes read once and not counted as moved; the others land, and nothing on disk or in the accounting
+    changes. Before, the one-call load left the block to Python, which read it whole again before its touch
+    failed the same way; and there, the error named no file and the block's bytes counted as moved."""
     big = PrimaryCache.create(16, 1 << 20)  # a second read of a block could not hide among the load's other reads
     try:
-        config = TierConfig(max_bytes=16 * big.block_bytes)
+        config = TierConfig(max_bytes=16 * big.block_bytes, checksum=checksum)
         keys = make_keys(3)
         fill_random(big, range(3))
         tier = make_tier(view=big, root_dir=str(tmp_path / "lower"), config=config)
