@@ -167,11 +167,11 @@ static int call_hook(PyObject *hook) {
     return 0;
 }
 
-/* Reads the block open as ``fd`` into ``block`` and, with ``touch``, sets its mtime (a refusal for its owner
- * or of a read-only mount, or the file gone, counts as done, as ``block_io.note_use`` has it); closes ``fd``.
- * LOADED if all of it was read and touched, ASIDE if the file ended early (Python judges that), else the errno
- * of the read or the touch that failed: a block read whole whose touch fails (ENOSPC, EIO, ESTALE) would only
- * fail the same way in Python, after a second read of all its bytes. Runs without the GIL. */
+/* Reads the block open as ``fd`` into ``block`` and, with ``touch``, sets its mtime (a refusal for its owner, or
+ * of a read-only mount, counts as done, as ``block_io.note_use`` has it); closes ``fd``. LOADED if all of it was
+ * read and touched, ASIDE if the file ended early (Python judges that), else the errno of the read or the touch
+ * that failed: a block read whole whose touch fails (ENOSPC, EIO, ESTALE) would only fail the same way in
+ * Python, after a second read of all its bytes. Runs without the GIL. */
 #define LOADED 0
 #define ASIDE (-1)
 static int read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
@@ -186,7 +186,7 @@ static int read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
         else if (errno != EINTR)
             outcome = errno;
     }
-    if (outcome == LOADED && touch && futimens(fd, NULL) != 0 && errno != EPERM && errno != EACCES && errno != EROFS && errno != ENOENT)
+    if (outcome == LOADED && touch && futimens(fd, NULL) != 0 && errno != EPERM && errno != EACCES && errno != EROFS)
         outcome = errno;
     close(fd);
     return outcome;
@@ -239,9 +239,8 @@ PyDoc_STRVAR(load_run_doc,
              "none) and, if its I/O failed (its read, or the touch after it), that errno (else 0): the caller fails\n"
              "the block with it rather than read it again. Before every block but the task's first, ``between()``\n"
              "runs (its exception propagates); ``hooks``, None or a callable or None per block, is the block's\n"
-             "``ready``. With ``touch``, a loaded file's mtime is set (refused for its owner or by a read-only mount,\n"
-             "or the file gone: left). A block stepped aside, or whose I/O failed, may have changed its cache bytes,\n"
-             "never a file.");
+             "``ready``. With ``touch``, a loaded file's mtime is set (refused for its owner or by a read-only mount:\n"
+             "left). A block stepped aside, or whose I/O failed, may have changed its cache bytes, never a file.");
 
 static PyObject *load_run(PyObject *module, PyObject *args) {
     int root, direct, touch;

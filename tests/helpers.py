@@ -190,6 +190,7 @@ def _mount(kind: str, target: Path, options: str) -> None:
 
 
 def _fill(path: Path) -> None:
+    """A file at ``path`` as large as its file system has room for."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         chunk = bytes(4096)
@@ -217,6 +218,11 @@ def overlay(lower: Path, scratch: Path, room: str = "64k") -> Iterator[tuple[Pat
         try:
             yield mount, lambda: _fill(small / "filler")
         finally:
-            _libc.umount2(os.fsencode(mount), _MNT_DETACH)
+            _unmount(mount)
     finally:
-        _libc.umount2(os.fsencode(small), _MNT_DETACH)
+        _unmount(small)
+
+
+def _unmount(target: Path) -> None:
+    """Detached at once (MNT_DETACH): a tier's fd still open there cannot keep the mount in place."""
+    assert _libc.umount2(os.fsencode(target), _MNT_DETACH) == 0, f"{target} left mounted: {os.strerror(ctypes.get_errno())}"
