@@ -12,8 +12,9 @@
  * store's bytes move (``ready()`` has run), a failing system call raises its
  * OSError naming the block, with the temp file removed: the block is not
  * written twice. A load whose file comes up short is left to Python too (a
- * read changes no file), which reads it again and judges; one whose read
- * fails is not read again: ``load_run`` returns the errno with its index.
+ * read changes no file), which reads it again and judges; one whose I/O
+ * fails (its read, or the touch after it) is not read again: ``load_run``
+ * returns the errno with its index.
  *
  * Paths are resolved as ``beneath`` does: openat2 with RESOLVE_BENEATH |
  * RESOLVE_NO_SYMLINKS from the namespace directory's fd, or a directory made
@@ -168,8 +169,9 @@ static int call_hook(PyObject *hook) {
 
 /* Reads the block open as ``fd`` into ``block`` and, with ``touch``, sets its mtime (a refusal for its owner, or
  * of a read-only mount, counts as done, as ``block_io.note_use`` has it); closes ``fd``. LOADED if all of it was
- * read, ASIDE if the file ended early or the touch failed (Python judges those), else the errno of a read that
- * failed. Runs without the GIL. */
+ * read and touched, ASIDE if the file ended early (Python judges that), else the errno of the read or the touch
+ * that failed: a block read whole whose touch fails (ENOSPC, EIO, ESTALE) would only fail the same way in
+ * Python, after a second read of all its bytes. Runs without the GIL. */
 #define LOADED 0
 #define ASIDE (-1)
 static int read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
@@ -185,7 +187,7 @@ static int read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
             outcome = errno;
     }
     if (outcome == LOADED && touch && futimens(fd, NULL) != 0 && errno != EPERM && errno != EACCES && errno != EROFS)
-        outcome = ASIDE;
+        outcome = errno;
     close(fd);
     return outcome;
 }
@@ -234,11 +236,11 @@ PyDoc_STRVAR(load_run_doc,
              "load_run(root, keys, block_ids, buffer, nbytes, direct, uid, gids, touch, between, hooks, start) -> (int, int)\n\n"
              "Load ``keys[i]``'s block into cache block ``block_ids[i]`` for i from ``start``, each as\n"
              "``block_io.load_block`` would, until one is not the usual case; the index of that block (len(keys) if\n"
-             "none) and, if its read failed, that errno (else 0): the caller fails the block with it rather than read\n"
-             "it again. Before every block but the task's first, ``between()`` runs (its exception propagates);\n"
-             "``hooks``, None or a callable or None per block, is the block's ``ready``. With ``touch``, a loaded\n"
-             "file's mtime is set (refused for its owner or by a read-only mount: left). A block stepped aside may\n"
-             "have changed its cache bytes, never a file.");
+             "none) and, if its I/O failed (its read, or the touch after it), that errno (else 0): the caller fails\n"
+             "the block with it rather than read it again. Before every block but the task's first, ``between()``\n"
+             "runs (its exception propagates); ``hooks``, None or a callable or None per block, is the block's\n"
+             "``ready``. With ``touch``, a loaded file's mtime is set (refused for its owner or by a read-only mount:\n"
+             "left). A block stepped aside, or whose I/O failed, may have changed its cache bytes, never a file.");
 
 static PyObject *load_run(PyObject *module, PyObject *args) {
     int root, direct, touch;
@@ -251,7 +253,7 @@ static PyObject *load_run(PyObject *module, PyObject *args) {
         return NULL;
     PyObject *outcome = NULL;
     Py_ssize_t count = PyList_GET_SIZE(keys), i = start;
-    int failed_read = 0;
+    int failed_io = 0;
     if (nbytes <= 0 || start < 0 || PyList_GET_SIZE(ids) != count || (hooks != Py_None && (!PyList_Check(hooks) || PyList_GET_SIZE(hooks) != count))) {
         PyErr_Format(PyExc_ValueError, "load_run needs a block size, a start of 0 or more and as many block ids (and hooks) as keys: "
                      "%zd bytes from block %zd, %zd keys, %zd block ids", nbytes, start, count, PyList_GET_SIZE(ids));
@@ -279,12 +281,12 @@ static PyObject *load_run(PyObject *module, PyObject *args) {
         if (fatal)
             goto done;
         if (loaded != LOADED) {
-            failed_read = loaded == ASIDE ? 0 : loaded;
+            failed_io = loaded == ASIDE ? 0 : loaded;
             break;
         }
     }
     PyErr_Clear(); /* a block id out of range or too large, a list cut short: Python judges that block */
-    outcome = Py_BuildValue("(ni)", i, failed_read);
+    outcome = Py_BuildValue("(ni)", i, failed_io);
 done:
     PyBuffer_Release(&view);
     return outcome;

@@ -295,10 +295,12 @@ def remove_block(root: int, path: BlockPath) -> bool:
 
 
 def touch_block(root: int, path: BlockPath) -> None:
-    """Record a use in the file's mtime: the start-up scan rebuilds LRU order from it."""
+    """Record a use in the file's mtime: the start-up scan rebuilds LRU order from it. Its error names the block."""
     leaf = open_dir(root, path.dir)
     try:
         os.utime(path.name, dir_fd=leaf, follow_symlinks=False)
+    except OSError as e:
+        raise _naming(e, path) from None
     finally:
         os.close(leaf)
 

@@ -167,10 +167,10 @@ def per_block(
     ids = task.block_ids or [0] * len(task.keys)
     batched = op == Op.LOAD and not spec.checksum
     hooks = prefault.hooks(ids) if batched and prefault is not None else None
-    i = failed_read = 0
+    i = failed_io = 0
     while i < len(task.keys):
         if batched:  # the usual blocks in one C call; it stops at, and has run ``between`` for, one it leaves here
-            done, failed_read = _block_calls.load_run(
+            done, failed_io = _block_calls.load_run(
                 root, task.keys, ids, cache, size, spec.direct, spec.owners.uid, spec.owners.gids, spec.touch_on_use, between, hooks, i
             )
             nbytes += (done - i) * size
@@ -183,14 +183,15 @@ def per_block(
         path = spec.layout.locate(key)
         ready = None if prefault is None else prefault.hook(block_id)
         try:
-            if failed_read:  # its read in the run failed: not done again, as on a failing disk each can take seconds
-                raise OSError(failed_read, os.strerror(failed_read), path.rel)
+            if failed_io:  # its read in the run, or the touch after it, failed: not read again (on a failing disk, seconds)
+                raise OSError(failed_io, os.strerror(failed_io), path.rel)
             if op == Op.LOAD:
-                nbytes += block_io.load_block(
+                moved = block_io.load_block(
                     root, path, cache, block_id * size, size, direct=spec.direct, checksum=spec.checksum, owners=spec.owners, ready=ready
                 )
                 if spec.touch_on_use:
                     block_io.note_use(root, path)
+                nbytes += moved  # once its touch is done too: a block that failed moved nothing
             elif op == Op.STORE:
                 moved = block_io.store_block(
                     root,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import glusterfs_nodes as gl
 import numpy as np
@@ -168,3 +171,58 @@ def libc_shim(tmp_path, name: str, source: str) -> dict[str, str]:
         pytest.skip("no C compiler to build the shim")
     assert built.returncode == 0, built.stderr
     return {**os.environ, "LD_PRELOAD": str(shim)}
+
+
+def bytes_read(pid: int) -> int:
+    """What process ``pid`` has read so far by any read system call (its /proc/<pid>/io rchar), all threads."""
+    with open(f"/proc/{pid}/io") as f:
+        return int(f.read().split("rchar:")[1].split()[0])
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_MNT_DETACH = 2
+
+
+def _mount(kind: str, target: Path, options: str) -> None:
+    """mount(2), not mount(8): no process, so the unit layer may use it too. Skips where it cannot be done."""
+    if _libc.mount(kind.encode(), os.fsencode(target), kind.encode(), 0, options.encode()) != 0:
+        pytest.skip(f"cannot mount {kind} at {target} here: {os.strerror(ctypes.get_errno())}")
+
+
+def _fill(path: Path) -> None:
+    """A file at ``path`` as large as its file system has room for."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        chunk = bytes(4096)
+        while os.write(fd, chunk):
+            pass
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def overlay(lower: Path, scratch: Path, room: str = "64k") -> Iterator[tuple[Path, Callable[[], None]]]:
+    """``lower`` seen through an overlayfs mount whose upper layer is a tmpfs of ``room`` bytes, and ``fill()``,
+    which fills that tmpfs: from then on a change to a file still in ``lower`` (a utime copies it up first,
+    metacopy off) fails with ENOSPC while reads of it work. Skips where it cannot mount; unmounted on the way out."""
+    small, mount = scratch / "upper", scratch / "overlay"
+    small.mkdir()
+    mount.mkdir()
+    _mount("tmpfs", small, f"size={room}")
+    try:
+        (small / "up").mkdir()
+        (small / "work").mkdir()
+        _mount("overlay", mount, f"lowerdir={lower},upperdir={small / 'up'},workdir={small / 'work'},metacopy=off")
+        try:
+            yield mount, lambda: _fill(small / "filler")
+        finally:
+            _unmount(mount)
+    finally:
+        _unmount(small)
+
+
+def _unmount(target: Path) -> None:
+    """Detached at once (MNT_DETACH): a tier's fd still open there cannot keep the mount in place."""
+    assert _libc.umount2(os.fsencode(target), _MNT_DETACH) == 0, f"{target} left mounted: {os.strerror(ctypes.get_errno())}"

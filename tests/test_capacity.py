@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
-from helpers import BLOCK, NAMESPACE, fill_random, make_keys, run_job, stop_processes, wait_ready
+from helpers import BLOCK, NAMESPACE, bytes_read, fill_random, make_keys, overlay, run_job, stop_processes, wait_ready
 
-from mp_tier import JobMetadata, TierConfig
+from mp_tier import JobMetadata, PrimaryCache, TierConfig
 from mp_tier.capacity import CapacityIndex
 from mp_tier.jobs import TierEvent
 from mp_tier.layout import BLOCK_SUFFIX, TEMP_SUFFIX
@@ -116,6 +116,50 @@ def test_fail_mode_fails_stores_that_do_not_fit(make_tier):
     assert present(tier, keys) == [True, True, True, False]
     again = run_job(tier, "store", JobMetadata(job_id=10, keys=keys[:2], block_ids=[0, 1]))
     assert again.success  # already counted blocks still fit
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["one-call load", "checksummed load in Python"])
+def test_a_block_whose_touch_fails_fails_naming_it_and_is_read_once(make_tier, tmp_path, checksum):
+    """A budgeted tier (a load records its use in the block's mtime) whose root is an overlayfs over the blocks
+    it stored: the middle block of a load is still in the lower layer and the upper layer is full, so its
+    touch (a copy-up) fails with ENOSPC while its read works. That block fails naming it, with that error,
+    its bytes read once and not counted as moved; the others land, and nothing on disk or in the accounting
+    changes. Before, the one-call load left the block to Python, which read it whole again before its touch
+    failed the same way; and there, the error named no file and the block's bytes counted as moved."""
+    big = PrimaryCache.create(16, 1 << 20)  # a second read of a block could not hide among the load's other reads
+    try:
+        config = TierConfig(max_bytes=16 * big.block_bytes, checksum=checksum)
+        keys = make_keys(3)
+        fill_random(big, range(3))
+        tier = make_tier(view=big, root_dir=str(tmp_path / "lower"), config=config)
+        assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2])).success
+        tier.shutdown()
+        with overlay(tmp_path / "lower", tmp_path, room="4m") as (mount, fill):
+            tier = make_tier(view=big, root_dir=str(mount), config=config)
+            wait_ready(tier)
+            tier.drain(30)  # the start-up scan
+            paths = [tier.block_path(k) for k in keys]
+            for path in paths[::2]:
+                os.utime(path)  # copied up to the upper layer: their touches need no room
+            fill()
+            with open(paths[1], "rb") as f:
+                bad = os.stat(paths[1]).st_mtime_ns, f.read()
+            counted, files = tier.stats().bytes_counted, sorted(mount.rglob("*"))
+            readers = [os.getpid(), *tier.worker_pids()]
+            read = sum(map(bytes_read, readers))
+            loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=keys, block_ids=[10, 11, 12]))
+            read = sum(map(bytes_read, readers)) - read
+            assert not loaded.success and loaded.successful_keys == (keys[0], keys[2]) and loaded.transfer_size == 2 * big.block_bytes
+            assert loaded.error_code == "ENOSPC" and loaded.error.endswith("/".join(paths[1].split("/")[-3:])), loaded.error
+            assert 3 * big.block_bytes <= read < 4 * big.block_bytes, f"{read} bytes read for 3 blocks of {big.block_bytes}"
+            assert np.array_equal(big.array[[10, 12]], big.array[[0, 2]])
+            with open(paths[1], "rb") as f:
+                assert (os.stat(paths[1]).st_mtime_ns, f.read()) == bad
+            assert (tier.stats().bytes_counted, sorted(mount.rglob("*"))) == (counted, files)
+            assert tier.lookup_many(keys, probe=False) == [True] * 3
+            tier.shutdown()
+    finally:
+        big.close()
 
 
 @pytest.mark.parametrize("use", ["load", "store"])

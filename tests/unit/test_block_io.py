@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import bytes_read, overlay
 
 from mp_tier import _block_calls, block_io
 from mp_tier.layout import BlockLayout, BlockPath, is_temp
@@ -290,6 +291,40 @@ def test_a_run_of_loads_loads_a_file_of_an_allowed_group_and_touches_only_with_t
     assert cache[BLOCK:] == cache[:BLOCK] and block.stat().st_mtime == 1000
     assert load_run(root, cache, [KEY], [1], owners=Owners(STRANGER + 1, frozenset({STRANGER})), touch=True) == (1, 0)
     assert block.stat().st_mtime > 1000
+
+
+def test_a_run_whose_touch_fails_returns_its_errno_having_read_the_block_once(tmp_path: Path) -> None:
+    """A block read whole whose touch fails other than by a refusal (ENOSPC: its file is in an overlayfs's lower
+    layer, and the copy-up the touch needs finds the upper layer full): the run returns that errno, as for a
+    read that failed, so the worker fails the block with it. Before, the run left the block to Python, which
+    read all of it again only to meet the same error (on a failing disk each read can take seconds)."""
+    big = 1 << 20  # a second read of it could not hide among the run's other reads
+    lower = tmp_path / "lower"
+    (lower / "ns").mkdir(parents=True)
+    area = mmap.mmap(-1, 2 * big)
+    area[:big] = os.urandom(big)
+    with memoryview(area) as cache:
+        root = os.open(lower / "ns", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            block_io.store_block(root, PATH, cache, 0, big, direct=False, file_mode=0o600, dir_mode=0o700, checksum=False, owners=ME)
+        finally:
+            os.close(root)
+        with overlay(lower, tmp_path) as (mount, fill):
+            fill()
+            block = mount / "ns" / PATH.rel
+            before = files_below(mount), os.stat(block).st_mtime_ns
+            root = os.open(mount / "ns", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                read = bytes_read(os.getpid())
+                outcome = _block_calls.load_run(root, [KEY], [1], cache, big, False, ME.uid, ME.gids, True, None, None, 0)
+                read = bytes_read(os.getpid()) - read
+            finally:
+                os.close(root)
+            assert outcome == (0, errno.ENOSPC)
+            assert big <= read < 2 * big, f"{read} bytes read for a block of {big}"
+            assert (files_below(mount), os.stat(block).st_mtime_ns) == before
+            assert block.read_bytes() == cache[:big]
+    area.close()
 
 
 def test_a_between_that_raises_ends_the_run_before_the_next_block(tmp_path: Path, root: int) -> None:
