@@ -233,11 +233,11 @@ class TaskPipe:
 def send_completion(fd: int, completion: Completion, given_up: int | None = None) -> None:
     """Write one completion whole; blocks while the host is behind.
 
-    ``given_up`` (a worker thread's): readable once the host reads no more results (``WorkerPool.close``
-    left the thread running). BrokenPipeError then, before the write and while waiting for room, as a
-    worker process's write fails once the host closed the pipe: a left thread never waits for ever on a
-    full pipe that nobody reads, and its read end is never closed under it (a host that set SIGPIPE back
-    to its default would die of the write).
+    ``given_up`` (a worker thread's): readable once the host reads no more results (``WorkerPool.close`` left
+    the thread running). BrokenPipeError then, before the write and while waiting for room, as a worker
+    process gets once the host closed the pipe: a left thread never waits for ever on a full pipe nobody
+    reads. Closing the read end under it instead would raise SIGPIPE, which kills a host that set it back
+    to its default.
     """
     payload = completion_encoder.encode(completion)
     message = len(payload).to_bytes(_RESULT_HEADER, "big") + payload

@@ -177,17 +177,16 @@ def test_a_child_forked_while_shutdown_waits_on_the_hung_mount_holds_none_of_the
     assert {fd: what for fd, what in held.items() if before.get(fd) != what and what != "anon_inode:[eventpoll]"} == {}
 
 
-def test_a_worker_thread_left_in_a_scan_ends_when_the_mount_is_back_without_waiting_on_the_result_pipe(
-    mount, cache, tmp_path, monkeypatch
-):
+def test_a_worker_thread_left_in_a_scan_ends_once_the_mount_is_back_though_nobody_reads_its_completions(mount, cache, tmp_path, monkeypatch):
     """A worker thread left on the hung mount in the middle of the start-up scan finds, once the mount is back,
     more blocks than the result pipe holds in completions, and nobody reads that pipe after the shutdown: it used
     to wait there for ever, holding the pool's fds. It ends now, and every fd the tier had is closed.
 
     The pipe is the one a host whose fs.pipe-max-size is 64 KiB gets (the kernel's default pipe size; the tier
-    asks for min(1 MiB, pipe-max-size)), so that a few hundred blocks fill it: with 1 MiB it takes ~9,400 blocks
-    of the longest keys, ~27,000 of vLLM's, and only the count differs. Their keys alone are more bytes than the
-    pipe holds. They are made directly in the layout, as empty files in one directory (a scan reads no block)."""
+    asks for min(1 MiB, pipe-max-size)), so that a few hundred blocks fill it: each ~3 KB completion takes a page
+    of the pipe, so 1 MiB holds 256, the keys of 6,656 blocks of the longest keys or 19,968 of vLLM's; only the
+    count differs. Here the keys alone are more bytes than the pipe holds. The blocks are made directly in the
+    layout, as empty files in one directory (a scan reads no block)."""
     monkeypatch.setattr(channels, "PIPE_BYTES", 1 << 16)
     hash_bytes = MAX_KEY_BYTES - GROUP_BYTES
     keys = [b"\x5c\xa7\x1e" + key for key in make_keys(channels.PIPE_BYTES // MAX_KEY_BYTES + 100, seed=7, hash_bytes=hash_bytes - 3)]
@@ -206,7 +205,7 @@ def test_a_worker_thread_left_in_a_scan_ends_when_the_mount_is_back_without_wait
 
     def stuck(client: int) -> None:
         deadline = time.monotonic() + 10
-        while not all(map(waits_on_a_file, worker_threads())):
+        while sum(map(waits_on_a_file, worker_threads())) < 2:
             assert time.monotonic() < deadline, "the start-up sweep and scan did not both reach the stopped mount"
 
     try:
