@@ -10,9 +10,8 @@ Worker threads (the ``threads`` engine) use the pool's fds in the host's own
 fd table, and one that stop gives up on (stuck on a hung mount) runs on
 when the mount comes back. So the fds close when the pool and every worker
 thread have let go of them: a number the thread still uses is never free
-for the host to reuse for a file or a pipe of its own. Such a thread sends
-no completion once the pool has closed (nobody reads them then, and a full
-result pipe would hold it for ever): it ends instead, and lets go.
+for the host to reuse for a file or a pipe of its own. Such a thread ends
+at its next completion once the pool has closed (``_given_up``).
 
 Death detection costs no thread: each worker's death fd sits in the same
 ``poll`` set as the result pipe, which the host polls in the calls it
