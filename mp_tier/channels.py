@@ -22,6 +22,7 @@ interleave; the host reads it without blocking.
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import os
 import select
@@ -229,18 +230,31 @@ class TaskPipe:
         close_fds(fd)
 
 
-def send_completion(fd: int, completion: Completion) -> None:
-    """Write one completion whole; blocks while the host is behind."""
+def send_completion(fd: int, completion: Completion, given_up: int | None = None) -> None:
+    """Write one completion whole; blocks while the host is behind.
+
+    ``given_up`` (a worker thread's): readable once the host reads no more results (``WorkerPool.close`` left
+    the thread running). BrokenPipeError then, before the write and while waiting for room, as a worker
+    process gets once the host closed the pipe: a left thread never waits for ever on a full pipe nobody
+    reads. Closing the read end under it instead would raise SIGPIPE, which kills a host that set it back
+    to its default.
+    """
     payload = completion_encoder.encode(completion)
     message = len(payload).to_bytes(_RESULT_HEADER, "big") + payload
     if len(message) > PIPE_BUF:
         raise ValueError(f"completion of {len(message)} bytes exceeds PIPE_BUF")
+    waiter = select.poll()  # not select(): it refuses an fd numbered past 1023, which a busy host's can be
+    waiter.register(fd, select.POLLOUT)
+    if given_up is not None:
+        waiter.register(given_up, select.POLLIN)
     view = memoryview(message)
     while view:
+        if given_up is not None and any(ready == given_up for ready, _ in waiter.poll(0)):
+            raise BrokenPipeError(errno.EPIPE, "the tier has shut down: nobody reads its results any more")
         try:
             view = view[os.write(fd, view) :]
         except BlockingIOError:
-            select.select([], [fd], [])
+            waiter.poll()  # room, or given up
 
 
 class ResultReader:

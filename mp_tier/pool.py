@@ -10,7 +10,8 @@ Worker threads (the ``threads`` engine) use the pool's fds in the host's own
 fd table, and one that stop gives up on (stuck on a hung mount) runs on
 when the mount comes back. So the fds close when the pool and every worker
 thread have let go of them: a number the thread still uses is never free
-for the host to reuse for a file or a pipe of its own.
+for the host to reuse for a file or a pipe of its own. Such a thread ends
+at its next completion once the pool has closed (``_given_up``).
 
 Death detection costs no thread: each worker's death fd sits in the same
 ``poll`` set as the result pipe, which the host polls in the calls it
@@ -30,7 +31,7 @@ import weakref
 from collections.abc import Callable
 
 from . import interpreter
-from .channels import ResultReader, TaskPipe, WorkerEnds, close_listed, make_pipe
+from .channels import ResultReader, TaskPipe, WorkerEnds, close_fds, close_listed, make_pipe
 from .memory import SharedRegion
 from .messages import READ_OPS, Completion, Op, Task
 from .placement import Placement
@@ -76,6 +77,10 @@ class WorkerPool:
             undo.callback(os.close, self._bell[1])
             # the namespace directory's fd, inherited by workers; worker threads get the pool's own copy (see close)
             self._root = os.dup(root) if engine == "threads" else root
+            # worker threads': readable for good once close() has run, so a thread left running (stuck on a hung
+            # mount) ends at its next completion instead of waiting for room in a result pipe nobody reads any more
+            self._given_up = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if engine == "threads" else -1
+            undo.callback(close_fds, self._given_up)
             self._users = 1  # the pool, and each worker thread begun and not yet ended: the last to let go closes the ends
             self._users_lock = threading.Lock()
             self._closed = False  # close() has run: the pool let go
@@ -97,7 +102,7 @@ class WorkerPool:
         ends = WorkerEnds(self.loads.read_fd, self.stores.read_fd, *self._bell, self.results.write_fd)
         worker: Worker
         if self.engine == "threads":
-            serve = functools.partial(run_worker, spec, self._root, self._view, ends, self.slots)
+            serve = functools.partial(run_worker, spec, self._root, self._view, ends, self.slots, given_up=self._given_up)
             worker = ThreadWorker(index, serve, f"mp_tier-{'r' if spec.read_priority else 'w'}{index}", self._enter, self._let_go)
         else:
             assert self._region is not None
@@ -301,6 +306,8 @@ class WorkerPool:
         self._closed = True
         for index in self.live():
             self._drop(index)
+        if self._given_up >= 0:
+            os.eventfd_write(self._given_up, 1)
         self._let_go()
 
     def _enter(self) -> bool:
@@ -337,8 +344,8 @@ class WorkerPool:
         self.stores.close()
         self.results.close()
         self.slots.close()
-        own = [*self._bell, *([self._root] if self.engine == "threads" else [])]
-        self._bell, self._root, self._later = (-1, -1), -1, [*self._later, *own]
+        own = [*self._bell, *([self._root, self._given_up] if self.engine == "threads" else [])]
+        self._bell, self._root, self._given_up, self._later = (-1, -1), -1, -1, [*self._later, *own]
         close_listed(self._later)
         _pools.discard(self)
 

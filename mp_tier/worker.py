@@ -238,6 +238,7 @@ def run_worker(
     lane: int = 0,
     host: int | None = None,
     prefault: Prefault | None = None,
+    given_up: int | None = None,
 ) -> None:
     """Serve tasks until the host closes both task pipes, naming them in ``lane``'s slots.
 
@@ -247,7 +248,9 @@ def run_worker(
     (``named`` False) and right after naming it (True): tests hold a worker
     in the claim window, or on a task, with it. ``host``: a worker process's parent, the host; one that is no
     longer its parent has died, and the lane ends after the block it is on (BrokenPipeError, as when it
-    writes a completion the host is not there to read) rather than finish the task for nobody.
+    writes a completion the host is not there to read) rather than finish the task for nobody. ``given_up``: a
+    worker thread's, readable once the tier has shut down and left it running (see ``send_completion``); it
+    ends at its next completion (BrokenPipeError too), which nobody would read.
     """
     me = spec.index
 
@@ -269,7 +272,7 @@ def run_worker(
     def run(task: Task, slot: int) -> None:
         between = loads_first if spec.read_priority and task.op == Op.STORE else watch
         for completion in in_namespace(spec, root, task, lambda: handle(spec, root, cache, task, between, prefault)):
-            send_completion(ends.results, completion)
+            send_completion(ends.results, completion, given_up)
         slots.set(me, slot, IDLE, lane)
 
     def still_served() -> None:

@@ -128,6 +128,7 @@ class ThreadWorker:
     ``enter`` runs first in the thread and ``on_exit`` last: the fds it was given (the pool's) must stay open
     from one to the other, since a thread the host stopped waiting for still uses them, and a number closed
     under it could be the host's next file or pipe. ``enter`` False: they are closed already, and it ends.
+    A ``target`` that raises BrokenPipeError ends quietly: nobody reads what it would report (``run_worker``).
     """
 
     killable = False
@@ -159,6 +160,8 @@ class ThreadWorker:
             return
         try:
             target()
+        except BrokenPipeError:
+            log.debug("worker thread %d ends: the tier shut down, and reads no more of its completions", self.index)
         except BaseException:
             log.exception("worker thread %d failed", self.index)
             raise

@@ -21,13 +21,15 @@ import helpers
 import pytest
 from helpers import gluster_volume, make_keys
 
-from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
+from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig, channels
+from mp_tier.layout import GROUP_BYTES, MAX_KEY_BYTES
 
 pytestmark = [pytest.mark.glusterfs, pytest.mark.timeout(120)]
 
 CLUSTER = gl.Cluster(volume="mp_tier_slow", nodes=("host",), replica=1)
-# System calls a path lookup or a stat waits in (x86-64 and the generic table's openat2), as /proc shows them
-FILE_SYSCALLS = {"4", "5", "6", "257", "262", "332", "437"}
+# System calls a path lookup, a stat or a directory listing (getdents64) waits in (x86-64 and the generic table's
+# openat2), as /proc shows them
+FILE_SYSCALLS = {"4", "5", "6", "217", "257", "262", "332", "437"}
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +177,51 @@ def test_a_child_forked_while_shutdown_waits_on_the_hung_mount_holds_none_of_the
     assert {fd: what for fd, what in held.items() if before.get(fd) != what and what != "anon_inode:[eventpoll]"} == {}
 
 
-def threads_tier(mount: str, cache: PrimaryCache, tmp_path: Path) -> FileSystemTierManager:
-    """A threads-engine tier on the mount, idle, whose shutdown gives up on a stuck worker soon."""
+def test_a_worker_thread_left_in_a_scan_ends_once_the_mount_is_back_though_nobody_reads_its_completions(mount, cache, tmp_path, monkeypatch):
+    """A worker thread left on the hung mount in the middle of the start-up scan finds, once the mount is back,
+    more blocks than the result pipe holds in completions, and nobody reads that pipe after the shutdown: it used
+    to wait there for ever, holding the pool's fds. It ends now, and every fd the tier had is closed.
+
+    The pipe is the one a host whose fs.pipe-max-size is 64 KiB gets (the kernel's default pipe size; the tier
+    asks for min(1 MiB, pipe-max-size)), so that a few hundred blocks fill it: each ~3 KB completion takes a page
+    of the pipe, so 1 MiB holds 256, the keys of 6,656 blocks of the longest keys or 19,968 of vLLM's; only the
+    count differs. Here the keys alone are more bytes than the pipe holds. The blocks are made directly in the
+    layout, as empty files in one directory (a scan reads no block)."""
+    monkeypatch.setattr(channels, "PIPE_BYTES", 1 << 16)
+    hash_bytes = MAX_KEY_BYTES - GROUP_BYTES
+    keys = [b"\x5c\xa7\x1e" + key for key in make_keys(channels.PIPE_BYTES // MAX_KEY_BYTES + 100, seed=7, hash_bytes=hash_bytes - 3)]
+    first = threads_tier(mount, cache, tmp_path)
+    try:
+        paths = [first.block_path(key) for key in keys]
+    finally:
+        first.shutdown()
+    os.makedirs(os.path.dirname(paths[0]))
+    for path in paths:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    before = helpers.open_fds()
+    client = fuse_client(mount)
+    tier = threads_tier(mount, cache, tmp_path, idle=False)
+    os.kill(client, signal.SIGSTOP)  # at once: the sweep and the scan it just queued wait on the mount, one in each worker
+
+    def stuck(client: int) -> None:
+        deadline = time.monotonic() + 10
+        while sum(map(waits_on_a_file, worker_threads())) < 2:
+            assert time.monotonic() < deadline, "the start-up sweep and scan did not both reach the stopped mount"
+
+    try:
+        assert leave_a_worker_thread(tier, mount, stuck, lambda: None) == []
+    finally:
+        os.kill(client, signal.SIGCONT)  # already, unless the shutdown never began
+    assert {fd: what for fd, what in helpers.open_fds().items() if before.get(fd) != what} == {}, "the tier's fds stayed open"
+
+
+def threads_tier(mount: str, cache: PrimaryCache, tmp_path: Path, idle: bool = True) -> FileSystemTierManager:
+    """A threads-engine tier on the mount whose shutdown gives up on a stuck worker soon; ``idle``: once its
+    start-up sweep and scan are done, else at once (they are queued as it returns)."""
     config = TierConfig(engine="threads", stop_timeout=0.2, n_read_workers=1, n_write_workers=1)
     tier = FileSystemTierManager(primary_kv_view=cache, root_dir=os.path.join(mount, tmp_path.name), config=config)
-    tier.drain(30)
+    if idle:
+        tier.drain(30)
     return tier
 
 
@@ -205,7 +247,8 @@ def leave_a_worker_thread(
 ) -> list[BaseException]:
     """Get a worker thread stuck on the hung mount (``stick`` stops the FUSE client, whose pid it is given, and gets
     a worker waiting on it), shut the tier down in another thread, and run ``meanwhile`` once that shutdown has given
-    up on the workers (past stop_timeout and the kill grace, it waits in its sweep of the mount). Then the client
+    up on the workers (past stop_timeout and the kill grace, it waits in its sweep of the mount, or has returned when
+    it had nothing to sweep). Then the client
     continues; returns what the shutdown raised, once the shutdown and every worker thread have ended."""
     workers = worker_threads()
     raised: list[BaseException] = []
@@ -222,8 +265,8 @@ def leave_a_worker_thread(
         stick(client)
         stopper.start()
         deadline = time.monotonic() + 20
-        while not waits_on_a_file(stopper):
-            assert stopper.is_alive() and time.monotonic() < deadline, "shutdown did not reach its sweep of the hung mount"
+        while stopper.is_alive() and not waits_on_a_file(stopper):
+            assert time.monotonic() < deadline, "shutdown neither returned nor reached its sweep of the hung mount"
         meanwhile()
     finally:
         os.kill(client, signal.SIGCONT)

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
+import time
 
 import msgspec
 import pytest
 
-from mp_tier.channels import FRAME_BYTES, EndOfTasks, ResultReader, TaskPipe, decode_frame, encode_frames, send_completion, take_task
+from mp_tier.channels import (
+    FRAME_BYTES,
+    PIPE_BUF,
+    EndOfTasks,
+    ResultReader,
+    TaskPipe,
+    decode_frame,
+    encode_frames,
+    send_completion,
+    take_task,
+    waiting_bytes,
+)
 from mp_tier.messages import Completion, Op, Task
 
 
@@ -121,4 +135,77 @@ def test_a_completion_over_pipe_buf_is_refused():
             send_completion(reader.write_fd, Completion(seq=1, worker=0, nbytes=0, failed=[], found=[bytes(64)] * 100))
         assert reader.read() == []
     finally:
+        reader.close()
+
+
+def fill(fd: int) -> int:
+    """Fill the pipe whose write end is ``fd``; returns how many bytes that took."""
+    filled = 0
+    while True:
+        try:
+            filled += os.write(fd, bytes(PIPE_BUF))
+        except BlockingIOError:
+            return filled
+
+
+def sender(fd: int, given_up: int | None = None) -> tuple[threading.Thread, list[BaseException]]:
+    """A thread sending one completion into ``fd``, waiting in poll for room (started and there on return),
+    and what it raised."""
+    raised: list[BaseException] = []
+    watching = () if given_up is None else (given_up,)
+
+    def send() -> None:
+        try:
+            send_completion(fd, Completion(seq=1, worker=0, nbytes=0, failed=[]), *watching)
+        except BaseException as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
+                if f.read().split()[0] in ("7", "271"):  # poll, ppoll
+                    return thread, raised
+        except FileNotFoundError:
+            thread.join()  # it ended
+        assert thread.is_alive() and time.monotonic() < deadline, f"the sender never waited for room: {raised}"
+
+
+def test_a_worker_thread_given_up_sends_nothing_and_one_waiting_for_room_ends():
+    """Once ``given_up`` is readable (the tier shut down and left the thread running), a send waiting for room
+    in a full result pipe that nobody reads any more ends with EPIPE, and a later one writes nothing."""
+    reader = ResultReader()
+    given_up = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        filled = fill(reader.write_fd)
+        thread, raised = sender(reader.write_fd, given_up)
+        os.eventfd_write(given_up, 1)
+        thread.join(5)
+        assert not thread.is_alive(), "the sender still waits on the full pipe"
+        assert [type(e) for e in raised] == [BrokenPipeError]
+        os.read(reader.read_fd, filled)
+        with pytest.raises(BrokenPipeError, match="nobody reads"):
+            send_completion(reader.write_fd, Completion(seq=2, worker=0, nbytes=0, failed=[]), given_up)
+        assert waiting_bytes(reader.read_fd) == 0
+    finally:
+        reader.close()
+        os.close(given_up)
+
+
+def test_a_send_waits_for_room_in_a_pipe_numbered_past_1023():
+    """A busy host's fds (a worker thread's result pipe, inherited numbers in a worker process) can be numbered
+    past select()'s 1023: the wait for room works there too (it raised ValueError)."""
+    reader = ResultReader()
+    high = fcntl.fcntl(reader.write_fd, fcntl.F_DUPFD_CLOEXEC, 1024)
+    try:
+        filled = fill(high)
+        thread, raised = sender(high)
+        os.read(reader.read_fd, filled)
+        thread.join(5)
+        assert not thread.is_alive() and raised == []
+        assert reader.read() == [Completion(seq=1, worker=0, nbytes=0, failed=[])]
+    finally:
+        os.close(high)
         reader.close()
