@@ -243,18 +243,25 @@ def send_completion(fd: int, completion: Completion, given_up: int | None = None
     message = len(payload).to_bytes(_RESULT_HEADER, "big") + payload
     if len(message) > PIPE_BUF:
         raise ValueError(f"completion of {len(message)} bytes exceeds PIPE_BUF")
-    waiter = select.poll()  # not select(): it refuses an fd numbered past 1023, which a busy host's can be
-    waiter.register(fd, select.POLLOUT)
-    if given_up is not None:
-        waiter.register(given_up, select.POLLIN)
     view = memoryview(message)
     while view:
-        if given_up is not None and any(ready == given_up for ready, _ in waiter.poll(0)):
+        if given_up is not None and _readable(given_up):
             raise BrokenPipeError(errno.EPIPE, "the tier has shut down: nobody reads its results any more")
         try:
             view = view[os.write(fd, view) :]
         except BlockingIOError:
+            waiter = select.poll()  # not select(): it refuses an fd numbered past 1023, which a busy host's can be
+            waiter.register(fd, select.POLLOUT)
+            if given_up is not None:
+                waiter.register(given_up, select.POLLIN)
             waiter.poll()  # room, or given up
+
+
+def _readable(fd: int) -> bool:
+    """Without waiting (poll, as ``fd`` may be numbered past 1023)."""
+    waiter = select.poll()
+    waiter.register(fd, select.POLLIN)
+    return bool(waiter.poll(0))
 
 
 class ResultReader:
