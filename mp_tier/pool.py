@@ -274,12 +274,15 @@ class WorkerPool:
         return killed
 
     def _kill_all(self, live: list[int]) -> list[str]:
+        """Kill the workers left at stop's timeout; a thread, which cannot be killed, is left running at once."""
         reasons = []
         for index in live:
-            self.kill(index)
+            if not self.kill(index):
+                log.warning("worker thread %d still holds a task at stop_timeout; leaving it running", index)
+                self._drop(index)
         deadline = time.monotonic() + _KILL_GRACE_SECONDS
         waiter = select.poll()
-        for index in live:
+        for index in self.live():
             worker = self._workers[index]
             assert worker is not None
             waiter.register(worker.death_fd, select.POLLIN)

@@ -247,9 +247,8 @@ def leave_a_worker_thread(
 ) -> list[BaseException]:
     """Get a worker thread stuck on the hung mount (``stick`` stops the FUSE client, whose pid it is given, and gets
     a worker waiting on it), shut the tier down in another thread, and run ``meanwhile`` once that shutdown has given
-    up on the workers (past stop_timeout and the kill grace, it waits in its sweep of the mount, or has returned when
-    it had nothing to sweep). Then the client
-    continues; returns what the shutdown raised, once the shutdown and every worker thread have ended."""
+    up on the workers (past stop_timeout, it waits in its sweep of the mount, or has returned when it had nothing to
+    sweep). Then the client continues; returns what the shutdown raised, once the shutdown and every worker thread have ended."""
     workers = worker_threads()
     raised: list[BaseException] = []
 
@@ -263,10 +262,12 @@ def leave_a_worker_thread(
     client = fuse_client(mount)
     try:
         stick(client)
+        began = time.monotonic()
         stopper.start()
-        deadline = time.monotonic() + 20
         while stopper.is_alive() and not waits_on_a_file(stopper):
-            assert time.monotonic() < deadline, "shutdown neither returned nor reached its sweep of the hung mount"
+            assert time.monotonic() < began + 20, "shutdown neither returned nor reached its sweep of the hung mount"
+        # stop_timeout is 0.2 s: the shutdown gives up on a stuck thread then (it waited a 5 s kill grace, for no signal)
+        assert time.monotonic() - began < 3, "the shutdown waited long past stop_timeout for a thread it cannot kill"
         meanwhile()
     finally:
         os.kill(client, signal.SIGCONT)
