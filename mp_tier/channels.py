@@ -245,8 +245,8 @@ def send_completion(fd: int, completion: Completion, given_up: int | None = None
         raise ValueError(f"completion of {len(message)} bytes exceeds PIPE_BUF")
     view = memoryview(message)
     while view:
-        if given_up is not None and _readable(given_up):
-            raise BrokenPipeError(errno.EPIPE, "the tier has shut down: nobody reads its results any more")
+        if given_up is not None and readable(given_up):
+            raise gave_up()
         try:
             view = view[os.write(fd, view) :]
         except BlockingIOError:
@@ -257,11 +257,16 @@ def send_completion(fd: int, completion: Completion, given_up: int | None = None
             waiter.poll()  # room, or given up
 
 
-def _readable(fd: int) -> bool:
+def readable(fd: int) -> bool:
     """Without waiting (poll, as ``fd`` may be numbered past 1023)."""
     waiter = select.poll()
     waiter.register(fd, select.POLLIN)
     return bool(waiter.poll(0))
+
+
+def gave_up() -> BrokenPipeError:
+    """What a worker thread raises once the tier has given up on it (see ``send_completion``)."""
+    return BrokenPipeError(errno.EPIPE, "the tier has shut down: nobody reads its results any more")
 
 
 class ResultReader:

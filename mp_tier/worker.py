@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import msgspec
 
 from . import _block_calls, block_io, housekeeping
-from .channels import EndOfTasks, WorkerEnds, hush, ring, send_completion, take_task, waiting_bytes
+from .channels import EndOfTasks, WorkerEnds, gave_up, hush, readable, ring, send_completion, take_task, waiting_bytes
 from .layout import BlockLayout
 from .memory import Prefault
 from .messages import Completion, Op, Task
@@ -250,11 +250,14 @@ def run_worker(
     longer its parent has died, and the lane ends after the block it is on (BrokenPipeError, as when it
     writes a completion the host is not there to read) rather than finish the task for nobody. ``given_up``: a
     worker thread's, readable once the tier has shut down and left it running (see ``send_completion``); it
-    ends at its next completion (BrokenPipeError too), which nobody would read.
+    ends the same way, after the block it is on (or before the task it would claim): the task's job has its
+    ECANCELED result, and a load's next blocks would land in cache blocks the host may have reused.
     """
     me = spec.index
 
     def claim(fd: int, slot: int) -> Task | None:
+        if given_up is not None and readable(given_up):
+            raise gave_up()
         slots.set(me, slot, CLAIMING, lane)
         try:
             task = take_task(fd)
@@ -276,9 +279,12 @@ def run_worker(
         slots.set(me, slot, IDLE, lane)
 
     def still_served() -> None:
-        """Between two blocks: a getppid, no I/O (a parent that died leaves its children to another)."""
+        """Between two blocks: a getppid, no I/O (a parent that died leaves its children to another); a
+        worker thread's poll of ``given_up``."""
         if host is not None and os.getppid() != host:
             raise BrokenPipeError(errno.EPIPE, f"the host (pid {host}) is gone")
+        if given_up is not None and readable(given_up):
+            raise gave_up()
 
     def loads_first() -> None:
         """Inside a store task: a load that arrives waits one block, not the whole task."""
@@ -289,7 +295,7 @@ def run_worker(
         except EndOfTasks:
             pass  # the main loop sees it too
 
-    watch = None if host is None else still_served
+    watch = None if host is None and given_up is None else still_served
     order = [ends.loads, ends.stores] if spec.read_priority else [ends.stores, ends.loads]
     sleeper = select.epoll()
     for fd in (*order, ends.bell_read):
@@ -304,9 +310,9 @@ def run_worker(
     try:
         while order:
             task = None
-            readable = {fd for fd, _ in looker.poll(0)}
+            have = {fd for fd, _ in looker.poll(0)}
             for fd in order:
-                if fd not in readable:
+                if fd not in have:
                     continue
                 try:
                     task = claim(fd, MAIN)

@@ -153,6 +153,34 @@ def test_a_worker_thread_left_inside_a_block_call_neither_fails_the_shutdown_nor
         assert cache.name not in maps.read(), "the cache stayed mapped after the worker threads ended and it was closed"
 
 
+def test_a_worker_thread_left_inside_a_task_ends_after_the_block_it_is_on(mount, cache, tmp_path):
+    """A worker thread left on the hung mount in the middle of a store task ends, once the mount is back, after
+    the block it was on: its job has its ECANCELED result, and the task's other blocks are left alone (a load's
+    would land in cache blocks the host may have reused). It used to do every block of its task first: here
+    dozens of files written after the mount came back, where at most the one in flight (per thread) may be."""
+    tier = threads_tier(mount, cache, tmp_path)
+    keys = make_keys(256, seed=8)
+    back: list[int] = []
+
+    def stick(client: int) -> None:
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(256))))
+        deadline = time.monotonic() + 10
+        while not os.path.exists(tier.block_path(keys[0])):
+            assert time.monotonic() < deadline, "the store never began"
+        os.kill(client, signal.SIGSTOP)
+        while not any(map(waits_on_a_file, worker_threads())):
+            assert time.monotonic() < deadline, "no worker thread reached the stopped mount"
+
+    def continuing() -> None:  # the last thing before the client continues
+        back.append(time.time_ns())
+
+    assert leave_a_worker_thread(tier, mount, stick, continuing) == []
+    after = [key for key in keys if os.path.exists(path := tier.block_path(key)) and os.stat(path).st_ctime_ns >= back[0]]
+    stored = sum(os.path.exists(tier.block_path(key)) for key in keys)
+    assert len(after) <= 2, f"{len(after)} blocks stored after the shutdown, by threads it had left ({stored} of 256 in all)"
+    assert stored < len(keys)
+
+
 def test_a_child_forked_while_shutdown_waits_on_the_hung_mount_holds_none_of_the_tiers_fds(mount, cache, tmp_path):
     """A fork while the shutdown waits on the hung mount (its sweep, after giving up on a worker thread): the child
     closes its copies of the pool's fds and of the tier's own (the namespace directory, the wake pipe) at once, as

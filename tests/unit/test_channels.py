@@ -16,13 +16,19 @@ from mp_tier.channels import (
     EndOfTasks,
     ResultReader,
     TaskPipe,
+    WorkerEnds,
     decode_frame,
     encode_frames,
+    make_pipe,
     send_completion,
     take_task,
     waiting_bytes,
 )
+from mp_tier.layout import BlockLayout
 from mp_tier.messages import Completion, Op, Task
+from mp_tier.namespace import Owners
+from mp_tier.slots import Slots
+from mp_tier.worker import WorkerSpec, run_worker
 
 
 def task(seq: int, blocks: int = 2) -> Task:
@@ -209,3 +215,29 @@ def test_a_send_waits_for_room_in_a_pipe_numbered_past_1023():
     finally:
         os.close(high)
         reader.close()
+
+
+def test_a_worker_thread_given_up_takes_no_task_from_its_pipe(tmp_path):
+    """A worker thread left at shutdown that finishes its task before the pool has closed may find more tasks
+    in the pipes (a tier broken while they were queued: those jobs fail without them): once ``given_up`` is
+    readable it ends before taking one (EPIPE), where it used to take and do it, then fail to report it."""
+    loads, stores, results = TaskPipe(), TaskPipe(), ResultReader()
+    bell = make_pipe()
+    slots = Slots(1)
+    root = os.open(tmp_path, os.O_DIRECTORY | os.O_CLOEXEC)
+    given_up = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    layout = BlockLayout(str(tmp_path))
+    spec = WorkerSpec(0, True, layout, 4096, False, 0o600, 0o700, False, False, Owners(os.getuid()))
+    try:
+        loads.put(encode_frames([Task(seq=1, op=Op.PROBE, block_ids=[], keys=[bytes(36)])]), probes=True)
+        os.eventfd_write(given_up, 1)
+        ends = WorkerEnds(loads.read_fd, stores.read_fd, *bell, results.write_fd)
+        with pytest.raises(BrokenPipeError, match="nobody reads"):
+            run_worker(spec, root, memoryview(bytearray(4096)), ends, slots, given_up=given_up)
+        assert waiting_bytes(loads.read_fd) == FRAME_BYTES, "the task was taken from the pipe"
+        assert results.read() == []
+    finally:
+        for closing in (loads, stores, results, slots):
+            closing.close()
+        for fd in (*bell, root, given_up):
+            os.close(fd)
