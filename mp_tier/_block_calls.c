@@ -168,10 +168,11 @@ static int call_hook(PyObject *hook) {
 }
 
 /* Reads the block open as ``fd`` into ``block`` and, with ``touch``, sets its mtime (a refusal for its owner, or
- * of a read-only mount, counts as done, as ``block_io.note_use`` has it); closes ``fd``. LOADED if all of it was
- * read and touched, ASIDE if the file ended early (Python judges that), else the errno of the read or the touch
- * that failed: a block read whole whose touch fails (ENOSPC, EIO, ESTALE) would only fail the same way in
- * Python, after a second read of all its bytes. Runs without the GIL. */
+ * of a read-only mount, counts as done, as ``block_io.note_use`` has it, and so does a file removed since it was
+ * opened: ENOENT, or ESTALE from an NFS server another host removed it on; its bytes were read whole); closes
+ * ``fd``. LOADED if all of it was read and touched, ASIDE if the file ended early (Python judges that), else the
+ * errno of the read or the touch that failed: a block read whole whose touch fails (ENOSPC, EIO) would only fail
+ * the same way in Python, after a second read of all its bytes. Runs without the GIL. */
 #define LOADED 0
 #define ASIDE (-1)
 static int read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
@@ -186,7 +187,8 @@ static int read_and_close(int fd, char *block, Py_ssize_t nbytes, int touch) {
         else if (errno != EINTR)
             outcome = errno;
     }
-    if (outcome == LOADED && touch && futimens(fd, NULL) != 0 && errno != EPERM && errno != EACCES && errno != EROFS)
+    if (outcome == LOADED && touch && futimens(fd, NULL) != 0 && errno != EPERM && errno != EACCES && errno != EROFS &&
+        errno != ENOENT && errno != ESTALE)
         outcome = errno;
     close(fd);
     return outcome;

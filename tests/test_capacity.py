@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import BLOCK, NAMESPACE, bytes_read, fill_random, make_keys, overlay, run_job, stop_processes, wait_ready
+from helpers import BLOCK, NAMESPACE, bytes_read, fill_random, libc_shim, make_keys, overlay, run_job, stop_processes, wait_ready
 
 from mp_tier import JobMetadata, PrimaryCache, TierConfig
 from mp_tier.capacity import CapacityIndex
@@ -162,6 +164,42 @@ def test_a_block_whose_touch_fails_fails_naming_it_and_is_read_once(make_tier, t
         big.close()
 
 
+GONE_ON_THE_SERVER = (
+    "#include <errno.h>\n#include <stdlib.h>\n#include <sys/stat.h>\n"
+    'int futimens(int fd, const struct timespec t[2]) { errno = atoi(getenv("FUTIMENS_ERRNO")); return -1; }\n'
+)
+LOADED_THEN_GONE_HOST = textwrap.dedent(
+    """
+    import json, sys
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
+    with PrimaryCache.create(4, 65536) as cache:
+        cache.array[0] = 7
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=TierConfig(max_bytes=4 * 65536))
+        done = []
+        for job in (JobMetadata(job_id=1, keys=[bytes(36)], block_ids=[0]), JobMetadata(job_id=2, keys=[bytes(36)], block_ids=[1])):
+            (tier.submit_store if job.job_id == 1 else tier.submit_load)(job)
+            tier.drain(30)
+            done += [(r.job_id, r.success, r.error_code, r.transfer_size) for r in tier.get_finished()]
+        print(json.dumps([done, int(cache.array[1].min()), tier.lookup(bytes(36))]))
+        tier.shutdown()
+    """
+)
+
+
+@pytest.mark.parametrize("code", ["ESTALE", "ENOENT"])
+def test_a_loaded_block_removed_on_the_server_before_its_touch_is_loaded(tmp_path, code):
+    """On NFS, a block another host removes between a load's read and its touch fails the touch (futimens on
+    the open file) with ESTALE, or ENOENT on some FUSE file systems; a libc shim stands in for that server.
+    The bytes were read whole from the file as it was: the block is loaded, as ``note_use`` has it for one
+    removed meanwhile (a checksummed load's touch, by path, ignores ENOENT). It failed with that errno."""
+    env = {**libc_shim(tmp_path, "gone", GONE_ON_THE_SERVER), "FUTIMENS_ERRNO": str(getattr(errno, code))}
+    host = subprocess.run(
+        [sys.executable, "-c", LOADED_THEN_GONE_HOST, str(tmp_path / "blocks")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert host.returncode == 0, host.stderr
+    assert json.loads(host.stdout) == [[[1, True, None, 65536], [2, True, None, 65536]], 7, True], host.stderr[-2000:]
+
+
 @pytest.mark.parametrize("use", ["load", "store"])
 def test_recency_and_accounting_survive_a_restart(make_tier, use):
     """A block used last (loaded, or stored again and found whole on disk) outlives older ones after a restart."""
@@ -191,7 +229,6 @@ def test_a_restart_over_a_fuller_root_evicts_down_to_the_budget(make_tier):
     smaller.drain(30)  # the evictions the scan triggered
     assert present(smaller, keys) == [False] * 4 + [True] * 6
     assert disk_bytes(smaller.layout.base) == 6 * BLOCK
-
 
 
 def test_a_block_the_tier_evicted_is_never_answered_as_seen_elsewhere(make_tier):
@@ -283,6 +320,7 @@ def test_a_store_cancelled_before_any_worker_took_it_stops_counting(make_tier, e
     assert present(tier, keys) == [False, False]
     assert tier.stats().bytes_counted == 2 * BLOCK, "blocks no worker ever saw are still counted"
 
+
 @pytest.mark.parametrize("engine", ["processes"])
 def test_a_store_sent_again_after_its_worker_died_stays_counted_when_shutdown_cancels_it(make_tier, tmp_path, monkeypatch, engine):
     """Both workers die partway through a store; it is sent again, but their replacements hang in their
@@ -317,9 +355,7 @@ def test_a_store_sent_again_after_its_worker_died_stays_counted_when_shutdown_ca
 
 
 @pytest.mark.parametrize("engine", ["processes"])
-def test_a_store_whose_worker_died_stays_counted_when_shutdown_comes_before_the_death_is_settled(
-    make_tier, tmp_path, monkeypatch, engine
-):
+def test_a_store_whose_worker_died_stays_counted_when_shutdown_comes_before_the_death_is_settled(make_tier, tmp_path, monkeypatch, engine):
     """The writer is SIGKILLed partway through a store while the other worker sits between reading a load
     and naming it, so the death cannot be settled yet (nor the writer replaced), and shutdown() comes then.
     The store is failed from the dead writer's slot: its blocks may be on disk (some are), so they stay
