@@ -277,9 +277,15 @@ def run_worker(
 
     def run(task: Task, slot: int) -> None:
         between = loads_first if spec.read_priority and task.op == Op.STORE else watch
-        for completion in in_namespace(spec, root, task, lambda: handle(spec, root, cache, task, between, prefault)):
+        for completion in in_namespace(spec, root, task, lambda: begin(task, between)):
             send_completion(ends.results, completion, given_up)
         slots.set(me, slot, IDLE, lane)
+
+    def begin(task: Task, between: Callable[[], None] | None) -> Iterator[Completion]:
+        """Past the namespace check, where a lane on a hung mount waits first: still served, as between blocks."""
+        if watch is not None:
+            watch()
+        return handle(spec, root, cache, task, between, prefault)
 
     def still_served() -> None:
         """Between two blocks: a getppid, no I/O (a parent that died leaves its children to another); a

@@ -241,3 +241,33 @@ def test_a_worker_thread_given_up_takes_no_task_from_its_pipe(tmp_path):
             closing.close()
         for fd in (*bell, root, given_up):
             os.close(fd)
+
+
+def test_a_worker_thread_given_up_in_a_tasks_namespace_check_moves_no_block(tmp_path):
+    """A worker thread held up at the start of a task (the namespace check, the first call of a task to reach a
+    hung mount) while the tier shuts down and gives up on it: once it goes on, it ends before the task's first
+    block (EPIPE). It used to do that block (here: store it) before finding nobody reads its completion."""
+    loads, stores, results = TaskPipe(), TaskPipe(), ResultReader()
+    bell = make_pipe()
+    slots = Slots(1)
+    root = os.open(tmp_path, os.O_DIRECTORY | os.O_CLOEXEC)
+    given_up = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    spec = WorkerSpec(0, True, BlockLayout(str(tmp_path)), 4096, False, 0o600, 0o700, False, False, Owners(os.getuid()))
+
+    def shut_down_meanwhile(task: Task, named: bool) -> None:  # the task is claimed and named: the tier gives up now
+        if named:
+            os.eventfd_write(given_up, 1)
+
+    try:
+        stores.put(encode_frames([Task(seq=1, op=Op.STORE, block_ids=[0], keys=[bytes(36)])]))
+        stores.close_writer()
+        loads.close_writer()
+        ends = WorkerEnds(loads.read_fd, stores.read_fd, *bell, results.write_fd)
+        with pytest.raises(BrokenPipeError, match="nobody reads"):
+            run_worker(spec, root, memoryview(bytearray(4096)), ends, slots, pause=shut_down_meanwhile, given_up=given_up)
+        assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [], "the task's block was stored"
+    finally:
+        for closing in (loads, stores, results, slots):
+            closing.close()
+        for fd in (*bell, root, given_up):
+            os.close(fd)
