@@ -307,14 +307,15 @@ def touch_block(root: int, path: BlockPath) -> None:
 
 def note_use(root: int, path: BlockPath) -> None:
     """``touch_block`` after a block was loaded or found whole: recency is a hint, so neither a file
-    another user of the group owns (which refuses the utime), nor one removed meanwhile, nor one on a
-    file system mounted read-only fails a block whose bytes were good."""
+    another user of the group owns (which refuses the utime), nor one removed meanwhile (ENOENT, or
+    ESTALE from an NFS server another host removed it on), nor one on a file system mounted read-only
+    fails a block whose bytes were good. ``_block_calls.load_run`` keeps the same list."""
     try:
         touch_block(root, path)
     except (PermissionError, FileNotFoundError):
         pass
     except OSError as e:
-        if e.errno != errno.EROFS:
+        if e.errno not in (errno.EROFS, errno.ESTALE):
             raise
 
 
