@@ -11,7 +11,7 @@ fd table, and one that stop gives up on (stuck on a hung mount) runs on
 when the mount comes back. So the fds close when the pool and every worker
 thread have let go of them: a number the thread still uses is never free
 for the host to reuse for a file or a pipe of its own. Such a thread ends
-at its next completion once the pool has closed (``_given_up``).
+after the block it is on once the pool has closed (``_given_up``).
 
 Death detection costs no thread: each worker's death fd sits in the same
 ``poll`` set as the result pipe, which the host polls in the calls it
@@ -78,7 +78,7 @@ class WorkerPool:
             # the namespace directory's fd, inherited by workers; worker threads get the pool's own copy (see close)
             self._root = os.dup(root) if engine == "threads" else root
             # worker threads': readable for good once close() has run, so a thread left running (stuck on a hung
-            # mount) ends at its next completion instead of waiting for room in a result pipe nobody reads any more
+            # mount) ends after the block it is on, sending nothing into a result pipe nobody reads any more
             self._given_up = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if engine == "threads" else -1
             undo.callback(close_fds, self._given_up)
             self._users = 1  # the pool, and each worker thread begun and not yet ended: the last to let go closes the ends
