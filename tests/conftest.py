@@ -102,11 +102,3 @@ def shared_tmp():
     path.chmod(0o1777)
     yield path
     shutil.rmtree(path)
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the group
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The GlusterFS tests run in one pytest process: they share one glusterd, volume and set of mounts."""
-    for item in items:
-        if item.get_closest_marker("glusterfs"):
-            item.add_marker(pytest.mark.xdist_group("glusterfs"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from mp_tier.shared_cache import SEGMENT_PREFIX
 
 BLOCK = 64 << 10
 NAMESPACE = namespace_name({"block_bytes": BLOCK}, 0)  # where a tier on a cache of BLOCK-byte blocks keeps them
+GLUSTER_LOCK = "/run/mp_tier_glusterfs.lock"  # held while a test's GlusterFS volume exists (gluster_volume)
 wait_exit = wait_gone  # True once a pid has exited (a pidfd: it need not be our child)
 
 
@@ -142,22 +144,34 @@ def gluster_volume(cluster: gl.Cluster, log: Callable[[str], None]) -> Iterator[
     Where GlusterFS cannot run the test skips with the reason, or fails if MP_TIER_GLUSTERFS=required
     (CI: a machine that cannot run the volume must not pass by skipping).
     """
-    why = gl.why_unusable()
-    if why is None:
-        gl.teardown(cluster, log)
-        try:
-            gl.setup(cluster, log)
-        except gl.GlusterUnavailable as e:
-            why = str(e)
+    with contextlib.ExitStack() as held:
+        why = gl.why_unusable()
+        if why is None:
+            held.enter_context(_one_volume_at_a_time())
             gl.teardown(cluster, log)
-    if why is not None:
-        if os.environ.get("MP_TIER_GLUSTERFS") == "required":
-            pytest.fail(f"GlusterFS required but unusable: {why}")
-        pytest.skip(f"GlusterFS cannot run on this machine: {why}")
-    try:
-        yield cluster
-    finally:
-        gl.teardown(cluster, log)
+            try:
+                gl.setup(cluster, log)
+            except gl.GlusterUnavailable as e:
+                why = str(e)
+                gl.teardown(cluster, log)
+        if why is not None:
+            if os.environ.get("MP_TIER_GLUSTERFS") == "required":
+                pytest.fail(f"GlusterFS required but unusable: {why}")
+            pytest.skip(f"GlusterFS cannot run on this machine: {why}")
+        try:
+            yield cluster
+        finally:
+            gl.teardown(cluster, log)
+
+
+@contextlib.contextmanager
+def _one_volume_at_a_time() -> Iterator[None]:
+    """An exclusive lock on GLUSTER_LOCK, so the volumes of every pytest process here (the suite's two test
+    files, or another run's) take turns: the machine's one glusterd refuses a volume change while another is
+    in progress ("Another transaction is in progress"), and each setup and teardown starts or stops it."""
+    with open(GLUSTER_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def libc_shim(tmp_path, name: str, source: str) -> dict[str, str]:
