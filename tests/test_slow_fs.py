@@ -138,15 +138,7 @@ def test_a_worker_thread_left_inside_a_block_call_neither_fails_the_shutdown_nor
     the shutdown still returns without error (it raised BufferError), and the tier lets go of the cache when the
     thread has ended, so closing the cache then unmaps it."""
     tier = threads_tier(mount, cache, tmp_path)
-    keys = make_keys(256, seed=5)
-
-    def stick(client: int) -> None:
-        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(256))))
-        deadline = time.monotonic() + 10
-        while not os.path.exists(tier.block_path(keys[0])):  # past a task's namespace check: mostly in block calls now
-            assert time.monotonic() < deadline, "the store never began"
-        os.kill(client, signal.SIGSTOP)
-
+    _, stick = stick_inside_stores(tier, seed=5)
     assert leave_a_worker_thread(tier, mount, stick, lambda: None) == []
     cache.close()
     with open("/proc/self/maps") as maps:
@@ -159,17 +151,8 @@ def test_a_worker_thread_left_inside_a_task_ends_after_the_block_it_is_on(mount,
     would land in cache blocks the host may have reused). It used to do every block of its task first: here
     dozens of files written after the mount came back, where at most the one in flight (per thread) may be."""
     tier = threads_tier(mount, cache, tmp_path)
-    keys = make_keys(256, seed=8)
+    keys, stick = stick_inside_stores(tier, seed=8)
     back: list[int] = []
-
-    def stick(client: int) -> None:
-        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(256))))
-        deadline = time.monotonic() + 10
-        while not os.path.exists(tier.block_path(keys[0])):
-            assert time.monotonic() < deadline, "the store never began"
-        os.kill(client, signal.SIGSTOP)
-        while not any(map(waits_on_a_file, worker_threads())):
-            assert time.monotonic() < deadline, "no worker thread reached the stopped mount"
 
     def continuing() -> None:  # the last thing before the client continues
         back.append(time.time_ns())
@@ -177,7 +160,7 @@ def test_a_worker_thread_left_inside_a_task_ends_after_the_block_it_is_on(mount,
     assert leave_a_worker_thread(tier, mount, stick, continuing) == []
     after = [key for key in keys if os.path.exists(path := tier.block_path(key)) and os.stat(path).st_ctime_ns >= back[0]]
     stored = sum(os.path.exists(tier.block_path(key)) for key in keys)
-    assert len(after) <= 2, f"{len(after)} blocks stored after the shutdown, by threads it had left ({stored} of 256 in all)"
+    assert len(after) <= 2, f"{len(after)} blocks stored after the shutdown, by threads it had left ({stored} of {len(keys)} in all)"
     assert stored < len(keys)
 
 
@@ -251,6 +234,26 @@ def threads_tier(mount: str, cache: PrimaryCache, tmp_path: Path, idle: bool = T
     if idle:
         tier.drain(30)
     return tier
+
+
+def stick_inside_stores(tier: FileSystemTierManager, seed: int) -> tuple[list[bytes], Callable[[int], None]]:
+    """For ``leave_a_worker_thread``: store 8 jobs of 256 blocks, and stop the mount's client once the first block
+    is on it, so a worker thread waits on the mount in the middle of a task, mostly in a block call. So many that
+    the stores cannot all end before the stop, however late the host gets to it on a loaded machine (one job
+    could). Returns the keys, and the ``stick``."""
+    keys = make_keys(8 * 256, seed=seed)
+
+    def stick(client: int) -> None:
+        for job in range(8):
+            tier.submit_store(JobMetadata(job_id=job, keys=keys[job * 256 : (job + 1) * 256], block_ids=list(range(256))))
+        deadline = time.monotonic() + 10
+        while not os.path.exists(tier.block_path(keys[0])):
+            assert time.monotonic() < deadline, "the store never began"
+        os.kill(client, signal.SIGSTOP)
+        while not any(map(waits_on_a_file, worker_threads())):
+            assert time.monotonic() < deadline, "no worker thread reached the stopped mount"
+
+    return keys, stick
 
 
 def stick_on_a_store(tier: FileSystemTierManager, seed: int) -> Callable[[int], None]:

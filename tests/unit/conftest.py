@@ -24,8 +24,11 @@ def _refused(*args: object, **kwargs: object) -> NoReturn:
 def _children() -> set[int]:
     children: set[int] = set()
     for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            children.update(map(int, f.read().split()))
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.update(map(int, f.read().split()))
+        except FileNotFoundError:
+            pass  # a thread that ended since the listing
     return children
 
 
