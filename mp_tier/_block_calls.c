@@ -241,8 +241,8 @@ PyDoc_STRVAR(load_run_doc,
              "none) and, if its I/O failed (its read, or the touch after it), that errno (else 0): the caller fails\n"
              "the block with it rather than read it again. Before every block but the task's first, ``between()``\n"
              "runs (its exception propagates); ``hooks``, None or a callable or None per block, is the block's\n"
-             "``ready``. With ``touch``, a loaded file's mtime is set (refused for its owner or by a read-only mount:\n"
-             "left). A block stepped aside, or whose I/O failed, may have changed its cache bytes, never a file.");
+             "``ready``. With ``touch``, a loaded file's mtime is set (refused for its owner or by a read-only mount,\n"
+             "or the file removed since its read: left). A block stepped aside, or whose I/O failed, may have changed its cache bytes, never a file.");
 
 static PyObject *load_run(PyObject *module, PyObject *args) {
     int root, direct, touch;
