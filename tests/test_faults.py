@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK, fill_random, make_keys, processes_stopped, run_job, wait_exit, wait_ready
+from helpers import BLOCK, bytes_read, fill_random, make_keys, processes_stopped, run_job, wait_exit, wait_ready
 
 from mp_tier import JobMetadata, PrimaryCache, TierBroken, TierConfig
 from mp_tier.layout import HOST_TAG, TEMP_SUFFIX, is_temp, temp_name, temp_writer_pid
@@ -471,11 +471,6 @@ def _reader_caught_mid_load(tier, cache, into: list[int], results: list) -> bool
     with processes_stopped(pids):
         if all(cache.array[b, -64:].any() for b in into):
             return False
-
-        def bytes_read(pid: int) -> int:
-            with open(f"/proc/{pid}/io") as f:
-                return int(next(line for line in f if line.startswith("rchar:")).split()[1])
-
         reader = max(pids, key=bytes_read)
         os.kill(reader, signal.SIGKILL)
     assert wait_exit(reader, 5)
