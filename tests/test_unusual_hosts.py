@@ -251,10 +251,10 @@ THREADS_STARVED_HOST = HOST_SETUP + STARVE + textwrap.dedent(
         for t in threads:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(SystemExit))
         sent = 0
-        while any(t.is_alive() for t in threads):
+        while alive := sum(t.is_alive() for t in threads):  # one store at a time, until it ends one or is done
             tier.submit_store(store(next(wakers)))
             sent += 1
-            until(lambda: not all(t.is_alive() for t in threads) or not tier.stats().jobs_active, 5)
+            until(lambda: sum(t.is_alive() for t in threads) < alive or not tier.stats().jobs_active, 5)
         return sent
 
     names = sorted(t.name for t in threading.enumerate() if t.name.startswith("mp_tier-"))
