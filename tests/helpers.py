@@ -203,6 +203,48 @@ def _mount(kind: str, target: Path, options: str) -> None:
         pytest.skip(f"cannot mount {kind} at {target} here: {os.strerror(ctypes.get_errno())}")
 
 
+@contextlib.contextmanager
+def mounted(kind: str, target: Path, options: str = "") -> Iterator[Path]:
+    """A new, empty ``kind`` file system (tmpfs, ramfs) mounted at ``target``, made if need be; skipped where it
+    cannot be mounted, and detached on the way out."""
+    target.mkdir(exist_ok=True)
+    _mount(kind, target, options)
+    try:
+        yield target
+    finally:
+        _unmount(target)
+
+
+def run_or_skip(*command: str) -> str:
+    """``command``'s output (a mkfs, a loop mount, a debugfs): the test is skipped where it cannot run here."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip(f"no {command[0]} here")
+    if done.returncode:
+        pytest.skip(f"cannot {' '.join(command[:2])} here: {done.stderr.strip()}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def small_ext4(scratch: Path, mib: int, *mkfs_options: str) -> Iterator[tuple[Path, Path]]:
+    """A real ext4 of ``mib`` MiB, made with ``mkfs_options`` in an image file in ``scratch`` and loop-mounted
+    (skipped where that cannot be done): the image and its mount point, detached on the way out. A small one
+    fills up (ENOSPC) in a few hundred blocks; debugfs can find a file's disk blocks in the image."""
+    if os.geteuid() != 0:
+        pytest.skip("a loop mount needs root")
+    image, mount = scratch / "fs.img", scratch / "mnt"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(mib << 20)
+    run_or_skip("mkfs.ext4", "-q", "-F", *mkfs_options, str(image))
+    run_or_skip("mount", "-o", "loop", str(image), str(mount))
+    try:
+        yield image, mount
+    finally:
+        _unmount(mount)
+
+
 def _fill(path: Path) -> None:
     """A file at ``path`` as large as its file system has room for."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -221,11 +263,9 @@ def overlay(lower: Path, scratch: Path, room: str = "64k") -> Iterator[tuple[Pat
     """``lower`` seen through an overlayfs mount whose upper layer is a tmpfs of ``room`` bytes, and ``fill()``,
     which fills that tmpfs: from then on a change to a file still in ``lower`` (a utime copies it up first,
     metacopy off) fails with ENOSPC while reads of it work. Skips where it cannot mount; unmounted on the way out."""
-    small, mount = scratch / "upper", scratch / "overlay"
-    small.mkdir()
+    mount = scratch / "overlay"
     mount.mkdir()
-    _mount("tmpfs", small, f"size={room}")
-    try:
+    with mounted("tmpfs", scratch / "upper", f"size={room}") as small:
         (small / "up").mkdir()
         (small / "work").mkdir()
         _mount("overlay", mount, f"lowerdir={lower},upperdir={small / 'up'},workdir={small / 'work'},metacopy=off")
@@ -233,10 +273,10 @@ def overlay(lower: Path, scratch: Path, room: str = "64k") -> Iterator[tuple[Pat
             yield mount, lambda: _fill(small / "filler")
         finally:
             _unmount(mount)
-    finally:
-        _unmount(small)
 
 
 def _unmount(target: Path) -> None:
-    """Detached at once (MNT_DETACH): a tier's fd still open there cannot keep the mount in place."""
-    assert _libc.umount2(os.fsencode(target), _MNT_DETACH) == 0, f"{target} left mounted: {os.strerror(ctypes.get_errno())}"
+    """Detached at once (MNT_DETACH): a tier's fd still open there cannot keep the mount in place. EINVAL: the
+    test unmounted it itself and failed before mounting it again."""
+    if _libc.umount2(os.fsencode(target), _MNT_DETACH) != 0:
+        assert ctypes.get_errno() == errno.EINVAL, f"{target} left mounted: {os.strerror(ctypes.get_errno())}"

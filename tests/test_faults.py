@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,11 +11,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK, bytes_read, fill_random, make_keys, processes_stopped, run_job, wait_exit, wait_ready
+from helpers import BLOCK, bytes_read, fill_random, make_keys, mounted, processes_stopped, run_job, small_ext4, wait_exit, wait_ready
 
 from mp_tier import JobMetadata, PrimaryCache, TierBroken, TierConfig
 from mp_tier.layout import HOST_TAG, TEMP_SUFFIX, is_temp, temp_name, temp_writer_pid
@@ -302,25 +304,20 @@ def test_a_store_lost_twice_still_counts_the_blocks_it_wrote(make_tier):
         big.close()
 
 
-def _mount(kind: str, target: str, image_dir, *mkfs_options: str) -> None:
-    if kind == "tmpfs":
-        cmd = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", target]
+@contextlib.contextmanager
+def _small(fs: str, scratch: Path) -> Iterator[Path]:
+    """A real file system with room for fewer than 200 of the test's blocks: 1 MiB of tmpfs, or 8 MiB of ext4."""
+    if fs == "tmpfs":
+        with mounted("tmpfs", scratch / "small", "size=1m") as target:
+            yield target
     else:
-        image = str(image_dir / "fs.img")
-        subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", "count=8"], check=True, capture_output=True)
-        subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs_options, image], check=True, capture_output=True)
-        cmd = ["mount", "-o", "loop", image, target]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a small {kind} here: {done.stderr.strip()}")
+        with small_ext4(scratch, 8) as (_, target):
+            yield target
 
 
 @pytest.mark.parametrize("fs", ["tmpfs", "ext4-loop"])
 def test_enospc_fails_the_store_cleanly_and_the_tier_recovers(make_tier, cache, tmp_path, fs):
-    target = tmp_path / "small"
-    target.mkdir()
-    _mount("tmpfs" if fs == "tmpfs" else "ext4", str(target), tmp_path)
-    try:
+    with _small(fs, tmp_path) as target:
         tier = make_tier(root_dir=str(target))
         fill_random(cache, range(200))
         keys = make_keys(200)
@@ -342,8 +339,6 @@ def test_enospc_fails_the_store_cleanly_and_the_tier_recovers(make_tier, cache, 
         loaded = run_job(tier, "load", JobMetadata(job_id=3, keys=retry, block_ids=list(range(210, 220))))
         assert loaded.success and np.array_equal(cache.array[210:220], cache.array[:10])
         tier.shutdown()
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 @pytest.mark.parametrize("engine", ["processes", "threads"])
@@ -352,10 +347,7 @@ def test_a_budgeted_tier_on_a_mount_made_read_only_loads_and_finds_its_blocks(ma
     a block's mtime (EROFS) is left undone, as for a file another group member owns, and fails no block whose
     bytes are good. Before, every block of such a load failed with EROFS although its bytes had reached the
     cache, and a store that found its blocks whole failed too."""
-    target = tmp_path / "small"
-    target.mkdir()
-    _mount("tmpfs", str(target), tmp_path)
-    try:
+    with mounted("tmpfs", tmp_path / "small", "size=1m") as target:
         tier = make_tier(root_dir=str(target), config=TierConfig(max_bytes=64 * BLOCK))
         keys = make_keys(4)
         fill_random(cache, range(4))
@@ -367,18 +359,13 @@ def test_a_budgeted_tier_on_a_mount_made_read_only_loads_and_finds_its_blocks(ma
         again = run_job(tier, "store", JobMetadata(job_id=3, keys=keys, block_ids=[0, 1, 2, 3]))
         assert again.success and again.transfer_size == 0, again.error
         tier.shutdown()
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 def test_a_checksummed_store_that_fills_the_disk_names_the_block_it_failed(make_tier, cache, tmp_path):
     """Checksums on a small real ext4 with 128-byte inodes (each CRC takes a disk block of its own): the store
     that meets ENOSPC, in its CRC's setxattr or its write, fails naming that block; before, the error named
     the fd it wrote through, or nothing ("ENOSPC: No space left on device")."""
-    target = tmp_path / "small"
-    target.mkdir()
-    _mount("ext4", str(target), tmp_path, "-I", "128")
-    try:
+    with small_ext4(tmp_path, 8, "-I", "128") as (_, target):
         tier = make_tier(root_dir=str(target), config=TierConfig(checksum=True))
         fill_random(cache, range(200))
         keys = [b"\xab\xcd\xe0" + key[3:] for key in make_keys(200, seed=8)]  # one directory: its mkdir comes first
@@ -388,8 +375,6 @@ def test_a_checksummed_store_that_fills_the_disk_names_the_block_it_failed(make_
         assert any(result.error.endswith("/".join(p.split("/")[-3:])) for p in failed), result.error
         assert list(target.rglob(f"*{TEMP_SUFFIX}")) == []
         tier.shutdown()
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 def _temps_of(root: str, pid: int) -> list[str]:

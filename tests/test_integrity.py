@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job
+from helpers import BLOCK, fill_random, make_keys, run_job, run_or_skip, small_ext4
 
 from mp_tier import JobMetadata, PrimaryCache, TierConfig
 from mp_tier.block_io import CRC_XATTR
@@ -122,34 +119,6 @@ def test_racing_stores_and_loads_never_tear_a_block(make_tier, tmp_path, engine)
     assert torn == 0
 
 
-def _in_ext4_image(image, *command: str) -> str:
-    """Run a command on a small ext4 image (made, mounted, inspected): its output, or skip where that cannot run."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, cwd=image.parent, timeout=30)
-    except FileNotFoundError:
-        pytest.skip(f"no {command[0]} here")
-    if done.returncode:
-        pytest.skip(f"cannot {' '.join(command[:2])} a small ext4 image here: {done.stderr.strip()}")
-    return done.stdout
-
-
-@contextlib.contextmanager
-def _small_ext4(tmp_path: Path, *mkfs_options: str) -> Iterator[tuple[Path, Path]]:
-    """A 16 MiB ext4 image, made and loop-mounted (skipped where that cannot run): the image and its mount point."""
-    if os.geteuid() != 0:
-        pytest.skip("a loop mount needs root")
-    image, mount = tmp_path / "fs.img", tmp_path / "mnt"
-    mount.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
-    _in_ext4_image(image, "mkfs.ext4", "-q", "-F", "-b", "4096", *mkfs_options, str(image))
-    _in_ext4_image(image, "mount", "-o", "loop", str(image), str(mount))
-    try:
-        yield image, mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
 def _only_it_fails(tier, cache, keys: list[bytes], bad: str) -> None:
     """A load of the 3 ``keys`` stored from cache blocks 0-2 into 10-12: only ``keys[1]``, at ``bad``, fails, with
     its read's error naming it, and its file is kept; the others land."""
@@ -164,7 +133,7 @@ def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache,
     block's size, but its read fails (EIO; EUCLEAN once ext4 knows). The load's other blocks land; that one
     fails with that error and is kept, and the file system saw one failing read of it, not two: the one-call
     load left a read that failed to Python, which read it again (on a failing disk each can take seconds)."""
-    with _small_ext4(tmp_path) as (image, mount):
+    with small_ext4(tmp_path, 16, "-b", "4096") as (image, mount):
         keys = make_keys(3)
         fill_random(cache, range(3))
         tier = make_tier(root_dir=str(mount))
@@ -176,14 +145,14 @@ def test_a_block_whose_read_fails_fails_alone_and_is_read_once(make_tier, cache,
             for at in range(0, BLOCK, 8192):
                 os.pwrite(f.fileno(), bytes(4096), at)
             f.truncate(BLOCK)
-        _in_ext4_image(image, "umount", str(mount))
-        extents = _in_ext4_image(image, "debugfs", "-R", f"ex {bad.removeprefix(str(mount))}", str(image))
+        run_or_skip("umount", str(mount))
+        extents = run_or_skip("debugfs", "-R", f"ex {bad.removeprefix(str(mount))}", str(image))
         leaf = int(next(line for line in extents.splitlines() if line.split()[:2] == ["0/", "1"]).split()[7])
         with open(image, "r+b") as f:
             f.seek(leaf * 4096)
             f.write(bytes(2))  # the leaf's magic
-        _in_ext4_image(image, "mount", "-o", "loop", str(image), str(mount))
-        errors = f"/sys/fs/ext4/{os.path.basename(_in_ext4_image(image, 'findmnt', '-n', '-o', 'SOURCE', str(mount)).strip())}/errors_count"
+        run_or_skip("mount", "-o", "loop", str(image), str(mount))
+        errors = f"/sys/fs/ext4/{os.path.basename(run_or_skip('findmnt', '-n', '-o', 'SOURCE', str(mount)).strip())}/errors_count"
         with open(bad, "rb") as f, pytest.raises(OSError) as failed:
             f.read()
         assert failed.value.errno == errno.EIO and os.path.getsize(bad) == BLOCK
@@ -223,21 +192,21 @@ def test_a_block_whose_crc_cannot_be_read_fails_alone_naming_it(make_tier, cache
     that one block's xattr block is corrupt: its CRC read fails (EUCLEAN; EIO on some kernels). That block fails
     with the error naming its file, which is kept (nothing shows its bytes are bad); the others load. Before,
     the error named the fd the CRC was read through ("EUCLEAN: Structure needs cleaning: 6")."""
-    with _small_ext4(tmp_path, "-I", "128") as (image, mount):
+    with small_ext4(tmp_path, 16, "-b", "4096", "-I", "128") as (image, mount):
         keys = make_keys(3, seed=6)
         fill_random(cache, range(3))
         tier = make_tier(root_dir=str(mount), config=TierConfig(checksum=True))
         assert run_job(tier, "store", JobMetadata(job_id=1, keys=keys, block_ids=[0, 1, 2])).success
         tier.shutdown()
         bad = tier.block_path(keys[1])
-        _in_ext4_image(image, "umount", str(mount))
-        inode = _in_ext4_image(image, "debugfs", "-R", f"stat {bad.removeprefix(str(mount))}", str(image))
+        run_or_skip("umount", str(mount))
+        inode = run_or_skip("debugfs", "-R", f"stat {bad.removeprefix(str(mount))}", str(image))
         xattr_block = int(next(line for line in inode.splitlines() if line.startswith("File ACL:")).split()[2])
         assert xattr_block, "the CRC is in the inode: no block of its own to corrupt"
         with open(image, "r+b") as f:
             f.seek(xattr_block * 4096)
             f.write(bytes(4))  # the xattr block's magic
-        _in_ext4_image(image, "mount", "-o", "loop", str(image), str(mount))
+        run_or_skip("mount", "-o", "loop", str(image), str(mount))
         tier = make_tier(root_dir=str(mount), config=TierConfig(checksum=True))
         _only_it_fails(tier, cache, keys, bad)
         tier.shutdown()

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import mounted, small_ext4
 
 from mp_tier.bench.report import SCHEMA
 from mp_tier.bench.root_dir import MARKER, fs_type
@@ -266,30 +267,13 @@ def test_a_run_stopped_by_a_signal_removes_what_it_wrote(tmp_path, stop, status)
 @pytest.mark.parametrize("journal, label", [(True, "ext4"), (False, "ext4, no journal")])
 def test_the_header_says_whether_an_ext4_root_has_a_journal(tmp_path, journal, label):
     """Without one, a store after many deletions costs up to ten times the CPU: a reader of the figures must know."""
-    image, target = tmp_path / "fs.img", tmp_path / "mnt"
-    target.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(8 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", *([] if journal else ["-O", "^has_journal"]), str(image)], check=True, capture_output=True)
-    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(target)], capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a small ext4 here: {mounted.stderr.strip()}")
-    try:
+    with small_ext4(tmp_path, 8, *([] if journal else ["-O", "^has_journal"])) as (_, target):
         done = subprocess.run([*BENCH, "--root", str(target / "run"), *TINY, "--workload", "store"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert f"({label})," in done.stdout.splitlines()[0]
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 def test_a_mount_point_with_a_space_is_read_as_its_own_file_system(tmp_path):
     """/proc/self/mountinfo writes a space in a mount point as \\040: read raw, the path matched the mount above it."""
-    target = tmp_path / "my cache"
-    target.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted("tmpfs", tmp_path / "my cache", "size=1m") as target:
         assert fs_type(str(target / "inside")) == "tmpfs"
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)

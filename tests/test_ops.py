@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job
+from helpers import BLOCK, fill_random, make_keys, mounted, run_job
 from test_security import NOBODY, as_user
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
@@ -155,24 +155,11 @@ def test_verify_reports_short_long_and_crc_damage_and_fix_removes_exactly_those(
     assert run_job(tier, "load", JobMetadata(job_id=2, keys=intact, block_ids=list(range(100, 100 + len(intact))))).success
 
 
-@contextlib.contextmanager
-def ramfs(where: Path) -> Iterator[Path]:
-    """A ramfs mounted at ``where``: a file system with no user xattrs (getxattr says ENOTSUP), so no CRC."""
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(where)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a ramfs here: {done.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def test_verify_on_a_file_system_without_xattrs_finds_its_whole_blocks_good(tmp_path, cache, capsys):
     """No CRC can be recorded where user xattrs are unsupported (the tier refuses checksum = true there), so
     every block there loads unverified, as one stored without a CRC: verify reports none of them. Before, each
     whole block was a problem (ENOTSUP) and verify exited 1 on a tree every load of which succeeds."""
-    with ramfs(tmp_path / "ram") as mount:
+    with mounted("ramfs", tmp_path / "ram") as mount:  # no user xattrs (getxattr says ENOTSUP), so no CRC
         keys = make_keys(3, seed=2)
         fill_random(cache, range(3))
         tier = FileSystemTierManager(primary_kv_view=cache, root_dir=str(mount / "root"), n_read_workers=1, n_write_workers=1)
