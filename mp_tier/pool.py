@@ -25,7 +25,6 @@ import functools
 import logging
 import os
 import select
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from .placement import Placement
 from .slots import Slots
 from .worker import WorkerSpec, run_worker
 from .worker_process import Boot, encode_boot
-from .workers import ProcessWorker, ThreadWorker, Worker
+from .workers import ProcessWorker, ThreadWorker, Users, Worker
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +80,9 @@ class WorkerPool:
             # mount) ends after the block it is on, sending nothing into a result pipe nobody reads any more
             self._given_up = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if engine == "threads" else -1
             undo.callback(close_fds, self._given_up)
-            self._users = 1  # the pool, and each worker thread begun and not yet ended: the last to let go closes the ends
-            self._users_lock = threading.Lock()
+            self._users = Users(self._close_ends)  # the pool and its running worker threads: the last closes the ends
             self._closed = False  # close() has run: the pool let go
             self._later: list[int] = []  # fds of worker threads left running at stop, closed with the ends
-            self._after_last: list[Callable[[], None]] = []  # run once the last user has let go (``once_let_go``)
             self._region = region  # the cache as a process maps it (None for threads)
             self._view = view  # the cache as a thread sees it
             self._workers: list[Worker | None] = [None] * len(specs)  # None: down (dead, or not started yet)
@@ -103,7 +100,7 @@ class WorkerPool:
         worker: Worker
         if self.engine == "threads":
             serve = functools.partial(run_worker, spec, self._root, self._view, ends, self.slots, given_up=self._given_up)
-            worker = ThreadWorker(index, serve, f"mp_tier-{'r' if spec.read_priority else 'w'}{index}", self._enter, self._let_go)
+            worker = ThreadWorker(index, serve, f"mp_tier-{'r' if spec.read_priority else 'w'}{index}", self._users.enter, self._users.let_go)
         else:
             assert self._region is not None
             boot = Boot(spec, self._root, self._region, ends, self.slots.fd, len(self.specs), os.getpid())
@@ -311,35 +308,12 @@ class WorkerPool:
             self._drop(index)
         if self._given_up >= 0:
             os.eventfd_write(self._given_up, 1)
-        self._let_go()
-
-    def _enter(self) -> bool:
-        """A worker thread as it begins: one more user, unless all let go (given up on before it began): it touches nothing then."""
-        with self._users_lock:
-            if self._users:
-                self._users += 1
-            return self._users > 0
-
-    def _let_go(self) -> None:
-        """The pool, or a worker thread as it ends, is done with the ends; the last to let go closes them."""
-        with self._users_lock:
-            self._users -= 1
-            last = self._users == 0
-        if last:
-            self._close_ends()
-            with self._users_lock:
-                after, self._after_last = self._after_last, []
-            for run in after:
-                run()
+        self._users.let_go()
 
     def once_let_go(self, run: Callable[[], None]) -> None:
         """Run ``run`` once the pool and every worker thread have let go (now, if they have): a thread left
         running still moves blocks to and from the cache, holding its buffer, so the tier lets go of it then."""
-        with self._users_lock:
-            if self._users:
-                self._after_last.append(run)
-                return
-        run()
+        self._users.after(run)
 
     def _close_ends(self) -> None:
         """Listed until every fd is closed, each marked closed first: a child forked meanwhile closes the rest."""

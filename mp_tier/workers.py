@@ -10,7 +10,7 @@ third process could answer wrongly. A host may reap its children itself
 pidfd still says when the worker ended, and a worker someone else reaped
 is simply gone, its exit status unknown. A thread worker signals its end by writing to a pipe, so the host
 watches both kinds in the same ``poll`` set. A thread cannot be killed: one the host gives up on (stuck on a
-hung mount) may run on, so what it uses stays open until it has ended (``abandon``).
+hung mount) may run on, so what it uses stays open until it has ended (``abandon``, ``Users``).
 """
 
 from __future__ import annotations
@@ -120,6 +120,44 @@ class ProcessWorker:
     def _close(self) -> None:
         fd, self.death_fd = self.death_fd, -1  # marked closed before it is: see channels.close_fds
         close_fds(fd)
+
+
+class Users:
+    """Who still uses the fds a pool shares with its worker threads: the pool, and each thread begun and not
+    yet ended. The last to let go runs ``last`` (the fds close), then whatever waits for that (``after``)."""
+
+    def __init__(self, last: Callable[[], None]):
+        self._count = 1  # the pool, and each worker thread begun and not yet ended
+        self._lock = threading.Lock()
+        self._last = last
+        self._after: list[Callable[[], None]] = []  # run once the last user has let go
+
+    def enter(self) -> bool:
+        """A worker thread as it begins: one more user, unless all let go (it was given up on before it
+        began): it touches nothing then."""
+        with self._lock:
+            if self._count:
+                self._count += 1
+            return self._count > 0
+
+    def let_go(self) -> None:
+        with self._lock:
+            self._count -= 1
+            last = self._count == 0
+        if last:
+            self._last()
+            with self._lock:
+                after, self._after = self._after, []
+            for run in after:
+                run()
+
+    def after(self, run: Callable[[], None]) -> None:
+        """Run ``run`` once every user has let go (now, if all have)."""
+        with self._lock:
+            if self._count:
+                self._after.append(run)
+                return
+        run()
 
 
 class ThreadWorker:
