@@ -70,6 +70,7 @@ from vllm.v1.kv_offload.tiering.base import (
 from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
 
 from .config import FILE_MODES, TierConfig, with_settings
+from .errors import TierBroken
 from .jobs import JobMetadata
 from .layout import rank_dir
 from .namespace import OtherRun, write_once
@@ -230,7 +231,13 @@ class MpFileSystemTierManager(SecondaryTierManager):
 
     def get_finished_jobs(self) -> Iterable[JobResult]:
         finished, self._refused = self._refused, []
-        for result in self._tier.get_finished():
+        try:
+            results = self._tier.get_finished()
+        except TierBroken:
+            if not finished:
+                raise
+            results = []  # the refused jobs' results first, as a broken tier hands out its own before it raises
+        for result in results:
             job, loading = self._jobs.pop(result.job_id)
             if loading:
                 for key in job.keys:  # keys that reach zero go, so membership stays exact

@@ -34,7 +34,9 @@ from vllm.v1.kv_offload.tiering.fs.manager import FileSystemTierManager as VllmF
 from vllm.v1.kv_offload.tiering.manager import CPUPrimaryTierOffloadingManager, TieringOffloadingManager
 
 from mp_tier.config import ConfigError
+from mp_tier.errors import TierBroken
 from mp_tier.vllm_tier import PLUGIN_NAME, MpFileSystemTierManager, register
+from mp_tier.worker_process import TEST_PAUSE
 
 CHUNK = 256 << 10  # bytes per primary chunk (a row of vLLM's view; page-aligned)
 CHUNKS = 16
@@ -427,3 +429,21 @@ def test_a_malformed_key_is_a_miss_to_lookup_and_left_out_of_touch(engine_stack,
     assert [r.success for r in drain(tier)] == [True]
     tier.touch([b"abc", good], ctx)  # the good key is still touched
     assert tier.lookup(good, ctx) is LookupResult.HIT
+
+
+def test_a_job_refused_by_a_broken_tier_still_gets_its_result(engine_stack, monkeypatch, tmp_path: Path) -> None:
+    """The tier broke (its workers never start) and says so from its poll; a job refused afterwards (an
+    out-of-range chunk) still gets its one failed result from the next poll, as the tier's own jobs got
+    theirs before it raised, and only the poll after that raises again. The refused results were taken
+    for the poll's answer before the tier's own poll raised, and lost with that raise."""
+    monkeypatch.setenv(TEST_PAUSE, f"boot:30:{tmp_path / 'booting'}")
+    _, tier = engine_stack(start_timeout=1)
+    deadline = time.monotonic() + 30
+    with pytest.raises(TierBroken):
+        while time.monotonic() < deadline:
+            assert list(tier.get_finished_jobs()) == []
+            time.sleep(0.01)  # a poll loop's pace, as the engine's steps
+    tier.submit_store(job(1, [key(1)], [CHUNKS]))
+    assert [(r.job_id, r.success) for r in tier.get_finished_jobs()] == [(1, False)]
+    with pytest.raises(TierBroken):
+        tier.get_finished_jobs()
