@@ -99,6 +99,49 @@ def test_a_host_that_reaps_its_children_gets_every_result_and_a_clean_shutdown(t
         assert "died: exit status unknown (the host reaped it" in host.stderr
 
 
+CLOSED_STDIO_HOST = HOST_SETUP + textwrap.dedent(
+    """
+    cache = PrimaryCache.create(16, 1 << 20)
+    cache.array[0] = 7
+    for fd in (0, 1, 2):
+        os.close(fd)  # a daemon's: the lowest free numbers, which the tier's next fds take
+    fds = sorted(os.listdir("/proc/self/fd"))
+    try:
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=root, n_read_workers=1, n_write_workers=1,
+                                     config=TierConfig(o_direct="off"))
+        ready(2)
+        report["stdin"] = [os.readlink(f"/proc/{pid}/fd/0") for pid in tier.worker_pids()]
+        keys = [bytes([i]) * 36 for i in range(4)]
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=[0] * 4))
+        report["results"] = [(r.job_id, r.success, r.error) for r in results(1)]
+        tier.submit_load(JobMetadata(job_id=2, keys=keys, block_ids=[1, 2, 3, 4]))
+        report["results"] += [(r.job_id, r.success, r.error) for r in results(1)]
+        report["loaded"] = bool((cache.array[1:5] == 7).all())
+        tier.shutdown()
+        report["fds_left"] = sorted(set(os.listdir("/proc/self/fd")) ^ set(fds))
+    except BaseException as e:
+        report["error"] = repr(e)
+    with open(mode, "w") as f:  # no stdout here
+        json.dump(report, f)
+    cache.close()
+    """
+)
+
+
+def test_a_host_with_its_stdio_closed_gets_working_workers_and_its_numbers_back(tmp_path):
+    """A daemon closed fds 0-2, so the tier's fds took those numbers: a worker passed its cache at fd 0 got
+    /dev/null there instead (its stdin), and every worker died at start, breaking the tier; one passed a pipe
+    at fd 2 would write its traceback into it. The tier's fds stay above stdio, and leave 0-2 free."""
+    report_path = tmp_path / "report.json"
+    host = subprocess.run([sys.executable, "-c", CLOSED_STDIO_HOST, str(tmp_path / "root"), str(report_path)], timeout=60)
+    assert host.returncode == 0
+    report = json.loads(report_path.read_text())
+    assert "error" not in report, report["error"]
+    assert report["results"] == [[1, True, None], [2, True, None]] and report["loaded"]
+    assert report["stdin"] == ["/dev/null", "/dev/null"]
+    assert report["fds_left"] == [], "the tier left an fd, or took one of 0-2 for good"
+
+
 STARVE = textwrap.dedent(
     """
     cache = PrimaryCache.create(16, 65536)
