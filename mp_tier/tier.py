@@ -67,9 +67,15 @@ class FileSystemTierManager:
         """``namespace`` names the directory under ``root_dir`` that holds the blocks; by default a name that
         describes the run (block size, and model, dtype and parallel layout from ``offloading_spec``)."""
         self._pid = os.getpid()  # the process the tier belongs to
-        read_workers = n_read_workers if n_read_workers is not None else n_read_threads
-        write_workers = n_write_workers if n_write_workers is not None else n_write_threads
-        config = configured(config, root_dir=root_dir, n_read_workers=read_workers, n_write_workers=write_workers, engine=engine)
+        config = configured(
+            config,
+            root_dir=root_dir,
+            n_read_workers=n_read_workers,
+            n_write_workers=n_write_workers,
+            n_read_threads=n_read_threads,
+            n_write_threads=n_write_threads,
+            engine=engine,
+        )
         parts = build(config, primary_kv_view, offloading_spec, namespace)
         self.config = config
         self.tier_type = tier_type

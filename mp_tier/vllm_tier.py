@@ -69,7 +69,7 @@ from vllm.v1.kv_offload.tiering.base import (
 )
 from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
 
-from .config import FILE_MODES, TierConfig, with_settings
+from .config import FILE_MODES, THREAD_NAMES, TierConfig, with_settings
 from .errors import TierBroken
 from .jobs import JobMetadata
 from .layout import rank_dir
@@ -96,7 +96,7 @@ _GAUGES = {
     "mp_tier_tasks_queued": ("tasks_queued", "mp_tier tasks held on the host because a pipe was full."),
 }
 _CONFIG_INFO = ("engine", "read_workers", "write_workers", "o_direct", "max_bytes", "checksum")
-_VLLM_KEYS = {"n_read_threads": "n_read_workers", "n_write_threads": "n_write_workers", "enable_kv_events": "events"}
+_VLLM_KEYS = {**THREAD_NAMES, "enable_kv_events": "events"}
 
 
 class _DiskLookups(AsyncLookupManager):

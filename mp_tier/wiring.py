@@ -14,12 +14,10 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import msgspec
-
 from . import block_io, fs_support
 from .capacity import CapacityIndex
 from .channels import close_listed
-from .config import FILE_MODES, TierConfig
+from .config import FILE_MODES, THREAD_NAMES, TierConfig, with_settings
 from .coordinator import Coordinator
 from .host_root import HostRoot
 from .layout import BlockLayout, namespace_name
@@ -82,9 +80,11 @@ def built(parts: Parts) -> None:
     del _building[id(parts.fds)]
 
 
-def configured(config: TierConfig | None, **overrides: Any) -> TierConfig:
-    """``config`` (or the defaults) with the constructor's arguments that are not None put over it."""
-    config = msgspec.structs.replace(config or TierConfig(), **{k: v for k, v in overrides.items() if v is not None})
+def configured(config: TierConfig | None, **arguments: Any) -> TierConfig:
+    """``config`` (or the defaults) with the constructor's arguments that are not None put over it, each checked
+    under the name the caller wrote (``n_read_threads``, vLLM's, is ``n_read_workers``)."""
+    given = {name: value for name, value in arguments.items() if value is not None}
+    config = with_settings(config or TierConfig(), given, THREAD_NAMES, "FileSystemTierManager", "vLLM's")
     if not config.root_dir:
         raise ValueError("root_dir is required (argument or TierConfig.root_dir)")
     return config
