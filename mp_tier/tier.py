@@ -281,7 +281,9 @@ class FileSystemTierManager:
 
         Tasks no worker has taken are cancelled at once; tasks in progress get ``stop_timeout`` seconds to
         finish. Idempotent, and a no-op in a forked child. From a signal handler that interrupted another
-        call of the tier, it only asks: the tier's next call (or its finalizer) shuts it down.
+        call of the tier, it only asks: the tier's next call (or its finalizer) shuts it down. So it does
+        when another thread has held the tier's lock for ``stop_timeout`` in a call that is not a shutdown:
+        that thread may be waiting for this one (its log handler, for a lock the handler's thread holds).
         """
         if os.getpid() != self._pid:
             return
@@ -289,8 +291,15 @@ class FileSystemTierManager:
             self._shutdown_asked = True
             log.debug("shutdown() interrupted a call of the tier (a signal handler): the tier's next call carries it out")
             return
-        with self._lock:
+        while not self._lock.acquire(timeout=self.config.stop_timeout):
+            if not self._core.stopping:  # not another shutdown, which ends by itself: a call that may wait for this thread
+                self._shutdown_asked = True
+                log.debug("shutdown() waited %g s for another call of the tier: the next call carries it out", self.config.stop_timeout)
+                return
+        try:
             self._finalizer()  # stops the workers and closes the tier's fds; a no-op once it has run
+        finally:
+            self._lock.release()
 
     def _abandon_in_child(self) -> None:
         """Right after a fork, in the child: drop every fd and worker of the parent's tier, touching none of them.
