@@ -140,8 +140,8 @@ class MpFileSystemTierManager(SecondaryTierManager):
             root_dir=root_dir, offloading_spec=offloading_spec, blocks_per_file=offloading_spec.blocks_per_chunk, parallel_agnostic=True
         )
         config = msgspec.structs.replace(config, root_dir=os.path.dirname(self.file_mapper.base_path), events=self.events is not None)
-        _publish_run_config(self.file_mapper, config)
-        self._tier = self._open_tier(primary_kv_view, config)
+        self._tier = self._open_tier(primary_kv_view, config)  # first: a cache it refuses leaves the root as it was
+        _publish_run_config(self.file_mapper, config)  # if this raises, the tier dropped with this object stops
         self._lookup_manager = _DiskLookups(self._tier, tier_type)
         self._jobs: dict[int, tuple[TransferJob, bool]] = {}  # submitted (and whether a load), result not yet handed to vLLM
         self._store_job_keys: dict[int, list[OffloadKey]] = {}  # store jobs whose success becomes an event

@@ -253,9 +253,11 @@ def test_vllms_semantics_for_bad_chunks_failed_prefixes_and_in_flight_stores(eng
 
 
 def test_private_memory_is_refused_naming_the_cause_unless_threads_are_chosen(tmp_path: Path) -> None:
+    """Refused, it creates nothing under the root: it used to leave vLLM's directory and its config.json."""
     private = np.zeros((4, CHUNK), dtype=np.int8)
     with pytest.raises(ValueError, match=r"primary_kv_view is not in shared memory .*engine = .threads."):
-        MpFileSystemTierManager(spec(), memoryview(private), "mp", root_dir=str(tmp_path))
+        MpFileSystemTierManager(spec(), memoryview(private), "mp", root_dir=str(tmp_path / "kv"))
+    assert not (tmp_path / "kv").exists()
     tier = MpFileSystemTierManager(spec(), memoryview(private), "mp", root_dir=str(tmp_path), engine="threads")
     try:
         private[0] = 5
