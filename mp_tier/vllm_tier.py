@@ -40,6 +40,7 @@ import collections
 import json
 import logging
 import os
+import weakref
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -100,14 +101,16 @@ _VLLM_KEYS = {**THREAD_NAMES, "enable_kv_events": "events"}
 
 
 class _DiskLookups(AsyncLookupManager):
-    """vLLM's asynchronous lookups, answered on its lookup thread by a path lookup in the tier (thread-safe)."""
+    """vLLM's asynchronous lookups, answered on its lookup thread by a path lookup in the tier (thread-safe).
+    It holds the tier weakly: its thread, which waits on a queue for ever, would keep a dropped adapter's tier alive."""
 
     def __init__(self, tier: FileSystemTierManager, tier_type: str):
-        self._tier = tier
+        self._tier = weakref.ref(tier)
         super().__init__(tier_type)
 
     def batch_lookup(self, keys: list[OffloadKey], req_context: ReqContext) -> Iterable[bool]:
-        return [self._tier.lookup(key) is True for key in keys]
+        tier = self._tier()
+        return [tier is not None and tier.lookup(key) is True for key in keys]  # None: the adapter was dropped
 
 
 class MpFileSystemTierManager(SecondaryTierManager):
@@ -143,6 +146,7 @@ class MpFileSystemTierManager(SecondaryTierManager):
         self._tier = self._open_tier(primary_kv_view, config)  # first: a cache it refuses leaves the root as it was
         _publish_run_config(self.file_mapper, config)  # if this raises, the tier dropped with this object stops
         self._lookup_manager = _DiskLookups(self._tier, tier_type)
+        self._stop_lookups = weakref.finalize(self, self._lookup_manager.shutdown)  # its thread, if shutdown() never is
         self._jobs: dict[int, tuple[TransferJob, bool]] = {}  # submitted (and whether a load), result not yet handed to vLLM
         self._store_job_keys: dict[int, list[OffloadKey]] = {}  # store jobs whose success becomes an event
         self._refused: list[JobResult] = []  # jobs refused at submit: their results go out with the next poll
@@ -291,7 +295,7 @@ class MpFileSystemTierManager(SecondaryTierManager):
         return events
 
     def shutdown(self) -> None:
-        self._lookup_manager.shutdown()
+        self._stop_lookups()
         self._tier.shutdown()
 
     # -- metrics --------------------------------------------------------------------

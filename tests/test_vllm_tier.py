@@ -3,6 +3,7 @@ its factory, its FS tier. Runs where vLLM is installed (``.ci/vllm-compat`` buil
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import logging
 import os
@@ -19,7 +20,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM 0.33 is not installed here: these tests run in the venv .ci/vllm-compat builds")
 
-from helpers import wait_exit
+from helpers import child_processes, wait_exit
 from vllm.v1.kv_offload.base import LookupResult, OffloadingKVEventsConfig, OffloadKey, ReqContext, make_offload_key
 from vllm.v1.kv_offload.config import (
     OffloadingCacheConfig,
@@ -449,3 +450,24 @@ def test_a_job_refused_by_a_broken_tier_still_gets_its_result(engine_stack, monk
     assert [(r.job_id, r.success) for r in tier.get_finished_jobs()] == [(1, False)]
     with pytest.raises(TierBroken):
         tier.get_finished_jobs()
+
+
+def test_an_adapter_dropped_without_shutdown_stops_its_workers_and_its_lookup_thread(tmp_path: Path) -> None:
+    """vLLM's lookup thread (AsyncLookupManager) holds what it looks through, and waits on its queue for ever:
+    an adapter dropped without shutdown() (vLLM failing after it built its tiers, say) kept its tier alive,
+    worker processes and fds, until the interpreter exited. Now the tier goes with the adapter, as a dropped
+    tier does, and so does the thread (the autouse leak check then finds no fd or process left)."""
+    region = SharedOffloadRegion(f"mptier-{uuid.uuid4().hex[:8]}", CHUNKS, None, CHUNK, 4096)
+    primary = CPUPrimaryTierOffloadingManager(num_chunks=CHUNKS, mmap_region=region)
+    try:
+        before = child_processes()
+        tier = MpFileSystemTierManager(spec(), primary.get_kv_memoryview(), "mp", root_dir=str(tmp_path), n_read_threads=1, n_write_threads=1)
+        tier.submit_store(job(1, [key(1)], [0]))
+        workers = child_processes() - before
+        assert len(workers) == 2
+        del tier
+        gc.collect()
+        assert [pid for pid in workers if not wait_exit(pid, 5)] == [], "a worker outlived its dropped adapter"
+        assert [t.name for t in threading.enumerate() if t.name == "vllm_offloading_lookup_mp"] == []
+    finally:
+        primary.shutdown()
