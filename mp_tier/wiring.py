@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from . import block_io, fs_support
+from . import block_io, fs_support, stdio
 from .capacity import CapacityIndex
 from .channels import close_listed
 from .config import FILE_MODES, THREAD_NAMES, TierConfig, with_settings
@@ -63,18 +63,6 @@ def _abandon(fds: list[int]) -> None:
     del _building[id(fds)]
 
 
-def _hold_stdio(fds: list[int]) -> list[int]:
-    """/dev/null on each of fds 0-2 the host has closed (a daemon), listed in ``fds``, until the fds the workers
-    are passed are made: none of those may take such a number. A worker process gets /dev/null as fd 0 (its
-    stdin), which would replace a cache or pipe passed there, and its tracebacks go to fd 2."""
-    held = []
-    while (fd := os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)) < 3:
-        fds.append(fd)
-        held.append(fd)
-    os.close(fd)
-    return held
-
-
 def built(parts: Parts) -> None:
     """The tier of ``parts`` is listed for its own fork handler now, which closes ``parts.fds`` in a child."""
     del _building[id(parts.fds)]
@@ -100,7 +88,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
     fds: list[int] = []
     _building[id(fds)] = fds
     try:
-        stdio = _hold_stdio(fds)
+        held = stdio.hold(fds)  # until the fds the workers are passed are made
         primary = primary_memory(primary_kv_view, processes=config.engine == "processes")
         if primary.region:
             fds.append(primary.region.fd)
@@ -146,7 +134,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
             for index in range(config.n_read_workers + config.n_write_workers)
         ]
         pool = WorkerPool(specs, root, primary.region, primary.view, config.engine, placement)
-        for fd in stdio:
+        for fd in held:
             fds.remove(fd)
             os.close(fd)
     except BaseException:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -126,6 +127,41 @@ CLOSED_STDIO_HOST = HOST_SETUP + textwrap.dedent(
     cache.close()
     """
 )
+
+
+STRAY_WRITES_HOST = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    for fd in (0, 1, 2):
+        os.close(fd)  # a daemon's, which still prints: sys.stdout and sys.stderr still write to fds 1 and 2
+    from mp_tier import PrimaryCache
+    first = PrimaryCache.create(4, 4096)
+    for out in (sys.stdout, sys.stderr):
+        try:
+            out.write("stray")  # no newline: it would run into the janitor's next word
+            out.flush()
+        except OSError:
+            pass  # EBADF: the number is free, as the host left it
+    second = PrimaryCache.create(4, 4096)
+    with open(sys.argv[1], "w") as f:
+        json.dump({"segments": [first.name, second.name], "block0": bytes(first.array[0, :8]).hex()}, f)
+    os.kill(os.getpid(), signal.SIGKILL)  # the janitor unlinks both
+    """
+)
+
+
+def test_a_hosts_stray_writes_to_its_closed_stdio_never_reach_the_cache_or_the_janitor(tmp_path):
+    """A daemon closed fds 0-2 but still prints. The cache's file took fd 2 and the janitor's pipe fd 1: what
+    the host wrote to stderr landed in block 0 of the KV cache, and what it wrote to stdout ran into the
+    janitor's next word ("stray+<name>"), so that segment outlived the host's SIGKILL. They keep off 0-2 now."""
+    report_path = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-c", STRAY_WRITES_HOST, str(report_path)], timeout=60)
+    report = json.loads(report_path.read_text())
+    assert report["block0"] == "00" * 8, f"block 0 of the cache holds {bytes.fromhex(report['block0'])!r}"
+    deadline = time.monotonic() + 10
+    while left := [name for name in report["segments"] if os.path.exists(f"/dev/shm/{name}")]:
+        assert time.monotonic() < deadline, f"segments {left} outlived the killed host"
+        time.sleep(0.01)
 
 
 def test_a_host_with_its_stdio_closed_gets_working_workers_and_its_numbers_back(tmp_path):
