@@ -291,15 +291,16 @@ class FileSystemTierManager:
             self._shutdown_asked = True
             log.debug("shutdown() interrupted a call of the tier (a signal handler): the tier's next call carries it out")
             return
-        while not self._lock.acquire(timeout=self.config.stop_timeout):
-            if not self._core.stopping:  # not another shutdown, which ends by itself: a call that may wait for this thread
-                self._shutdown_asked = True
-                log.debug("shutdown() waited %g s for another call of the tier: the next call carries it out", self.config.stop_timeout)
-                return
         try:
+            while not self._lock.acquire(timeout=self.config.stop_timeout):
+                if not self._core.stopping:  # not another shutdown, which ends by itself: a call that may wait for this thread
+                    self._shutdown_asked = True
+                    log.debug("shutdown() waited %g s for another call of the tier: the next call carries it out", self.config.stop_timeout)
+                    return
             self._finalizer()  # stops the workers and closes the tier's fds; a no-op once it has run
         finally:
-            self._lock.release()
+            if inside_a_call(self._lock):  # taken here (not before: see above), even if a handler raised as it was
+                self._lock.release()
 
     def _abandon_in_child(self) -> None:
         """Right after a fork, in the child: drop every fd and worker of the parent's tier, touching none of them.
