@@ -43,6 +43,9 @@ SchedPolicy = Literal["normal", "batch", "idle"]
 # (file mode, directory mode) of what the tier creates.
 FILE_MODES = {"private": (0o600, 0o700), "group": (0o640, 0o750)}
 
+# vLLM's FS-tier names for the worker counts, which the constructor and the vLLM adapter take as well
+THREAD_NAMES = {"n_read_threads": "n_read_workers", "n_write_threads": "n_write_workers"}
+
 ENV_PREFIX = "MP_TIER_"
 # Variables the project reads that are not settings: a test hook of the workers, the shared-FS tests' switch.
 ENV_NOT_SETTINGS = frozenset({"MP_TIER_TEST_PAUSE", "MP_TIER_GLUSTERFS"})

@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 
-from . import interpreter
+from . import interpreter, stdio
 from .reentry import inside_a_call
 
 SHM_DIR = "/dev/shm"
@@ -45,7 +45,8 @@ class _Janitor:
     """
 
     def __init__(self) -> None:
-        read, self.pipe = os.pipe2(os.O_CLOEXEC)
+        read, pipe = os.pipe2(os.O_CLOEXEC)
+        self.pipe = stdio.above(pipe)  # a host's stray print to a closed stdout would run into a word
         try:
             # Its own session: a signal to the creator's process group (systemd's stop, a shell's kill) leaves it be.
             argv = interpreter.command("mp_tier.janitor")

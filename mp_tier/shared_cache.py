@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import janitor
+from . import janitor, stdio
 from .janitor import SHM_DIR
 from .memory import PrivateMemory, SharedRegion, buffer_address, open_backing
 
@@ -48,9 +48,10 @@ class PrimaryCache:
         self.name = name
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
-        self._fd = fd  # kept open: workers map the file through it, even if the name is removed
+        self._fd = fd = stdio.above(fd)  # kept open: workers map the file through it, even if the name is removed
         self._creator_pid = creator_pid  # the only pid that unlinks; None when attached
-        self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        with stdio.held():  # mmap's copy of the fd, too, keeps off 0-2
+            self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED)
         self.view: memoryview = memoryview(self._mmap)
         self.array: np.ndarray = np.ndarray((num_blocks, block_bytes), dtype=np.uint8, buffer=self.view)
         self._closed = False

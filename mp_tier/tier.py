@@ -67,9 +67,15 @@ class FileSystemTierManager:
         """``namespace`` names the directory under ``root_dir`` that holds the blocks; by default a name that
         describes the run (block size, and model, dtype and parallel layout from ``offloading_spec``)."""
         self._pid = os.getpid()  # the process the tier belongs to
-        read_workers = n_read_workers if n_read_workers is not None else n_read_threads
-        write_workers = n_write_workers if n_write_workers is not None else n_write_threads
-        config = configured(config, root_dir=root_dir, n_read_workers=read_workers, n_write_workers=write_workers, engine=engine)
+        config = configured(
+            config,
+            root_dir=root_dir,
+            n_read_workers=n_read_workers,
+            n_write_workers=n_write_workers,
+            n_read_threads=n_read_threads,
+            n_write_threads=n_write_threads,
+            engine=engine,
+        )
         parts = build(config, primary_kv_view, offloading_spec, namespace)
         self.config = config
         self.tier_type = tier_type
@@ -275,7 +281,9 @@ class FileSystemTierManager:
 
         Tasks no worker has taken are cancelled at once; tasks in progress get ``stop_timeout`` seconds to
         finish. Idempotent, and a no-op in a forked child. From a signal handler that interrupted another
-        call of the tier, it only asks: the tier's next call (or its finalizer) shuts it down.
+        call of the tier, it only asks: the tier's next call (or its finalizer) shuts it down. So it does
+        when another thread has held the tier's lock for ``stop_timeout`` in a call that is not a shutdown:
+        that thread may be waiting for this one (its log handler, for a lock the handler's thread holds).
         """
         if os.getpid() != self._pid:
             return
@@ -283,8 +291,16 @@ class FileSystemTierManager:
             self._shutdown_asked = True
             log.debug("shutdown() interrupted a call of the tier (a signal handler): the tier's next call carries it out")
             return
-        with self._lock:
+        try:
+            while not self._lock.acquire(timeout=self.config.stop_timeout):
+                if not self._core.stopping:  # not another shutdown, which ends by itself: a call that may wait for this thread
+                    self._shutdown_asked = True
+                    log.debug("shutdown() waited %g s for another call of the tier: the next call carries it out", self.config.stop_timeout)
+                    return
             self._finalizer()  # stops the workers and closes the tier's fds; a no-op once it has run
+        finally:
+            if inside_a_call(self._lock):  # taken here (not before: see above), even if a handler raised as it was
+                self._lock.release()
 
     def _abandon_in_child(self) -> None:
         """Right after a fork, in the child: drop every fd and worker of the parent's tier, touching none of them.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Set
 from typing import Any
 
@@ -107,9 +108,10 @@ def checked_job(job: Any, loading: bool, num_blocks: int) -> tuple[int, list[byt
 
 
 def checked_timeout(timeout: Any) -> float | None:
-    """Seconds to wait, or None for no limit (``None`` or ``inf``); ValueError for anything else."""
+    """Seconds to wait, or None for no limit (``None`` or ``inf``); ValueError for anything else. Any real
+    number will do (numpy's too, as for job ids), but a bool."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout or timeout < 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or timeout != timeout or timeout < 0:
         raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
     return None if math.isinf(timeout) else float(timeout)

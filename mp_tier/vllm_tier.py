@@ -40,6 +40,7 @@ import collections
 import json
 import logging
 import os
+import weakref
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -69,7 +70,8 @@ from vllm.v1.kv_offload.tiering.base import (
 )
 from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
 
-from .config import FILE_MODES, TierConfig, with_settings
+from .config import FILE_MODES, THREAD_NAMES, TierConfig, with_settings
+from .errors import TierBroken
 from .jobs import JobMetadata
 from .layout import rank_dir
 from .namespace import OtherRun, write_once
@@ -95,18 +97,20 @@ _GAUGES = {
     "mp_tier_tasks_queued": ("tasks_queued", "mp_tier tasks held on the host because a pipe was full."),
 }
 _CONFIG_INFO = ("engine", "read_workers", "write_workers", "o_direct", "max_bytes", "checksum")
-_VLLM_KEYS = {"n_read_threads": "n_read_workers", "n_write_threads": "n_write_workers", "enable_kv_events": "events"}
+_VLLM_KEYS = {**THREAD_NAMES, "enable_kv_events": "events"}
 
 
 class _DiskLookups(AsyncLookupManager):
-    """vLLM's asynchronous lookups, answered on its lookup thread by a path lookup in the tier (thread-safe)."""
+    """vLLM's asynchronous lookups, answered on its lookup thread by a path lookup in the tier (thread-safe).
+    It holds the tier weakly: its thread, which waits on a queue for ever, would keep a dropped adapter's tier alive."""
 
     def __init__(self, tier: FileSystemTierManager, tier_type: str):
-        self._tier = tier
+        self._tier = weakref.ref(tier)
         super().__init__(tier_type)
 
     def batch_lookup(self, keys: list[OffloadKey], req_context: ReqContext) -> Iterable[bool]:
-        return [self._tier.lookup(key) is True for key in keys]
+        tier = self._tier()
+        return [tier is not None and tier.lookup(key) is True for key in keys]  # None: the adapter was dropped
 
 
 class MpFileSystemTierManager(SecondaryTierManager):
@@ -139,9 +143,10 @@ class MpFileSystemTierManager(SecondaryTierManager):
             root_dir=root_dir, offloading_spec=offloading_spec, blocks_per_file=offloading_spec.blocks_per_chunk, parallel_agnostic=True
         )
         config = msgspec.structs.replace(config, root_dir=os.path.dirname(self.file_mapper.base_path), events=self.events is not None)
-        _publish_run_config(self.file_mapper, config)
-        self._tier = self._open_tier(primary_kv_view, config)
+        self._tier = self._open_tier(primary_kv_view, config)  # first: a cache it refuses leaves the root as it was
+        _publish_run_config(self.file_mapper, config)  # if this raises, the tier dropped with this object stops
         self._lookup_manager = _DiskLookups(self._tier, tier_type)
+        self._stop_lookups = weakref.finalize(self, self._lookup_manager.shutdown)  # its thread, if shutdown() never is
         self._jobs: dict[int, tuple[TransferJob, bool]] = {}  # submitted (and whether a load), result not yet handed to vLLM
         self._store_job_keys: dict[int, list[OffloadKey]] = {}  # store jobs whose success becomes an event
         self._refused: list[JobResult] = []  # jobs refused at submit: their results go out with the next poll
@@ -230,7 +235,13 @@ class MpFileSystemTierManager(SecondaryTierManager):
 
     def get_finished_jobs(self) -> Iterable[JobResult]:
         finished, self._refused = self._refused, []
-        for result in self._tier.get_finished():
+        try:
+            results = self._tier.get_finished()
+        except TierBroken:
+            if not finished:
+                raise
+            results = []  # the refused jobs' results first, as a broken tier hands out its own before it raises
+        for result in results:
             job, loading = self._jobs.pop(result.job_id)
             if loading:
                 for key in job.keys:  # keys that reach zero go, so membership stays exact
@@ -284,7 +295,7 @@ class MpFileSystemTierManager(SecondaryTierManager):
         return events
 
     def shutdown(self) -> None:
-        self._lookup_manager.shutdown()
+        self._stop_lookups()
         self._tier.shutdown()
 
     # -- metrics --------------------------------------------------------------------

@@ -14,12 +14,10 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import msgspec
-
-from . import block_io, fs_support
+from . import block_io, fs_support, stdio
 from .capacity import CapacityIndex
 from .channels import close_listed
-from .config import FILE_MODES, TierConfig
+from .config import FILE_MODES, THREAD_NAMES, TierConfig, with_settings
 from .coordinator import Coordinator
 from .host_root import HostRoot
 from .layout import BlockLayout, namespace_name
@@ -70,9 +68,11 @@ def built(parts: Parts) -> None:
     del _building[id(parts.fds)]
 
 
-def configured(config: TierConfig | None, **overrides: Any) -> TierConfig:
-    """``config`` (or the defaults) with the constructor's arguments that are not None put over it."""
-    config = msgspec.structs.replace(config or TierConfig(), **{k: v for k, v in overrides.items() if v is not None})
+def configured(config: TierConfig | None, **arguments: Any) -> TierConfig:
+    """``config`` (or the defaults) with the constructor's arguments that are not None put over it, each checked
+    under the name the caller wrote (``n_read_threads``, vLLM's, is ``n_read_workers``)."""
+    given = {name: value for name, value in arguments.items() if value is not None}
+    config = with_settings(config or TierConfig(), given, THREAD_NAMES, "FileSystemTierManager", "vLLM's")
     if not config.root_dir:
         raise ValueError("root_dir is required (argument or TierConfig.root_dir)")
     return config
@@ -88,6 +88,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
     fds: list[int] = []
     _building[id(fds)] = fds
     try:
+        held = stdio.hold(fds)  # until the fds the workers are passed are made
         primary = primary_memory(primary_kv_view, processes=config.engine == "processes")
         if primary.region:
             fds.append(primary.region.fd)
@@ -133,6 +134,9 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
             for index in range(config.n_read_workers + config.n_write_workers)
         ]
         pool = WorkerPool(specs, root, primary.region, primary.view, config.engine, placement)
+        for fd in held:
+            fds.remove(fd)
+            os.close(fd)
     except BaseException:
         _abandon(fds)
         raise

@@ -24,7 +24,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-from . import interpreter
+from . import interpreter, stdio
 from .channels import close_fds
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,10 @@ class ThreadWorker:
     def __init__(self, index: int, target: Callable[[], None], name: str, enter: Callable[[], bool], on_exit: Callable[[], None]):
         self.index = index
         try:
-            self.death_fd, self._end = os.pipe2(os.O_CLOEXEC)
+            read, end = os.pipe2(os.O_CLOEXEC)
         except OSError as e:  # EMFILE names the limit, as a worker process's spawn does
             raise _named_limit(e, -1) from None
+        self.death_fd, self._end = stdio.above(read), stdio.above(end)  # a host's stray print must not read as its end
         self._enter = enter
         self._on_exit = on_exit
         # its end passed in: the attribute is marked closed (-1) once the thread is abandoned, the fd stays open

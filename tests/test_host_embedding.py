@@ -471,6 +471,45 @@ def test_a_wait_whose_sleep_a_handler_interrupts_with_shutdown_ends_cleanly(make
     assert [r.job_id for r in tier.get_finished()] == [1]
 
 
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_handlers_shutdown_never_waits_on_a_thread_that_waits_for_the_interrupted_one(make_tier):
+    """Another thread is inside a call of the tier, logging a worker's death under the tier's lock, and its
+    log handler waits for what the main thread holds (the lock of a log write that a SIGTERM interrupted, a
+    queue the main thread drains). The main thread's handler calls shutdown(): it waited for the tier's lock
+    while the lock's holder waited for it, for ever. It asks after stop_timeout instead, and the other
+    thread's next call carries the shutdown out; every job still gets its one result."""
+    tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(stop_timeout=0.5))
+    wait_ready(tier)
+    in_emit, let_go = threading.Event(), threading.Event()
+
+    class Waiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            in_emit.set()
+            let_go.wait(5)  # for ever, in a real host: what it waits for is held by the interrupted thread
+
+    waiting = Waiting(logging.WARNING)
+    logging.getLogger("mp_tier").addHandler(waiting)
+    previous = signal.signal(signal.SIGALRM, lambda *_: tier.shutdown())
+    try:
+        tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0]))
+        os.kill(tier.worker_pids()[0], signal.SIGKILL)  # the next call logs its death, holding the tier's lock
+        poller = threading.Thread(target=lambda: [tier.get_finished() for _ in iter(in_emit.is_set, True)])
+        poller.start()
+        assert in_emit.wait(10)
+        started = time.monotonic()
+        signal.raise_signal(signal.SIGALRM)
+        took = time.monotonic() - started
+        let_go.set()
+        poller.join(10)
+    finally:
+        let_go.set()
+        signal.signal(signal.SIGALRM, previous)
+        logging.getLogger("mp_tier").removeHandler(waiting)
+    assert took < 3, f"the handler's shutdown() waited {took:.1f} s for a thread that waited for it"
+    results = tier.get_finished()  # carries the shutdown out, if the poller's last call did not
+    assert [r.job_id for r in results] == [1] and tier.worker_pids() == []
+
+
 def test_a_child_forked_while_tiers_shut_down_closes_its_copies_without_an_error(cache, tmp_path):
     """A fork from another thread lands while ``shutdown`` closes fds (each close lets the GIL go): the child's fork
     handler closes its copies of every tier's fds. An fd the parent closed but had not yet marked closed made

@@ -9,7 +9,7 @@ import pytest
 from bad_input import BAD_JOBS, KEY
 from helpers import BLOCK, make_keys, run_job
 
-from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
+from mp_tier import ConfigError, FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
 from mp_tier.layout import CONFIG_FILE, MAX_KEY_BYTES
 
 
@@ -78,6 +78,17 @@ def test_root_dir_that_is_a_file(cache, tmp_path):
 def test_root_dir_that_cannot_be_created(cache):
     with pytest.raises(OSError, match="/proc/mp_tier_root"):
         FileSystemTierManager(primary_kv_view=cache, root_dir="/proc/mp_tier_root")
+
+
+def test_a_worker_count_under_both_its_names_is_refused_and_a_bad_one_blamed_on_the_name_given(cache, tmp_path):
+    """``n_read_threads`` is vLLM's name for ``n_read_workers``: given both, one was dropped without a word
+    (1 and 3 made 1 read worker), and a bad value given as ``n_write_threads`` was blamed on
+    ``n_write_workers``, a name the host never wrote. Nothing is created under the root either way."""
+    with pytest.raises(TypeError, match=r"^n_read_threads and n_read_workers name one setting: give one$"):
+        FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path), n_read_workers=1, n_read_threads=3)
+    with pytest.raises(ConfigError, match=r"^n_write_threads = 0: expected an integer >= 1 and <= 256$"):
+        FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path), n_write_threads=0)
+    assert os.listdir(tmp_path) == []
 
 
 def test_namespace_written_by_another_block_size_is_refused(make_tier, tmp_path):

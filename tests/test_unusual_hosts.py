@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -97,6 +98,94 @@ def test_a_host_that_reaps_its_children_gets_every_result_and_a_clean_shutdown(t
     assert "ChildProcessError" not in host.stderr
     if mode == "ignore":  # the kernel reaped the worker: its status is gone, and the tier says so
         assert "died: exit status unknown (the host reaped it" in host.stderr
+
+
+CLOSED_STDIO_HOST = HOST_SETUP + textwrap.dedent(
+    """
+    cache = PrimaryCache.create(16, 1 << 20)
+    cache.array[0] = 7
+    for fd in (0, 1, 2):
+        os.close(fd)  # a daemon's: the lowest free numbers, which the tier's next fds take
+    fds = sorted(os.listdir("/proc/self/fd"))
+    try:
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=root, n_read_workers=1, n_write_workers=1,
+                                     config=TierConfig(o_direct="off", engine=sys.argv[3]))
+        ready(2)
+        report["stdin"] = [os.readlink(f"/proc/{pid}/fd/0") for pid in tier.worker_pids()]
+        for out in (sys.stdout, sys.stderr):  # it still prints
+            try:
+                out.write("stray\\n")
+                out.flush()
+            except OSError:
+                pass  # EBADF: the number is free, as the host left it
+        keys = [bytes([i]) * 36 for i in range(4)]
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=[0] * 4))
+        report["results"] = [(r.job_id, r.success, r.error) for r in results(1)]
+        tier.submit_load(JobMetadata(job_id=2, keys=keys, block_ids=[1, 2, 3, 4]))
+        report["results"] += [(r.job_id, r.success, r.error) for r in results(1)]
+        report["loaded"] = bool((cache.array[1:5] == 7).all())
+        tier.shutdown()
+        report["fds_left"] = sorted(set(os.listdir("/proc/self/fd")) ^ set(fds))
+    except BaseException as e:
+        report["error"] = repr(e)
+    with open(mode, "w") as f:  # no stdout here
+        json.dump(report, f)
+    cache.close()
+    """
+)
+
+
+STRAY_WRITES_HOST = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    for fd in (0, 1, 2):
+        os.close(fd)  # a daemon's, which still prints: sys.stdout and sys.stderr still write to fds 1 and 2
+    from mp_tier import PrimaryCache
+    first = PrimaryCache.create(4, 4096)
+    for out in (sys.stdout, sys.stderr):
+        try:
+            out.write("stray")  # no newline: it would run into the janitor's next word
+            out.flush()
+        except OSError:
+            pass  # EBADF: the number is free, as the host left it
+    second = PrimaryCache.create(4, 4096)
+    with open(sys.argv[1], "w") as f:
+        json.dump({"segments": [first.name, second.name], "block0": bytes(first.array[0, :8]).hex()}, f)
+    os.kill(os.getpid(), signal.SIGKILL)  # the janitor unlinks both
+    """
+)
+
+
+def test_a_hosts_stray_writes_to_its_closed_stdio_never_reach_the_cache_or_the_janitor(tmp_path):
+    """A daemon closed fds 0-2 but still prints. The cache's file took fd 2 and the janitor's pipe fd 1: what
+    the host wrote to stderr landed in block 0 of the KV cache, and what it wrote to stdout ran into the
+    janitor's next word ("stray+<name>"), so that segment outlived the host's SIGKILL. They keep off 0-2 now."""
+    report_path = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-c", STRAY_WRITES_HOST, str(report_path)], timeout=60)
+    report = json.loads(report_path.read_text())
+    assert report["block0"] == "00" * 8, f"block 0 of the cache holds {bytes.fromhex(report['block0'])!r}"
+    deadline = time.monotonic() + 10
+    while left := [name for name in report["segments"] if os.path.exists(f"/dev/shm/{name}")]:
+        assert time.monotonic() < deadline, f"segments {left} outlived the killed host"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("engine", ["processes", "threads"])
+def test_a_host_with_its_stdio_closed_gets_working_workers_and_its_numbers_back(tmp_path, engine):
+    """A daemon closed fds 0-2, so the tier's fds took those numbers: a worker passed its cache at fd 0 got
+    /dev/null there instead (its stdin), and every worker died at start, breaking the tier; one passed a pipe
+    at fd 2 would write its traceback into it; a worker thread's death pipe took fd 1, and the host's next
+    print to stdout read as that thread's end: its join hung the host's next call. The tier's fds stay above
+    stdio, and leave 0-2 free."""
+    report_path = tmp_path / "report.json"
+    command = [sys.executable, "-c", CLOSED_STDIO_HOST, str(tmp_path / "root"), str(report_path), engine]
+    host = subprocess.run(command, timeout=30)
+    assert host.returncode == 0
+    report = json.loads(report_path.read_text())
+    assert "error" not in report, report["error"]
+    assert report["results"] == [[1, True, None], [2, True, None]] and report["loaded"]
+    assert report["stdin"] == (["/dev/null", "/dev/null"] if engine == "processes" else [])
+    assert report["fds_left"] == [], "the tier left an fd, or took one of 0-2 for good"
 
 
 STARVE = textwrap.dedent(

@@ -3,6 +3,7 @@ its factory, its FS tier. Runs where vLLM is installed (``.ci/vllm-compat`` buil
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import logging
 import os
@@ -19,7 +20,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM 0.33 is not installed here: these tests run in the venv .ci/vllm-compat builds")
 
-from helpers import wait_exit
+from helpers import child_processes, wait_exit
 from vllm.v1.kv_offload.base import LookupResult, OffloadingKVEventsConfig, OffloadKey, ReqContext, make_offload_key
 from vllm.v1.kv_offload.config import (
     OffloadingCacheConfig,
@@ -34,7 +35,9 @@ from vllm.v1.kv_offload.tiering.fs.manager import FileSystemTierManager as VllmF
 from vllm.v1.kv_offload.tiering.manager import CPUPrimaryTierOffloadingManager, TieringOffloadingManager
 
 from mp_tier.config import ConfigError
+from mp_tier.errors import TierBroken
 from mp_tier.vllm_tier import PLUGIN_NAME, MpFileSystemTierManager, register
+from mp_tier.worker_process import TEST_PAUSE
 
 CHUNK = 256 << 10  # bytes per primary chunk (a row of vLLM's view; page-aligned)
 CHUNKS = 16
@@ -251,9 +254,11 @@ def test_vllms_semantics_for_bad_chunks_failed_prefixes_and_in_flight_stores(eng
 
 
 def test_private_memory_is_refused_naming_the_cause_unless_threads_are_chosen(tmp_path: Path) -> None:
+    """Refused, it creates nothing under the root: it used to leave vLLM's directory and its config.json."""
     private = np.zeros((4, CHUNK), dtype=np.int8)
     with pytest.raises(ValueError, match=r"primary_kv_view is not in shared memory .*engine = .threads."):
-        MpFileSystemTierManager(spec(), memoryview(private), "mp", root_dir=str(tmp_path))
+        MpFileSystemTierManager(spec(), memoryview(private), "mp", root_dir=str(tmp_path / "kv"))
+    assert not (tmp_path / "kv").exists()
     tier = MpFileSystemTierManager(spec(), memoryview(private), "mp", root_dir=str(tmp_path), engine="threads")
     try:
         private[0] = 5
@@ -427,3 +432,42 @@ def test_a_malformed_key_is_a_miss_to_lookup_and_left_out_of_touch(engine_stack,
     assert [r.success for r in drain(tier)] == [True]
     tier.touch([b"abc", good], ctx)  # the good key is still touched
     assert tier.lookup(good, ctx) is LookupResult.HIT
+
+
+def test_a_job_refused_by_a_broken_tier_still_gets_its_result(engine_stack, monkeypatch, tmp_path: Path) -> None:
+    """The tier broke (its workers never start) and says so from its poll; a job refused afterwards (an
+    out-of-range chunk) still gets its one failed result from the next poll, as the tier's own jobs got
+    theirs before it raised, and only the poll after that raises again. The refused results were taken
+    for the poll's answer before the tier's own poll raised, and lost with that raise."""
+    monkeypatch.setenv(TEST_PAUSE, f"boot:30:{tmp_path / 'booting'}")
+    _, tier = engine_stack(start_timeout=1)
+    deadline = time.monotonic() + 30
+    with pytest.raises(TierBroken):
+        while time.monotonic() < deadline:
+            assert list(tier.get_finished_jobs()) == []
+            time.sleep(0.01)  # a poll loop's pace, as the engine's steps
+    tier.submit_store(job(1, [key(1)], [CHUNKS]))
+    assert [(r.job_id, r.success) for r in tier.get_finished_jobs()] == [(1, False)]
+    with pytest.raises(TierBroken):
+        tier.get_finished_jobs()
+
+
+def test_an_adapter_dropped_without_shutdown_stops_its_workers_and_its_lookup_thread(tmp_path: Path) -> None:
+    """vLLM's lookup thread (AsyncLookupManager) holds what it looks through, and waits on its queue for ever:
+    an adapter dropped without shutdown() (vLLM failing after it built its tiers, say) kept its tier alive,
+    worker processes and fds, until the interpreter exited. Now the tier goes with the adapter, as a dropped
+    tier does, and so does the thread (the autouse leak check then finds no fd or process left)."""
+    region = SharedOffloadRegion(f"mptier-{uuid.uuid4().hex[:8]}", CHUNKS, None, CHUNK, 4096)
+    primary = CPUPrimaryTierOffloadingManager(num_chunks=CHUNKS, mmap_region=region)
+    try:
+        before = child_processes()
+        tier = MpFileSystemTierManager(spec(), primary.get_kv_memoryview(), "mp", root_dir=str(tmp_path), n_read_threads=1, n_write_threads=1)
+        tier.submit_store(job(1, [key(1)], [0]))
+        workers = child_processes() - before
+        assert len(workers) == 2
+        del tier
+        gc.collect()
+        assert [pid for pid in workers if not wait_exit(pid, 5)] == [], "a worker outlived its dropped adapter"
+        assert [t.name for t in threading.enumerate() if t.name == "vllm_offloading_lookup_mp"] == []
+    finally:
+        primary.shutdown()

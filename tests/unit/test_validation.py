@@ -71,3 +71,13 @@ def test_a_bad_timeout(bad):
 def test_no_limit_and_a_limit():
     assert checked_timeout(None) is None and checked_timeout(math.inf) is None
     assert checked_timeout(0) == 0.0 and type(checked_timeout(2)) is float
+
+
+def test_a_numpy_timeout_is_a_number():
+    """A host that computes its timeout with numpy (job ids may be numpy integers too) gets it taken, not a
+    refusal that names the good value (``got 2``); numpy's bool stays refused, as bool is."""
+    assert checked_timeout(np.int64(2)) == 2.0 and type(checked_timeout(np.float32(0.5))) is float
+    assert checked_timeout(np.float64(np.inf)) is None
+    for bad in (np.bool_(True), np.float64(np.nan), np.int64(-1)):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0 or None"):
+            checked_timeout(bad)
