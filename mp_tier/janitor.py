@@ -45,8 +45,7 @@ class _Janitor:
     """
 
     def __init__(self) -> None:
-        read, pipe = os.pipe2(os.O_CLOEXEC)
-        self.pipe = stdio.above(pipe)  # a host's stray print to a closed stdout would run into a word
+        read, self.pipe = stdio.pipe()  # past 2: a host's stray print to a closed stdout would run into a word
         try:
             # Its own session: a signal to the creator's process group (systemd's stop, a shell's kill) leaves it be.
             argv = interpreter.command("mp_tier.janitor")

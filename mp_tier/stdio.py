@@ -26,6 +26,21 @@ def above(fd: int) -> int:
         os.close(fd)
 
 
+def pipe() -> tuple[int, int]:
+    """A close-on-exec pipe whose two ends are past 2; nothing is left open if it cannot be made."""
+    read, write = os.pipe2(os.O_CLOEXEC)
+    try:
+        read = above(read)
+    except OSError:
+        os.close(write)
+        raise
+    try:
+        return read, above(write)
+    except OSError:
+        os.close(read)
+        raise
+
+
 def hold(fds: list[int]) -> list[int]:
     """``/dev/null`` on each of fds 0-2 the host has closed, also listed in ``fds``, for the caller to close
     once it has made its own fds (or a child forked meanwhile, with ``fds``): none of those takes such a number."""

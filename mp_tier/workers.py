@@ -174,11 +174,10 @@ class ThreadWorker:
 
     def __init__(self, index: int, target: Callable[[], None], name: str, enter: Callable[[], bool], on_exit: Callable[[], None]):
         self.index = index
-        try:
-            read, end = os.pipe2(os.O_CLOEXEC)
+        try:  # past 2: a host's stray print to a closed stdout must not read as the thread's end
+            self.death_fd, self._end = stdio.pipe()
         except OSError as e:  # EMFILE names the limit, as a worker process's spawn does
             raise _named_limit(e, -1) from None
-        self.death_fd, self._end = stdio.above(read), stdio.above(end)  # a host's stray print must not read as its end
         self._enter = enter
         self._on_exit = on_exit
         # its end passed in: the attribute is marked closed (-1) once the thread is abandoned, the fd stays open
