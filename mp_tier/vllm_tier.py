@@ -13,25 +13,16 @@ is a setting: vLLM's FS-tier names (``n_read_threads``, ``n_write_threads``,
 or ``config_file``, a TOML preset; ``MP_TIER_*`` variables apply too. A bad
 value is refused naming the key the entry wrote, before anything is created.
 
-What vLLM hands a tier, and what it gets back:
+What vLLM hands a tier, and what it gets back (docs/vllm.md has the whole of it):
 
-* Memory: vLLM's own shared mapping of ``/dev/shm/vllm_offload_<id>.mmap``,
-  which the worker processes map through the file itself (no copy, nothing
-  ever registered for unlinking). A view over private memory is refused with
-  the reason, unless ``"engine": "threads"`` opts into the thread engine.
-* Disk: vLLM's ``FileMapper`` names the namespace directory and vLLM's
-  ``config.json`` sits beside it, so a root written by vLLM's FS tier is read
-  by this one and the other way round. That name leaves out the chunk size: an
-  engine whose size is not the one recorded there uses ``<base>_bs<bytes>_r<rank>``.
-* Lookups: the tier's memory first (``lookup_many``): a block it stored, found
-  or learned of is a HIT at once, and a store still in flight is RETRY ("being
-  transferred"; a secondary tier's HIT_PENDING would read as MISS in vLLM's
-  manager). Anything else goes through vLLM's own ``AsyncLookupManager``,
-  whose thread looks on disk: RETRY until it has, then the verdict.
-* Results: one per job, refused jobs (an out-of-range chunk id, say)
-  included, as failed results rather than exceptions. A failed promotion
-  reports the prefix it loaded, as vLLM's FS tier does, and the keys after it
-  are misses for that request.
+* Memory: vLLM's own shared mapping, which the workers map through its file
+  (no copy); a view over private memory is refused unless ``"engine": "threads"``.
+* Disk: vLLM's ``FileMapper`` names the namespace directory, and vLLM's
+  ``config.json`` sits beside it, so each tier reads what the other wrote.
+* Lookups: from the tier's memory first (a store in flight is RETRY, "being
+  transferred"), then through vLLM's own ``AsyncLookupManager`` on disk.
+* Results: one per job, refused jobs included, as failed results; a failed
+  promotion reports the prefix it loaded, as vLLM's FS tier does.
 """
 
 from __future__ import annotations
