@@ -275,6 +275,12 @@ def overlay(lower: Path, scratch: Path, room: str = "64k") -> Iterator[tuple[Pat
             _unmount(mount)
 
 
+def unmount(target: Path) -> None:
+    """umount(2) at once, not detached: the file system is written out (its superblock too) when it returns,
+    and a mount still in use fails the test."""
+    assert _libc.umount2(os.fsencode(target), 0) == 0, f"cannot unmount {target}: {os.strerror(ctypes.get_errno())}"
+
+
 def _unmount(target: Path) -> None:
     """Detached at once (MNT_DETACH): a tier's fd still open there cannot keep the mount in place. EINVAL: the
     test unmounted it itself and failed before mounting it again."""
