@@ -83,8 +83,11 @@ class CapacityIndex:
             self.touch(keys)
 
     def over_budget(self, pinned: tuple[Collection[bytes], ...]) -> list[bytes]:
-        """Blocks to delete now (after the scan found more than fits), removed from the index."""
-        over = len(self) - self._capacity if self._capacity else 0
+        """Blocks to delete now (after the scan found more than fits), removed from the index.
+
+        None with eviction off: the tier deletes nothing to make room, so stores fail until room is made.
+        """
+        over = len(self) - self._capacity if self._capacity and self.evict else 0
         victims = self._oldest(over, pinned, skip=()) if over > 0 else []
         self.discard(victims)
         return victims

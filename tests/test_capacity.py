@@ -598,3 +598,21 @@ def test_a_probe_that_crossed_a_deletion_is_not_believed():
     residency.probe_sent([key])  # (a caller may probe anyway, as lookup() does)
     residency.probed([key], [0])  # and deleted it again
     assert residency.lookup_many([key]) == ([False], [key])
+
+
+def test_a_restart_over_a_fuller_root_with_eviction_off_deletes_nothing(make_tier):
+    """eviction = "fail" promises that the tier never deletes a block to make room: restarted with a budget
+    smaller than what the root holds, it keeps every block, counts them all, and fails the next store of a new
+    block (ENOSPC) rather than delete others. The start-up scan evicted the oldest as if eviction were on."""
+    tier = make_tier()
+    keys = make_keys(7)
+    store_one_by_one(tier, keys[:6])
+    tier.shutdown()
+    fail = make_tier(config=TierConfig(max_bytes=4 * BLOCK, eviction="fail"))
+    fail.drain(30)
+    fail.drain(30)  # any evictions the scan triggered
+    assert present(fail, keys[:6]) == [True] * 6
+    assert fail.stats().bytes_counted == disk_bytes(fail.layout.base) == 6 * BLOCK and fail.stats().blocks_evicted == 0
+    refused = run_job(fail, "store", JobMetadata(job_id=9, keys=keys[6:], block_ids=[0]))
+    assert not refused.success and refused.error_code == "ENOSPC" and "eviction is off" in (refused.error or "")
+    assert present(fail, keys) == [True] * 6 + [False]
