@@ -126,10 +126,14 @@ class Residency:
 
     def missing(self, keys: list[bytes]) -> None:
         """A load found no file for these blocks (another instance deleted them, say): stop counting them,
-        so lookups stop answering True, unless a store of them landed or is in flight since."""
+        so lookups stop answering True, unless a store of them landed or is in flight since. The counted
+        ones are reported removed, as the blocks of a namespace removed whole are."""
         gone = [k for k in keys if k not in self.restored]
         self.elsewhere.difference_update(gone)
-        self._forget(gone)
+        counted = [k for k in gone if k in self.capacity and k not in self.storing]
+        self.capacity.discard(counted)
+        if self.events is not None and counted:
+            self.events.append(TierEvent("removed", tuple(counted)))
 
     def done(self, op: Op, keys: list[bytes], failed: Sequence[int], unsure: Sequence[int]) -> None:
         """A job's outcome, whichever its op: ``store_done`` or ``load_done``."""

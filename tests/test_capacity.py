@@ -616,3 +616,19 @@ def test_a_restart_over_a_fuller_root_with_eviction_off_deletes_nothing(make_tie
     refused = run_job(fail, "store", JobMetadata(job_id=9, keys=keys[6:], block_ids=[0]))
     assert not refused.success and refused.error_code == "ENOSPC" and "eviction is off" in (refused.error or "")
     assert present(fail, keys) == [True] * 6 + [False]
+
+
+def test_a_block_removed_by_someone_else_is_reported_removed_once_a_load_finds_it_gone(make_tier):
+    """An operator (or another instance) deletes one block file while the tier runs. The tier reported it
+    stored; once a load finds it gone the tier forgets it, and says so in a "removed" event, as it does for a
+    namespace removed whole: a router told where the block lives would otherwise keep sending requests for it.
+    A key the tier never counted (never stored here) gets no event."""
+    tier = make_tier(config=TierConfig(max_bytes=8 * BLOCK, events=True))
+    gone, kept, never = make_keys(3)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[gone, kept], block_ids=[0, 1])).success
+    assert tier.take_events() == [TierEvent("stored", (gone, kept))]
+    os.unlink(tier.block_path(gone))
+    loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=[gone, kept, never], block_ids=[5, 6, 7]))
+    assert loaded.successful_keys == (kept,) and loaded.error_code == "ENOENT"
+    assert tier.lookup_many([gone, kept], probe=False) == [False, True] and tier.stats().bytes_counted == BLOCK
+    assert tier.take_events() == [TierEvent("removed", (gone,))]
