@@ -632,3 +632,20 @@ def test_a_block_removed_by_someone_else_is_reported_removed_once_a_load_finds_i
     assert loaded.successful_keys == (kept,) and loaded.error_code == "ENOENT"
     assert tier.lookup_many([gone, kept], probe=False) == [False, True] and tier.stats().bytes_counted == BLOCK
     assert tier.take_events() == [TierEvent("removed", (gone,))]
+
+
+def test_a_store_over_a_block_of_another_size_replaces_it_and_the_count_matches_the_disk(make_tier, cache):
+    """Someone cut one counted block short and grew another to three blocks: a store of both keys writes
+    them again whole (a file of the wrong size is no block to skip), and the count still matches the disk."""
+    tier = make_tier(config=TierConfig(max_bytes=4 * BLOCK))
+    short, long = make_keys(2)
+    fill_random(cache, range(4))
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[short, long], block_ids=[0, 1])).success
+    os.truncate(tier.block_path(short), 10)
+    os.truncate(tier.block_path(long), 3 * BLOCK)
+    again = run_job(tier, "store", JobMetadata(job_id=2, keys=[short, long], block_ids=[2, 3]))
+    assert again.success and again.transfer_size == 2 * BLOCK, again
+    assert [os.path.getsize(tier.block_path(k)) for k in (short, long)] == [BLOCK, BLOCK]
+    assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 2 * BLOCK
+    assert run_job(tier, "load", JobMetadata(job_id=3, keys=[short, long], block_ids=[10, 11])).success
+    assert np.array_equal(cache.array[10:12], cache.array[2:4])
