@@ -319,8 +319,9 @@ def note_use(root: int, path: BlockPath) -> None:
             raise
 
 
-def has_block(root: int, path: BlockPath, owners: Owners) -> bool:
-    """True if a regular file of an allowed owner is at ``path``: anything else there is no block to load."""
+def has_block(root: int, path: BlockPath, owners: Owners, nbytes: int | None) -> bool:
+    """True if a regular file of an allowed owner, ``nbytes`` long (None: of any size), is at ``path``: anything
+    else there is no block to load (a load removes a file of another size, and a store writes it again)."""
     try:
         fd = open_beneath(root, path.rel, os.O_PATH | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -331,15 +332,15 @@ def has_block(root: int, path: BlockPath, owners: Owners) -> bool:
         raise
     try:
         st = os.fstat(fd)
-        return stat.S_ISREG(st.st_mode) and owners.allow(st)
+        return stat.S_ISREG(st.st_mode) and owners.allow(st) and nbytes in (None, st.st_size)
     finally:
         os.close(fd)
 
 
 def may_remain(root: int, path: BlockPath, owners: Owners) -> bool:
-    """After a failed delete: False only if no block is left at ``path`` (unsure: it stays counted)."""
+    """After a failed delete: False only if no file is left at ``path`` (unsure: it stays counted; any size takes room)."""
     try:
-        return has_block(root, path, owners)
+        return has_block(root, path, owners, None)
     except OSError:
         return True
 

@@ -213,7 +213,7 @@ def per_block(
                         block_io.note_use(root, path)
             elif op == Op.TOUCH:
                 block_io.touch_block(root, path)
-            elif not block_io.has_block(root, path, spec.owners):  # PROBE
+            elif not block_io.has_block(root, path, spec.owners, size):  # PROBE
                 failed.append(i)
         except Exception as e:  # any failure belongs to this block's result, not to the worker
             if isinstance(e, block_io.CorruptBlock):

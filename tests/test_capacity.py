@@ -649,3 +649,22 @@ def test_a_store_over_a_block_of_another_size_replaces_it_and_the_count_matches_
     assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 2 * BLOCK
     assert run_job(tier, "load", JobMetadata(job_id=3, keys=[short, long], block_ids=[10, 11])).success
     assert np.array_equal(cache.array[10:12], cache.array[2:4])
+
+
+def test_a_file_of_another_size_at_a_blocks_name_is_no_block_for_lookups_or_probes(tier):
+    """Someone cuts a stored block short, and plants a short file at another key's name. A load would fail
+    both (EBADMSG) and a store would write them again, so neither is a block: ``lookup`` (exact) says False,
+    and a background probe does not teach ``lookup_many`` True. A whole block planted beside them is found."""
+    cut, planted, whole = make_keys(3)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[cut], block_ids=[0])).success
+    os.truncate(tier.block_path(cut), BLOCK // 2)
+    for key, size in ((planted, 100), (whole, BLOCK)):
+        os.makedirs(os.path.dirname(tier.block_path(key)), exist_ok=True)
+        with open(tier.block_path(key), "wb") as f:
+            f.write(bytes(size))
+    assert [tier.lookup(k) for k in (cut, planted, whole)] == [False, False, True]
+    assert tier.lookup_many([planted, whole]) == [False, False]
+    tier.drain(30)  # the probes' completions are read
+    assert tier.lookup_many([planted, whole], probe=False) == [False, True]
+    loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=[cut, planted], block_ids=[5, 6]))
+    assert not loaded.success and loaded.successful_keys == () and loaded.error_code == "EBADMSG"
