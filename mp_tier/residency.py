@@ -93,8 +93,9 @@ class Residency:
     def store_done(self, keys: list[bytes], failed: Sequence[int], unsure: Sequence[int] = ()) -> None:
         """Unpin; a block a worker failed to store stops counting, unless another store of it is in flight.
 
-        ``unsure`` blocks failed with their task (its workers died): some may be on disk, so they stay
-        counted; over-counting costs room, under-counting would let the disk outgrow the budget.
+        ``unsure`` blocks may be on disk, so they stay counted: their task failed (its workers died), or a
+        file was at their name before the store, which left it as it was; over-counting costs room,
+        under-counting would let the disk outgrow the budget.
         """
         _release(self.storing, keys)
         bad = set(failed)

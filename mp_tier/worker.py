@@ -164,6 +164,7 @@ def per_block(
     failed: list[int] = []
     corrupt: list[int] = []
     missing: list[int] = []
+    present: list[int] = []
     ids = task.block_ids or [0] * len(task.keys)
     batched = op == Op.LOAD and not spec.checksum
     hooks = prefault.hooks(ids) if batched and prefault is not None else None
@@ -220,12 +221,14 @@ def per_block(
                 corrupt.append(i)
             elif isinstance(e, FileNotFoundError) and op == Op.LOAD:
                 missing.append(i)
+            elif op == Op.STORE and block_io.may_remain(root, path, spec.owners):
+                present.append(i)  # a file was there before: it takes room still
             failed.append(i)
             if error is None:
                 code, error = block_io.describe(e)
         i += 1
     error = error and error[:_MAX_ERROR_CHARS]
-    return Completion(task.seq, spec.index, nbytes, failed, error, code, skipped, corrupt, missing, kept=kept)
+    return Completion(task.seq, spec.index, nbytes, failed, error, code, skipped, corrupt, missing, kept=kept, present=present)
 
 
 def run_worker(

@@ -668,3 +668,27 @@ def test_a_file_of_another_size_at_a_blocks_name_is_no_block_for_lookups_or_prob
     assert tier.lookup_many([planted, whole], probe=False) == [False, True]
     loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=[cut, planted], block_ids=[5, 6]))
     assert not loaded.success and loaded.successful_keys == () and loaded.error_code == "EBADMSG"
+
+
+def test_a_failed_store_of_a_counted_block_leaves_it_counted(make_tier, tmp_path):
+    """A failed store never changes the file at its block's name (it writes a temp file and renames it), so a
+    block counted before the store is still on disk after it failed. Here the root is an overlayfs whose upper
+    layer is full, as a full btrfs refuses even a metadata update: a store of a block already whole in the
+    lower layer skips the write, and its touch (a copy-up) fails with ENOSPC. The store fails, naming it, but
+    the block stays counted: the tier forgot it, so the count fell below the disk and lookup_many said False
+    for a block lookup found, and the disk could outgrow max_bytes."""
+    config = TierConfig(max_bytes=4 * BLOCK)
+    counted, other = make_keys(2)
+    tier = make_tier(root_dir=str(tmp_path / "lower"), config=config)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[counted, other], block_ids=[0, 1])).success
+    tier.shutdown()
+    with overlay(tmp_path / "lower", tmp_path, room="1m") as (mount, fill):
+        tier = make_tier(root_dir=str(mount), config=config)
+        wait_ready(tier)
+        tier.drain(30)  # the start-up scan
+        fill()
+        again = run_job(tier, "store", JobMetadata(job_id=2, keys=[counted], block_ids=[0]))
+        assert not again.success and again.error_code == "ENOSPC" and again.error.endswith(os.path.basename(tier.block_path(counted)))
+        assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 2 * BLOCK
+        assert tier.lookup_many([counted, other], probe=False) == [True, True] and tier.lookup(counted) is True
+        tier.shutdown()
