@@ -18,7 +18,7 @@ from helpers import BLOCK, NAMESPACE, bytes_read, fill_random, libc_shim, make_k
 from mp_tier import JobMetadata, PrimaryCache, TierConfig
 from mp_tier.capacity import CapacityIndex
 from mp_tier.jobs import TierEvent
-from mp_tier.layout import BLOCK_SUFFIX, TEMP_SUFFIX
+from mp_tier.layout import BLOCK_SUFFIX, HOST_TAG, TEMP_SUFFIX
 from mp_tier.messages import Op
 from mp_tier.residency import Residency
 
@@ -691,4 +691,34 @@ def test_a_failed_store_of_a_counted_block_leaves_it_counted(make_tier, tmp_path
         assert not again.success and again.error_code == "ENOSPC" and again.error.endswith(os.path.basename(tier.block_path(counted)))
         assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 2 * BLOCK
         assert tier.lookup_many([counted, other], probe=False) == [True, True] and tier.lookup(counted) is True
+        tier.shutdown()
+
+
+def test_a_restart_over_thousands_of_blocks_and_stale_temp_files_keeps_the_newest_and_this_runs_stores(make_tier):
+    """3,000 blocks of a crashed run (their mtimes in LRU order) and the temp files its dead writers left; the
+    restarted tier, budgeted for 1,000, stores 48 new blocks while its start-up scan runs. The scan arrives in
+    dozens of completions: every block it found is older than this run's, so exactly the 2,048 oldest are
+    evicted (and reported removed), the temp files are swept and never counted, and the count matches the disk."""
+    with PrimaryCache.create(64, 4096) as small:
+        first = make_tier(view=small)
+        old, new = make_keys(3000, seed=5), make_keys(48, seed=6)
+        paths = [first.block_path(k) for k in old]
+        first.shutdown()
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+        now = time.time()
+        for i, path in enumerate(paths):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            for name in (path, f"{path}.{HOST_TAG}.{int(dead.stdout)}.{i}{TEMP_SUFFIX}") if i % 100 == 0 else (path,):
+                with open(name, "wb") as f:
+                    f.write(bytes(4096))
+            os.utime(path, (now - 10_000 + i, now - 10_000 + i))
+        tier = make_tier(view=small, config=TierConfig(max_bytes=1000 * 4096, events=True))
+        for job in range(6):
+            tier.submit_store(JobMetadata(job_id=job, keys=new[8 * job : 8 * job + 8], block_ids=list(range(8))))
+        tier.drain(30)
+        tier.drain(30)  # the evictions the scan triggered
+        assert [r.success for r in tier.get_finished()] == [True] * 6
+        assert present(tier, new) == [True] * 48 and present(tier, old) == [False] * 2048 + [True] * 952
+        assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 1000 * 4096 and tier.stats().files_removed == 30
+        assert sorted(k for event in tier.take_events() if event.kind == "removed" for k in event.keys) == sorted(old[:2048])
         tier.shutdown()
