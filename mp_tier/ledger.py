@@ -138,11 +138,14 @@ class Ledger:
 
     def left_behind(self, reason: str) -> None:
         """The namespace directory was replaced: blocks of stores in flight whose tasks already ended are in the
-        old one. They fail (ESTALE, ``reason``), so no job reports a block stored that is not at its path."""
+        old one. They fail (ESTALE, ``reason``), so no job reports a block stored that is not at its path. A
+        scan in flight may be listing the old one: it is marked stale (ESTALE), and what it finds is not taken."""
         pending: dict[int, tuple[Job, set[int]]] = {}
         for job, first, blocks in self.tasks.values():
             if job.op == Op.STORE:
                 pending.setdefault(id(job), (job, set()))[1].update(range(first, first + blocks))
+            elif job.op == Op.SCAN:
+                job.error, job.code = reason, "ESTALE"
         for job, waiting in pending.values():
             if placed := sorted(set(range(len(job.keys))).difference(waiting, job.failed)):
                 job.failed.extend(placed)

@@ -10,9 +10,10 @@ import subprocess
 import time
 
 import pytest
-from helpers import BLOCK, make_keys, run_job, stop_processes, wait_ready
+from helpers import BLOCK, make_keys, processes_stopped, run_job, stop_processes, wait_ready
 
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache, TierConfig
+from mp_tier.layout import MAX_KEY_BYTES
 
 
 def namespace_of(tier: FileSystemTierManager) -> str:
@@ -235,3 +236,45 @@ def test_lanes_of_one_worker_storing_across_a_move_or_removal_report_only_blocks
         answers = tier.lookup_many(every, probe=False)
         assert [k for k, a in zip(every, answers) if a and not os.path.isfile(tier.block_path(k))] == [], "lookup_many says True off the path"
         assert {r.error_code for r in results.values() if not r.success} <= {"ESTALE", "ENOENT"}, [r.error for r in results.values()]
+
+
+def waiting_for_room(pid: int) -> bool:
+    """Whether a thread of worker ``pid`` sleeps in poll(2): only a completion waiting for room in the results pipe
+    does (an idle lane sleeps in epoll)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            if f.read().startswith("poll_schedule_timeout"):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_start_up_scan_of_a_namespace_rotated_under_it_is_not_taken(make_tier, engine):
+    """A tier starts over 12,000 blocks, and the operator rotates the namespace (`mv ns ns.old; a store makes
+    it again) while the start-up scan's findings are still on their way: they list the old directory, which
+    the tier no longer uses. The scanning worker is held once it has filled the results pipe; the store that
+    makes the new directory is read first, then the rest of the scan. The tier must not count what the old
+    directory holds: it counted thousands of blocks of ns.old again, so with eviction = "fail" its budget stayed
+    full of blocks it cannot see, and every store failed with ENOSPC."""
+    with PrimaryCache.create(16, 4096) as small:
+        first = make_tier(view=small)
+        ns = namespace_of(first)
+        first.shutdown()
+        old = [bytes([0xAB, 0xCD, 0xEF]) + i.to_bytes(MAX_KEY_BYTES - 7, "big") + bytes(4) for i in range(12_000)]  # one directory
+        os.makedirs(os.path.dirname(first.block_path(old[0])))
+        for key in old:
+            os.close(os.open(first.block_path(key), os.O_WRONLY | os.O_CREAT, 0o600))
+        tier = make_tier(view=small, n_read_workers=1, n_write_workers=1, config=TierConfig(max_bytes=4 * 4096, eviction="fail"))
+        deadline = time.monotonic() + 20
+        while not (scanner := [pid for pid in tier.worker_pids() if waiting_for_room(pid)]):
+            assert time.monotonic() < deadline, "the scan never filled the results pipe"
+        new = make_keys(3, seed=8)
+        with processes_stopped(scanner):
+            os.rename(ns, f"{ns}.old")
+            tier.submit_store(JobMetadata(job_id=1, keys=new[:1], block_ids=[0]))
+            while not (results := tier.get_finished()):
+                assert time.monotonic() < deadline, "the store in the new directory never ended"
+            assert results[0].success, results[0].error
+        tier.drain(30)
+        assert tier.stats().bytes_counted == 4096 and not any(tier.lookup_many(old, probe=False))
+        assert run_job(tier, "store", JobMetadata(job_id=2, keys=new[1:], block_ids=[1, 2])).success
