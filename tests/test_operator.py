@@ -4,13 +4,14 @@ forgets what it can no longer see, never follows the old directory, and keeps se
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import time
 
 import pytest
-from helpers import BLOCK, make_keys, processes_stopped, run_job, stop_processes, wait_ready
+from helpers import BLOCK, make_keys, mounted, processes_stopped, run_job, stop_processes, wait_ready
 
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache, TierConfig
 from mp_tier.layout import MAX_KEY_BYTES
@@ -278,3 +279,30 @@ def test_a_start_up_scan_of_a_namespace_rotated_under_it_is_not_taken(make_tier,
         tier.drain(30)
         assert tier.stats().bytes_counted == 4096 and not any(tier.lookup_many(old, probe=False))
         assert run_job(tier, "store", JobMetadata(job_id=2, keys=new[1:], block_ids=[1, 2])).success
+
+
+def test_a_namespace_removed_while_the_disk_is_full_is_made_again_once_there_is_room(make_tier, tmp_path):
+    """`rm -rf` of the namespace, and the disk is full: the store that would make it again fails (ENOSPC, one
+    line naming the root) and leaves no half-made namespace that a later task would refuse. Once there is
+    room, the next store makes it (config.json and all) and lands, and the count matches the disk."""
+    with mounted("tmpfs", tmp_path / "small", "size=1m") as small:
+        tier = make_tier(root_dir=str(small / "root"), config=TierConfig(max_bytes=8 * BLOCK))
+        keys = make_keys(6)
+        store(tier, 1, keys[:4])
+        subprocess.run(["rm", "-rf", namespace_of(tier)], check=True)
+        fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, bytes(4096)):
+                pass
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        full = run_job(tier, "store", JobMetadata(job_id=2, keys=keys[4:], block_ids=[4, 5]))
+        assert not full.success and full.error_code == "ENOSPC" and str(small / "root") in (full.error or ""), full.error
+        os.unlink(small / "filler")
+        store(tier, 3, keys[4:], first=4)
+        tier.drain(30)  # the rescan of the new directory
+        assert os.path.isfile(os.path.join(namespace_of(tier), "config.json"))
+        assert tier.stats().bytes_counted == 2 * BLOCK and [tier.lookup(k) for k in keys] == [False] * 4 + [True] * 2
+        tier.shutdown()
