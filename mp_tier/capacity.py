@@ -85,7 +85,7 @@ class CapacityIndex:
     def over_budget(self, pinned: tuple[Collection[bytes], ...]) -> list[bytes]:
         """Blocks to delete now (after the scan found more than fits), removed from the index.
 
-        None with eviction off: the tier deletes nothing to make room, so stores fail until room is made.
+        None at all with eviction off: the tier deletes no block to make room, and stores fail until room is made.
         """
         over = len(self) - self._capacity if self._capacity and self.evict else 0
         victims = self._oldest(over, pinned, skip=()) if over > 0 else []

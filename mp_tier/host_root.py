@@ -31,7 +31,7 @@ class Look(NamedTuple):
 
 
 class HostRoot:
-    """The namespace directory as the host holds it: its fd, which directory that is, and whose files of what size count."""
+    """The namespace directory as the host holds it: its fd, which directory that is, and which files in it are blocks."""
 
     def __init__(self, fd: int, layout: BlockLayout, owners: Owners, block_bytes: int):
         self.fd = fd  # the tier's: closed at its end
