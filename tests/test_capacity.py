@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import BLOCK, NAMESPACE, bytes_read, fill_random, libc_shim, make_keys, overlay, run_job, stop_processes, wait_ready
 
-from mp_tier import JobMetadata, PrimaryCache, TierConfig
+from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
 from mp_tier.capacity import CapacityIndex
 from mp_tier.jobs import TierEvent
 from mp_tier.layout import BLOCK_SUFFIX, HOST_TAG, TEMP_SUFFIX
@@ -722,3 +722,44 @@ def test_a_restart_over_thousands_of_blocks_and_stale_temp_files_keeps_the_newes
         assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 1000 * 4096 and tier.stats().files_removed == 30
         assert sorted(k for event in tier.take_events() if event.kind == "removed" for k in event.keys) == sorted(old[:2048])
         tier.shutdown()
+
+
+GONE_AT_ITS_STAT = (  # NFS: a name another client removed since it was listed can stat as ESTALE, not ENOENT
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdlib.h>\n#include <string.h>\n#include <sys/stat.h>\n"
+    "int fstatat64(int dir, const char *path, struct stat64 *st, int flags) {\n"
+    '    static int (*real)(int, const char *, struct stat64 *, int);\n    const char *gone = getenv("STALE_NAME");\n'
+    "    if (gone && strstr(path, gone)) { errno = ESTALE; return -1; }\n"
+    '    if (!real) real = (int (*)(int, const char *, struct stat64 *, int))dlsym(RTLD_NEXT, "fstatat64");\n'
+    "    return real(dir, path, st, flags);\n}\n"
+)
+COUNTING_HOST = textwrap.dedent(
+    """
+    import json, sys
+    from mp_tier import FileSystemTierManager, PrimaryCache, TierConfig
+    with PrimaryCache.create(4, 65536) as cache:
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=TierConfig(max_bytes=8 * 65536))
+        tier.drain(30)
+        keys = [bytes.fromhex(key) for key in sys.argv[2:]]
+        print(json.dumps([tier.stats().bytes_counted, tier.lookup_many(keys, probe=False)]))
+        tier.shutdown()
+    """
+)
+
+
+def test_a_block_that_stats_stale_during_the_start_up_scan_is_passed_over_not_the_whole_scan(tmp_path):
+    """On NFS, a block file another client removed between the scan's listing and its stat answers ESTALE (a libc
+    shim stands in for the server). That block is gone, like one that answers ENOENT: the scan passes over it and
+    counts the others. It failed whole, so a budgeted tier counted nothing of what the root held."""
+    tier_keys = make_keys(4)
+    with PrimaryCache.create(4, BLOCK) as cache:
+        first = FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "blocks"), n_read_workers=1, n_write_workers=1)
+        assert run_job(first, "store", JobMetadata(job_id=1, keys=tier_keys, block_ids=[0, 1, 2, 3])).success
+        stale = os.path.basename(first.block_path(tier_keys[1]))
+        first.shutdown()
+    env = {**libc_shim(tmp_path, "stale", GONE_AT_ITS_STAT), "STALE_NAME": stale}
+    host = subprocess.run(
+        [sys.executable, "-c", COUNTING_HOST, str(tmp_path / "blocks"), *(k.hex() for k in tier_keys)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert host.returncode == 0, host.stderr
+    assert json.loads(host.stdout) == [3 * BLOCK, [True, False, True, True]], host.stderr[-2000:]
