@@ -324,17 +324,17 @@ def has_block(root: int, path: BlockPath, owners: Owners, nbytes: int | None) ->
     else there is no block to load (a load removes a file of another size, and a store writes it again)."""
     try:
         fd = open_beneath(root, path.rel, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return False
     except OSError as e:
-        if e.errno == errno.ELOOP:  # a symlink, here or above it
+        if e.errno in (errno.ELOOP, errno.ESTALE):  # a symlink, here or above it; a file another NFS client removed
             return False
         raise
-    try:
-        st = os.fstat(fd)
-        return stat.S_ISREG(st.st_mode) and owners.allow(st) and nbytes in (None, st.st_size)
-    finally:
-        os.close(fd)
+    return stat.S_ISREG(st.st_mode) and owners.allow(st) and nbytes in (None, st.st_size)
 
 
 def may_remain(root: int, path: BlockPath, owners: Owners) -> bool:

@@ -763,3 +763,44 @@ def test_a_block_that_stats_stale_during_the_start_up_scan_is_passed_over_not_th
     )
     assert host.returncode == 0, host.stderr
     assert json.loads(host.stdout) == [3 * BLOCK, [True, False, True, True]], host.stderr[-2000:]
+
+
+STALE_AT_ITS_FSTAT = (  # NFS: a file another client removed after this one opened it answers fstat with ESTALE
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n"
+    "#include <sys/stat.h>\n#include <unistd.h>\n"
+    "int fstat64(int fd, struct stat64 *st) {\n"
+    '    static int (*real)(int, struct stat64 *);\n    const char *gone = getenv("STALE_NAME");\n'
+    "    char link[64], target[4096];\n"
+    '    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
+    "    ssize_t n = gone ? readlink(link, target, sizeof target - 1) : -1;\n"
+    "    if (n > 0) { target[n] = 0; if (strstr(target, gone)) { errno = ESTALE; return -1; } }\n"
+    '    if (!real) real = (int (*)(int, struct stat64 *))dlsym(RTLD_NEXT, "fstat64");\n'
+    "    return real(fd, st);\n}\n"
+)
+LOOKING_HOST = textwrap.dedent(
+    """
+    import json, os, sys
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    with PrimaryCache.create(4, 65536) as cache:
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=1)
+        keys = [bytes([7]) * 32 + bytes(4), bytes([8]) * 32 + bytes(4)]
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=[0, 1]))
+        tier.drain(30)
+        assert tier.get_finished()[0].success
+        os.environ["STALE_NAME"] = os.path.basename(tier.block_path(keys[0]))  # this host's calls only: the workers started
+        try:
+            print(json.dumps([tier.lookup(k) for k in keys]))
+        finally:
+            tier.shutdown()
+    """
+)
+
+
+def test_a_lookup_of_a_block_another_nfs_client_just_removed_is_false_not_an_error(tmp_path):
+    """``lookup`` runs in the engine's scheduler. On NFS, a block another client removed between this lookup's
+    open and its fstat answers ESTALE (a libc shim stands in for the server): the block is gone, so the answer is
+    False. lookup raised the OSError into the scheduler."""
+    env = libc_shim(tmp_path, "stale_fstat", STALE_AT_ITS_FSTAT)
+    host = subprocess.run([sys.executable, "-c", LOOKING_HOST, str(tmp_path / "blocks")], env=env, capture_output=True, text=True, timeout=60)
+    assert host.returncode == 0, host.stderr[-2000:]
+    assert json.loads(host.stdout) == [False, True]
