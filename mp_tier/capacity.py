@@ -64,6 +64,8 @@ class CapacityIndex:
         over = len(warm) + len(cold) + new - self._capacity if self._capacity else 0
         if over <= 0:
             return Admission([], all_new)
+        if len(keys) > self._capacity:  # counted all at once, they never fit
+            raise CapacityFull(f"a store of {len(keys)} blocks of {self.block_bytes} bytes exceeds max_bytes {self.max_bytes} whatever is evicted")
         if not self.evict:
             raise CapacityFull(self._full(new, "eviction is off"))
         victims = self._oldest(over, pinned, skip=set(keys))

@@ -804,3 +804,16 @@ def test_a_lookup_of_a_block_another_nfs_client_just_removed_is_false_not_an_err
     host = subprocess.run([sys.executable, "-c", LOOKING_HOST, str(tmp_path / "blocks")], env=env, capture_output=True, text=True, timeout=60)
     assert host.returncode == 0, host.stderr[-2000:]
     assert json.loads(host.stdout) == [False, True]
+
+
+@pytest.mark.parametrize("eviction", ["lru", "fail"])
+def test_a_store_larger_than_the_whole_budget_is_refused_saying_so(make_tier, eviction):
+    """max_bytes of exactly one block, and a 2-block store: no eviction can ever make room, so the refusal says
+    that, not that too few blocks are free to evict (or that eviction is off), which a caller would retry."""
+    tier = make_tier(config=TierConfig(max_bytes=BLOCK, eviction=eviction))
+    a, b = make_keys(2)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[a], block_ids=[0])).success
+    refused = run_job(tier, "store", JobMetadata(job_id=2, keys=[a, b], block_ids=[0, 1]))
+    assert not refused.success and refused.error_code == "ENOSPC"
+    assert refused.error == f"ENOSPC: a store of 2 blocks of {BLOCK} bytes exceeds max_bytes {BLOCK} whatever is evicted", refused.error
+    assert present(tier, [a, b]) == [True, False] and tier.stats().bytes_counted == BLOCK
