@@ -817,3 +817,16 @@ def test_a_store_larger_than_the_whole_budget_is_refused_saying_so(make_tier, ev
     assert not refused.success and refused.error_code == "ENOSPC"
     assert refused.error == f"ENOSPC: a store of 2 blocks of {BLOCK} bytes exceeds max_bytes {BLOCK} whatever is evicted", refused.error
     assert present(tier, [a, b]) == [True, False] and tier.stats().bytes_counted == BLOCK
+
+
+def test_a_tier_with_a_small_budget_evicts_only_blocks_it_counts_beside_another_tier(make_tier, tmp_path):
+    """Tier A (2 blocks) has scanned the root when tier B, another process with no budget, stores 10 blocks
+    there; then A stores 5. A makes room among its own blocks only: all 10 of B's stay, and A keeps its 2 newest."""
+    tier = make_tier(config=TierConfig(max_bytes=2 * BLOCK))
+    tier.drain(30)  # the start-up scan: an empty root
+    subprocess.run([sys.executable, "-c", OTHER_WRITER, str(tmp_path / "blocks"), "10"], check=True, timeout=60)
+    theirs = [bytes([7, i]) * 16 + bytes(4) for i in range(10)]
+    ours = make_keys(5)
+    store_one_by_one(tier, ours)
+    assert present(tier, theirs) == [True] * 10 and present(tier, ours) == [False] * 3 + [True] * 2
+    assert tier.stats().bytes_counted == 2 * BLOCK and tier.stats().blocks_evicted == 3
