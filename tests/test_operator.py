@@ -254,7 +254,7 @@ def waiting_for_room(pid: int) -> bool:
 
 @pytest.mark.parametrize("engine", ["processes"])
 def test_a_start_up_scan_of_a_namespace_rotated_under_it_is_not_taken(make_tier, engine):
-    """A tier starts over 12,000 blocks, and the operator rotates the namespace (`mv ns ns.old; a store makes
+    """A tier starts over 12,000 blocks, and the operator rotates the namespace (`mv ns ns.old`; a store makes
     it again) while the start-up scan's findings are still on their way: they list the old directory, which
     the tier no longer uses. The scanning worker is held once it has filled the results pipe; the store that
     makes the new directory is read first, then the rest of the scan. The tier must not count what the old
@@ -272,12 +272,14 @@ def test_a_start_up_scan_of_a_namespace_rotated_under_it_is_not_taken(make_tier,
         deadline = time.monotonic() + 20
         while not (scanner := [pid for pid in tier.worker_pids() if waiting_for_room(pid)]):
             assert time.monotonic() < deadline, "the scan never filled the results pipe"
+            time.sleep(0.001)  # the worker needs the CPU to get there
         new = make_keys(3, seed=8)
         with processes_stopped(scanner[:1]):
             os.rename(ns, f"{ns}.old")
             tier.submit_store(JobMetadata(job_id=1, keys=new[:1], block_ids=[0]))
             while not (results := tier.get_finished()):
                 assert time.monotonic() < deadline, "the store in the new directory never ended"
+                tier.wait(0.01)
             assert results[0].success, results[0].error
         tier.drain(30)
         assert tier.stats().bytes_counted == 4096 and not any(tier.lookup_many(old, probe=False))
