@@ -319,27 +319,28 @@ def note_use(root: int, path: BlockPath) -> None:
             raise
 
 
-def has_block(root: int, path: BlockPath, owners: Owners) -> bool:
-    """True if a regular file of an allowed owner is at ``path``: anything else there is no block to load."""
+def has_block(root: int, path: BlockPath, owners: Owners, nbytes: int | None) -> bool:
+    """True if a regular file of an allowed owner, ``nbytes`` long (None: of any size), is at ``path``: anything
+    else there is no block to load (a load removes a file of another size, and a store writes it again)."""
     try:
         fd = open_beneath(root, path.rel, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return False
     except OSError as e:
-        if e.errno == errno.ELOOP:  # a symlink, here or above it
+        if e.errno in (errno.ELOOP, errno.ESTALE):  # a symlink, here or above it; a file another NFS client removed
             return False
         raise
-    try:
-        st = os.fstat(fd)
-        return stat.S_ISREG(st.st_mode) and owners.allow(st)
-    finally:
-        os.close(fd)
+    return stat.S_ISREG(st.st_mode) and owners.allow(st) and nbytes in (None, st.st_size)
 
 
 def may_remain(root: int, path: BlockPath, owners: Owners) -> bool:
-    """After a failed delete: False only if no block is left at ``path`` (unsure: it stays counted)."""
+    """After a failed delete: False only if no file is left at ``path`` (unsure: it stays counted; any size takes room)."""
     try:
-        return has_block(root, path, owners)
+        return has_block(root, path, owners, None)
     except OSError:
         return True
 

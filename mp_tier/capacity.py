@@ -64,6 +64,8 @@ class CapacityIndex:
         over = len(warm) + len(cold) + new - self._capacity if self._capacity else 0
         if over <= 0:
             return Admission([], all_new)
+        if len(keys) > self._capacity:  # counted all at once, they never fit
+            raise CapacityFull(f"a store of {len(keys)} blocks of {self.block_bytes} bytes exceeds max_bytes {self.max_bytes} whatever is evicted")
         if not self.evict:
             raise CapacityFull(self._full(new, "eviction is off"))
         victims = self._oldest(over, pinned, skip=set(keys))
@@ -83,8 +85,11 @@ class CapacityIndex:
             self.touch(keys)
 
     def over_budget(self, pinned: tuple[Collection[bytes], ...]) -> list[bytes]:
-        """Blocks to delete now (after the scan found more than fits), removed from the index."""
-        over = len(self) - self._capacity if self._capacity else 0
+        """Blocks to delete now (after the scan found more than fits), removed from the index.
+
+        None at all with eviction off: the tier deletes no block to make room, and stores fail until room is made.
+        """
+        over = len(self) - self._capacity if self._capacity and self.evict else 0
         victims = self._oldest(over, pinned, skip=()) if over > 0 else []
         self.discard(victims)
         return victims

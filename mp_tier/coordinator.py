@@ -210,7 +210,7 @@ class Coordinator:
             self.ledger.left_behind("the namespace directory was replaced after these blocks were stored: they are in the old one")
             self.housekeeping(Op.SCAN, [])  # what the directory now there holds (one put back, say)
         if completion.more:
-            if completion.seq in self.ledger.tasks:
+            if (scan := self.ledger.tasks.get(completion.seq)) is not None and scan.job.code is None:  # not stale
                 self.residency.scanned(completion.found)
             return
         ref = self.ledger.complete(completion, unsure)

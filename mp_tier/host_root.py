@@ -31,13 +31,14 @@ class Look(NamedTuple):
 
 
 class HostRoot:
-    """The namespace directory as the host holds it: its fd, which directory that is, and whose files count."""
+    """The namespace directory as the host holds it: its fd, which directory that is, and which files in it are blocks."""
 
-    def __init__(self, fd: int, layout: BlockLayout, owners: Owners):
+    def __init__(self, fd: int, layout: BlockLayout, owners: Owners, block_bytes: int):
         self.fd = fd  # the tier's: closed at its end
         self.holds = identity(fd)  # the directory ``fd`` holds; the workers' may be newer
         self.layout = layout
         self.owners = owners
+        self.block_bytes = block_bytes  # a file of another size at a block's name is no block
 
     def look(self, namespace: tuple[int, int]) -> Look:
         """Under the lock: what ``has_block`` needs, given the directory the workers use now."""
@@ -59,7 +60,7 @@ class HostRoot:
                         self.holds = look.namespace
                 os.close(root)
                 root = fresh
-            return not replaced(root, self.layout.base) and block_io.has_block(root, self.layout.locate(key), self.owners)
+            return not replaced(root, self.layout.base) and block_io.has_block(root, self.layout.locate(key), self.owners, self.block_bytes)
         finally:
             os.close(root)
 

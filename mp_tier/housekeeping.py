@@ -9,6 +9,7 @@ itself after its workers are stopped; ``mp-tier clean`` applies the same rule.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -41,8 +42,10 @@ def scan_blocks(root: int, owners: Owners) -> tuple[list[bytes], int]:
                 continue
             try:
                 st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed meanwhile
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ESTALE):
+                    continue  # removed meanwhile (on NFS, by another client: ESTALE)
+                raise
             if stat.S_ISREG(st.st_mode) and owners.allow(st):
                 found.append((st.st_mtime_ns, key))
             else:

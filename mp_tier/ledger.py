@@ -37,7 +37,9 @@ class Job:
         self.tasks_left = 0  # set by commit; the job is done at zero
         self.nbytes = 0  # bytes moved so far
         self.failed: list[int] = []  # indices (into keys) of blocks that did not move
-        self.unsure: list[int] = []  # ... of those, the ones a worker may have begun before their task failed (a store's may be on disk)
+        # ... of those, the ones that may be on disk: a store's that a worker may have begun before their task failed,
+        # or whose name still holds a file (one there before the store)
+        self.unsure: list[int] = []
         self.error: str | None = None  # the first failure's message
         self.code: str | None = None  # ... and its errno name
         self.start = time.perf_counter()
@@ -125,6 +127,8 @@ class Ledger:
             job.failed.extend(ref.first + i for i in completion.failed)
             if unsure:
                 job.unsure.extend(ref.first + i for i in completion.failed)
+            elif completion.present:
+                job.unsure.extend(ref.first + i for i in completion.present)
             if job.error is None:
                 job.error, job.code = completion.error, completion.code
         job.tasks_left -= 1
@@ -134,11 +138,14 @@ class Ledger:
 
     def left_behind(self, reason: str) -> None:
         """The namespace directory was replaced: blocks of stores in flight whose tasks already ended are in the
-        old one. They fail (ESTALE, ``reason``), so no job reports a block stored that is not at its path."""
+        old one. They fail (ESTALE, ``reason``), so no job reports a block stored that is not at its path. A
+        scan in flight may be listing the old one: it is marked stale (ESTALE), and what it finds is not taken."""
         pending: dict[int, tuple[Job, set[int]]] = {}
         for job, first, blocks in self.tasks.values():
             if job.op == Op.STORE:
                 pending.setdefault(id(job), (job, set()))[1].update(range(first, first + blocks))
+            elif job.op == Op.SCAN:
+                job.error, job.code = reason, "ESTALE"
         for job, waiting in pending.values():
             if placed := sorted(set(range(len(job.keys))).difference(waiting, job.failed)):
                 job.failed.extend(placed)

@@ -51,7 +51,9 @@ class Completion(msgspec.Struct, array_like=True):
     whose files were found corrupt and deleted; ``missing`` the indices of
     blocks a load found no file for; ``kept`` the indices into the task's
     ``evict`` of blocks whose files could not be deleted and are still
-    there; ``swept`` the temp files a sweep deleted; ``foreign`` the names
+    there; ``present`` the indices of blocks a store failed whose name
+    still holds a file (one there before: a failed store leaves it as it
+    was); ``swept`` the temp files a sweep deleted; ``foreign`` the names
     a scan or sweep skipped as not the tier's. A scan sends its ``found``
     keys in several completions, all but the last with ``more``. ``namespace``
     is set when the worker found the namespace directory removed or replaced
@@ -72,6 +74,7 @@ class Completion(msgspec.Struct, array_like=True):
     found: list[bytes] = []
     more: bool = False
     kept: list[int] = []
+    present: list[int] = []
     namespace: tuple[int, int] | None = None
 
 

@@ -93,8 +93,9 @@ class Residency:
     def store_done(self, keys: list[bytes], failed: Sequence[int], unsure: Sequence[int] = ()) -> None:
         """Unpin; a block a worker failed to store stops counting, unless another store of it is in flight.
 
-        ``unsure`` blocks failed with their task (its workers died): some may be on disk, so they stay
-        counted; over-counting costs room, under-counting would let the disk outgrow the budget.
+        ``unsure`` blocks may be on disk, so they stay counted: their task failed (its workers died), or a
+        file was at their name before the store, which left it as it was; over-counting costs room,
+        under-counting would let the disk outgrow the budget.
         """
         _release(self.storing, keys)
         bad = set(failed)
@@ -126,10 +127,14 @@ class Residency:
 
     def missing(self, keys: list[bytes]) -> None:
         """A load found no file for these blocks (another instance deleted them, say): stop counting them,
-        so lookups stop answering True, unless a store of them landed or is in flight since."""
+        so lookups stop answering True, unless a store of them landed or is in flight since. The counted
+        ones are reported removed, as the blocks of a namespace removed whole are."""
         gone = [k for k in keys if k not in self.restored]
         self.elsewhere.difference_update(gone)
-        self._forget(gone)
+        counted = [k for k in gone if k in self.capacity and k not in self.storing]
+        self.capacity.discard(counted)
+        if self.events is not None and counted:
+            self.events.append(TierEvent("removed", tuple(counted)))
 
     def done(self, op: Op, keys: list[bytes], failed: Sequence[int], unsure: Sequence[int]) -> None:
         """A job's outcome, whichever its op: ``store_done`` or ``load_done``."""

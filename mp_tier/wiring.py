@@ -149,7 +149,7 @@ def build(config: TierConfig, primary_kv_view: Any, offloading_spec: Any, namesp
         _abandon(fds)
         pool.once_let_go(primary.release)  # a thread that ended leaves the view in a cycle (its closures) for gc
         raise
-    core = Coordinator(pool, Residency(capacity, config.events, identity(root)), HostRoot(root, layout, owners), config)
+    core = Coordinator(pool, Residency(capacity, config.events, identity(root)), HostRoot(root, layout, owners, primary.block_bytes), config)
     log.debug("tier up: %s, %d+%d %s, direct=%s", layout.base, config.n_read_workers, config.n_write_workers, config.engine, direct)
     return Parts(core, layout, direct, primary.num_blocks, primary.block_bytes, primary.release, fds, wake)
 

@@ -164,6 +164,7 @@ def per_block(
     failed: list[int] = []
     corrupt: list[int] = []
     missing: list[int] = []
+    present: list[int] = []
     ids = task.block_ids or [0] * len(task.keys)
     batched = op == Op.LOAD and not spec.checksum
     hooks = prefault.hooks(ids) if batched and prefault is not None else None
@@ -213,19 +214,21 @@ def per_block(
                         block_io.note_use(root, path)
             elif op == Op.TOUCH:
                 block_io.touch_block(root, path)
-            elif not block_io.has_block(root, path, spec.owners):  # PROBE
+            elif not block_io.has_block(root, path, spec.owners, size):  # PROBE
                 failed.append(i)
         except Exception as e:  # any failure belongs to this block's result, not to the worker
             if isinstance(e, block_io.CorruptBlock):
                 corrupt.append(i)
             elif isinstance(e, FileNotFoundError) and op == Op.LOAD:
                 missing.append(i)
+            elif op == Op.STORE and block_io.may_remain(root, path, spec.owners):
+                present.append(i)  # a file was there before: it takes room still
             failed.append(i)
             if error is None:
                 code, error = block_io.describe(e)
         i += 1
     error = error and error[:_MAX_ERROR_CHARS]
-    return Completion(task.seq, spec.index, nbytes, failed, error, code, skipped, corrupt, missing, kept=kept)
+    return Completion(task.seq, spec.index, nbytes, failed, error, code, skipped, corrupt, missing, kept=kept, present=present)
 
 
 def run_worker(

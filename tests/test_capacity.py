@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from helpers import BLOCK, NAMESPACE, bytes_read, fill_random, libc_shim, make_keys, overlay, run_job, stop_processes, wait_ready
 
-from mp_tier import JobMetadata, PrimaryCache, TierConfig
+from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
 from mp_tier.capacity import CapacityIndex
 from mp_tier.jobs import TierEvent
-from mp_tier.layout import BLOCK_SUFFIX, TEMP_SUFFIX
+from mp_tier.layout import BLOCK_SUFFIX, HOST_TAG, TEMP_SUFFIX
 from mp_tier.messages import Op
 from mp_tier.residency import Residency
 
@@ -598,3 +598,235 @@ def test_a_probe_that_crossed_a_deletion_is_not_believed():
     residency.probe_sent([key])  # (a caller may probe anyway, as lookup() does)
     residency.probed([key], [0])  # and deleted it again
     assert residency.lookup_many([key]) == ([False], [key])
+
+
+def test_a_restart_over_a_fuller_root_with_eviction_off_deletes_nothing(make_tier):
+    """eviction = "fail" promises that the tier never deletes a block to make room: restarted with a budget
+    smaller than what the root holds, it keeps every block, counts them all, and fails the next store of a new
+    block (ENOSPC) rather than delete others. The start-up scan evicted the oldest as if eviction were on."""
+    tier = make_tier()
+    keys = make_keys(7)
+    store_one_by_one(tier, keys[:6])
+    tier.shutdown()
+    fail = make_tier(config=TierConfig(max_bytes=4 * BLOCK, eviction="fail"))
+    fail.drain(30)
+    fail.drain(30)  # any evictions the scan triggered
+    assert present(fail, keys[:6]) == [True] * 6
+    assert fail.stats().bytes_counted == disk_bytes(fail.layout.base) == 6 * BLOCK and fail.stats().blocks_evicted == 0
+    refused = run_job(fail, "store", JobMetadata(job_id=9, keys=keys[6:], block_ids=[0]))
+    assert not refused.success and refused.error_code == "ENOSPC" and "eviction is off" in (refused.error or "")
+    assert present(fail, keys) == [True] * 6 + [False]
+
+
+def test_a_block_removed_by_someone_else_is_reported_removed_once_a_load_finds_it_gone(make_tier):
+    """An operator (or another instance) deletes one block file while the tier runs. The tier reported it
+    stored; once a load finds it gone the tier forgets it, and says so in a "removed" event, as it does for a
+    namespace removed whole: a router told where the block lives would otherwise keep sending requests for it.
+    A key the tier never counted (never stored here) gets no event."""
+    tier = make_tier(config=TierConfig(max_bytes=8 * BLOCK, events=True))
+    gone, kept, never = make_keys(3)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[gone, kept], block_ids=[0, 1])).success
+    assert tier.take_events() == [TierEvent("stored", (gone, kept))]
+    os.unlink(tier.block_path(gone))
+    loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=[gone, kept, never], block_ids=[5, 6, 7]))
+    assert loaded.successful_keys == (kept,) and loaded.error_code == "ENOENT"
+    assert tier.lookup_many([gone, kept], probe=False) == [False, True] and tier.stats().bytes_counted == BLOCK
+    assert tier.take_events() == [TierEvent("removed", (gone,))]
+
+
+def test_a_store_over_a_block_of_another_size_replaces_it_and_the_count_matches_the_disk(make_tier, cache):
+    """Someone cut one counted block short and grew another to three blocks: a store of both keys writes
+    them again whole (a file of the wrong size is no block to skip), and the count still matches the disk."""
+    tier = make_tier(config=TierConfig(max_bytes=4 * BLOCK))
+    short, long = make_keys(2)
+    fill_random(cache, range(4))
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[short, long], block_ids=[0, 1])).success
+    os.truncate(tier.block_path(short), 10)
+    os.truncate(tier.block_path(long), 3 * BLOCK)
+    again = run_job(tier, "store", JobMetadata(job_id=2, keys=[short, long], block_ids=[2, 3]))
+    assert again.success and again.transfer_size == 2 * BLOCK, again
+    assert [os.path.getsize(tier.block_path(k)) for k in (short, long)] == [BLOCK, BLOCK]
+    assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 2 * BLOCK
+    assert run_job(tier, "load", JobMetadata(job_id=3, keys=[short, long], block_ids=[10, 11])).success
+    assert np.array_equal(cache.array[10:12], cache.array[2:4])
+
+
+def test_a_file_of_another_size_at_a_blocks_name_is_no_block_for_lookups_or_probes(tier):
+    """Someone cuts a stored block short, and plants a short file at another key's name. A load would fail
+    both (EBADMSG) and a store would write them again, so neither is a block: ``lookup`` (exact) says False,
+    and a background probe does not teach ``lookup_many`` True. A whole block planted beside them is found."""
+    cut, planted, whole = make_keys(3)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[cut], block_ids=[0])).success
+    os.truncate(tier.block_path(cut), BLOCK // 2)
+    for key, size in ((planted, 100), (whole, BLOCK)):
+        os.makedirs(os.path.dirname(tier.block_path(key)), exist_ok=True)
+        with open(tier.block_path(key), "wb") as f:
+            f.write(bytes(size))
+    assert [tier.lookup(k) for k in (cut, planted, whole)] == [False, False, True]
+    assert tier.lookup_many([planted, whole]) == [False, False]
+    tier.drain(30)  # the probes' completions are read
+    assert tier.lookup_many([planted, whole], probe=False) == [False, True]
+    loaded = run_job(tier, "load", JobMetadata(job_id=2, keys=[cut, planted], block_ids=[5, 6]))
+    assert not loaded.success and loaded.successful_keys == () and loaded.error_code == "EBADMSG"
+
+
+def test_a_failed_store_of_a_counted_block_leaves_it_counted(make_tier, tmp_path):
+    """A failed store never changes the file at its block's name (it writes a temp file and renames it), so a
+    block counted before the store is still on disk after it failed. Here the root is an overlayfs whose upper
+    layer is full, as a full btrfs refuses even a metadata update: a store of a block already whole in the
+    lower layer skips the write, and its touch (a copy-up) fails with ENOSPC. The store fails, naming it, but
+    the block stays counted: the tier forgot it, so the count fell below the disk and lookup_many said False
+    for a block lookup found, and the disk could outgrow max_bytes."""
+    config = TierConfig(max_bytes=4 * BLOCK)
+    counted, other = make_keys(2)
+    tier = make_tier(root_dir=str(tmp_path / "lower"), config=config)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[counted, other], block_ids=[0, 1])).success
+    tier.shutdown()
+    with overlay(tmp_path / "lower", tmp_path, room="1m") as (mount, fill):
+        tier = make_tier(root_dir=str(mount), config=config)
+        wait_ready(tier)
+        tier.drain(30)  # the start-up scan
+        fill()
+        again = run_job(tier, "store", JobMetadata(job_id=2, keys=[counted], block_ids=[0]))
+        assert not again.success and again.error_code == "ENOSPC" and again.error.endswith(os.path.basename(tier.block_path(counted)))
+        assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 2 * BLOCK
+        assert tier.lookup_many([counted, other], probe=False) == [True, True] and tier.lookup(counted) is True
+        tier.shutdown()
+
+
+def test_a_restart_over_thousands_of_blocks_and_stale_temp_files_keeps_the_newest_and_this_runs_stores(make_tier):
+    """3,000 blocks of a crashed run (their mtimes in LRU order) and the temp files its dead writers left; the
+    restarted tier, budgeted for 1,000, stores 48 new blocks while its start-up scan runs. The scan arrives in
+    dozens of completions: every block it found is older than this run's, so exactly the 2,048 oldest are
+    evicted (and reported removed), the temp files are swept and never counted, and the count matches the disk."""
+    with PrimaryCache.create(64, 4096) as small:
+        first = make_tier(view=small)
+        old, new = make_keys(3000, seed=5), make_keys(48, seed=6)
+        paths = [first.block_path(k) for k in old]
+        first.shutdown()
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+        now = time.time()
+        for i, path in enumerate(paths):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            for name in (path, f"{path}.{HOST_TAG}.{int(dead.stdout)}.{i}{TEMP_SUFFIX}") if i % 100 == 0 else (path,):
+                with open(name, "wb") as f:
+                    f.write(bytes(4096))
+            os.utime(path, (now - 10_000 + i, now - 10_000 + i))
+        tier = make_tier(view=small, config=TierConfig(max_bytes=1000 * 4096, events=True))
+        for job in range(6):
+            tier.submit_store(JobMetadata(job_id=job, keys=new[8 * job : 8 * job + 8], block_ids=list(range(8))))
+        tier.drain(30)
+        tier.drain(30)  # the evictions the scan triggered
+        assert [r.success for r in tier.get_finished()] == [True] * 6
+        assert present(tier, new) == [True] * 48 and present(tier, old) == [False] * 2048 + [True] * 952
+        assert tier.stats().bytes_counted == disk_bytes(tier.layout.base) == 1000 * 4096 and tier.stats().files_removed == 30
+        assert sorted(k for event in tier.take_events() if event.kind == "removed" for k in event.keys) == sorted(old[:2048])
+        tier.shutdown()
+
+
+GONE_AT_ITS_STAT = (  # NFS: a name another client removed since it was listed can stat as ESTALE, not ENOENT
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdlib.h>\n#include <string.h>\n#include <sys/stat.h>\n"
+    "int fstatat64(int dir, const char *path, struct stat64 *st, int flags) {\n"
+    '    static int (*real)(int, const char *, struct stat64 *, int);\n    const char *gone = getenv("STALE_NAME");\n'
+    "    if (gone && strstr(path, gone)) { errno = ESTALE; return -1; }\n"
+    '    if (!real) real = (int (*)(int, const char *, struct stat64 *, int))dlsym(RTLD_NEXT, "fstatat64");\n'
+    "    return real(dir, path, st, flags);\n}\n"
+)
+COUNTING_HOST = textwrap.dedent(
+    """
+    import json, sys
+    from mp_tier import FileSystemTierManager, PrimaryCache, TierConfig
+    with PrimaryCache.create(4, 65536) as cache:
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=TierConfig(max_bytes=8 * 65536))
+        tier.drain(30)
+        keys = [bytes.fromhex(key) for key in sys.argv[2:]]
+        print(json.dumps([tier.stats().bytes_counted, tier.lookup_many(keys, probe=False)]))
+        tier.shutdown()
+    """
+)
+
+
+def test_a_block_that_stats_stale_during_the_start_up_scan_is_passed_over_not_the_whole_scan(tmp_path):
+    """On NFS, a block file another client removed between the scan's listing and its stat answers ESTALE (a libc
+    shim stands in for the server). That block is gone, like one that answers ENOENT: the scan passes over it and
+    counts the others. It failed whole, so a budgeted tier counted nothing of what the root held."""
+    tier_keys = make_keys(4)
+    with PrimaryCache.create(4, BLOCK) as cache:
+        first = FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path / "blocks"), n_read_workers=1, n_write_workers=1)
+        assert run_job(first, "store", JobMetadata(job_id=1, keys=tier_keys, block_ids=[0, 1, 2, 3])).success
+        stale = os.path.basename(first.block_path(tier_keys[1]))
+        first.shutdown()
+    env = {**libc_shim(tmp_path, "stale", GONE_AT_ITS_STAT), "STALE_NAME": stale}
+    host = subprocess.run(
+        [sys.executable, "-c", COUNTING_HOST, str(tmp_path / "blocks"), *(k.hex() for k in tier_keys)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert host.returncode == 0, host.stderr
+    assert json.loads(host.stdout) == [3 * BLOCK, [True, False, True, True]], host.stderr[-2000:]
+
+
+STALE_AT_ITS_FSTAT = (  # NFS: a file another client removed after this one opened it answers fstat with ESTALE
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n"
+    "#include <sys/stat.h>\n#include <unistd.h>\n"
+    "int fstat64(int fd, struct stat64 *st) {\n"
+    '    static int (*real)(int, struct stat64 *);\n    const char *gone = getenv("STALE_NAME");\n'
+    "    char link[64], target[4096];\n"
+    '    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
+    "    ssize_t n = gone ? readlink(link, target, sizeof target - 1) : -1;\n"
+    "    if (n > 0) { target[n] = 0; if (strstr(target, gone)) { errno = ESTALE; return -1; } }\n"
+    '    if (!real) real = (int (*)(int, struct stat64 *))dlsym(RTLD_NEXT, "fstat64");\n'
+    "    return real(fd, st);\n}\n"
+)
+LOOKING_HOST = textwrap.dedent(
+    """
+    import json, os, sys
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache
+    with PrimaryCache.create(4, 65536) as cache:
+        tier = FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], n_read_workers=1, n_write_workers=1)
+        keys = [bytes([7]) * 32 + bytes(4), bytes([8]) * 32 + bytes(4)]
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=[0, 1]))
+        tier.drain(30)
+        assert tier.get_finished()[0].success
+        os.environ["STALE_NAME"] = os.path.basename(tier.block_path(keys[0]))  # this host's calls only: the workers started
+        try:
+            print(json.dumps([tier.lookup(k) for k in keys]))
+        finally:
+            tier.shutdown()
+    """
+)
+
+
+def test_a_lookup_of_a_block_another_nfs_client_just_removed_is_false_not_an_error(tmp_path):
+    """``lookup`` runs in the engine's scheduler. On NFS, a block another client removed between this lookup's
+    open and its fstat answers ESTALE (a libc shim stands in for the server): the block is gone, so the answer is
+    False. lookup raised the OSError into the scheduler."""
+    env = libc_shim(tmp_path, "stale_fstat", STALE_AT_ITS_FSTAT)
+    host = subprocess.run([sys.executable, "-c", LOOKING_HOST, str(tmp_path / "blocks")], env=env, capture_output=True, text=True, timeout=60)
+    assert host.returncode == 0, host.stderr[-2000:]
+    assert json.loads(host.stdout) == [False, True]
+
+
+@pytest.mark.parametrize("eviction", ["lru", "fail"])
+def test_a_store_larger_than_the_whole_budget_is_refused_saying_so(make_tier, eviction):
+    """max_bytes of exactly one block, and a 2-block store: no eviction can ever make room, so the refusal says
+    that, not that too few blocks are free to evict (or that eviction is off), which a caller would retry."""
+    tier = make_tier(config=TierConfig(max_bytes=BLOCK, eviction=eviction))
+    a, b = make_keys(2)
+    assert run_job(tier, "store", JobMetadata(job_id=1, keys=[a], block_ids=[0])).success
+    refused = run_job(tier, "store", JobMetadata(job_id=2, keys=[a, b], block_ids=[0, 1]))
+    assert not refused.success and refused.error_code == "ENOSPC"
+    assert refused.error == f"ENOSPC: a store of 2 blocks of {BLOCK} bytes exceeds max_bytes {BLOCK} whatever is evicted", refused.error
+    assert present(tier, [a, b]) == [True, False] and tier.stats().bytes_counted == BLOCK
+
+
+def test_a_tier_with_a_small_budget_evicts_only_blocks_it_counts_beside_another_tier(make_tier, tmp_path):
+    """Tier A (2 blocks) has scanned the root when tier B, another process with no budget, stores 10 blocks
+    there; then A stores 5. A makes room among its own blocks only: all 10 of B's stay, and A keeps its 2 newest."""
+    tier = make_tier(config=TierConfig(max_bytes=2 * BLOCK))
+    tier.drain(30)  # the start-up scan: an empty root
+    subprocess.run([sys.executable, "-c", OTHER_WRITER, str(tmp_path / "blocks"), "10"], check=True, timeout=60)
+    theirs = [bytes([7, i]) * 16 + bytes(4) for i in range(10)]
+    ours = make_keys(5)
+    store_one_by_one(tier, ours)
+    assert present(tier, theirs) == [True] * 10 and present(tier, ours) == [False] * 3 + [True] * 2
+    assert tier.stats().bytes_counted == 2 * BLOCK and tier.stats().blocks_evicted == 3

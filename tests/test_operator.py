@@ -4,15 +4,17 @@ forgets what it can no longer see, never follows the old directory, and keeps se
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import time
 
 import pytest
-from helpers import BLOCK, make_keys, run_job, stop_processes, wait_ready
+from helpers import BLOCK, make_keys, mounted, processes_stopped, run_job, stop_processes, wait_ready
 
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache, TierConfig
+from mp_tier.layout import MAX_KEY_BYTES
 
 
 def namespace_of(tier: FileSystemTierManager) -> str:
@@ -235,3 +237,77 @@ def test_lanes_of_one_worker_storing_across_a_move_or_removal_report_only_blocks
         answers = tier.lookup_many(every, probe=False)
         assert [k for k, a in zip(every, answers) if a and not os.path.isfile(tier.block_path(k))] == [], "lookup_many says True off the path"
         assert {r.error_code for r in results.values() if not r.success} <= {"ESTALE", "ENOENT"}, [r.error for r in results.values()]
+
+
+def waiting_for_room(pid: int) -> bool:
+    """Whether a thread of worker ``pid`` sleeps in poll(2) or ppoll(2) (x86-64 numbers): only a completion waiting
+    for room in the results pipe does (an idle lane sleeps in epoll_wait)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                if f.read().split()[0] in ("7", "271"):
+                    return True
+        except (OSError, IndexError):
+            pass  # a thread that ended, or one running (no system call to show)
+    return False
+
+
+@pytest.mark.parametrize("engine", ["processes"])
+def test_a_start_up_scan_of_a_namespace_rotated_under_it_is_not_taken(make_tier, engine):
+    """A tier starts over 12,000 blocks, and the operator rotates the namespace (`mv ns ns.old`; a store makes
+    it again) while the start-up scan's findings are still on their way: they list the old directory, which
+    the tier no longer uses. The scanning worker is held once it has filled the results pipe; the store that
+    makes the new directory is read first, then the rest of the scan. The tier must not count what the old
+    directory holds: it counted thousands of blocks of ns.old again, so with eviction = "fail" its budget stayed
+    full of blocks it cannot see, and every store failed with ENOSPC."""
+    with PrimaryCache.create(16, 4096) as small:
+        first = make_tier(view=small)
+        ns = namespace_of(first)
+        first.shutdown()
+        old = [bytes([0xAB, 0xCD, 0xEF]) + i.to_bytes(MAX_KEY_BYTES - 7, "big") + bytes(4) for i in range(12_000)]  # one directory
+        os.makedirs(os.path.dirname(first.block_path(old[0])))
+        for key in old:
+            os.close(os.open(first.block_path(key), os.O_WRONLY | os.O_CREAT, 0o600))
+        tier = make_tier(view=small, n_read_workers=1, n_write_workers=1, config=TierConfig(max_bytes=4 * 4096, eviction="fail"))
+        deadline = time.monotonic() + 20
+        while not (scanner := [pid for pid in tier.worker_pids() if waiting_for_room(pid)]):
+            assert time.monotonic() < deadline, "the scan never filled the results pipe"
+            time.sleep(0.001)  # the worker needs the CPU to get there
+        new = make_keys(3, seed=8)
+        with processes_stopped(scanner[:1]):
+            os.rename(ns, f"{ns}.old")
+            tier.submit_store(JobMetadata(job_id=1, keys=new[:1], block_ids=[0]))
+            while not (results := tier.get_finished()):
+                assert time.monotonic() < deadline, "the store in the new directory never ended"
+                tier.wait(0.01)
+            assert results[0].success, results[0].error
+        tier.drain(30)
+        assert tier.stats().bytes_counted == 4096 and not any(tier.lookup_many(old, probe=False))
+        assert run_job(tier, "store", JobMetadata(job_id=2, keys=new[1:], block_ids=[1, 2])).success
+
+
+def test_a_namespace_removed_while_the_disk_is_full_is_made_again_once_there_is_room(make_tier, tmp_path):
+    """`rm -rf` of the namespace, and the disk is full: the store that would make it again fails (ENOSPC, one
+    line naming the root) and leaves no half-made namespace that a later task would refuse. Once there is
+    room, the next store makes it (config.json and all) and lands, and the count matches the disk."""
+    with mounted("tmpfs", tmp_path / "small", "size=1m") as small:
+        tier = make_tier(root_dir=str(small / "root"), config=TierConfig(max_bytes=8 * BLOCK))
+        keys = make_keys(6)
+        store(tier, 1, keys[:4])
+        subprocess.run(["rm", "-rf", namespace_of(tier)], check=True)
+        fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, bytes(4096)):
+                pass
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        full = run_job(tier, "store", JobMetadata(job_id=2, keys=keys[4:], block_ids=[4, 5]))
+        assert not full.success and full.error_code == "ENOSPC" and str(small / "root") in (full.error or ""), full.error
+        os.unlink(small / "filler")
+        store(tier, 3, keys[4:], first=4)
+        tier.drain(30)  # the rescan of the new directory
+        assert os.path.isfile(os.path.join(namespace_of(tier), "config.json"))
+        assert tier.stats().bytes_counted == 2 * BLOCK and [tier.lookup(k) for k in keys] == [False] * 4 + [True] * 2
+        tier.shutdown()

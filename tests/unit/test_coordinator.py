@@ -139,7 +139,7 @@ class FakePool:
 @pytest.fixture
 def root(tmp_path: Path) -> Iterator[HostRoot]:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    yield HostRoot(fd, BlockLayout(str(tmp_path)), owners_for(False))
+    yield HostRoot(fd, BlockLayout(str(tmp_path)), owners_for(False), BLOCK)
     os.close(fd)
 
 
