@@ -374,7 +374,7 @@ def test_a_load_waits_one_block_of_a_store_task_not_the_whole_task(make_tier):
     """Both workers are inside store tasks of 20 blocks (one lane each) when the load arrives; the read-priority
     one serves it between two blocks, so its result comes before either store's. Told by the order of the
     results, which the workers set: blocks counted once this test had the load's result counted those the
-    workers stored until a loaded host got round to it (up to 31 here)."""
+    workers stored until a loaded host got round to it (20 to 48 of 80 here, over the limit of 20)."""
     from mp_tier import TierConfig
 
     with PrimaryCache.create(42, 1 << 20) as big:
