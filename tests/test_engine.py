@@ -371,26 +371,37 @@ def test_cache_attach_shares_bytes_and_only_owner_unlinks():
 
 
 def test_a_load_waits_one_block_of_a_store_task_not_the_whole_task(make_tier):
-    """Both workers are inside large store tasks when the load arrives; the read-priority
-    one serves it between two blocks, long before the store job is done."""
-    big = PrimaryCache.create(128, 1 << 20)
-    tier = make_tier(n_read_workers=1, n_write_workers=1, view=big)
-    wait_ready(tier)
-    wanted = make_keys(1, seed=1)
-    assert run_job(tier, "store", JobMetadata(job_id=0, keys=wanted, block_ids=[127])).success
-    flood = make_keys(80, seed=2)
-    tier.submit_store(JobMetadata(job_id=1, keys=flood, block_ids=list(range(80))))
-    while not any(os.path.exists(tier.block_path(k)) for k in flood):
-        pass  # until the flood is under way
-    tier.submit_load(JobMetadata(job_id=2, keys=wanted, block_ids=[100]))
-    while not (done := tier.get_finished()):
-        tier.wait(30)
-    stored_by_then = sum(os.path.exists(tier.block_path(k)) for k in flood)
-    assert [r.job_id for r in done] == [2] and done[0].success
-    assert stored_by_then < 20, f"the load waited for {stored_by_then} of 80 blocks"  # ~37 if it waited a task
-    tier.drain(60)
-    tier.shutdown()
-    big.close()
+    """Both workers are inside store tasks of 20 blocks (one lane each) when the load arrives; the read-priority
+    one serves it between two blocks, so its result comes before either store's. Told by the order of the
+    results, which the workers set: blocks counted once this test had the load's result counted those the
+    workers stored until a loaded host got round to it (20 to 48 of 80 here, over the limit of 20)."""
+    from mp_tier import TierConfig
+
+    with PrimaryCache.create(42, 1 << 20) as big:
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(io_depth=1))
+        wait_ready(tier)
+        wanted = make_keys(1, seed=1)
+        assert run_job(tier, "store", JobMetadata(job_id=0, keys=wanted, block_ids=[40])).success
+        for attempt in range(5):
+            floods = [make_keys(20, seed=10 * attempt + job) for job in (1, 2)]  # one task each
+            for job, keys in enumerate(floods, start=1):
+                tier.submit_store(JobMetadata(job_id=job, keys=keys, block_ids=list(range(20 * job - 20, 20 * job))))
+            deadline = time.monotonic() + 20
+            while not all(any(os.path.exists(tier.block_path(k)) for k in keys) for keys in floods):
+                assert time.monotonic() < deadline, "the stores never began"
+            with processes_stopped(tier.worker_pids()):
+                if sum(os.path.exists(tier.block_path(k)) for keys in floods for k in keys) <= 10:  # 10 or more left in each
+                    tier.submit_load(JobMetadata(job_id=3, keys=wanted, block_ids=[41]))
+                    break
+            all_succeed(tier, 2)  # this test got there late: again, with fresh keys
+        else:
+            pytest.fail("both stores were well under way each time the workers stopped: nothing was tested")
+        order: list[tuple[int, bool]] = []
+        while len(order) < 3:
+            assert tier.wait(30)
+            order += [(r.job_id, r.success) for r in tier.get_finished()]
+        assert order[0] == (3, True), f"the load waited for a whole store task: results in the order {order}"
+        tier.shutdown()
 
 
 @pytest.mark.parametrize("engine", ["processes"])

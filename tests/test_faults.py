@@ -275,13 +275,14 @@ def test_a_dead_writers_directory_swapped_for_something_else_is_passed_over(make
 def test_a_store_lost_twice_still_counts_the_blocks_it_wrote(make_tier):
     """Each writer of a store is stopped once a block of the job has landed, so the tier kills it at
     task_timeout, twice, and the job fails. The blocks that did land stay counted: the budget may
-    over-count what a dead writer left unfinished, never under-count what is on disk."""
-    big = PrimaryCache.create(8, 32 << 20)
+    over-count what a dead writer left unfinished, never under-count what is on disk. Each writer must land
+    its first block within task_timeout: 8 MiB of 160 (20 blocks, one task), under 1 s, on a loaded host too."""
+    big = PrimaryCache.create(20, 8 << 20)
     try:
-        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", task_timeout=0.5))
+        tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(o_direct="off", task_timeout=1))
         wait_ready(tier)
-        keys = make_keys(8)
-        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(8))))
+        keys = make_keys(20)
+        tier.submit_store(JobMetadata(job_id=1, keys=keys, block_ids=list(range(20))))
         leaves = {os.path.dirname(tier.block_path(k)) for k in keys}
         stopped: set[int] = set()
         results: list = []

@@ -248,7 +248,14 @@ def test_a_run_stopped_by_a_signal_removes_what_it_wrote(tmp_path, stop, status)
     files, its run directory and its shared memory go with it."""
     root = tmp_path / "root"
     args = ["--block-size", "64k", "--total", "1g", "--seconds", "60", "--workers", "1", "--idle-seconds", "0.05"]
-    proc = subprocess.Popen([*MAIN, *args, "--no-progress", "--root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches a run started from a terminal, with SIGINT at its default. Tests started in the background
+    # (nohup, or `&` in a script) ignore SIGINT, and the run would too (an ignored signal stays ignored across
+    # exec, and Python then raises no KeyboardInterrupt): a handler here is the default in the run.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([*MAIN, *args, "--no-progress", "--root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 30
         while not any(root.glob("loadgen-*/**/*.bin")):

@@ -128,7 +128,9 @@ def test_a_killed_janitor_is_replaced_and_its_successor_knows_every_segment():
 
 
 def test_a_dropped_cache_releases_its_fd_and_segment(tmp_path):
-    """Twenty caches dropped without close(): each one's fd and /dev/shm segment go with it."""
+    """Twenty caches dropped without close(): each one's fd and /dev/shm segment go with it. Garbage that earlier
+    tests left is collected first: its fds (a failed test's Popen pipes, say) would close in this test's collection."""
+    gc.collect()
     segments, fds = shm_segments(), open_fds()
     for _ in range(20):
         cache = PrimaryCache.create(16, BLOCK)
