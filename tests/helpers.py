@@ -68,6 +68,19 @@ def worker_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("mp_tier-")]
 
 
+POLLS = frozenset({"7", "271"})  # poll(2) and ppoll(2), as /proc/<pid>/task/<tid>/syscall names them (x86-64)
+
+
+def in_system_call(task: str, numbers: frozenset[str]) -> bool:
+    """Whether the thread ``task`` (``self/task/<tid>``, ``<pid>/task/<tid>``) sleeps in one of the system
+    calls ``numbers`` (x86-64 numbers, as /proc shows them): no lock or spin looks like that."""
+    try:
+        with open(f"/proc/{task}/syscall") as f:
+            return f.read().split()[0] in numbers
+    except (OSError, IndexError):  # a thread that ended, or one running (no system call to show)
+        return False
+
+
 def make_keys(n: int, seed: int = 0, group: int = 0, hash_bytes: int = 32) -> list[bytes]:
     rng = np.random.default_rng(seed)
     return [rng.bytes(hash_bytes) + group.to_bytes(4, "big") for _ in range(n)]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BLOCK, fill_random, make_keys, open_fds, run_job, wait_exit, wait_ready
+from helpers import BLOCK, POLLS, fill_random, in_system_call, make_keys, open_fds, run_job, wait_exit, wait_ready
 
 from mp_tier import FileSystemTierManager, JobMetadata, TierClosed, TierConfig
 from mp_tier.recovery import CLAIM_SETTLE_SECONDS
@@ -230,27 +230,36 @@ def test_threads_submitting_and_polling_lose_nothing_and_run_nothing_twice(make_
 
 @pytest.mark.parametrize("engine", ["processes"])
 def test_a_waiting_thread_wakes_for_a_result_made_at_submit(make_tier):
-    """A job with no blocks gets its result inside submit, from no worker: a thread asleep in wait() wakes for it."""
+    """A job with no blocks gets its result inside submit, from no worker: a thread asleep in wait() wakes for it
+    at once. The tier also wakes a sleeper every second or less for its deadline checks, so each of 5 rounds
+    must wake within 0.3 s of the submit (with no wake-up for the result, the rounds took 0.7-1.0 s)."""
     tier = make_tier()
     wait_ready(tier)
     pids = tier.worker_pids()
     for pid in pids:
-        os.kill(pid, signal.SIGSTOP)  # so the first job stays in flight and the waiter sleeps
+        os.kill(pid, signal.SIGSTOP)  # so the first job stays in flight and each waiter sleeps
+    took, results = [], []
     try:
         tier.submit_store(JobMetadata(job_id=1, keys=make_keys(1), block_ids=[0]))
-        woke = threading.Event()
-        waiter = threading.Thread(target=lambda: tier.wait(30) and woke.set())
-        waiter.start()
-        while waiter.is_alive() and not tier.stats().jobs_active:
-            pass
-        tier.submit_store(JobMetadata(job_id=2, keys=[], block_ids=[]))
-        waiter.join(10)
-        assert woke.is_set(), "the waiter slept through a result"
+        for job_id in range(2, 7):
+            woke = threading.Event()
+            waiter = threading.Thread(target=lambda woke=woke: tier.wait(30) and woke.set())
+            waiter.start()
+            deadline = time.monotonic() + 10
+            while not in_system_call(f"self/task/{waiter.native_id}", POLLS):  # asleep in wait(), not on its way
+                assert waiter.is_alive() and time.monotonic() < deadline, "the waiter never went to sleep"
+            submitted = time.monotonic()
+            tier.submit_store(JobMetadata(job_id=job_id, keys=[], block_ids=[]))
+            assert woke.wait(10), "the waiter slept through a result"
+            took.append(time.monotonic() - submitted)
+            waiter.join(10)
+            results += tier.get_finished()  # so the next waiter has none waiting and sleeps
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
+    assert max(took) < 0.3, f"the waiter woke {max(took):.2f} s after the result was made (rounds: {took})"
     tier.drain(30)
-    assert sorted(r.job_id for r in tier.get_finished()) == [1, 2]
+    assert sorted(r.job_id for r in results + tier.get_finished()) == [1, 2, 3, 4, 5, 6]
 
 
 FORKING_HOST = textwrap.dedent(

@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import BLOCK, make_keys, mounted, processes_stopped, run_job, stop_processes, wait_ready
+from helpers import BLOCK, POLLS, in_system_call, make_keys, mounted, processes_stopped, run_job, stop_processes, wait_ready
 
 from mp_tier import FileSystemTierManager, JobMetadata, JobResult, PrimaryCache, TierConfig
 from mp_tier.layout import MAX_KEY_BYTES
@@ -242,14 +242,7 @@ def test_lanes_of_one_worker_storing_across_a_move_or_removal_report_only_blocks
 def waiting_for_room(pid: int) -> bool:
     """Whether a thread of worker ``pid`` sleeps in poll(2) or ppoll(2) (x86-64 numbers): only a completion waiting
     for room in the results pipe does (an idle lane sleeps in epoll_wait)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-                if f.read().split()[0] in ("7", "271"):
-                    return True
-        except (OSError, IndexError):
-            pass  # a thread that ended, or one running (no system call to show)
-    return False
+    return any(in_system_call(f"{pid}/task/{tid}", POLLS) for tid in os.listdir(f"/proc/{pid}/task"))
 
 
 @pytest.mark.parametrize("engine", ["processes"])

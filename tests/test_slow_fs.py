@@ -19,7 +19,7 @@ from pathlib import Path
 import glusterfs_nodes as gl
 import helpers
 import pytest
-from helpers import gluster_volume, make_keys
+from helpers import gluster_volume, in_system_call, make_keys
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig, channels
 from mp_tier.layout import GROUP_BYTES, MAX_KEY_BYTES
@@ -62,11 +62,7 @@ def fuse_client(point: str) -> int:
 
 def waits_on_a_file(thread: threading.Thread) -> bool:
     """Whether ``thread`` is asleep in a file system call (not on a lock: that is a futex), on the mount at hand."""
-    try:
-        with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
-            return f.read().split()[0] in FILE_SYSCALLS
-    except (OSError, IndexError):
-        return False
+    return in_system_call(f"self/task/{thread.native_id}", FILE_SYSCALLS)
 
 
 def test_a_lookup_waiting_on_a_hung_mount_holds_up_no_other_call(mount, cache, tmp_path):
