@@ -29,7 +29,7 @@ from helpers import (
     worker_threads,
 )
 
-from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed
+from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierClosed, TierConfig
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 64])
@@ -229,8 +229,6 @@ def test_drain_times_out(make_tier):
 
 @pytest.mark.parametrize("o_direct", ["off", "auto"])
 def test_o_direct_settings_roundtrip(make_tier, cache, o_direct):
-    from mp_tier import TierConfig
-
     tier = make_tier(config=TierConfig(o_direct=o_direct))
     assert tier.direct is False if o_direct == "off" else isinstance(tier.direct, bool)
     keys = make_keys(8)
@@ -375,8 +373,6 @@ def test_a_load_waits_one_block_of_a_store_task_not_the_whole_task(make_tier):
     one serves it between two blocks, so its result comes before either store's. Told by the order of the
     results, which the workers set: blocks counted once this test had the load's result counted those the
     workers stored until a loaded host got round to it (20 to 48 of 80 here, over the limit of 20)."""
-    from mp_tier import TierConfig
-
     with PrimaryCache.create(42, 1 << 20) as big:
         tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(io_depth=1))
         wait_ready(tier)
@@ -408,8 +404,6 @@ def test_a_load_waits_one_block_of_a_store_task_not_the_whole_task(make_tier):
 def test_a_full_host_queue_fails_new_jobs_at_once(make_tier, engine):
     """Workers stopped (SIGSTOP) fill the 1 MiB store pipe; past max_queued_tasks
     frames on the host side, a new store fails with EAGAIN instead of queueing."""
-    from mp_tier import TierConfig
-
     tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=10))
     tier.drain(30)
     with processes_stopped(tier.worker_pids()):
@@ -439,8 +433,6 @@ def test_probes_already_in_the_pipe_leave_the_job_queue_its_limit(make_tier, eng
     """Workers stopped: probes go out first and sit in the store pipe, then stores fill it and wait on the
     host. A store is refused with EAGAIN exactly when max_queued_tasks stores wait there: probes in the pipe
     are not taken off the count of stores."""
-    from mp_tier import TierConfig
-
     tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=4))
     wait_ready(tier)
     with processes_stopped(tier.worker_pids()):
@@ -457,7 +449,6 @@ def test_probes_held_on_the_host_across_a_death_still_leave_max_queued_tasks_to_
     wait behind them. A worker is killed (its replacement hangs in its start): every frame is taken back and
     put in front again, the probes still on the host. Two more stores are queued before one is refused, as
     before the death, and once all is drained nothing is left counted on the host."""
-    from mp_tier import TierConfig
     from mp_tier.worker_process import TEST_PAUSE
 
     tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=4))
@@ -493,8 +484,6 @@ def test_background_probes_neither_fill_the_job_queue_nor_wait_for_it(make_tier,
     """A lookup_many of 30,000 unknown keys while the workers are stopped: its probes are bounded and do
     not count as queued jobs, so the next store is queued, not refused with EAGAIN. Probes still go out
     while stores fill max_queued_tasks, and a key the bound left out is probed by a later lookup_many."""
-    from mp_tier import TierConfig
-
     tier = make_tier(n_read_workers=1, n_write_workers=1, config=TierConfig(max_queued_tasks=8))
     tier.drain(30)  # its start-up scan is done
     elsewhere = make_tier(n_read_workers=1, n_write_workers=1)  # another instance on the same root
@@ -578,8 +567,6 @@ def test_a_job_is_split_only_over_the_workers_that_have_no_task_of_its_kind(make
 
 @pytest.mark.parametrize("engine", ["processes"])
 def test_worker_niceness_cpus_and_policy_are_applied_to_the_processes(make_tier, engine):
-    from mp_tier import TierConfig
-
     cpu = max(os.sched_getaffinity(0))
     tier = make_tier(config=TierConfig(worker_nice=7, worker_cpus=[cpu], worker_sched="batch"))
     wait_ready(tier)
@@ -593,8 +580,6 @@ def test_worker_niceness_cpus_and_policy_are_applied_to_the_processes(make_tier,
 def test_io_depth_gives_each_worker_process_that_many_lanes_and_the_thread_engine_one(make_tier, engine):
     """A worker process runs io_depth threads, each with the niceness and policy asked for (both belong to a
     thread on Linux); the threads engine keeps one host thread per worker."""
-    from mp_tier import TierConfig
-
     processes = engine == "processes"
     tier = make_tier(config=TierConfig(io_depth=3, **({"worker_nice": 7, "worker_sched": "batch"} if processes else {})))
     wait_ready(tier)
@@ -617,7 +602,6 @@ def test_io_depth_gives_each_worker_process_that_many_lanes_and_the_thread_engin
 def test_idle_lanes_sleep_after_a_burst_that_rang_the_doorbell(make_tier, engine):
     """A lane that takes a task and sees more rings the doorbell for another; whoever wakes for it must drain
     it, or every lane after that spins on a bell epoll keeps reporting (a whole CPU per worker, idle)."""
-    from mp_tier import TierConfig
     from mp_tier.bench.tier_runs import worker_cpu_seconds
 
     tier = make_tier(config=TierConfig(io_depth=8), n_read_workers=1, n_write_workers=1)
@@ -701,8 +685,6 @@ def test_a_worker_replaced_after_the_scheduler_thread_moved_starts_off_its_cpu(m
 
 @pytest.mark.parametrize("engine", ["processes"])
 def test_worker_cpus_given_are_kept_wherever_the_scheduler_thread_runs(make_tier, engine):
-    from mp_tier import TierConfig
-
     allowed = os.sched_getaffinity(0)
     cpu = max(allowed)
     tier = make_tier(config=TierConfig(worker_cpus=[cpu]))
@@ -741,8 +723,6 @@ def test_a_host_allowed_one_cpu_shares_it_with_its_workers(tmp_path):
 
 
 def test_worker_cpus_the_host_cannot_use_are_refused(cache, tmp_path):
-    from mp_tier import TierConfig
-
     with pytest.raises(ValueError, match=r"worker_cpus \[4095\] are not CPUs this process may run on"):
         FileSystemTierManager(primary_kv_view=cache, root_dir=str(tmp_path), config=TierConfig(worker_cpus=[4095]))
 

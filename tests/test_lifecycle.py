@@ -194,8 +194,6 @@ def test_a_stopped_worker_holding_a_task_is_killed_and_its_task_sent_again(make_
     """SIGSTOP every worker while one holds a store task: after task_timeout it is killed (and really gone
     before the task goes to its replacement), so the job still gets its one result. On a loaded host this
     test may stop the workers only once the whole store has landed: it proves nothing then, and goes again."""
-    from mp_tier import PrimaryCache
-
     big = PrimaryCache.create(32, 1 << 20)
     try:
         tier = make_tier(n_read_workers=1, n_write_workers=1, view=big, config=TierConfig(task_timeout=0.5, o_direct="off"))
