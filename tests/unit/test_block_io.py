@@ -440,3 +440,20 @@ def test_a_store_whose_temp_file_cannot_be_made_names_the_block(tmp_path: Path, 
     finally:
         os.close(fd)
     assert files_below(tmp_path / "ns") == [PATH.dir.split("/")[0], PATH.dir]
+
+
+def test_a_file_cut_short_after_the_run_looked_is_left_to_python_which_removes_it(tmp_path: Path, root: int, cache: memoryview) -> None:
+    """The file has the block's size when the run checks it and is cut short before its read (the block's hook
+    runs between the two): the read ends early, the run stops at the block without an errno and changes no
+    file, and Python's load of it finds it short and removes it."""
+    store(root, cache)
+    block = where(tmp_path, PATH)
+
+    def cut() -> None:
+        os.truncate(block, BLOCK // 2)
+
+    assert load_run(root, cache, [KEY], [1], hooks=[cut], touch=True) == (0, 0)
+    assert block.stat().st_size == BLOCK // 2
+    with pytest.raises(block_io.CorruptBlock, match=f"holds {BLOCK // 2} of {BLOCK} bytes, removed"):
+        load(root, cache)
+    assert not block.exists()
