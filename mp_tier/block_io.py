@@ -139,7 +139,9 @@ def _write_in_place(
                     os.setxattr(fd, CRC_XATTR, zlib.crc32(block).to_bytes(4, "big"))
                 done = 0
                 while done < nbytes:
-                    done += os.pwrite(fd, block[done:], done)
+                    if (put := os.pwrite(fd, block[done:], done)) == 0:  # no progress: say so rather than loop, as the C call does
+                        raise OSError(errno.EIO, os.strerror(errno.EIO))
+                    done += put
         finally:
             os.close(fd)
         os.rename(tmp, path.name, src_dir_fd=leaf, dst_dir_fd=leaf)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import fcntl
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK, fill_random, make_keys, run_job, run_or_skip, small_ext4, unmount
+from helpers import BLOCK, fill_random, libc_shim, make_keys, run_job, run_or_skip, small_ext4, unmount
 
 from mp_tier import JobMetadata, PrimaryCache, TierConfig
 from mp_tier.block_io import CRC_XATTR
@@ -227,3 +228,46 @@ def test_a_block_whose_crc_cannot_be_read_fails_alone_naming_it(make_tier, cache
         tier = make_tier(root_dir=str(mount), config=TierConfig(checksum=True))
         _only_it_fails(tier, cache, keys, bad)
         tier.shutdown()
+
+
+NO_PROGRESS = (  # a file system whose write of a temp file moves no byte and reports no error (a FUSE daemon's reply of 0)
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <stdio.h>\n#include <string.h>\n#include <unistd.h>\n"
+    "ssize_t pwrite(int fd, const void *buf, size_t n, off_t at) {\n"
+    '    char link[64], target[4096];\n    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
+    "    ssize_t length = readlink(link, target, sizeof target);\n"
+    '    if (length > 4 && memcmp(target + length - 4, ".tmp", 4) == 0)\n        return 0;\n'
+    '    ssize_t (*real)(int, const void *, size_t, off_t) = dlsym(RTLD_NEXT, "pwrite");\n    return real(fd, buf, n, at);\n}\n'
+    "ssize_t pwrite64(int fd, const void *buf, size_t n, off_t at) { return pwrite(fd, buf, n, at); }\n"
+)
+NO_PROGRESS_HOST = textwrap.dedent(
+    """
+    import json, os, sys
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
+    with PrimaryCache.create(2, 65536) as cache:
+        cache.array[0] = 7
+        config = TierConfig(checksum=sys.argv[2] == "checksum")
+        with FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=config) as tier:
+            tier.submit_store(JobMetadata(job_id=1, keys=[bytes(36)], block_ids=[0]))
+            tier.drain(10)
+            done = [(r.job_id, r.success, r.error_code, r.error) for r in tier.get_finished()]
+        left = [name for _, _, names in os.walk(sys.argv[1]) for name in names if name.endswith(".tmp")]
+        print(json.dumps([done, left]))
+    """
+)
+
+
+@pytest.mark.parametrize("checksum", ["plain", "checksum"])
+def test_a_store_whose_writes_make_no_progress_fails_with_eio_and_leaves_no_temp_file(tmp_path, checksum):
+    """A write that returns 0 for a block's bytes (a libc shim stands in for a file system that does so) fails
+    the store with EIO naming the block, on the one-call path and on the checksummed Python path alike. The
+    Python path looped for ever, the worker spinning on its write and the job never ending."""
+    env = libc_shim(tmp_path, "no_progress", NO_PROGRESS)
+    host = [sys.executable, "-c", NO_PROGRESS_HOST, str(tmp_path / "blocks"), checksum]
+    try:
+        done = subprocess.run(host, env=env, capture_output=True, text=True, timeout=40)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the store never ended")
+    assert done.returncode == 0, done.stderr[-2000:]
+    [[(job_id, success, code, error)], left] = json.loads(done.stdout)
+    assert (job_id, success, code, left) == (1, False, "EIO", []), error
+    assert error.endswith(".bin"), error
