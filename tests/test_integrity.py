@@ -271,3 +271,59 @@ def test_a_store_whose_writes_make_no_progress_fails_with_eio_and_leaves_no_temp
     [[(job_id, success, code, error)], left] = json.loads(done.stdout)
     assert (job_id, success, code, left) == (1, False, "EIO", []), error
     assert error.endswith(".bin"), error
+
+
+INTERRUPTED = (  # every other read and write of a block file (or its temp file) is interrupted by a signal before any byte moves
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <fcntl.h>\n#include <stdio.h>\n#include <stdlib.h>\n"
+    "#include <string.h>\n#include <sys/uio.h>\n#include <unistd.h>\n"
+    "static int interrupted(int fd) {\n"
+    "    static __thread int calls;\n    char link[64], target[4096];\n"
+    '    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n    ssize_t length = readlink(link, target, sizeof target);\n'
+    '    if (length < 4 || (memcmp(target + length - 4, ".bin", 4) && memcmp(target + length - 4, ".tmp", 4)) || calls++ % 2)\n'
+    "        return 0;\n"
+    '    int note = open(getenv("EINTR_LOG"), O_WRONLY | O_CREAT | O_APPEND, 0600);\n'
+    '    if (note >= 0) { write(note, "x", 1); close(note); }\n    errno = EINTR;\n    return 1;\n}\n'
+    "#define PASS(name, type, ...) if (interrupted(fd)) return -1; \\\n"
+    "    ssize_t (*real)(int, type, __VA_ARGS__) = dlsym(RTLD_NEXT, name);\n"
+    'ssize_t pread(int fd, void *b, size_t n, off_t at) { PASS("pread", void *, size_t, off_t) return real(fd, b, n, at); }\n'
+    'ssize_t pwrite(int fd, const void *b, size_t n, off_t at) { PASS("pwrite", const void *, size_t, off_t) return real(fd, b, n, at); }\n'
+    'ssize_t preadv(int fd, const struct iovec *v, int n, off_t at) { PASS("preadv", const struct iovec *, int, off_t) return real(fd, v, n, at); }\n'
+    "ssize_t pread64(int fd, void *b, size_t n, off_t at) { return pread(fd, b, n, at); }\n"
+    "ssize_t pwrite64(int fd, const void *b, size_t n, off_t at) { return pwrite(fd, b, n, at); }\n"
+    "ssize_t preadv64(int fd, const struct iovec *v, int n, off_t at) { return preadv(fd, v, n, at); }\n"
+    "ssize_t preadv2(int fd, const struct iovec *v, int n, off_t at, int flags) {\n"
+    '    PASS("preadv2", const struct iovec *, int, off_t, int) return real(fd, v, n, at, flags);\n}\n'
+    "ssize_t preadv64v2(int fd, const struct iovec *v, int n, off_t at, int flags) { return preadv2(fd, v, n, at, flags); }\n"
+)
+INTERRUPTED_HOST = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
+    with PrimaryCache.create(8, 65536) as cache:
+        cache.array[:4] = np.frombuffer(os.urandom(4 * 65536), dtype=cache.array.dtype).reshape(4, -1)
+        config = TierConfig(checksum=sys.argv[2] == "checksum")
+        with FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=config) as tier:
+            keys = [bytes([n]) * 32 + bytes(4) for n in range(4)]
+            done = []
+            for job_id, op, ids in ((1, "store", [0, 1, 2, 3]), (2, "load", [4, 5, 6, 7])):
+                getattr(tier, "submit_" + op)(JobMetadata(job_id=job_id, keys=keys, block_ids=ids))
+                tier.drain(30)
+                done += [(r.job_id, r.success, r.error) for r in tier.get_finished()]
+        print(json.dumps([done, bool((cache.array[:4] == cache.array[4:]).all())]))
+    """
+)
+
+
+@pytest.mark.parametrize("checksum", ["plain", "checksum"])
+def test_reads_and_writes_interrupted_by_a_signal_are_done_again(tmp_path, checksum):
+    """A signal that interrupts a block's read or write before any byte moved (EINTR: a FUSE or NFS mount, a
+    handler installed without SA_RESTART) is no failure: the call is made again, on the one-call path and on
+    the checksummed Python path, and every block stores and loads whole. A libc shim interrupts every other call."""
+    log = tmp_path / "interrupted"
+    env = {**libc_shim(tmp_path, "interrupted", INTERRUPTED), "EINTR_LOG": str(log)}
+    host = [sys.executable, "-c", INTERRUPTED_HOST, str(tmp_path / "blocks"), checksum]
+    done = subprocess.run(host, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == [[[1, True, None], [2, True, None]], True]
+    assert log.exists() and log.stat().st_size >= 8, "the shim interrupted too few calls: the test proves little"
