@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import errno
-import json
 import fcntl
+import json
 import os
 import subprocess
 import sys
