@@ -123,7 +123,7 @@ def _write_in_place(
     ready: Callable[[], None] | None,
 ) -> None:
     """Write the block to a temp file in ``leaf`` and rename it to ``path.name``; a failure removes the temp file
-    and its error names the block, whichever step failed (the temp file's create would name the temp name, a
+    (if the file system lets it) and its error names the block, whichever step failed (the temp file's create would name the temp name, a
     write or the CRC's setxattr the fd's number or nothing)."""
     tmp = temp_name(path.name)
     try:
@@ -148,8 +148,8 @@ def _write_in_place(
     except BaseException as e:
         try:
             os.unlink(tmp, dir_fd=leaf)
-        except FileNotFoundError:
-            pass  # someone else removed it: the error that matters is the one being raised
+        except OSError:
+            pass  # removed by someone else, or refused (a file system read-only since the error): the error that matters is e
         if isinstance(e, OSError):
             raise _naming(e, path) from None
         raise

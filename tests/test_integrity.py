@@ -273,6 +273,36 @@ def test_a_store_whose_writes_make_no_progress_fails_with_eio_and_leaves_no_temp
     assert error.endswith(".bin"), error
 
 
+REMOUNTED_READ_ONLY = (  # a write to a block's temp file fails (EIO) and the file system goes read-only (ext4's errors=remount-ro)
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdio.h>\n#include <string.h>\n#include <unistd.h>\n"
+    "static int temp(const char *path) { size_t n = strlen(path); return n > 4 && !strcmp(path + n - 4, \".tmp\") && strstr(path, \".bin.\"); }\n"
+    "ssize_t pwrite(int fd, const void *buf, size_t n, off_t at) {\n"
+    '    char link[64], target[4096] = "";\n    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
+    "    if (readlink(link, target, sizeof target - 1) > 0 && temp(target)) { errno = EIO; return -1; }\n"
+    '    ssize_t (*real)(int, const void *, size_t, off_t) = dlsym(RTLD_NEXT, "pwrite");\n    return real(fd, buf, n, at);\n}\n'
+    "ssize_t pwrite64(int fd, const void *buf, size_t n, off_t at) { return pwrite(fd, buf, n, at); }\n"
+    "int unlinkat(int dir, const char *path, int flags) {\n"
+    "    if (temp(path)) { errno = EROFS; return -1; }\n"
+    '    int (*real)(int, const char *, int) = dlsym(RTLD_NEXT, "unlinkat");\n    return real(dir, path, flags);\n}\n'
+)
+
+
+@pytest.mark.parametrize("checksum", ["plain", "checksum"])
+def test_a_store_whose_write_fails_reports_that_error_when_its_temp_file_cannot_be_removed(tmp_path, checksum):
+    """A block's write fails (EIO) and its temp file's removal then fails too (EROFS: ext4 remounts read-only on
+    an I/O error; a libc shim stands in for both): the store fails with the write's error naming the block, on
+    either path. The checksummed Python path reported the removal's EROFS, naming the temp file."""
+    env = libc_shim(tmp_path, "remounted", REMOUNTED_READ_ONLY)
+    host = [sys.executable, "-c", NO_PROGRESS_HOST, str(tmp_path / "blocks"), checksum]
+    done = subprocess.run(host, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [[(job_id, success, code, error)], left] = json.loads(done.stdout)
+    for temp in (tmp_path / "blocks").rglob("*.tmp"):
+        temp.unlink()  # the shim kept it, as a read-only file system would
+    assert (job_id, success, code, len(left)) == (1, False, "EIO", 1), error
+    assert error.endswith(".bin"), error
+
+
 INTERRUPTED = (  # every other read and write of a block file (or its temp file) is interrupted by a signal before any byte moves
     "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <fcntl.h>\n#include <stdio.h>\n#include <stdlib.h>\n"
     "#include <string.h>\n#include <sys/uio.h>\n#include <unistd.h>\n"
