@@ -230,16 +230,23 @@ def test_a_block_whose_crc_cannot_be_read_fails_alone_naming_it(make_tier, cache
         tier.shutdown()
 
 
-NO_PROGRESS = (  # a file system whose write of a temp file moves no byte and reports no error (a FUSE daemon's reply of 0)
-    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <stdio.h>\n#include <string.h>\n#include <unistd.h>\n"
+TEMP_FILE_FAULTS = (  # a block's temp file on a failing file system: each write returns 0 (no byte moved, no error,
+    # as a FUSE daemon may reply) or fails with TEMP_WRITE_ERRNO; with TEMP_UNLINK_ERRNO its removal fails too
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n"
+    "#include <unistd.h>\n"
+    'static int temp(const char *path) { size_t n = strlen(path); return n > 4 && !strcmp(path + n - 4, ".tmp") && strstr(path, ".bin."); }\n'
     "ssize_t pwrite(int fd, const void *buf, size_t n, off_t at) {\n"
-    '    char link[64], target[4096];\n    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
-    "    ssize_t length = readlink(link, target, sizeof target);\n"
-    '    if (length > 4 && memcmp(target + length - 4, ".tmp", 4) == 0)\n        return 0;\n'
+    '    char link[64], target[4096] = "";\n    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
+    "    if (readlink(link, target, sizeof target - 1) > 0 && temp(target)) {\n"
+    '        errno = atoi(getenv("TEMP_WRITE_ERRNO"));\n        return errno ? -1 : 0;\n    }\n'
     '    ssize_t (*real)(int, const void *, size_t, off_t) = dlsym(RTLD_NEXT, "pwrite");\n    return real(fd, buf, n, at);\n}\n'
     "ssize_t pwrite64(int fd, const void *buf, size_t n, off_t at) { return pwrite(fd, buf, n, at); }\n"
+    "int unlinkat(int dir, const char *path, int flags) {\n"
+    '    const char *refused = getenv("TEMP_UNLINK_ERRNO");\n'
+    "    if (refused && temp(path)) { errno = atoi(refused); return -1; }\n"
+    '    int (*real)(int, const char *, int) = dlsym(RTLD_NEXT, "unlinkat");\n    return real(dir, path, flags);\n}\n'
 )
-NO_PROGRESS_HOST = textwrap.dedent(
+ONE_STORE_HOST = textwrap.dedent(
     """
     import json, os, sys
     from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
@@ -249,57 +256,46 @@ NO_PROGRESS_HOST = textwrap.dedent(
         with FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1], config=config) as tier:
             tier.submit_store(JobMetadata(job_id=1, keys=[bytes(36)], block_ids=[0]))
             tier.drain(10)
-            done = [(r.job_id, r.success, r.error_code, r.error) for r in tier.get_finished()]
+            [result] = tier.get_finished()
         left = [name for _, _, names in os.walk(sys.argv[1]) for name in names if name.endswith(".tmp")]
-        print(json.dumps([done, left]))
+        print(json.dumps([result.success, result.error_code, result.error, len(left)]))
     """
 )
 
 
-@pytest.mark.parametrize("checksum", ["plain", "checksum"])
-def test_a_store_whose_writes_make_no_progress_fails_with_eio_and_leaves_no_temp_file(tmp_path, checksum):
-    """A write that returns 0 for a block's bytes (a libc shim stands in for a file system that does so) fails
-    the store with EIO naming the block, on the one-call path and on the checksummed Python path alike. The
-    Python path looped for ever, the worker spinning on its write and the job never ending."""
-    env = libc_shim(tmp_path, "no_progress", NO_PROGRESS)
-    host = [sys.executable, "-c", NO_PROGRESS_HOST, str(tmp_path / "blocks"), checksum]
+def store_with_temp_faults(tmp_path: Path, checksum: str, **faults: int) -> tuple[bool, str, str, int]:
+    """A tier's store of one block whose temp file meets ``faults`` (see TEMP_FILE_FAULTS): its success, error
+    code and error, and how many temp files it left (removed here, as the shim would not let the tier)."""
+    env = {**libc_shim(tmp_path, "temp_faults", TEMP_FILE_FAULTS), **{name.upper(): str(code) for name, code in faults.items()}}
+    host = [sys.executable, "-c", ONE_STORE_HOST, str(tmp_path / "blocks"), checksum]
     try:
         done = subprocess.run(host, env=env, capture_output=True, text=True, timeout=40)
     except subprocess.TimeoutExpired:
         pytest.fail("the store never ended")
+    for temp in (tmp_path / "blocks").rglob("*.tmp"):
+        temp.unlink()
     assert done.returncode == 0, done.stderr[-2000:]
-    [[(job_id, success, code, error)], left] = json.loads(done.stdout)
-    assert (job_id, success, code, left) == (1, False, "EIO", []), error
+    success, code, error, left = json.loads(done.stdout)
+    return success, code, error, left
+
+
+@pytest.mark.parametrize("checksum", ["plain", "checksum"])
+def test_a_store_whose_writes_make_no_progress_fails_with_eio_and_leaves_no_temp_file(tmp_path, checksum):
+    """A write that returns 0 for a block's bytes fails the store with EIO naming the block, on the one-call path
+    and on the checksummed Python path alike. The Python path looped for ever, the worker spinning on its
+    write and the job never ending."""
+    success, code, error, left = store_with_temp_faults(tmp_path, checksum, temp_write_errno=0)
+    assert (success, code, left) == (False, "EIO", 0), error
     assert error.endswith(".bin"), error
-
-
-REMOUNTED_READ_ONLY = (  # a write to a block's temp file fails (EIO) and the file system goes read-only (ext4's errors=remount-ro)
-    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdio.h>\n#include <string.h>\n#include <unistd.h>\n"
-    "static int temp(const char *path) { size_t n = strlen(path); return n > 4 && !strcmp(path + n - 4, \".tmp\") && strstr(path, \".bin.\"); }\n"
-    "ssize_t pwrite(int fd, const void *buf, size_t n, off_t at) {\n"
-    '    char link[64], target[4096] = "";\n    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
-    "    if (readlink(link, target, sizeof target - 1) > 0 && temp(target)) { errno = EIO; return -1; }\n"
-    '    ssize_t (*real)(int, const void *, size_t, off_t) = dlsym(RTLD_NEXT, "pwrite");\n    return real(fd, buf, n, at);\n}\n'
-    "ssize_t pwrite64(int fd, const void *buf, size_t n, off_t at) { return pwrite(fd, buf, n, at); }\n"
-    "int unlinkat(int dir, const char *path, int flags) {\n"
-    "    if (temp(path)) { errno = EROFS; return -1; }\n"
-    '    int (*real)(int, const char *, int) = dlsym(RTLD_NEXT, "unlinkat");\n    return real(dir, path, flags);\n}\n'
-)
 
 
 @pytest.mark.parametrize("checksum", ["plain", "checksum"])
 def test_a_store_whose_write_fails_reports_that_error_when_its_temp_file_cannot_be_removed(tmp_path, checksum):
     """A block's write fails (EIO) and its temp file's removal then fails too (EROFS: ext4 remounts read-only on
-    an I/O error; a libc shim stands in for both): the store fails with the write's error naming the block, on
-    either path. The checksummed Python path reported the removal's EROFS, naming the temp file."""
-    env = libc_shim(tmp_path, "remounted", REMOUNTED_READ_ONLY)
-    host = [sys.executable, "-c", NO_PROGRESS_HOST, str(tmp_path / "blocks"), checksum]
-    done = subprocess.run(host, env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    [[(job_id, success, code, error)], left] = json.loads(done.stdout)
-    for temp in (tmp_path / "blocks").rglob("*.tmp"):
-        temp.unlink()  # the shim kept it, as a read-only file system would
-    assert (job_id, success, code, len(left)) == (1, False, "EIO", 1), error
+    an I/O error): the store fails with the write's error naming the block, on either path. The checksummed
+    Python path reported the removal's EROFS, naming the temp file."""
+    success, code, error, left = store_with_temp_faults(tmp_path, checksum, temp_write_errno=errno.EIO, temp_unlink_errno=errno.EROFS)
+    assert (success, code, left) == (False, "EIO", 1), error
     assert error.endswith(".bin"), error
 
 
