@@ -123,8 +123,8 @@ def _write_in_place(
     ready: Callable[[], None] | None,
 ) -> None:
     """Write the block to a temp file in ``leaf`` and rename it to ``path.name``; a failure removes the temp file
-    (if the file system lets it) and its error names the block, whichever step failed (the temp file's create would name the temp name, a
-    write or the CRC's setxattr the fd's number or nothing)."""
+    (if the file system lets it) and its error names the block, whichever step failed (the temp file's create
+    would name the temp name, a write or the CRC's setxattr the fd's number or nothing)."""
     tmp = temp_name(path.name)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0), file_mode, dir_fd=leaf)
