@@ -50,7 +50,8 @@ struct open_how_v0 {
 #define TEMP_FLAGS (O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC)
 #define MAX_PARTS 16 /* components of a block's directory; the layout uses 2 */
 
-/* Until the kernel says ENOSYS; then every call steps aside. Written without the GIL, by any lane. */
+/* Until the kernel says ENOSYS, or a seccomp profile EPERM (as ``beneath`` has it); then every call steps aside.
+ * Written without the GIL, by any lane. */
 static int have_openat2 = 1;
 
 /* openat2 confined below dir_fd; -1 with errno on failure. */
@@ -60,7 +61,7 @@ static int open_below(int dir_fd, const char *path, int flags) {
         .resolve = RESOLVE_BENEATH_ | RESOLVE_NO_SYMLINKS_ | RESOLVE_NO_MAGICLINKS_,
     };
     int fd = (int)syscall(SYS_openat2, dir_fd, path, &how, sizeof how);
-    if (fd < 0 && errno == ENOSYS)
+    if (fd < 0 && (errno == ENOSYS || errno == EPERM))
         __atomic_store_n(&have_openat2, 0, __ATOMIC_RELAXED);
     return fd;
 }

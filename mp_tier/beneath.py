@@ -5,8 +5,10 @@ root that someone replaced by a symlink would lead a store, a load or an
 eviction outside it. Every file operation of the tier therefore starts from
 the namespace directory's fd and resolves the rest with ``openat2`` and
 ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` (one system call, Linux 5.6+), or,
-where the kernel lacks it, one ``O_NOFOLLOW | O_DIRECTORY`` component at a
-time, which refuses the same paths. Either way a symlink anywhere below the
+where the kernel lacks it or a seccomp profile refuses it (EPERM, the default
+of Docker's before 20.10 and of systemd's filters; a file refused by a policy,
+fanotify's, then turns it off for the process too, which costs only speed),
+one ``O_NOFOLLOW | O_DIRECTORY`` component at a time, which refuses the same paths. Either way a symlink anywhere below the
 root fails with ELOOP and ``..`` cannot climb out of it.
 """
 
@@ -30,7 +32,7 @@ class _OpenHow(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
-_use_openat2 = True  # until the kernel says ENOSYS
+_use_openat2 = True  # until the kernel says ENOSYS, or a seccomp profile EPERM
 _MISSING = -errno.ENOENT
 
 
@@ -55,7 +57,7 @@ def _open(dir_fd: int, path: str, flags: int, mode: int) -> int:
         code = ctypes.get_errno()
         if code == errno.ENOENT:
             return _MISSING
-        if code != errno.ENOSYS:
+        if code not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp profile that refuses what it does not know
             raise _refusal(code, path)
         _use_openat2 = False
     try:

@@ -4,6 +4,7 @@ uid, a real UTS namespace."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -103,10 +104,10 @@ NO_OPENAT2 = textwrap.dedent(
         va_start(ap, number);
         for (int i = 0; i < 6; i++) a[i] = va_arg(ap, long);
         va_end(ap);
-        if (number == 437) {  /* openat2: refused as a kernel before 5.6 does, and noted */
+        if (number == 437) {  /* openat2: refused with OPENAT2_ERRNO (a kernel before 5.6, a seccomp profile), and noted */
             int fd = open(getenv("OPENAT2_REFUSED"), O_WRONLY | O_CREAT | O_APPEND, 0600);
             if (fd >= 0) { write(fd, "x", 1); close(fd); }
-            errno = ENOSYS;
+            errno = atoi(getenv("OPENAT2_ERRNO"));
             return -1;
         }
         long (*real)(long, ...) = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
@@ -142,16 +143,20 @@ NO_OPENAT2_HOST = textwrap.dedent(
 )
 
 
-def test_a_kernel_without_openat2_gets_the_same_confinement_one_component_at_a_time(tmp_path):
-    """Where openat2 is missing (ENOSYS: kernels before 5.6, or a seccomp profile that does not know it),
-    every path is walked one O_NOFOLLOW component at a time: blocks store into new directories and load,
-    a missing one is ENOENT, and a symlinked directory is refused, as with openat2."""
+@pytest.mark.parametrize("refusal", ["ENOSYS", "EPERM"])
+def test_a_kernel_without_openat2_gets_the_same_confinement_one_component_at_a_time(tmp_path, refusal):
+    """Where openat2 is missing (ENOSYS: kernels before 5.6, or a seccomp profile that does not know it) or
+    refused (EPERM: the default errno of seccomp profiles before Docker 20.10, and of systemd's
+    SystemCallFilter), every path is walked one O_NOFOLLOW component at a time: blocks store into new
+    directories and load, a missing one is ENOENT, and a symlinked directory is refused, as with openat2.
+    With EPERM every block failed (EPERM)."""
     env = libc_shim(tmp_path, "no_openat2", NO_OPENAT2)
     refused = tmp_path / "openat2-refused"
     outside = tmp_path / "outside"
     outside.mkdir()
     host = [sys.executable, "-c", NO_OPENAT2_HOST, str(tmp_path / "blocks"), str(outside)]
-    done = subprocess.run(host, env={**env, "OPENAT2_REFUSED": str(refused)}, capture_output=True, text=True, timeout=60)
+    env |= {"OPENAT2_REFUSED": str(refused), "OPENAT2_ERRNO": str(getattr(errno, refusal))}
+    done = subprocess.run(host, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert refused.exists(), "the shim did not stand in for openat2: the test proves nothing"
     seen = json.loads(done.stdout)
