@@ -5,11 +5,11 @@ root that someone replaced by a symlink would lead a store, a load or an
 eviction outside it. Every file operation of the tier therefore starts from
 the namespace directory's fd and resolves the rest with ``openat2`` and
 ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` (one system call, Linux 5.6+), or,
-where the kernel lacks it or a seccomp profile refuses it (EPERM, the default
-of Docker's before 20.10 and of systemd's filters; a file refused by a policy,
-fanotify's, then turns it off for the process too, which costs only speed),
-one ``O_NOFOLLOW | O_DIRECTORY`` component at a time, which refuses the same paths. Either way a symlink anywhere below the
-root fails with ELOOP and ``..`` cannot climb out of it.
+where the kernel lacks it or a seccomp profile refuses it (EPERM: Docker's
+default profile before 20.10; a file a policy refuses, fanotify's, then turns
+it off for the process too, which costs only speed), one ``O_NOFOLLOW |
+O_DIRECTORY`` component at a time, which refuses the same paths. Either way a
+symlink anywhere below the root fails with ELOOP and ``..`` cannot climb out of it.
 """
 
 from __future__ import annotations

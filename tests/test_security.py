@@ -146,10 +146,9 @@ NO_OPENAT2_HOST = textwrap.dedent(
 @pytest.mark.parametrize("refusal", ["ENOSYS", "EPERM"])
 def test_a_kernel_without_openat2_gets_the_same_confinement_one_component_at_a_time(tmp_path, refusal):
     """Where openat2 is missing (ENOSYS: kernels before 5.6, or a seccomp profile that does not know it) or
-    refused (EPERM: the default errno of seccomp profiles before Docker 20.10, and of systemd's
-    SystemCallFilter), every path is walked one O_NOFOLLOW component at a time: blocks store into new
-    directories and load, a missing one is ENOENT, and a symlinked directory is refused, as with openat2.
-    With EPERM every block failed (EPERM)."""
+    refused (EPERM: the errno of Docker's default seccomp profile before 20.10), every path is walked one
+    O_NOFOLLOW component at a time: blocks store into new directories and load, a missing one is ENOENT, and
+    a symlinked directory is refused, as with openat2. With EPERM every block failed (EPERM)."""
     env = libc_shim(tmp_path, "no_openat2", NO_OPENAT2)
     refused = tmp_path / "openat2-refused"
     outside = tmp_path / "outside"
