@@ -244,7 +244,9 @@ def write_once(dir_fd: int, name: str, data: bytes, file_mode: int) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view) :]
+                if not (put := os.write(fd, view)):  # no progress (a FUSE daemon may answer so): say so, never loop
+                    raise OSError(errno.EIO, os.strerror(errno.EIO), name)
+                view = view[put:]
             os.fsync(fd)
         finally:
             os.close(fd)

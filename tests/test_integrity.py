@@ -353,3 +353,37 @@ def test_reads_and_writes_interrupted_by_a_signal_are_done_again(tmp_path, check
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == [[[1, True, None], [2, True, None]], True]
     assert log.exists() and log.stat().st_size >= 8, "the shim interrupted too few calls: the test proves little"
+
+
+CONFIG_WRITE_STALLS = (  # each write to the temp file of a config.json returns 0: no byte moved, no error
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <stdio.h>\n#include <string.h>\n#include <unistd.h>\n"
+    "ssize_t write(int fd, const void *buf, size_t n) {\n"
+    '    char link[64], target[4096] = "";\n    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
+    '    if (readlink(link, target, sizeof target - 1) > 0 && strstr(target, "/config.json.") && strstr(target, ".tmp"))\n'
+    "        return 0;\n"
+    '    ssize_t (*real)(int, const void *, size_t) = dlsym(RTLD_NEXT, "write");\n    return real(fd, buf, n);\n}\n'
+)
+NEW_TIER_HOST = textwrap.dedent(
+    """
+    import sys
+    from mp_tier import FileSystemTierManager, PrimaryCache
+    with PrimaryCache.create(2, 65536) as cache:
+        try:
+            FileSystemTierManager(primary_kv_view=cache, root_dir=sys.argv[1]).shutdown()
+        except OSError as e:
+            print(f"{type(e).__name__}: {e}")
+    """
+)
+
+
+def test_a_config_json_whose_writes_make_no_progress_fails_the_tier_with_eio(tmp_path):
+    """A new namespace's config.json is written to a temp file first; a write that returns 0 (a FUSE daemon may)
+    looped for ever, and the tier's constructor with it. It fails with EIO naming the file, leaving no temp file."""
+    env = libc_shim(tmp_path, "config_stalls", CONFIG_WRITE_STALLS)
+    try:
+        done = subprocess.run([sys.executable, "-c", NEW_TIER_HOST, str(tmp_path / "root")], env=env, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the tier's constructor never returned")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("OSError: [Errno 5]") and "config.json" in done.stdout, done.stdout
+    assert list((tmp_path / "root").rglob("*.tmp")) == []
