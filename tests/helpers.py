@@ -187,6 +187,17 @@ def _one_volume_at_a_time() -> Iterator[None]:
         yield
 
 
+# C for a libc shim that picks the calls it fails by the file they are on: the path fd is open on, "" if /proc
+# cannot say (a thread's own buffer, so lanes may ask at once)
+SHIM_FD_PATH = (
+    "#include <stdio.h>\n#include <unistd.h>\n"
+    "static const char *fd_path(int fd) {\n"
+    "    static __thread char path[4096];\n    char link[64];\n"
+    '    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
+    "    ssize_t n = readlink(link, path, sizeof path - 1);\n    path[n > 0 ? n : 0] = 0;\n    return path;\n}\n"
+)
+
+
 def libc_shim(tmp_path, name: str, source: str) -> dict[str, str]:
     """The environment of a host (and its workers) whose libc call ``source`` overrides: it stands in for a
     seccomp profile that refuses a system call, or an older kernel that lacks one; skips without a C compiler."""

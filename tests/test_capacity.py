@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import BLOCK, NAMESPACE, bytes_read, fill_random, libc_shim, make_keys, overlay, run_job, stop_processes, wait_ready
+from helpers import BLOCK, NAMESPACE, SHIM_FD_PATH, bytes_read, fill_random, libc_shim, make_keys, overlay, run_job, stop_processes, wait_ready
 
 from mp_tier import FileSystemTierManager, JobMetadata, PrimaryCache, TierConfig
 from mp_tier.capacity import CapacityIndex
@@ -766,14 +766,11 @@ def test_a_block_that_stats_stale_during_the_start_up_scan_is_passed_over_not_th
 
 
 STALE_AT_ITS_FSTAT = (  # NFS: a file another client removed after this one opened it answers fstat with ESTALE
-    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n"
-    "#include <sys/stat.h>\n#include <unistd.h>\n"
-    "int fstat64(int fd, struct stat64 *st) {\n"
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdlib.h>\n#include <string.h>\n#include <sys/stat.h>\n"
+    + SHIM_FD_PATH
+    + "int fstat64(int fd, struct stat64 *st) {\n"
     '    static int (*real)(int, struct stat64 *);\n    const char *gone = getenv("STALE_NAME");\n'
-    "    char link[64], target[4096];\n"
-    '    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
-    "    ssize_t n = gone ? readlink(link, target, sizeof target - 1) : -1;\n"
-    "    if (n > 0) { target[n] = 0; if (strstr(target, gone)) { errno = ESTALE; return -1; } }\n"
+    "    if (gone && strstr(fd_path(fd), gone)) { errno = ESTALE; return -1; }\n"
     '    if (!real) real = (int (*)(int, struct stat64 *))dlsym(RTLD_NEXT, "fstat64");\n'
     "    return real(fd, st);\n}\n"
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK, fill_random, libc_shim, make_keys, run_job, run_or_skip, small_ext4, unmount
+from helpers import BLOCK, SHIM_FD_PATH, fill_random, libc_shim, make_keys, run_job, run_or_skip, small_ext4, unmount
 
 from mp_tier import JobMetadata, PrimaryCache, TierConfig
 from mp_tier.block_io import CRC_XATTR
@@ -232,12 +232,11 @@ def test_a_block_whose_crc_cannot_be_read_fails_alone_naming_it(make_tier, cache
 
 TEMP_FILE_FAULTS = (  # a block's temp file on a failing file system: each write returns 0 (no byte moved, no error,
     # as a FUSE daemon may reply) or fails with TEMP_WRITE_ERRNO; with TEMP_UNLINK_ERRNO its removal fails too
-    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n"
-    "#include <unistd.h>\n"
-    'static int temp(const char *path) { size_t n = strlen(path); return n > 4 && !strcmp(path + n - 4, ".tmp") && strstr(path, ".bin."); }\n'
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <stdlib.h>\n#include <string.h>\n"
+    + SHIM_FD_PATH
+    + 'static int temp(const char *path) { size_t n = strlen(path); return n > 4 && !strcmp(path + n - 4, ".tmp") && strstr(path, ".bin."); }\n'
     "ssize_t pwrite(int fd, const void *buf, size_t n, off_t at) {\n"
-    '    char link[64], target[4096] = "";\n    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
-    "    if (readlink(link, target, sizeof target - 1) > 0 && temp(target)) {\n"
+    "    if (temp(fd_path(fd))) {\n"
     '        errno = atoi(getenv("TEMP_WRITE_ERRNO"));\n        return errno ? -1 : 0;\n    }\n'
     '    ssize_t (*real)(int, const void *, size_t, off_t) = dlsym(RTLD_NEXT, "pwrite");\n    return real(fd, buf, n, at);\n}\n'
     "ssize_t pwrite64(int fd, const void *buf, size_t n, off_t at) { return pwrite(fd, buf, n, at); }\n"
@@ -300,11 +299,11 @@ def test_a_store_whose_write_fails_reports_that_error_when_its_temp_file_cannot_
 
 
 INTERRUPTED = (  # every other read and write of a block file (or its temp file) is interrupted by a signal before any byte moves
-    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <fcntl.h>\n#include <stdio.h>\n#include <stdlib.h>\n"
-    "#include <string.h>\n#include <sys/uio.h>\n#include <unistd.h>\n"
-    "static int interrupted(int fd) {\n"
-    "    static __thread int calls;\n    char link[64], target[4096];\n"
-    '    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n    ssize_t length = readlink(link, target, sizeof target);\n'
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <fcntl.h>\n#include <stdlib.h>\n"
+    "#include <string.h>\n#include <sys/uio.h>\n"
+    + SHIM_FD_PATH
+    + "static int interrupted(int fd) {\n"
+    "    static __thread int calls;\n    const char *target = fd_path(fd);\n    size_t length = strlen(target);\n"
     '    if (length < 4 || (memcmp(target + length - 4, ".bin", 4) && memcmp(target + length - 4, ".tmp", 4)) || calls++ % 2)\n'
     "        return 0;\n"
     '    int note = open(getenv("EINTR_LOG"), O_WRONLY | O_CREAT | O_APPEND, 0600);\n'
@@ -356,10 +355,11 @@ def test_reads_and_writes_interrupted_by_a_signal_are_done_again(tmp_path, check
 
 
 CONFIG_WRITE_STALLS = (  # each write to the temp file of a config.json returns 0: no byte moved, no error
-    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <stdio.h>\n#include <string.h>\n#include <unistd.h>\n"
-    "ssize_t write(int fd, const void *buf, size_t n) {\n"
-    '    char link[64], target[4096] = "";\n    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);\n'
-    '    if (readlink(link, target, sizeof target - 1) > 0 && strstr(target, "/config.json.") && strstr(target, ".tmp"))\n'
+    "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <string.h>\n"
+    + SHIM_FD_PATH
+    + "ssize_t write(int fd, const void *buf, size_t n) {\n"
+    "    const char *target = fd_path(fd);\n"
+    '    if (strstr(target, "/config.json.") && strstr(target, ".tmp"))\n'
     "        return 0;\n"
     '    ssize_t (*real)(int, const void *, size_t) = dlsym(RTLD_NEXT, "write");\n    return real(fd, buf, n);\n}\n'
 )
